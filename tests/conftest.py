@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny synthetic dataset and the shared real MRI data."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prepare_data import make_demo_dataset  # noqa: E402
+
+REAL_DATA = Path(os.environ.get("REAL_DATA_ROOT", ROOT.parent / "shared" / "data" / "figshare-brain-tumor"))
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """24 synthetic 64 px slices, 4 per patient, with metadata.csv (read-only: copy before changing)."""
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", count=24, size=64, seed=1,
+                             slices_per_patient=4)
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    """The shared Figshare development set; skips where absent, fails in CI (REQUIRE_REAL_DATA=1)."""
+    if not (REAL_DATA / "images").is_dir():
+        if os.environ.get("REQUIRE_REAL_DATA"):
+            pytest.fail(f"real data required but not found at {REAL_DATA}")
+        pytest.skip(f"real data not found at {REAL_DATA}")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def real_subset(real_root, tmp_path_factory) -> Path:
+    """About 200 real slices from ~70 patient groups (symlinks), with their metadata rows."""
+    return link_subset(real_root, tmp_path_factory.mktemp("real") / "subset", spread_stems(real_root, 2, 3))
+
+
+def link_subset(source: Path, dest: Path, stems: list[str]) -> Path:
+    """A dataset at `dest` made of symlinks to `stems` of `source`, with their metadata rows."""
+    (dest / "images").mkdir(parents=True)
+    (dest / "masks").mkdir()
+    for stem in stems:
+        for sub in ("images", "masks"):
+            (dest / sub / f"{stem}.png").symlink_to(source / sub / f"{stem}.png")
+    with open(source / "metadata.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [row for row in reader if row["image_id"] in set(stems)]
+        columns = reader.fieldnames
+    with open(dest / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return dest
+
+
+def spread_stems(source: Path, every_nth_group: int, per_group: int) -> list[str]:
+    """A few slices from every n-th patient group: many patients in a small subset."""
+    with open(source / "metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    by_group: dict[str, list[str]] = {}
+    for row in rows:
+        by_group.setdefault(row["approx_patient"], []).append(row["image_id"])
+    stems = []
+    for group in sorted(by_group)[::every_nth_group]:
+        ids = by_group[group]
+        stems += ids[:: max(1, len(ids) // per_group)][:per_group]
+    return stems

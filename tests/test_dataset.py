@@ -1,0 +1,177 @@
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+from dataset import (DatasetError, SegmentationDataset, load_dataset, normalize, read_image, read_mask,
+                     split_indices, training_augmentation, verify_dataset)
+
+
+@pytest.fixture
+def demo_copy(demo_root, tmp_path):
+    """A writable copy of the synthetic set, to break in one way per test."""
+    return shutil.copytree(demo_root, tmp_path / "data")
+
+
+def test_sound_dataset_has_no_problems(demo_root):
+    assert verify_dataset(demo_root) == []
+    assert verify_dataset(demo_root, group_column="patient_id") == []
+
+
+@pytest.mark.parametrize("break_it, file_name, words", [
+    (lambda r: (r / "masks/demo_0003.png").unlink(), "images/demo_0003.png", "no mask"),
+    (lambda r: shutil.copy(r / "masks/demo_0001.png", r / "masks/extra.png"), "masks/extra.png", "orphan mask"),
+    (lambda r: shutil.copy(r / "images/demo_0002.png", r / "images/demo_0002.JPG"), "demo_0002.JPG", "share the stem"),
+    (lambda r: (r / "images/demo_0004.png").write_bytes((r / "images/demo_0004.png").read_bytes()[:200]),
+     "images/demo_0004.png", "corrupt image"),
+    (lambda r: (r / "masks/demo_0005.png").write_text("not a png"), "masks/demo_0005.png", "corrupt mask"),
+    (lambda r: Image.new("L", (32, 32)).save(r / "masks/demo_0006.png"), "images/demo_0006.png", "but its mask"),
+    (lambda r: Image.fromarray(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)).save(r / "masks/demo_0007.png"),
+     "masks/demo_0007.png", "not two-level"),
+])
+def test_each_integrity_failure_names_its_file(demo_copy, break_it, file_name, words):
+    break_it(demo_copy)
+    problems = verify_dataset(demo_copy)
+    assert len(problems) == 1, problems
+    assert file_name in problems[0] and words in problems[0]
+
+
+def test_all_problems_are_reported_at_once_and_loading_refuses(demo_copy):
+    (demo_copy / "masks/demo_0000.png").unlink()
+    (demo_copy / "images/demo_0001.png").write_bytes(b"\x89PNG broken")
+    Image.new("L", (10, 10)).save(demo_copy / "masks/demo_0002.png")
+    with pytest.raises(DatasetError) as error:
+        load_dataset(demo_copy, image_size=32, in_channels=1)
+    assert len(error.value.problems) == 3
+    for name in ("demo_0000", "demo_0001", "demo_0002"):
+        assert name in str(error.value)
+
+
+def test_missing_folders_and_empty_dataset(tmp_path):
+    assert "images: folder is missing" in verify_dataset(tmp_path)[0]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    assert "no image/mask pairs" in verify_dataset(tmp_path)[0]
+
+
+def test_grouping_problems(demo_copy):
+    assert "no column 'hospital'" in verify_dataset(demo_copy, "hospital")[0]
+    lines = (demo_copy / "metadata.csv").read_text().splitlines()
+    (demo_copy / "metadata.csv").write_text("\n".join(l for l in lines if not l.startswith("demo_0009")) + "\n")
+    problems = verify_dataset(demo_copy, "patient_id")
+    assert len(problems) == 1 and "demo_0009" in problems[0] and "patient_id" in problems[0]
+    assert verify_dataset(demo_copy) == []  # without grouping, metadata is not needed
+    (demo_copy / "metadata.csv").unlink()
+    assert "metadata.csv" in verify_dataset(demo_copy, "patient_id")[0]
+
+
+def test_extensions_in_any_case_and_masks_0_1_are_accepted(demo_copy):
+    (demo_copy / "images/demo_0000.png").rename(demo_copy / "images/demo_0000.PNG")
+    image = Image.open(demo_copy / "images/demo_0001.png")
+    image.save(demo_copy / "images/demo_0001.jpeg", quality=95)
+    (demo_copy / "images/demo_0001.png").unlink()
+    mask = np.asarray(Image.open(demo_copy / "masks/demo_0002.png")) // 255
+    Image.fromarray(mask.astype(np.uint8)).save(demo_copy / "masks/demo_0002.png")
+    assert verify_dataset(demo_copy) == []
+    data = load_dataset(demo_copy, image_size=32, in_channels=1)
+    assert len(data.pairs) == 24 and set(np.unique(data.masks)) <= {0, 1}
+    assert data.masks[2].any()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16"])
+def test_every_image_mode_decodes_to_uint8(tmp_path, mode):
+    gray = np.tile(np.arange(0, 240, 15, dtype=np.uint8), (16, 1))
+    image = Image.fromarray(gray).convert(mode) if mode != "I;16" else Image.fromarray(gray.astype(np.uint16) * 256)
+    path = tmp_path / "x.png"
+    image.save(path)
+    one, three = read_image(path, 1), read_image(path, 3)
+    assert one.shape == (16, 16, 1) and three.shape == (16, 16, 3)
+    assert one.dtype == three.dtype == np.uint8
+    assert np.array_equal(three[..., 0], three[..., 2])  # grayscale replicated
+    assert one[0, 0, 0] < one[0, -1, 0]  # intensity order kept (16-bit is rescaled)
+
+
+def test_palette_and_colour_masks(tmp_path):
+    indices = np.zeros((8, 8), np.uint8)
+    indices[2:4, 2:4] = 1
+    palette = Image.fromarray(indices, mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0])
+    palette.save(tmp_path / "p.png")
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[2:4, 2:4, 0] = 255
+    Image.fromarray(red).save(tmp_path / "rgb.png")
+    assert np.array_equal(read_mask(tmp_path / "p.png"), indices)
+    assert np.array_equal(read_mask(tmp_path / "rgb.png"), indices)
+
+
+def test_resize_keeps_masks_binary(demo_root):
+    data = load_dataset(demo_root, image_size=48, in_channels=3)
+    assert data.images.shape == (24, 48, 48, 3) and data.masks.shape == (24, 48, 48)
+    assert set(np.unique(data.masks)) == {0, 1}
+
+
+def test_normalizations():
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    z = normalize(image, "zscore")
+    assert z.shape == (3, 8, 8)
+    assert np.allclose(z.mean(axis=(1, 2)), 0, atol=1e-5) and np.allclose(z.std(axis=(1, 2)), 1, atol=1e-4)
+    imagenet = normalize(image, "imagenet")
+    expected = (image[..., 0] / 255 - 0.485) / 0.229
+    assert np.allclose(imagenet[0], expected, atol=1e-5)
+    assert np.isfinite(normalize(np.zeros((4, 4, 1), np.uint8), "zscore")).all()
+
+
+def test_augmentation_moves_image_and_mask_together_and_only_in_training(demo_root):
+    data = load_dataset(demo_root, image_size=32, in_channels=1)
+    images, masks = data.images[:1], data.masks[:1]
+    train = SegmentationDataset(images, masks, "zscore", training_augmentation(seed=0))
+    plain = SegmentationDataset(images, masks, "zscore")
+    reference_image, reference_mask = plain[0]
+    seen = set()
+    for _ in range(40):
+        image, mask = train[0]
+        # Whatever transform was drawn, the mask still covers the same pixels as the image's tumour.
+        variants = [(torch.rot90(reference_image, k, (1, 2)), torch.rot90(reference_mask, k, (1, 2)))
+                    for k in range(4)]
+        variants += [(v[0].flip(2), v[1].flip(2)) for v in variants]
+        match = [i for i, (vi, vm) in enumerate(variants) if torch.allclose(vi, image) and torch.equal(vm, mask)]
+        assert match, "image and mask were transformed differently"
+        seen.add(match[0])
+    assert len(seen) > 3  # several different flips/rotations were drawn
+    assert all(torch.equal(plain[0][1], reference_mask) for _ in range(5))
+
+
+def test_grouped_split_keeps_groups_apart_and_is_reproducible():
+    groups = [f"g{i // 5}" for i in range(100)]
+    train, val = split_indices(100, 0.2, seed=3, groups=groups)
+    assert not {groups[i] for i in train} & {groups[i] for i in val}
+    assert sorted(train + val) == list(range(100)) and len(val) == 20
+    assert (train, val) == split_indices(100, 0.2, seed=3, groups=groups)
+    assert (train, val) != split_indices(100, 0.2, seed=4, groups=groups)
+    random_train, random_val = split_indices(100, 0.2, seed=3)
+    assert len(random_val) == 20 and not set(random_train) & set(random_val)
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        split_indices(10, 0.2, seed=0, groups=["a"] * 10)
+
+
+def test_real_data_passes_integrity_and_splits_by_patient(real_root):
+    assert verify_dataset(real_root, "approx_patient") == []
+    data = load_dataset(real_root, image_size=64, in_channels=1, group_column="approx_patient")
+    assert len(data.pairs) == len(list((real_root / "images").iterdir()))
+    train, val = split_indices(len(data.pairs), 0.2, seed=42, groups=data.groups)
+    assert not {data.groups[i] for i in train} & {data.groups[i] for i in val}
+    assert 0.1 < len(val) / len(data.pairs) < 0.3
+    # Tumours are small: mean foreground share is a few percent at most.
+    assert 0.002 < data.masks.mean() < 0.05
+
+
+def test_worker_seeding_gives_workers_different_streams(demo_root):
+    data = load_dataset(demo_root, image_size=32, in_channels=1)
+    train = SegmentationDataset(data.images[:1].repeat(8, 0), data.masks[:1].repeat(8, 0), "zscore",
+                                training_augmentation(seed=0))
+    loader = torch.utils.data.DataLoader(train, batch_size=4, num_workers=2, worker_init_fn=dataset.seed_worker)
+    first, second = list(loader)
+    assert not torch.equal(first[0], second[0])  # without reseeding both workers draw the same flips

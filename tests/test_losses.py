@@ -1,0 +1,47 @@
+import torch
+
+from losses import BCEDiceLoss, soft_dice_loss
+
+
+def test_dice_loss_is_zero_for_confident_correct_predictions():
+    target = torch.zeros(2, 1, 8, 8)
+    target[0, :, 2:5, 2:5] = 1
+    logits = (target * 2 - 1) * 30  # saturated sigmoid
+    assert soft_dice_loss(logits, target).item() < 1e-6
+    assert BCEDiceLoss()(logits, target).item() < 1e-6
+
+
+def test_empty_mask_is_well_defined_and_penalises_false_positives():
+    empty = torch.zeros(1, 1, 8, 8)
+    good = BCEDiceLoss()(torch.full_like(empty, -30.0), empty)
+    bad = BCEDiceLoss()(torch.full_like(empty, 30.0), empty)
+    assert torch.isfinite(good) and torch.isfinite(bad)
+    assert good.item() < 1e-6 and bad.item() > 1.0
+
+
+def test_full_mask_and_gradients_are_finite_for_extreme_logits():
+    full = torch.ones(1, 1, 8, 8)
+    logits = torch.full_like(full, -100.0, requires_grad=True)
+    loss = BCEDiceLoss()(logits, full)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert loss.item() > 50  # BCE-with-logits stays linear in the logit instead of saturating
+
+
+def test_weights_select_the_terms():
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., :2, :2] = 1
+    logits = torch.randn(1, 1, 4, 4)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    assert torch.isclose(BCEDiceLoss(1.0, 0.0)(logits, target), bce)
+    assert torch.isclose(BCEDiceLoss(0.0, 2.0)(logits, target), 2 * soft_dice_loss(logits, target))
+
+
+def test_dice_is_averaged_per_image():
+    # Image 0: perfect; image 1: empty prediction on a tumour -> (1 - 1/5) with smooth=1 and 4 pixels.
+    target = torch.zeros(2, 1, 4, 4)
+    target[:, :, :2, :2] = 1
+    logits = torch.full((2, 1, 4, 4), -60.0)
+    logits[0, :, :2, :2] = 60.0
+    expected = (0.0 + (1 - 1 / 5)) / 2
+    assert abs(soft_dice_loss(logits, target).item() - expected) < 1e-6
