@@ -125,12 +125,16 @@ def read_metadata(root: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
         return columns, {row[METADATA_ID_COLUMN]: row for row in reader}
 
 
-def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize to size x size: area-aware bilinear for the image, nearest for the mask (stays binary)."""
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 (H, W, C) to (size, size, C) with bilinear interpolation (antialiased when shrinking)."""
     channels = [Image.fromarray(image[..., c]).resize((size, size), Image.Resampling.BILINEAR)
                 for c in range(image.shape[-1])]
-    resized_mask = Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST)
-    return np.stack([np.asarray(c) for c in channels], axis=-1), np.asarray(resized_mask)
+    return np.stack([np.asarray(c) for c in channels], axis=-1)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Resize a {0, 1} mask to (size, size) with nearest neighbour, so it stays binary."""
+    return np.asarray(Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST))
 
 
 # ----------------------------------------------------------------------------- integrity
@@ -224,9 +228,8 @@ def load_dataset(root: Path, image_size: int, in_channels: int, group_column: st
     masks: list[np.ndarray] = []
 
     def keep(pair: Pair, image: np.ndarray, mask: np.ndarray) -> None:
-        image, mask = resize_pair(image, mask, image_size)
-        images.append(image)
-        masks.append(mask)
+        images.append(resize_image(image, image_size))
+        masks.append(resize_mask(mask, image_size))
 
     pairs, groups, problems = _scan(Path(root), group_column, in_channels, keep)
     if problems:

@@ -1,0 +1,181 @@
+"""test.py: outputs at native resolution, metrics against original masks, and every failure mode."""
+
+import csv
+import importlib.util
+import json
+import os
+import pickle
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from conftest import ROOT, link_subset
+from dataset import read_mask
+from metrics import dice_per_image, iou_per_image
+
+# Loaded by path: "import test" could find the standard library's test package.
+_spec = importlib.util.spec_from_file_location("test_script", ROOT / "test.py")
+test_script = sys.modules["test_script"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(test_script)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo_root, tmp_path_factory):
+    """A checkpoint trained briefly at 32 px on the synthetic set."""
+    runs = tmp_path_factory.mktemp("runs")
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(runs), "--run-name", "tiny",
+                       "--epochs", "3", "--image-size", "32", "--base-channels", "4", "--depth", "2",
+                       "--in-channels", "1", "--normalization", "zscore"]) == 0
+    return runs / "tiny"
+
+
+@pytest.fixture
+def mixed_sizes(demo_root, tmp_path):
+    """Demo slices resized to 200x240 (W x H) and 512x512, masks resized with them."""
+    root = tmp_path / "mixed"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for stem, size in (("demo_0000", (200, 240)), ("demo_0001", (512, 512)), ("demo_0002", (512, 512))):
+        Image.open(demo_root / "images" / f"{stem}.png").resize(size, Image.Resampling.BILINEAR).save(
+            root / "images" / f"{stem}.png")
+        Image.open(demo_root / "masks" / f"{stem}.png").resize(size, Image.Resampling.NEAREST).save(
+            root / "masks" / f"{stem}.png")
+    return root
+
+
+def run_test(*args: str) -> int:
+    return test_script.main([str(a) for a in args])
+
+
+def check_outputs_match_metrics(out, data_root):
+    """Every output at its image's size, masks strictly 0/255, metrics.csv equal to a recomputation."""
+    rows = {r["image"]: r for r in csv.DictReader(open(out / "metrics.csv"))}
+    for image_path in sorted((data_root / "images").iterdir()):
+        stem, size = image_path.stem, Image.open(image_path).size
+        for sub in ("masks", "segmented", "overlays"):
+            assert Image.open(out / sub / f"{stem}.png").size == size, (sub, stem)
+        predicted = np.asarray(Image.open(out / "masks" / f"{stem}.png"))
+        assert set(np.unique(predicted)) <= {0, 255}
+        truth = read_mask(data_root / "masks" / f"{stem}.png")
+        assert float(rows[stem]["dice"]) == pytest.approx(dice_per_image(predicted[None] > 0, truth[None]).item())
+        assert float(rows[stem]["iou"]) == pytest.approx(iou_per_image(predicted[None] > 0, truth[None]).item())
+        assert int(rows[stem]["gt_pixels"]) == truth.sum() and int(rows[stem]["pred_pixels"]) == (predicted > 0).sum()
+    return rows
+
+
+def test_mixed_sizes_give_native_resolution_outputs_and_matching_metrics(tiny_run, mixed_sizes, tmp_path):
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds) == 0
+    out = preds / "tiny"
+    rows = check_outputs_match_metrics(out, mixed_sizes)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["count"] == 3 and summary["image_size"] == 32 and summary["checkpoint_epoch"] >= 1
+    assert summary["dice_mean"] == pytest.approx(np.mean([float(r["dice"]) for r in rows.values()]))
+    for key in ("dice_median", "dice_std", "iou_mean", "dice_pooled", "pixel_accuracy", "wall_seconds",
+                "images_per_second", "threshold", "checkpoint"):
+        assert key in summary
+    # segmented: black outside the prediction, the image inside it
+    seg = np.asarray(Image.open(out / "segmented" / "demo_0001.png"))
+    predicted = np.asarray(Image.open(out / "masks" / "demo_0001.png")) > 0
+    assert not seg[~predicted].any()
+
+
+def test_predict_only_without_masks(tiny_run, mixed_sizes, tmp_path):
+    shutil.rmtree(mixed_sizes / "masks")
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds) == 0
+    out = preds / "tiny"
+    assert len(list((out / "masks").iterdir())) == 3 and not (out / "metrics.csv").exists()
+    assert "dice_mean" not in json.loads((out / "summary.json").read_text())
+
+
+def test_newest_run_is_the_default_and_reruns_never_mix(tiny_run, mixed_sizes, tmp_path):
+    preds = tmp_path / "preds"
+    args = ["--runs-dir", tiny_run.parent, "--data-root", mixed_sizes, "--prediction-root", preds]
+    assert run_test(*args) == 0 and (preds / "tiny" / "metrics.csv").exists()
+    (preds / "tiny" / "stale.txt").write_text("old")
+    assert run_test(*args) == 0 and (preds / "tiny-2" / "metrics.csv").exists()
+    assert run_test(*args, "--overwrite") == 0
+    assert not (preds / "tiny" / "stale.txt").exists() and (preds / "tiny" / "metrics.csv").exists()
+
+
+def test_unreadable_image_is_skipped_by_name_and_exit_code_says_so(tiny_run, mixed_sizes, tmp_path, capsys):
+    (mixed_sizes / "images" / "demo_0002.png").write_bytes(b"garbage")
+    preds = tmp_path / "preds"
+    code = run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds)
+    assert code == 2
+    assert "demo_0002.png" in capsys.readouterr().err
+    assert sorted(p.name for p in (preds / "tiny" / "masks").iterdir()) == ["demo_0000.png", "demo_0001.png"]
+
+
+def test_no_checkpoint_found(tmp_path, mixed_sizes, capsys):
+    assert run_test("--runs-dir", tmp_path / "empty", "--data-root", mixed_sizes) == 1
+    assert "no run with a best.pt" in capsys.readouterr().err
+    assert run_test("--checkpoint", tmp_path / "missing.pt", "--data-root", mixed_sizes) == 1
+    assert "missing.pt: checkpoint not found" in capsys.readouterr().err
+
+
+def test_weights_that_do_not_fit_their_config(tiny_run, mixed_sizes, tmp_path, capsys):
+    checkpoint = torch.load(tiny_run / "best.pt", weights_only=True)
+    checkpoint["config"]["BASE_CHANNELS"] = 8
+    torch.save(checkpoint, tmp_path / "mismatch.pt")
+    assert run_test("--checkpoint", tmp_path / "mismatch.pt", "--data-root", mixed_sizes,
+                    "--prediction-root", tmp_path / "preds") == 1
+    assert "weights do not fit" in capsys.readouterr().err
+    assert not (tmp_path / "preds").exists()
+
+
+def test_unwritable_output_folder(tiny_run, mixed_sizes, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes,
+                    "--prediction-root", blocker / "preds") == 1
+    assert "cannot write predictions" in capsys.readouterr().err
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_crafted_to_run_code_is_refused(tmp_path, mixed_sizes, capsys):
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "config": {}, "payload": _RunsCode(marker)}, tmp_path / "evil.pt")
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump(_RunsCode(marker), f)
+    for path in ("evil.pt", "evil.pkl"):
+        assert run_test("--checkpoint", tmp_path / path, "--data-root", mixed_sizes) == 1
+        assert "cannot be loaded safely" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_real_model_at_128px_predicts_512px_slices(real_root, tmp_path):
+    """Trained at 128 px on the shared 256 px slices, run on 512 px copies: outputs and scores at 512 px."""
+    stems = sorted(p.stem for p in (real_root / "images").iterdir())[:40]
+    train_root = link_subset(real_root, tmp_path / "train", stems[:32])
+    assert train.main(["--data-root", str(train_root), "--runs-dir", str(tmp_path / "runs"), "--run-name", "r128",
+                       "--epochs", "1", "--image-size", "128", "--base-channels", "4", "--depth", "3",
+                       "--in-channels", "1", "--normalization", "zscore"]) == 0
+    big = tmp_path / "big"
+    for sub in ("images", "masks"):
+        (big / sub).mkdir(parents=True)
+    for stem in stems[32:36]:
+        Image.open(real_root / "images" / f"{stem}.png").resize((512, 512), Image.Resampling.BICUBIC).save(
+            big / "images" / f"{stem}.png")
+        Image.open(real_root / "masks" / f"{stem}.png").resize((512, 512), Image.Resampling.NEAREST).save(
+            big / "masks" / f"{stem}.png")
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tmp_path / "runs" / "r128" / "best.pt", "--data-root", big,
+                    "--prediction-root", preds) == 0
+    rows = check_outputs_match_metrics(preds / "r128", big)
+    assert len(rows) == 4
