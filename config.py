@@ -36,6 +36,7 @@ class Config:
     # --- optimisation
     BATCH_SIZE: int = 16  # images per step
     LEARNING_RATE: float = 1e-3  # Adam step size
+    LR_SCHEDULE: str = "constant"  # "constant", or "cosine" decay to 0 over EPOCHS (per step)
     EPOCHS: int = 50  # upper bound on training epochs
     TIME_LIMIT_MINUTES: float = 0.0  # stop after the epoch that passes this wall time; 0 = no limit
     BCE_WEIGHT: float = 1.0  # weight of binary cross-entropy in the loss
@@ -62,7 +63,8 @@ class Config:
             (min(self.NUM_WORKERS, self.PREVIEW_IMAGES, self.TIME_LIMIT_MINUTES) >= 0,
              "NUM_WORKERS, PREVIEW_IMAGES and TIME_LIMIT_MINUTES must not be negative"),
         ]
-        for value, choices in ((self.NORMALIZATION, ("imagenet", "zscore")), (self.IN_CHANNELS, (1, 3))):
+        for value, choices in ((self.NORMALIZATION, ("imagenet", "zscore")), (self.IN_CHANNELS, (1, 3)),
+                               (self.LR_SCHEDULE, ("constant", "cosine"))):
             checks.append((value in choices, f"{value!r} is not one of {choices}"))
         problems = [message for ok, message in checks if not ok]
         if problems:

@@ -2,6 +2,7 @@
 
     python test.py                                        # best.pt of the newest run, on DATA_ROOT
     python test.py --checkpoint runs/x/best.pt --data-root path/to/folder --threshold 0.4
+    python test.py --data-root DATA --subset val          # only the patients the run held out
 
 The folder needs `images/` (any sizes); with `masks/` each image is also
 scored against its mask at the image's own resolution. The model runs at the
@@ -16,6 +17,7 @@ processed, 1 on a fatal error, 2 when some images could not be read.
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import statistics
 import sys
@@ -73,6 +75,18 @@ def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
     return images, masks
 
 
+def validation_images(images: list[Path], split_path: Path) -> list[Path]:
+    """The images whose stems the run's split.json put on the validation side."""
+    try:
+        val = set(json.loads(Path(split_path).read_text())["val"])
+    except (OSError, ValueError, KeyError) as error:
+        raise FileNotFoundError(f"{split_path}: cannot read the run's validation split ({error})") from error
+    chosen = [p for p in images if p.stem in val]
+    if not chosen:
+        raise FileNotFoundError(f"{split_path}: none of its {len(val)} validation images is in this folder")
+    return chosen
+
+
 def predict(model: torch.nn.Module, config: Config, images: list[Path], masks: dict[str, Path] | None,
             device: torch.device, batch_size: int, failures: list[str]):
     """Yield a Prediction per readable image, batched at the trained size; unreadable files go to `failures`."""
@@ -90,8 +104,10 @@ def predict(model: torch.nn.Module, config: Config, images: list[Path], masks: d
 
     for path in tqdm(images, desc="predict", dynamic_ncols=True):
         try:
-            image = dataset.read_image(path, 3)
-            model_input = dataset.read_image(path, config.IN_CHANNELS)
+            image = dataset.read_image(path, 3)  # decoded once: shown as RGB, fed as the model expects
+            model_input = image
+            if config.IN_CHANNELS == 1:  # the same luma conversion read_image(path, 1) applies
+                model_input = np.asarray(Image.fromarray(image).convert("L"))[..., None]
             mask = None
             if masks is not None and path.stem in masks:
                 mask = dataset.read_mask(masks[path.stem])
@@ -145,6 +161,8 @@ def prepare_output_dir(root: Path, name: str, overwrite: bool) -> tuple[Path, Pa
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, help="checkpoint to use (default: best.pt of the newest run)")
+    parser.add_argument("--subset", choices=("all", "val"), default="all",
+                        help="'val': only the images the checkpoint's run held out (its split.json)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace PREDICTION_ROOT/<run name>/ instead of writing a fresh <run name>-N/")
     args = parser.parse_args(argv)
@@ -156,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_path = args.checkpoint or newest_checkpoint(Path(config.RUNS_DIR))
         model, trained, checkpoint = load_checkpoint(checkpoint_path, device)
         images, masks = find_images(Path(config.DATA_ROOT))
+        if args.subset == "val":
+            images = validation_images(images, checkpoint_path.parent / "split.json")
         staging, out_dir = prepare_output_dir(Path(config.PREDICTION_ROOT), checkpoint_path.parent.name,
                                               args.overwrite)
     except (CheckpointError, FileNotFoundError) as error:
@@ -186,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         failures += [f"{config.DATA_ROOT}/masks: no mask for '{stem}', not scored" for stem in missing]
 
     processed = len(images) - sum("skipped" in f for f in failures)
-    summary = {"count": processed, "scored": len(rows), "threshold": config.THRESHOLD,
+    summary = {"count": processed, "scored": len(rows), "subset": args.subset, "threshold": config.THRESHOLD,
                "checkpoint": str(checkpoint_path), "checkpoint_epoch": checkpoint.get("epoch"),
                "image_size": trained.IMAGE_SIZE, "data_root": str(config.DATA_ROOT),
                "wall_seconds": time.perf_counter() - started,

@@ -45,7 +45,7 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
             DataLoader(val_set, shuffle=False, **common))
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, device, threshold, desc) -> dict[str, float]:
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, threshold, desc) -> dict[str, float]:
     """One pass over the training data; returns mean loss, mean batch Dice, speed and data-wait share."""
     model.train()
     losses, dices, seen, waited = [], [], 0, 0.0
@@ -59,6 +59,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, device, threshold, desc) 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         dice = dice_per_image(torch.sigmoid(logits.detach()) > threshold, masks > 0.5).mean().item()
         losses.append(loss.item())
         dices.append(dice)
@@ -128,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     model.set_output_prior(float(data.masks[train_idx].mean()))
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.LEARNING_RATE)
+    scheduler = None
+    if config.LR_SCHEDULE == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.EPOCHS * len(train_loader))
     loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT)
     print(f"model: U-Net, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, on {device}")
 
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     best_dice, best_epoch, started = -1.0, 0, time.perf_counter()
     for epoch in range(1, config.EPOCHS + 1):
         epoch_start = time.perf_counter()
-        train = train_one_epoch(model, train_loader, loss_fn, optimizer, device, config.THRESHOLD,
+        train = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device, config.THRESHOLD,
                                 f"epoch {epoch}/{config.EPOCHS} train")
         val, probs = evaluate(model, val_loader, loss_fn, device, config.THRESHOLD,
                               f"epoch {epoch}/{config.EPOCHS} val")

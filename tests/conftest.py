@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import sys
+from types import ModuleType
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,16 @@ sys.path.insert(0, str(ROOT))
 from prepare_data import make_demo_dataset  # noqa: E402
 
 REAL_DATA = Path(os.environ.get("REAL_DATA_ROOT", ROOT.parent / "shared" / "data" / "figshare-brain-tumor"))
+
+
+def load_script(path: Path) -> ModuleType:
+    """Import a script by path (test.py would otherwise clash with the standard library's `test`)."""
+    name = f"script_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,10 @@
 """test.py: outputs at native resolution, metrics against original masks, and every failure mode."""
 
 import csv
-import importlib.util
 import json
 import os
 import pickle
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -14,14 +12,11 @@ import torch
 from PIL import Image
 
 import train
-from conftest import ROOT, link_subset
+from conftest import ROOT, link_subset, load_script
 from dataset import read_mask
 from metrics import dice_per_image, iou_per_image
 
-# Loaded by path: "import test" could find the standard library's test package.
-_spec = importlib.util.spec_from_file_location("test_script", ROOT / "test.py")
-test_script = sys.modules["test_script"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(test_script)
+test_script = load_script(ROOT / "test.py")
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +99,16 @@ def test_newest_run_is_the_default_and_reruns_never_mix(tiny_run, mixed_sizes, t
     assert not (preds / "tiny" / "stale.txt").exists() and (preds / "tiny" / "metrics.csv").exists()
 
 
+def test_subset_val_scores_only_the_held_out_images(tiny_run, demo_root, tmp_path, capsys):
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
+                    "--subset", "val") == 0
+    val = json.loads((tiny_run / "split.json").read_text())["val"]
+    assert sorted(r["image"] for r in csv.DictReader(open(preds / "tiny" / "metrics.csv"))) == sorted(val)
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", tmp_path / "nothing_in_common",
+                    "--subset", "val") == 1
+
+
 def test_unreadable_image_is_skipped_by_name_and_exit_code_says_so(tiny_run, mixed_sizes, tmp_path, capsys):
     (mixed_sizes / "images" / "demo_0002.png").write_bytes(b"garbage")
     preds = tmp_path / "preds"
@@ -148,6 +153,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the plain pickle file, on purpose
 def test_checkpoint_crafted_to_run_code_is_refused(tmp_path, mixed_sizes, capsys):
     marker = tmp_path / "pwned"
     torch.save({"model": {}, "config": {}, "payload": _RunsCode(marker)}, tmp_path / "evil.pt")
