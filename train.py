@@ -24,6 +24,7 @@ import dataset
 from config import Config, parse_config
 from losses import BCEDiceLoss
 from metrics import MetricTracker, dice_per_image
+from model import count_parameters
 from utils import build_model, new_output_dir, pick_device, save_checkpoint, save_json, set_seed
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",
@@ -134,12 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     if config.LR_SCHEDULE == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.EPOCHS * len(train_loader))
     loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT)
-    print(f"model: U-Net, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, on {device}")
+    print(f"model: U-Net, {count_parameters(model) / 1e6:.2f} M parameters, on {device}")
 
     writer = SummaryWriter(log_dir=str(run_dir))
-    preview = slice(0, min(config.PREVIEW_IMAGES, len(val_idx)))
-    preview_images = torch.stack([val_loader.dataset[i][0] for i in range(len(val_idx))[preview]])
-    preview_masks = torch.stack([val_loader.dataset[i][1] for i in range(len(val_idx))[preview]])
+    previews = [val_loader.dataset[i] for i in range(min(config.PREVIEW_IMAGES, len(val_idx)))]
 
     history_path = run_dir / "history.csv"
     with open(history_path, "w", newline="") as f:
@@ -165,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("loss", "dice", "iou", "pixel_accuracy", "dice_pooled"):
             writer.add_scalar(f"{name}/val", val[name], epoch)
         writer.add_scalar("learning_rate", lr, epoch)
-        if len(preview_images):
+        if previews:
+            images, masks = map(torch.stack, zip(*previews))
             writer.add_images("val/image_truth_prediction",
-                              preview_panel(preview_images, preview_masks, probs[preview], config.THRESHOLD), epoch)
+                              preview_panel(images, masks, probs[:len(previews)], config.THRESHOLD), epoch)
         writer.flush()
 
         metrics = {k: float(v) for k, v in val.items()}

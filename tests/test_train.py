@@ -87,3 +87,10 @@ def test_short_cpu_run_on_real_slices_learns(real_subset, tmp_path):
     groups = {row["image_id"]: row["approx_patient"] for row in csv.DictReader(open(real_subset / "metadata.csv"))}
     assert not {groups[s] for s in split["train"]} & {groups[s] for s in split["val"]}
     assert summary["best_val_dice"] >= 0.2, summary
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero(demo_root, tmp_path):
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "cos",
+                       "--epochs", "3", "--lr-schedule", "cosine", "--learning-rate", "0.01", *TINY]) == 0
+    rates = [float(row["learning_rate"]) for row in csv.DictReader(open(tmp_path / "cos" / "history.csv"))]
+    assert 0.01 > rates[0] > rates[1] > rates[2] and rates[2] < 1e-9
