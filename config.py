@@ -42,6 +42,7 @@ class Config:
     BCE_WEIGHT: float = 1.0  # weight of binary cross-entropy in the loss
     DICE_WEIGHT: float = 1.0  # weight of soft Dice in the loss
     THRESHOLD: float = 0.5  # probability above which a pixel counts as tumour
+    TTA: bool = False  # test.py averages each image's 8 flips/90-degree rotations (8x slower)
     SEED: int = 42  # seeds the split, the weights and the augmentation
     # --- machine
     DEVICE: str = "auto"  # "auto" picks cuda, then mps, then cpu; or name one

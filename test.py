@@ -22,6 +22,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
     images = [p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in dataset.IMAGE_EXTENSIONS]
     if not images:
         raise FileNotFoundError(f"{image_dir}: no {'/'.join(dataset.IMAGE_EXTENSIONS)} images")
+    shared = sorted(stem for stem, n in Counter(p.stem for p in images).items() if n > 1)
+    if shared:  # their outputs would overwrite each other
+        raise ValueError(f"{image_dir}: several images share the stem(s) {', '.join(shared)}")
     mask_dir = Path(data_root) / "masks"
     if not mask_dir.is_dir():
         return images, None
@@ -83,21 +87,39 @@ def validation_images(images: list[Path], split_path: Path) -> list[Path]:
         raise FileNotFoundError(f"{split_path}: cannot read the run's validation split ({error})") from error
     chosen = [p for p in images if p.stem in val]
     if not chosen:
-        raise FileNotFoundError(f"{split_path}: none of its {len(val)} validation images is in this folder")
+        raise ValueError(f"{split_path}: none of its {len(val)} validation images is in this folder")
     return chosen
 
 
+def probabilities(model: torch.nn.Module, inputs: torch.Tensor, tta: bool) -> torch.Tensor:
+    """sigmoid(model(inputs)); with `tta`, averaged over the 8 flips and 90-degree rotations.
+
+    The training augmentation makes the model (nearly) invariant to these
+    transforms, so averaging them cancels some of its orientation-specific errors.
+    """
+    with torch.no_grad():
+        if not tta:
+            return torch.sigmoid(model(inputs)).float()
+        total = torch.zeros_like(inputs[:, :1], dtype=torch.float32)
+        for turns in range(4):
+            for flip in (False, True):
+                view = torch.rot90(inputs, turns, dims=(2, 3))
+                view = view.flip(3) if flip else view
+                output = torch.sigmoid(model(view)).float()
+                output = output.flip(3) if flip else output
+                total += torch.rot90(output, -turns, dims=(2, 3))
+        return total / 8
+
+
 def predict(model: torch.nn.Module, config: Config, images: list[Path], masks: dict[str, Path] | None,
-            device: torch.device, batch_size: int, failures: list[str]):
+            device: torch.device, batch_size: int, tta: bool, failures: list[str]):
     """Yield a Prediction per readable image, batched at the trained size; unreadable files go to `failures`."""
     model.eval()
     batch: list[tuple[Path, np.ndarray, np.ndarray | None, np.ndarray]] = []
 
     def run(batch):
         inputs = torch.stack([torch.from_numpy(dataset.normalize(x, config.NORMALIZATION)) for *_, x in batch])
-        with torch.no_grad():
-            probabilities = torch.sigmoid(model(inputs.to(device))).float()
-        for (path, image, mask, _), probability in zip(batch, probabilities):
+        for (path, image, mask, _), probability in zip(batch, probabilities(model, inputs.to(device), tta)):
             # Resize the probability map, not the thresholded mask, back to the image's own size.
             native = F.interpolate(probability[None], size=image.shape[:2], mode="bilinear", align_corners=False)
             yield Prediction(path.stem, image, native[0, 0].cpu().numpy(), mask)
@@ -178,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             images = validation_images(images, checkpoint_path.parent / "split.json")
         staging, out_dir = prepare_output_dir(Path(config.PREDICTION_ROOT), checkpoint_path.parent.name,
                                               args.overwrite)
-    except (CheckpointError, FileNotFoundError) as error:
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:
@@ -191,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     tracker, rows = MetricTracker(), []
     predict_start = time.perf_counter()
-    for p in predict(model, trained, images, masks, device, config.BATCH_SIZE, failures):
+    for p in predict(model, trained, images, masks, device, config.BATCH_SIZE, config.TTA, failures):
         predicted = p.probability > config.THRESHOLD
         Image.fromarray(predicted.astype(np.uint8) * 255).save(staging / "masks" / f"{p.stem}.png")
         Image.fromarray(np.where(predicted[..., None], p.image, 0)).save(staging / "segmented" / f"{p.stem}.png")
@@ -207,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     processed = len(images) - sum("skipped" in f for f in failures)
     summary = {"count": processed, "scored": len(rows), "subset": args.subset, "threshold": config.THRESHOLD,
+               "tta": config.TTA,
                "checkpoint": str(checkpoint_path), "checkpoint_epoch": checkpoint.get("epoch"),
                "image_size": trained.IMAGE_SIZE, "data_root": str(config.DATA_ROOT),
                "wall_seconds": time.perf_counter() - started,

@@ -80,6 +80,27 @@ def test_mixed_sizes_give_native_resolution_outputs_and_matching_metrics(tiny_ru
     assert not seg[~predicted].any()
 
 
+def test_tta_averages_the_eight_orientations():
+    inputs = torch.randn(2, 1, 8, 8)
+    pointwise = lambda x: 3 * x  # noqa: E731  (commutes with every flip and rotation)
+    assert torch.allclose(test_script.probabilities(pointwise, inputs, tta=True),
+                          test_script.probabilities(pointwise, inputs, tta=False), atol=1e-6)
+    ramp = torch.arange(8.0).expand(1, 1, 8, 8)
+    biased = lambda x: x + ramp  # noqa: E731  (prefers one side of the image)
+    averaged = test_script.probabilities(biased, inputs, tta=True)
+    expected = sum(torch.sigmoid(inputs + torch.rot90(r, -k, (2, 3)))
+                   for k in range(4) for r in (ramp, ramp.flip(3))) / 8
+    assert torch.allclose(averaged, expected, atol=1e-6)
+
+
+def test_tta_run_writes_the_same_outputs(tiny_run, mixed_sizes, tmp_path):
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
+                    "--tta", "true") == 0
+    check_outputs_match_metrics(preds / "tiny", mixed_sizes)
+    assert json.loads((preds / "tiny" / "summary.json").read_text())["tta"] is True
+
+
 def test_predict_only_without_masks(tiny_run, mixed_sizes, tmp_path):
     shutil.rmtree(mixed_sizes / "masks")
     preds = tmp_path / "preds"
@@ -116,6 +137,13 @@ def test_unreadable_image_is_skipped_by_name_and_exit_code_says_so(tiny_run, mix
     assert code == 2
     assert "demo_0002.png" in capsys.readouterr().err
     assert sorted(p.name for p in (preds / "tiny" / "masks").iterdir()) == ["demo_0000.png", "demo_0001.png"]
+
+
+def test_images_sharing_a_stem_are_refused(tiny_run, mixed_sizes, tmp_path, capsys):
+    Image.open(mixed_sizes / "images" / "demo_0000.png").save(mixed_sizes / "images" / "demo_0000.jpg")
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes,
+                    "--prediction-root", tmp_path / "preds") == 1
+    assert "share the stem(s) demo_0000" in capsys.readouterr().err
 
 
 def test_no_checkpoint_found(tmp_path, mixed_sizes, capsys):
