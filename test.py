@@ -112,8 +112,8 @@ def probabilities(model: torch.nn.Module, inputs: torch.Tensor, tta: bool) -> to
 
 
 def predict(model: torch.nn.Module, config: Config, images: list[Path], masks: dict[str, Path] | None,
-            device: torch.device, batch_size: int, tta: bool, failures: list[str]):
-    """Yield a Prediction per readable image, batched at the trained size; unreadable files go to `failures`."""
+            device: torch.device, batch_size: int, tta: bool, unreadable: list[str]):
+    """Yield a Prediction per readable image, batched at the trained size; unreadable files go to `unreadable`."""
     model.eval()
     batch: list[tuple[Path, np.ndarray, np.ndarray | None, np.ndarray]] = []
 
@@ -137,7 +137,7 @@ def predict(model: torch.nn.Module, config: Config, images: list[Path], masks: d
                     raise ValueError(f"mask {masks[path.stem].name} is {mask.shape[1]}x{mask.shape[0]}, "
                                      f"image is {image.shape[1]}x{image.shape[0]}")
         except Exception as error:  # any decoder error: report the file, keep going
-            failures.append(f"{path}: skipped, {error}")
+            unreadable.append(f"{path}: skipped, {error}")
             continue
         batch.append((path, image, mask, dataset.resize_image(model_input, config.IMAGE_SIZE)))
         if len(batch) == batch_size:
@@ -210,10 +210,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{trained.IN_CHANNELS} channel(s), {trained.NORMALIZATION})")
     print(f"images:     {len(images)} from {config.DATA_ROOT}" + ("" if masks is not None else " (predict only)"))
 
-    failures: list[str] = []
+    unreadable: list[str] = []
     tracker, rows = MetricTracker(), []
     predict_start = time.perf_counter()
-    for p in predict(model, trained, images, masks, device, config.BATCH_SIZE, config.TTA, failures):
+    for p in predict(model, trained, images, masks, device, config.BATCH_SIZE, config.TTA, unreadable):
         predicted = p.probability > config.THRESHOLD
         Image.fromarray(predicted.astype(np.uint8) * 255).save(staging / "masks" / f"{p.stem}.png")
         Image.fromarray(np.where(predicted[..., None], p.image, 0)).save(staging / "segmented" / f"{p.stem}.png")
@@ -223,11 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"image": p.stem, "dice": tracker.dice[-1], "iou": tracker.iou[-1],
                          "pixel_accuracy": tracker.pixel_accuracy[-1], "gt_pixels": int(p.mask.sum()),
                          "pred_pixels": int(predicted.sum())})
-    if masks is not None:
-        missing = sorted({p.stem for p in images} - set(masks))
-        failures += [f"{config.DATA_ROOT}/masks: no mask for '{stem}', not scored" for stem in missing]
-
-    processed = len(images) - sum("skipped" in f for f in failures)
+    unscored = [] if masks is None else [f"{config.DATA_ROOT}/masks: no mask for '{p.stem}', not scored"
+                                         for p in images if p.stem not in masks]
+    failures = unreadable + unscored
+    processed = len(images) - len(unreadable)
     summary = {"count": processed, "scored": len(rows), "subset": args.subset, "threshold": config.THRESHOLD,
                "tta": config.TTA,
                "checkpoint": str(checkpoint_path), "checkpoint_epoch": checkpoint.get("epoch"),

@@ -139,6 +139,16 @@ def test_unreadable_image_is_skipped_by_name_and_exit_code_says_so(tiny_run, mix
     assert sorted(p.name for p in (preds / "tiny" / "masks").iterdir()) == ["demo_0000.png", "demo_0001.png"]
 
 
+def test_image_without_mask_is_predicted_but_not_scored(tiny_run, mixed_sizes, tmp_path, capsys):
+    (mixed_sizes / "masks" / "demo_0000.png").unlink()
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds) == 0
+    assert "no mask for 'demo_0000'" in capsys.readouterr().err
+    summary = json.loads((preds / "tiny" / "summary.json").read_text())
+    assert (summary["count"], summary["scored"]) == (3, 2)
+    assert (preds / "tiny" / "masks" / "demo_0000.png").exists()
+
+
 def test_images_sharing_a_stem_are_refused(tiny_run, mixed_sizes, tmp_path, capsys):
     Image.open(mixed_sizes / "images" / "demo_0000.png").save(mixed_sizes / "images" / "demo_0000.jpg")
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes,
