@@ -119,7 +119,8 @@ def predict(model: torch.nn.Module, config: Config, images: list[Path], masks: d
 
     def run(batch):
         inputs = torch.stack([torch.from_numpy(dataset.normalize(x, config.NORMALIZATION)) for *_, x in batch])
-        for (path, image, mask, _), probability in zip(batch, probabilities(model, inputs.to(device), tta)):
+        outputs = probabilities(model, inputs.to(device), tta)
+        for (path, image, mask, _), probability in zip(batch, outputs, strict=True):
             # Resize the probability map, not the thresholded mask, back to the image's own size.
             native = F.interpolate(probability[None], size=image.shape[:2], mode="bilinear", align_corners=False)
             yield Prediction(path.stem, image, native[0, 0].cpu().numpy(), mask)

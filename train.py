@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             writer.add_scalar(f"{name}/val", val[name], epoch)
         writer.add_scalar("learning_rate", lr, epoch)
         if previews:
-            images, masks = map(torch.stack, zip(*previews))
+            images, masks = map(torch.stack, zip(*previews, strict=True))
             writer.add_images("val/image_truth_prediction",
                               preview_panel(images, masks, probs[:len(previews)], config.THRESHOLD), epoch)
         writer.flush()

@@ -81,7 +81,7 @@ def overlays(predictions: Path, out: Path, count: int = 6) -> None:
         rows = sorted(csv.DictReader(f), key=lambda r: float(r["dice"]))
     picks = [rows[int(q * (len(rows) - 1))] for q in np.linspace(0.1, 0.95, count)]
     fig, axes = plt.subplots(1, count, figsize=(2.6 * count, 3))
-    for axis, row in zip(axes, picks):
+    for axis, row in zip(axes, picks, strict=True):
         axis.imshow(Image.open(predictions / "overlays" / f"{row['image']}.png"))
         axis.set_title(f"slice {row['image']}: Dice {float(row['dice']):.2f}", fontsize=9)
         axis.axis("off")

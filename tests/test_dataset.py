@@ -60,7 +60,8 @@ def test_missing_folders_and_empty_dataset(tmp_path):
 def test_grouping_problems(demo_copy):
     assert "no column 'hospital'" in verify_dataset(demo_copy, "hospital")[0]
     lines = (demo_copy / "metadata.csv").read_text().splitlines()
-    (demo_copy / "metadata.csv").write_text("\n".join(l for l in lines if not l.startswith("demo_0009")) + "\n")
+    kept = [line for line in lines if not line.startswith("demo_0009")]
+    (demo_copy / "metadata.csv").write_text("\n".join(kept) + "\n")
     problems = verify_dataset(demo_copy, "patient_id")
     assert len(problems) == 1 and "demo_0009" in problems[0] and "patient_id" in problems[0]
     assert verify_dataset(demo_copy) == []  # without grouping, metadata is not needed
