@@ -92,12 +92,12 @@ def evaluate(model, loader, loss_fn, device, threshold, desc) -> tuple[dict[str,
 
 
 def preview_panel(images: torch.Tensor, masks: torch.Tensor, probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Rows of [image | true mask | predicted mask] as (N, 3, H, 3W) in [0, 1] for TensorBoard."""
+    """One row [image | true mask | predicted mask] per slice, stacked: (3, N*H, 3W) in [0, 1]."""
     low = images.amin(dim=(1, 2, 3), keepdim=True)
     high = images.amax(dim=(1, 2, 3), keepdim=True)
     shown = ((images - low) / (high - low).clamp(min=1e-6)).mean(dim=1, keepdim=True)
-    row = torch.cat([shown, masks, (probs > threshold).float()], dim=3)
-    return row.repeat(1, 3, 1, 1)
+    rows = torch.cat([shown, masks, (probs > threshold).float()], dim=3)  # (N, 1, H, 3W)
+    return torch.cat(list(rows), dim=1).repeat(3, 1, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.add_scalar("learning_rate", lr, epoch)
         if previews:
             images, masks = map(torch.stack, zip(*previews, strict=True))
-            writer.add_images("val/image_truth_prediction",
+            writer.add_image("val/image_truth_prediction",
                               preview_panel(images, masks, probs[:len(previews)], config.THRESHOLD), epoch)
         writer.flush()
 

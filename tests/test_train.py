@@ -43,7 +43,8 @@ def test_tensorboard_has_scalars_and_image_panel(demo_root, tmp_path):
     scalars = set(events.Tags()["scalars"])
     assert {"loss/train", "loss/val", "dice/train", "dice/val", "iou/val", "pixel_accuracy/val",
             "learning_rate"} <= scalars
-    assert events.Tags()["images"]
+    panel = events.Images("val/image_truth_prediction")[-1]
+    assert (panel.width, panel.height) == (3 * 32, 4 * 32)  # image | truth | prediction, 4 slices stacked
 
 
 def test_existing_run_name_is_refused(demo_root, tmp_path, capsys):
