@@ -3,6 +3,7 @@
     python test.py                                        # best.pt of the newest run, on DATA_ROOT
     python test.py --checkpoint runs/x/best.pt --data-root path/to/folder --threshold 0.4
     python test.py --data-root DATA --subset val          # only the patients the run held out
+    python test.py --data-root DATA --group-by tumor_class  # also scores per metadata.csv value
 
 The folder needs `images/` (any sizes); with `masks/` each image is also
 scored against its mask at the image's own resolution. The model runs at the
@@ -89,6 +90,30 @@ def validation_images(images: list[Path], split_path: Path) -> list[Path]:
     if not chosen:
         raise ValueError(f"{split_path}: none of its {len(val)} validation images is in this folder")
     return chosen
+
+
+def image_groups(data_root: Path, column: str, images: list[Path]) -> dict[str, str]:
+    """Each image's value in metadata.csv's `column` ("" when its row is missing), for per-group scores."""
+    path = Path(data_root) / dataset.METADATA_FILE
+    try:
+        columns, rows = dataset.read_metadata(Path(data_root))
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"{path}: cannot read it for --group-by ({error})") from error
+    if column not in columns:
+        raise ValueError(f"{path}: no column '{column}' for --group-by (columns: {', '.join(columns)})")
+    return {p.stem: rows.get(p.stem, {}).get(column, "") for p in images}
+
+
+def scores_by_group(rows: list[dict], groups: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Count, mean and median Dice and mean IoU of the scored images, per group."""
+    by_group: dict[str, list[dict]] = {}
+    for row in rows:
+        by_group.setdefault(groups[row["image"]], []).append(row)
+    return {group: {"count": len(members),
+                    "dice_mean": float(np.mean([r["dice"] for r in members])),
+                    "dice_median": statistics.median(r["dice"] for r in members),
+                    "iou_mean": float(np.mean([r["iou"] for r in members]))}
+            for group, members in sorted(by_group.items())}
 
 
 def probabilities(model: torch.nn.Module, inputs: torch.Tensor, tta: bool) -> torch.Tensor:
@@ -186,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="checkpoint to use (default: best.pt of the newest run)")
     parser.add_argument("--subset", choices=("all", "val"), default="all",
                         help="'val': only the images the checkpoint's run held out (its split.json)")
+    parser.add_argument("--group-by", metavar="COLUMN",
+                        help="also report scores per value of this metadata.csv column (e.g. tumor_class)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace PREDICTION_ROOT/<run name>/ instead of writing a fresh <run name>-N/")
     args = parser.parse_args(argv)
@@ -199,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         images, masks = find_images(Path(config.DATA_ROOT))
         if args.subset == "val":
             images = validation_images(images, checkpoint_path.parent / "split.json")
+        groups = image_groups(Path(config.DATA_ROOT), args.group_by, images) if args.group_by else None
         staging, out_dir = prepare_output_dir(Path(config.PREDICTION_ROOT), checkpoint_path.parent.name,
                                               args.overwrite)
     except (CheckpointError, FileNotFoundError, ValueError) as error:
@@ -247,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             "iou_mean": overall["iou"], "iou_median": statistics.median(iou), "iou_std": float(np.std(iou)),
             "dice_pooled": overall["dice_pooled"], "iou_pooled": overall["iou_pooled"],
             "pixel_accuracy": overall["pixel_accuracy"]})
+        if groups is not None:
+            summary["by_group"] = {"column": args.group_by, "groups": scores_by_group(rows, groups)}
     save_json(staging / "summary.json", summary)
     if out_dir.exists():  # --overwrite: the old results go only once the new ones are complete
         shutil.rmtree(out_dir)
@@ -256,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         for key in ("dice_mean", "dice_median", "dice_pooled", "iou_mean", "pixel_accuracy"):
             print(f"{key:<18}{summary[key]:.4f}")
+        for group, scores in summary.get("by_group", {}).get("groups", {}).items():
+            print(f"  {args.group_by} {group or '(none)'}: {scores['count']} images, "
+                  f"Dice mean {scores['dice_mean']:.4f}, median {scores['dice_median']:.4f}")
     print(f"{'images/s':<18}{summary['images_per_second']:.1f}\n{'outputs':<18}{out_dir}")
     for failure in failures:
         print(f"warning: {failure}", file=sys.stderr)

@@ -130,6 +130,25 @@ def test_subset_val_scores_only_the_held_out_images(tiny_run, demo_root, tmp_pat
                     "--subset", "val") == 1
 
 
+def test_scores_per_metadata_group(tiny_run, demo_root, tmp_path, capsys):
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
+                    "--group-by", "tumor_class") == 0
+    out = preds / "tiny"
+    summary = json.loads((out / "summary.json").read_text())
+    classes = {r["image_id"]: r["tumor_class"] for r in csv.DictReader(open(demo_root / "metadata.csv"))}
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    groups = summary["by_group"]["groups"]
+    assert summary["by_group"]["column"] == "tumor_class" and set(groups) == set(classes.values())
+    for name, scores in groups.items():
+        dice = [float(r["dice"]) for r in rows if classes[r["image"]] == name]
+        assert scores["count"] == len(dice) and scores["dice_mean"] == pytest.approx(np.mean(dice))
+    assert "tumor_class glioma" in capsys.readouterr().out
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
+                    "--group-by", "scanner") == 1
+    assert "no column 'scanner'" in capsys.readouterr().err
+
+
 def test_unreadable_image_is_skipped_by_name_and_exit_code_says_so(tiny_run, mixed_sizes, tmp_path, capsys):
     (mixed_sizes / "images" / "demo_0002.png").write_bytes(b"garbage")
     preds = tmp_path / "preds"
