@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ def new_output_dir(parent: Path, name: str) -> Path:
     return folder
 
 
-def write_atomic(path: Path, write: Any) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp_path), then rename onto `path`, so readers never see a half-written file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
