@@ -7,8 +7,8 @@ line without touching this file: key `FOO_BAR` is `--foo-bar VALUE`
 
 The defaults reproduce the seed pipeline (RGB input, ImageNet statistics,
 256 px, 64 base channels). On a CPU, `--image-size 128 --base-channels 16
---in-channels 1 --normalization zscore` trains about 20x faster and scores
-better; see README.md.
+--in-channels 1 --normalization zscore --lr-schedule cosine` trains about 60x
+faster per image; see README.md for the measured speed and Dice.
 """
 
 from __future__ import annotations
