@@ -20,7 +20,7 @@ import dataset
 from config import build_parser, config_from_args
 from losses import BCEDiceLoss
 from model import count_parameters
-from train import make_loaders
+from train import make_loaders, train_step
 from utils import build_model, pick_device, set_seed
 
 
@@ -50,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if step == args.warmup:
             start = time.perf_counter()
         images, masks = next(stream)
-        loss = loss_fn(model(images.to(device)), masks.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, images.to(device), masks.to(device), loss_fn, optimizer)
     if device.type == "cuda":
         torch.cuda.synchronize()
     step_seconds = (time.perf_counter() - start) / args.steps

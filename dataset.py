@@ -66,7 +66,7 @@ class LoadedDataset:
 # ----------------------------------------------------------------------------- reading files
 
 
-def _files_by_stem(folder: Path) -> dict[str, list[Path]]:
+def files_by_stem(folder: Path) -> dict[str, list[Path]]:
     """Image-like files in `folder`, keyed by stem (extension matched in any case)."""
     found: dict[str, list[Path]] = defaultdict(list)
     for path in sorted(folder.iterdir()):
@@ -155,7 +155,7 @@ def _scan(root: Path, group_column: str, in_channels: int,
     if problems:
         return [], None, problems
 
-    images, masks = _files_by_stem(image_dir), _files_by_stem(mask_dir)
+    images, masks = files_by_stem(image_dir), files_by_stem(mask_dir)
     for files in list(images.values()) + list(masks.values()):
         if len(files) > 1:
             problems.append(f"{', '.join(str(f) for f in files)}: two files share the stem '{files[0].stem}'")

@@ -90,8 +90,6 @@ def make_demo_dataset(out: Path, count: int = 240, size: int = 128, seed: int = 
     """
     rng = np.random.default_rng(seed)
     with staging_folder(out) as staging:
-        (staging / "images").mkdir()
-        (staging / "masks").mkdir()
         rows = []
         for index in range(count):
             image, mask = make_demo_slice(rng, size)
@@ -408,8 +406,6 @@ def convert_figshare(sources: list[Path], out: Path, size: int | None) -> int:
             raise PrepareError(f"{found[FOLDS_FILE].origin}: lists {len(folds)} folds, "
                                f"but slice {max(slices)}.mat exists")
         with staging_folder(out) as staging:
-            (staging / "images").mkdir()
-            (staging / "masks").mkdir()
             rows = []
             for number in tqdm(sorted(slices), desc="converting", unit="slice"):
                 row = convert_slice(number, slices[number], staging, size)
@@ -451,13 +447,14 @@ def write_metadata(path: Path, columns: list[str], rows: list[dict]) -> None:
 
 @contextmanager
 def staging_folder(out: Path) -> Iterator[Path]:
-    """Yield `<out>.partial` to write into; rename it to `out` only on success."""
+    """Yield `<out>.partial` with empty images/ and masks/ to write into; rename it to `out` only on success."""
     out = Path(out)
     refuse_existing_output(out)
     partial = out.with_name(out.name + ".partial")
     if partial.exists():  # left by an interrupted run
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    (partial / "images").mkdir(parents=True)
+    (partial / "masks").mkdir()
     yield partial
     partial.rename(out)
 

@@ -23,7 +23,6 @@ import shutil
 import statistics
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,17 +66,17 @@ def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
     image_dir = Path(data_root) / "images"
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{image_dir}: folder of images to predict is missing")
-    images = [p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in dataset.IMAGE_EXTENSIONS]
-    if not images:
+    by_stem = dataset.files_by_stem(image_dir)
+    if not by_stem:
         raise FileNotFoundError(f"{image_dir}: no {'/'.join(dataset.IMAGE_EXTENSIONS)} images")
-    shared = sorted(stem for stem, n in Counter(p.stem for p in images).items() if n > 1)
+    shared = sorted(stem for stem, files in by_stem.items() if len(files) > 1)
     if shared:  # their outputs would overwrite each other
         raise ValueError(f"{image_dir}: several images share the stem(s) {', '.join(shared)}")
+    images = [files[0] for _, files in sorted(by_stem.items())]
     mask_dir = Path(data_root) / "masks"
     if not mask_dir.is_dir():
         return images, None
-    masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.suffix.lower() in dataset.IMAGE_EXTENSIONS}
-    return images, masks
+    return images, {stem: files[0] for stem, files in dataset.files_by_stem(mask_dir).items()}
 
 
 def validation_images(images: list[Path], split_path: Path) -> list[Path]:

@@ -46,6 +46,18 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
             DataLoader(val_set, shuffle=False, **common))
 
 
+def train_step(model, images, masks, loss_fn, optimizer, scheduler=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch already on the model's device; returns (loss, logits)."""
+    logits = model(images)
+    loss = loss_fn(logits, masks)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss, logits
+
+
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, threshold, desc) -> dict[str, float]:
     """One pass over the training data; returns mean loss, mean batch Dice, speed and data-wait share."""
     model.train()
@@ -55,13 +67,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, thresh
     for images, masks in bar:
         waited += time.perf_counter() - ready  # time this step spent waiting for the batch
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        logits = model(images)
-        loss = loss_fn(logits, masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        loss, logits = train_step(model, images, masks, loss_fn, optimizer, scheduler)
         dice = dice_per_image(torch.sigmoid(logits.detach()) > threshold, masks > 0.5).mean().item()
         losses.append(loss.item())
         dices.append(dice)
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     writer = SummaryWriter(log_dir=str(run_dir))
     previews = [val_loader.dataset[i] for i in range(min(config.PREVIEW_IMAGES, len(val_idx)))]
+    preview_images, preview_masks = map(torch.stack, zip(*previews, strict=True)) if previews else (None, None)
 
     history_path = run_dir / "history.csv"
     with open(history_path, "w", newline="") as f:
@@ -165,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             writer.add_scalar(f"{name}/val", val[name], epoch)
         writer.add_scalar("learning_rate", lr, epoch)
         if previews:
-            images, masks = map(torch.stack, zip(*previews, strict=True))
             writer.add_image("val/image_truth_prediction",
-                              preview_panel(images, masks, probs[:len(previews)], config.THRESHOLD), epoch)
+                             preview_panel(preview_images, preview_masks, probs[:len(previews)], config.THRESHOLD),
+                             epoch)
         writer.flush()
 
         metrics = {k: float(v) for k, v in val.items()}
