@@ -76,13 +76,15 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Config:
-        """Rebuild from `to_dict` output; keys this version does not know are refused."""
+    def from_saved(cls, values: dict[str, Any]) -> tuple[Config, list[str]]:
+        """Rebuild from a saved `to_dict`, e.g. a checkpoint's: returns (config, keys ignored).
+
+        Keys this version does not know (renamed or removed since) are ignored
+        and listed; keys added since take their defaults, which reproduce the
+        old behaviour.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**values)
+        return cls(**{k: v for k, v in values.items() if k in known}), sorted(set(values) - known)
 
 
 def _parse_bool(text: str) -> bool:
@@ -98,16 +100,19 @@ def _parse_bool(text: str) -> bool:
 _PARSERS = {bool: _parse_bool, int: int, float: float, str: str}
 
 
-def build_parser(description: str = "") -> argparse.ArgumentParser:
-    """Argument parser with one `--foo-bar` option per config key, typed like its default.
+def build_parser(description: str = "", keys: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """Argument parser with one `--foo-bar` option per config key (or per key in `keys`), typed like its default.
 
     Scripts may add options of their own before parsing. Abbreviations are
-    off, so a mistyped key is an error rather than a silent match.
+    off, so a mistyped key is an error rather than a silent match; a key not
+    in `keys` is refused as unknown.
     """
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("config overrides (defaults from config.py)")
     for field in dataclasses.fields(Config):
+        if keys is not None and field.name not in keys:
+            continue
         kind = type(field.default)
         group.add_argument(
             "--" + field.name.lower().replace("_", "-"),

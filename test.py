@@ -17,8 +17,11 @@ processed, 1 on a fatal error, 2 when some images could not be read.
 
 from __future__ import annotations
 
+import argparse
 import csv
+import io
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -35,11 +38,15 @@ from tqdm import tqdm
 import dataset
 from config import Config, build_parser, config_from_args
 from metrics import MetricTracker
-from utils import CheckpointError, load_checkpoint, pick_device, save_json
+from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, load_checkpoint, pick_device,
+                   remove_stale_staging, save_json, staging_name, tolerant_console, write_atomic)
 
 PREDICTION_COLOUR = np.array([255, 40, 40], np.float32)  # red fill, semi-transparent
 TRUTH_COLOUR = np.array([40, 255, 40], np.uint8)  # green outline
 OVERLAY_ALPHA = 0.4
+OUTPUT_FOLDERS = ("masks", "segmented", "overlays")
+# The only config keys inference uses; training keys (size, channels...) come from the checkpoint.
+INFERENCE_KEYS = ("DATA_ROOT", "RUNS_DIR", "PREDICTION_ROOT", "BATCH_SIZE", "DEVICE", "THRESHOLD", "TTA")
 METRIC_COLUMNS = ["image", "dice", "iou", "pixel_accuracy", "gt_pixels", "pred_pixels"]
 
 
@@ -189,24 +196,82 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
-def prepare_output_dir(root: Path, name: str, overwrite: bool) -> tuple[Path, Path]:
-    """(staging folder to write into, final folder): a fresh name unless --overwrite replaces the old one."""
-    final = Path(root) / name
-    if final.exists() and not overwrite:
-        suffix = 2
-        while (Path(root) / f"{name}-{suffix}").exists():
-            suffix += 1
-        final = Path(root) / f"{name}-{suffix}"
-    staging = final.with_name(final.name + ".partial")
-    if staging.exists():  # left over from an interrupted run
-        shutil.rmtree(staging)
-    for sub in ("masks", "segmented", "overlays"):
+def output_name(checkpoint_path: Path) -> str:
+    """The run's folder name, from the resolved path (so 'best.pt' inside the run folder names the run too)."""
+    name = Path(checkpoint_path).resolve().parent.name
+    if not name:
+        raise ValueError(f"{checkpoint_path}: cannot name the output after a checkpoint at the file system root")
+    return name
+
+
+def start_staging(root: Path, name: str, overwrite: bool) -> Path:
+    """A fresh staging folder for this process only, under root; checks --overwrite may replace root/name."""
+    root = Path(root)
+    existing = root / name
+    if overwrite and existing.exists() and not (existing / "summary.json").is_file():
+        raise ValueError(f"{existing}: exists but is not a test.py output (no summary.json); "
+                         "--overwrite replaces only earlier predictions: move it or choose another PREDICTION_ROOT")
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_staging(root):
+        print(f"removed {stale}, left by an interrupted test.py")
+    staging = root / staging_name(name, "partial")
+    for sub in OUTPUT_FOLDERS:
         (staging / sub).mkdir(parents=True)
-    return staging, final
+    return staging
+
+
+def publish(staging: Path, root: Path, name: str, overwrite: bool) -> Path:
+    """Rename the finished staging folder to root/name (or root/name-N), never onto another run's output.
+
+    A name is claimed by creating it (atomic: only one process succeeds), then
+    the staging folder replaces that empty folder. With `overwrite`, the old
+    root/name is first moved aside and deleted only once the new one is in place.
+    """
+    root = Path(root)
+    old = None
+    if overwrite and (root / name).exists():
+        old = root / staging_name(name, "old")
+        try:
+            os.rename(root / name, old)
+        except FileNotFoundError:  # another test.py moved it first
+            old = None
+    suffix = 1
+    while True:
+        final = root / (name if suffix == 1 else f"{name}-{suffix}")
+        try:
+            final.mkdir()
+        except FileExistsError:
+            suffix += 1
+            continue
+        os.replace(staging, final)
+        break
+    if old is not None:
+        shutil.rmtree(old)
+    return final
+
+
+def count_training_images(stems: list[str], checkpoint_path: Path, data_root: Path) -> tuple[int | None, str]:
+    """How many of `stems` the checkpoint's run trained on, and a note; None when that cannot be told.
+
+    Uses the run's split.json; the count is given only when DATA_ROOT is the
+    folder the run was trained on (else the same names may be other images).
+    """
+    split_path = Path(checkpoint_path).resolve().parent / "split.json"
+    try:
+        split = json.loads(split_path.read_text())
+        trained_on = set(split["train"])
+    except (OSError, ValueError, KeyError):
+        return None, f"no readable {split_path}: cannot tell which images were seen in training"
+    trained_root = split.get("data_root")
+    if trained_root is not None and Path(trained_root) != Path(data_root).resolve():
+        return None, (f"DATA_ROOT {data_root} is not the folder this checkpoint was trained on ({trained_root}); "
+                      "which of these images it saw in training is unknown")
+    return sum(stem in trained_on for stem in stems), ""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__)
+    tolerant_console()
+    parser = build_parser(__doc__, keys=INFERENCE_KEYS)
     parser.add_argument("--checkpoint", type=Path, help="checkpoint to use (default: best.pt of the newest run)")
     parser.add_argument("--subset", choices=("all", "val"), default="all",
                         help="'val': only the images the checkpoint's run held out (its split.json)")
@@ -215,58 +280,104 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace PREDICTION_ROOT/<run name>/ instead of writing a fresh <run name>-N/")
     args = parser.parse_args(argv)
-    config = config_from_args(parser, args)
-    device = pick_device(config.DEVICE)
+    options = config_from_args(parser, args)  # the command line's inference settings
     started = time.perf_counter()
 
     try:
-        checkpoint_path = args.checkpoint or newest_checkpoint(Path(config.RUNS_DIR))
-        model, trained, checkpoint = load_checkpoint(checkpoint_path, device)
-        images, masks = find_images(Path(config.DATA_ROOT))
+        device = pick_device(options.DEVICE)
+        checkpoint_path = args.checkpoint or newest_checkpoint(Path(options.RUNS_DIR))
+        loaded = load_checkpoint(checkpoint_path, device)
+        trained = loaded.config  # the checkpoint's own config: how the model was trained
+        threshold = args.THRESHOLD if hasattr(args, "THRESHOLD") else trained.THRESHOLD
+        images, masks = find_images(Path(options.DATA_ROOT))
         if args.subset == "val":
-            images = validation_images(images, checkpoint_path.parent / "split.json")
-        groups = image_groups(Path(config.DATA_ROOT), args.group_by, images) if args.group_by else None
-        staging, out_dir = prepare_output_dir(Path(config.PREDICTION_ROOT), checkpoint_path.parent.name,
-                                              args.overwrite)
+            images = validation_images(images, checkpoint_path.resolve().parent / "split.json")
+        groups = image_groups(Path(options.DATA_ROOT), args.group_by, images) if args.group_by else None
+        name = output_name(checkpoint_path)
+        staging = start_staging(Path(options.PREDICTION_ROOT), name, args.overwrite)
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:
-        print(f"error: cannot write predictions under {config.PREDICTION_ROOT}: {error}", file=sys.stderr)
+        print(f"error: cannot write predictions under {options.PREDICTION_ROOT}: {error}", file=sys.stderr)
         return 1
-    print(f"checkpoint: {checkpoint_path} (epoch {checkpoint.get('epoch')}, trained at {trained.IMAGE_SIZE} px, "
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"checkpoint: {checkpoint_path} (epoch {loaded.state.get('epoch')}, trained at {trained.IMAGE_SIZE} px, "
           f"{trained.IN_CHANNELS} channel(s), {trained.NORMALIZATION})")
-    print(f"images:     {len(images)} from {config.DATA_ROOT}" + ("" if masks is not None else " (predict only)"))
+    print(f"images:     {len(images)} from {options.DATA_ROOT}" + ("" if masks is not None else " (predict only)"))
 
+    try:
+        summary, failures = predict_and_write(loaded, checkpoint_path, images, masks, groups, staging, device,
+                                              options, threshold, args, started)
+        out_dir = publish(staging, Path(options.PREDICTION_ROOT), name, args.overwrite)
+    except KeyboardInterrupt:
+        shutil.rmtree(staging, ignore_errors=True)
+        print("\ninterrupted (Ctrl-C): nothing was written; earlier predictions are untouched", file=sys.stderr)
+        return 130
+    except (OutputError, OSError) as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = str(error) if isinstance(error, OutputError) else describe_write_error(staging, error)
+        print(f"error: {reason}\nnothing was written; earlier predictions are untouched", file=sys.stderr)
+        return 1
+
+    print(f"\n{'images processed':<18}{summary['count']}\n{'scored':<18}{summary['scored']}")
+    if summary["scored"]:
+        for key in ("dice_mean", "dice_median", "dice_pooled", "iou_mean", "pixel_accuracy"):
+            print(f"{key:<18}{summary[key]:.4f}")
+        for group, scores in summary.get("by_group", {}).get("groups", {}).items():
+            print(f"  {args.group_by} {group or '(none)'}: {scores['count']} images, "
+                  f"Dice mean {scores['dice_mean']:.4f}, median {scores['dice_median']:.4f}")
+    print(f"{'images/s':<18}{summary['images_per_second']:.1f}\n{'outputs':<18}{out_dir}")
+    for failure in failures:
+        print(f"warning: {failure}", file=sys.stderr)
+    return 2 if summary["count"] < len(images) else 0
+
+
+def predict_and_write(loaded: LoadedCheckpoint, checkpoint_path: Path, images: list[Path],
+                      masks: dict[str, Path] | None, groups: dict[str, str] | None, staging: Path,
+                      device: torch.device, options: Config, threshold: float, args: argparse.Namespace,
+                      started: float) -> tuple[dict, list[str]]:
+    """Predict every image into `staging` (PNGs, metrics.csv, summary.json); returns (summary, warnings)."""
+    model, trained = loaded.model, loaded.config
     unreadable: list[str] = []
     tracker, rows = MetricTracker(), []
     predict_start = time.perf_counter()
-    for p in predict(model, trained, images, masks, device, config.BATCH_SIZE, config.TTA, unreadable):
-        predicted = p.probability > config.THRESHOLD
-        Image.fromarray(predicted.astype(np.uint8) * 255).save(staging / "masks" / f"{p.stem}.png")
-        Image.fromarray(np.where(predicted[..., None], p.image, 0)).save(staging / "segmented" / f"{p.stem}.png")
-        Image.fromarray(overlay(p.image, predicted, p.mask)).save(staging / "overlays" / f"{p.stem}.png")
+    for p in predict(model, trained, images, masks, device, options.BATCH_SIZE, options.TTA, unreadable):
+        predicted = p.probability > threshold
+        save_png(staging / "masks" / f"{p.stem}.png", predicted.astype(np.uint8) * 255)
+        save_png(staging / "segmented" / f"{p.stem}.png", np.where(predicted[..., None], p.image, 0))
+        save_png(staging / "overlays" / f"{p.stem}.png", overlay(p.image, predicted, p.mask))
         if p.mask is not None:
             tracker.update(predicted[None], p.mask[None])
             rows.append({"image": p.stem, "dice": tracker.dice[-1], "iou": tracker.iou[-1],
                          "pixel_accuracy": tracker.pixel_accuracy[-1], "gt_pixels": int(p.mask.sum()),
                          "pred_pixels": int(predicted.sum())})
-    unscored = [] if masks is None else [f"{config.DATA_ROOT}/masks: no mask for '{p.stem}', not scored"
+    unscored = [] if masks is None else [f"{options.DATA_ROOT}/masks: no mask for '{p.stem}', not scored"
                                          for p in images if p.stem not in masks]
     failures = unreadable + unscored
     processed = len(images) - len(unreadable)
-    summary = {"count": processed, "scored": len(rows), "subset": args.subset, "threshold": config.THRESHOLD,
-               "tta": config.TTA,
-               "checkpoint": str(checkpoint_path), "checkpoint_epoch": checkpoint.get("epoch"),
-               "image_size": trained.IMAGE_SIZE, "data_root": str(config.DATA_ROOT),
+    seen_in_training, note = count_training_images([r["image"] for r in rows], checkpoint_path,
+                                                   Path(options.DATA_ROOT))
+    if seen_in_training:
+        note = (f"{seen_in_training} of the {len(rows)} scored images were training images of this run: "
+                "their scores flatter the model; use --subset val for a held-out figure")
+    if note and rows:
+        failures.append(note)
+    summary = {"count": processed, "scored": len(rows), "subset": args.subset, "threshold": threshold,
+               "threshold_source": "command line" if hasattr(args, "THRESHOLD") else "checkpoint",
+               "tta": options.TTA, "checkpoint": str(checkpoint_path), "checkpoint_epoch": loaded.state.get("epoch"),
+               "image_size": trained.IMAGE_SIZE, "data_root": str(options.DATA_ROOT),
+               "training_images_scored": seen_in_training, "training_overlap_note": note,
                "wall_seconds": time.perf_counter() - started,
                # prediction loop only: decoding, inference, resizing back and writing the PNGs
                "images_per_second": processed / (time.perf_counter() - predict_start), "problems": failures}
     if rows:
-        with open(staging / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        table = io.StringIO()
+        writer = csv.DictWriter(table, METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(staging / "metrics.csv", table.getvalue())
         overall = tracker.summary()
         dice, iou = [r["dice"] for r in rows], [r["iou"] for r in rows]
         summary.update({
@@ -277,21 +388,15 @@ def main(argv: list[str] | None = None) -> int:
         if groups is not None:
             summary["by_group"] = {"column": args.group_by, "groups": scores_by_group(rows, groups)}
     save_json(staging / "summary.json", summary)
-    if out_dir.exists():  # --overwrite: the old results go only once the new ones are complete
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    return summary, failures
 
-    print(f"\n{'images processed':<18}{processed}\n{'scored':<18}{len(rows)}")
-    if rows:
-        for key in ("dice_mean", "dice_median", "dice_pooled", "iou_mean", "pixel_accuracy"):
-            print(f"{key:<18}{summary[key]:.4f}")
-        for group, scores in summary.get("by_group", {}).get("groups", {}).items():
-            print(f"  {args.group_by} {group or '(none)'}: {scores['count']} images, "
-                  f"Dice mean {scores['dice_mean']:.4f}, median {scores['dice_median']:.4f}")
-    print(f"{'images/s':<18}{summary['images_per_second']:.1f}\n{'outputs':<18}{out_dir}")
-    for failure in failures:
-        print(f"warning: {failure}", file=sys.stderr)
-    return 2 if processed < len(images) else 0
+
+def save_png(path: Path, pixels: np.ndarray) -> None:
+    """Write a uint8 array as PNG; a write error names the file (a full disk says so)."""
+    try:
+        Image.fromarray(pixels).save(path)
+    except OSError as error:
+        raise OutputError(describe_write_error(path, error)) from error
 
 
 if __name__ == "__main__":

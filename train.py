@@ -10,8 +10,13 @@ summary.json, best.pt, last.pt and TensorBoard event files.
 from __future__ import annotations
 
 import csv
+import io
+import math
+import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +30,15 @@ from config import Config, parse_config
 from losses import BCEDiceLoss
 from metrics import MetricTracker, dice_per_image
 from model import count_parameters
-from utils import build_model, new_output_dir, pick_device, save_checkpoint, save_json, set_seed
+from utils import (OutputError, build_model, model_arguments, new_output_dir, pick_device, remove_stale_staging,
+                   save_checkpoints, save_json, set_seed, write_atomic)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",
                    "val_pixel_accuracy", "val_dice_pooled", "val_iou_pooled", "learning_rate",
                    "train_images_per_second", "data_wait_share", "epoch_seconds"]
+ESTIMATE_AFTER_STEPS = 5  # steps timed before the whole run's duration is estimated
+FAST_CPU_HINT = ("for a run of about 20 minutes on a CPU use --image-size 128 --base-channels 16 "
+                 "--in-channels 1 --normalization zscore --epochs 13 --lr-schedule cosine (see README)")
 
 
 def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: list[int],
@@ -42,7 +51,10 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     common = dict(batch_size=config.BATCH_SIZE, num_workers=config.NUM_WORKERS,
                   persistent_workers=config.NUM_WORKERS > 0, worker_init_fn=dataset.seed_worker)
     generator = torch.Generator().manual_seed(config.SEED)
-    return (DataLoader(train_set, shuffle=True, generator=generator, **common),
+    # BatchNorm cannot train on a batch of one image: drop such a last batch (its image is
+    # drawn again in other epochs, since the order is reshuffled every epoch).
+    drop_last = len(train_set) % config.BATCH_SIZE == 1
+    return (DataLoader(train_set, shuffle=True, generator=generator, drop_last=drop_last, **common),
             DataLoader(val_set, shuffle=False, **common))
 
 
@@ -58,17 +70,30 @@ def train_step(model, images, masks, loss_fn, optimizer, scheduler=None) -> tupl
     return loss, logits
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, threshold, desc) -> dict[str, float]:
-    """One pass over the training data; returns mean loss, mean batch Dice, speed and data-wait share."""
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the weights of that step are not to be trusted."""
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, threshold, desc,
+                    on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
+    """One pass over the training data; returns mean loss, mean batch Dice, speed and data-wait share.
+
+    `on_step(steps_done, seconds_so_far)` is called after every step (used for the
+    time estimate). Raises NonFiniteLossError as soon as a loss is NaN or infinite.
+    """
     model.train()
     losses, dices, seen, waited = [], [], 0, 0.0
     start = ready = time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-    for images, masks in bar:
+    for step, (images, masks) in enumerate(bar, 1):
         waited += time.perf_counter() - ready  # time this step spent waiting for the batch
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         loss, logits = train_step(model, images, masks, loss_fn, optimizer, scheduler)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(f"the training loss became {loss.item()} at step {step} of {desc}")
         dice = dice_per_image(torch.sigmoid(logits.detach()) > threshold, masks > 0.5).mean().item()
+        if on_step is not None:
+            on_step(step, time.perf_counter() - start)
         losses.append(loss.item())
         dices.append(dice)
         seen += len(images)
@@ -80,8 +105,12 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, thresh
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fn, device, threshold, desc) -> tuple[dict[str, float], torch.Tensor]:
-    """Validation loss and metrics (per-image means and pooled); also returns all probabilities."""
+def evaluate(model, loader, loss_fn, device, threshold, desc, keep: int = 0) -> tuple[dict[str, float], torch.Tensor]:
+    """Validation loss and metrics (per-image means and pooled), and the probabilities of the first `keep` images.
+
+    Only `keep` maps are held (the TensorBoard previews): all of them would
+    cost 123 MB per epoch at 256 px for nothing.
+    """
     model.eval()
     tracker, total_loss, count, probabilities = MetricTracker(), 0.0, 0, []
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
@@ -92,9 +121,12 @@ def evaluate(model, loader, loss_fn, device, threshold, desc) -> tuple[dict[str,
         count += len(images)
         probs = torch.sigmoid(logits)
         tracker.update(probs > threshold, masks > 0.5)
-        probabilities.append(probs.cpu())
+        kept = sum(len(p) for p in probabilities)
+        if kept < keep:
+            probabilities.append(probs[:keep - kept].cpu())
         bar.set_postfix(loss=f"{total_loss / count:.4f}", dice=f"{np.mean(tracker.dice):.4f}")
-    return {"loss": total_loss / count, **tracker.summary()}, torch.cat(probabilities)
+    kept_maps = torch.cat(probabilities) if probabilities else torch.empty(0)
+    return {"loss": total_loss / count, **tracker.summary()}, kept_maps
 
 
 def preview_panel(images: torch.Tensor, masks: torch.Tensor, probs: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -106,28 +138,78 @@ def preview_panel(images: torch.Tensor, masks: torch.Tensor, probs: torch.Tensor
     return torch.cat(list(rows), dim=1).repeat(3, 1, 1)
 
 
+@dataclass
+class RunProgress:
+    """What a run has finished so far: told to the user when it stops early."""
+
+    run_dir: Path
+    epochs_done: int = 0
+    best_dice: float = -1.0
+    best_epoch: int = 0
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv, __doc__)
 
-    # Check and decode the data before anything is written: a bad dataset leaves no run folder.
+    # Check the device and the data before anything is written: a bad dataset leaves no run folder.
     try:
+        device = pick_device(config.DEVICE)
         data = dataset.load_dataset(Path(config.DATA_ROOT), config.IMAGE_SIZE, config.IN_CHANNELS,
                                     config.SPLIT_GROUP_COLUMN)
         train_idx, val_idx = dataset.split_indices(len(data.pairs), config.VAL_FRACTION, config.SEED, data.groups)
     except (dataset.DatasetError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    for folder in Path(config.RUNS_DIR).glob("*/"):
+        for stale in remove_stale_staging(folder):
+            print(f"removed {stale}, a temporary file left by an interrupted run")
     try:
         run_dir = new_output_dir(Path(config.RUNS_DIR), config.RUN_NAME)
     except OSError as error:
         print(f"error: cannot create the run folder: {error}", file=sys.stderr)
         return 1
 
+    progress = RunProgress(run_dir)
+    try:
+        train(config, data, train_idx, val_idx, device, progress)
+        return 0
+    except KeyboardInterrupt:
+        return stop_early(progress, f"interrupted (Ctrl-C) during epoch {progress.epochs_done + 1}", 130)
+    except NonFiniteLossError as error:
+        return stop_early(progress, f"{error}; stopped. Lower --learning-rate, check the loss weights "
+                                    "and the data", 1)
+    except OutputError as error:
+        return stop_early(progress, str(error), 1)
+
+
+def stop_early(progress: RunProgress, reason: str, code: int) -> int:
+    """Say why the run stopped and what it kept; remove its folder if no epoch finished."""
+    if progress.epochs_done == 0:
+        shutil.rmtree(progress.run_dir, ignore_errors=True)  # created by this run, holds no result
+        print(f"\nerror: {reason}\nno epoch had finished: removed the run folder {progress.run_dir}",
+              file=sys.stderr)
+        return code
+    print(f"\nerror: {reason}\nkept {progress.run_dir}: best.pt (epoch {progress.best_epoch}, validation Dice "
+          f"{progress.best_dice:.4f}) and last.pt (epoch {progress.epochs_done})", file=sys.stderr)
+    return code
+
+
+def estimate_minutes(seconds_per_step: float, config: Config, train_steps: int, val_share: float) -> float:
+    """Whole-run minutes from the first steps' speed: training steps plus validation (forward only, ~1/3 cost)."""
+    per_epoch = seconds_per_step * train_steps * (1 + val_share / 3)
+    minutes = per_epoch * config.EPOCHS / 60
+    return min(minutes, config.TIME_LIMIT_MINUTES) if config.TIME_LIMIT_MINUTES else minutes
+
+
+def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val_idx: list[int],
+          device: torch.device, progress: RunProgress) -> None:
+    """The training loop: writes the run folder, records each finished epoch in `progress`."""
+    run_dir = progress.run_dir
     set_seed(config.SEED)
-    device = pick_device(config.DEVICE)
     save_json(run_dir / "config.json", config.to_dict())
     save_json(run_dir / "split.json", {
         "group_column": config.SPLIT_GROUP_COLUMN, "seed": config.SEED, "val_fraction": config.VAL_FRACTION,
+        "data_root": str(Path(config.DATA_ROOT).resolve()),
         "train": [data.pairs[i].stem for i in train_idx], "val": [data.pairs[i].stem for i in val_idx]})
     print(f"data: {len(data.pairs)} pairs from {config.DATA_ROOT}, {len(train_idx)} train / {len(val_idx)} val"
           + (f" (grouped by {config.SPLIT_GROUP_COLUMN})" if config.SPLIT_GROUP_COLUMN else " (random split)"))
@@ -143,64 +225,94 @@ def main(argv: list[str] | None = None) -> int:
     loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT)
     print(f"model: U-Net, {count_parameters(model) / 1e6:.2f} M parameters, on {device}")
 
+    def announce_estimate(step: int, seconds: float) -> None:
+        """After the first few steps, say how long the whole run will take (and how to go faster on a CPU)."""
+        if step != min(ESTIMATE_AFTER_STEPS, len(train_loader)):
+            return
+        minutes = estimate_minutes(seconds / step, config, len(train_loader), len(val_idx) / len(train_idx))
+        tqdm.write(f"estimated time: {format_minutes(minutes)} for {config.EPOCHS} epochs "
+                   f"(from the speed of the first {step} steps)")
+        if device.type == "cpu" and minutes > 60:
+            tqdm.write("hint: these settings are slow on a CPU; " + FAST_CPU_HINT)
+
     writer = SummaryWriter(log_dir=str(run_dir))
     previews = [val_loader.dataset[i] for i in range(min(config.PREVIEW_IMAGES, len(val_idx)))]
     preview_images, preview_masks = map(torch.stack, zip(*previews, strict=True)) if previews else (None, None)
 
     history_path = run_dir / "history.csv"
-    with open(history_path, "w", newline="") as f:
-        csv.writer(f).writerow(HISTORY_COLUMNS)
-    best_dice, best_epoch, started = -1.0, 0, time.perf_counter()
-    for epoch in range(1, config.EPOCHS + 1):
-        epoch_start = time.perf_counter()
-        train = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device, config.THRESHOLD,
-                                f"epoch {epoch}/{config.EPOCHS} train")
-        val, probs = evaluate(model, val_loader, loss_fn, device, config.THRESHOLD,
-                              f"epoch {epoch}/{config.EPOCHS} val")
-        lr = optimizer.param_groups[0]["lr"]
-        row = {"epoch": epoch, "train_loss": train["loss"], "train_dice": train["dice"], "val_loss": val["loss"],
-               "val_dice": val["dice"], "val_iou": val["iou"], "val_pixel_accuracy": val["pixel_accuracy"],
-               "val_dice_pooled": val["dice_pooled"], "val_iou_pooled": val["iou_pooled"], "learning_rate": lr,
-               "train_images_per_second": train["images_per_second"],
-               "data_wait_share": train["data_wait_share"], "epoch_seconds": time.perf_counter() - epoch_start}
-        with open(history_path, "a", newline="") as f:
-            csv.DictWriter(f, HISTORY_COLUMNS).writerow(row)
+    save_csv_row(history_path, HISTORY_COLUMNS)
+    started = time.perf_counter()
+    try:
+        for epoch in range(1, config.EPOCHS + 1):
+            epoch_start = time.perf_counter()
+            train_metrics = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device,
+                                            config.THRESHOLD, f"epoch {epoch}/{config.EPOCHS} train",
+                                            announce_estimate if epoch == 1 else None)
+            val, probs = evaluate(model, val_loader, loss_fn, device, config.THRESHOLD,
+                                  f"epoch {epoch}/{config.EPOCHS} val", keep=len(previews))
+            lr = optimizer.param_groups[0]["lr"]
+            row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_dice": train_metrics["dice"],
+                   "val_loss": val["loss"], "val_dice": val["dice"], "val_iou": val["iou"],
+                   "val_pixel_accuracy": val["pixel_accuracy"], "val_dice_pooled": val["dice_pooled"],
+                   "val_iou_pooled": val["iou_pooled"], "learning_rate": lr,
+                   "train_images_per_second": train_metrics["images_per_second"],
+                   "data_wait_share": train_metrics["data_wait_share"],
+                   "epoch_seconds": time.perf_counter() - epoch_start}
 
-        for name in ("loss", "dice"):
-            writer.add_scalar(f"{name}/train", train[name], epoch)
-        for name in ("loss", "dice", "iou", "pixel_accuracy", "dice_pooled"):
-            writer.add_scalar(f"{name}/val", val[name], epoch)
-        writer.add_scalar("learning_rate", lr, epoch)
-        if previews:
-            writer.add_image("val/image_truth_prediction",
-                             preview_panel(preview_images, preview_masks, probs[:len(previews)], config.THRESHOLD),
-                             epoch)
-        writer.flush()
+            # Checkpoints first, best.pt before last.pt: once an epoch counts as done, best.pt exists.
+            improved = val["dice"] > progress.best_dice
+            state = {"model_args": model_arguments(config), "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "metrics": {k: float(v) for k, v in val.items()}, "config": config.to_dict()}
+            save_checkpoints([run_dir / "best.pt", run_dir / "last.pt"] if improved else [run_dir / "last.pt"],
+                             state)
+            if improved:
+                progress.best_dice, progress.best_epoch = val["dice"], epoch
+            progress.epochs_done = epoch
+            save_csv_row(history_path, [row[c] for c in HISTORY_COLUMNS], append=True)
 
-        metrics = {k: float(v) for k, v in val.items()}
-        save_checkpoint(run_dir / "last.pt", model, optimizer, epoch, metrics, config)
-        improved = val["dice"] > best_dice
-        if improved:
-            best_dice, best_epoch = val["dice"], epoch
-            save_checkpoint(run_dir / "best.pt", model, optimizer, epoch, metrics, config)
-        print(f"epoch {epoch:3d}  train loss {train['loss']:.4f} dice {train['dice']:.4f}  |  "
-              f"val loss {val['loss']:.4f} dice {val['dice']:.4f} iou {val['iou']:.4f} "
-              f"acc {val['pixel_accuracy']:.4f}  |  {train['images_per_second']:.1f} img/s"
-              + ("  * best" if improved else ""), flush=True)
+            for name in ("loss", "dice"):
+                writer.add_scalar(f"{name}/train", train_metrics[name], epoch)
+            for name in ("loss", "dice", "iou", "pixel_accuracy", "dice_pooled"):
+                writer.add_scalar(f"{name}/val", val[name], epoch)
+            writer.add_scalar("learning_rate", lr, epoch)
+            if previews:
+                writer.add_image("val/image_truth_prediction",
+                                 preview_panel(preview_images, preview_masks, probs, config.THRESHOLD), epoch)
+            writer.flush()
+            print(f"epoch {epoch:3d}  train loss {train_metrics['loss']:.4f} dice {train_metrics['dice']:.4f}  |  "
+                  f"val loss {val['loss']:.4f} dice {val['dice']:.4f} iou {val['iou']:.4f} "
+                  f"acc {val['pixel_accuracy']:.4f}  |  {train_metrics['images_per_second']:.1f} img/s"
+                  + ("  * best" if improved else ""), flush=True)
 
-        minutes = (time.perf_counter() - started) / 60
-        if config.TIME_LIMIT_MINUTES and minutes >= config.TIME_LIMIT_MINUTES and epoch < config.EPOCHS:
-            print(f"time limit of {config.TIME_LIMIT_MINUTES} min reached after epoch {epoch}")
-            break
-    writer.close()
+            minutes = (time.perf_counter() - started) / 60
+            if config.TIME_LIMIT_MINUTES and minutes >= config.TIME_LIMIT_MINUTES and epoch < config.EPOCHS:
+                print(f"time limit of {config.TIME_LIMIT_MINUTES} min reached after epoch {epoch}")
+                break
+    finally:
+        writer.close()
 
     save_json(run_dir / "summary.json", {
-        "best_epoch": best_epoch, "best_val_dice": best_dice, "epochs_run": epoch,
+        "best_epoch": progress.best_epoch, "best_val_dice": progress.best_dice, "epochs_run": progress.epochs_done,
         "minutes": (time.perf_counter() - started) / 60, "train_images": len(train_idx),
         "val_images": len(val_idx), "device": str(device)})
-    print(f"\nrun folder: {run_dir}\nbest epoch: {best_epoch}, validation Dice {best_dice:.4f}\n"
+    print(f"\nrun folder: {run_dir}\nbest epoch: {progress.best_epoch}, validation Dice {progress.best_dice:.4f}\n"
           f"curves:     tensorboard --logdir {config.RUNS_DIR}")
-    return 0
+
+
+def format_minutes(minutes: float) -> str:
+    """'45 s', '12.5 min' or '19.2 h'."""
+    if minutes < 1:
+        return f"{minutes * 60:.0f} s"
+    return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
+def save_csv_row(path: Path, values: list, append: bool = False) -> None:
+    """Write (or append) one CSV row, atomically: the file is rewritten whole, so a crash never halves a row."""
+    previous = path.read_text() if append else ""
+    line = io.StringIO()
+    csv.writer(line).writerow(values)
+    write_atomic(path, previous + line.getvalue())
 
 
 if __name__ == "__main__":

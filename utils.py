@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import pickle
 import random
-from collections.abc import Callable
+import re
+import secrets
+import shutil
+import sys
+import zipfile
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,8 +26,18 @@ from config import Config
 from model import UNet
 
 
+CHECKPOINT_FORMAT = 2  # 2: model_args stored apart from the config; 1: config only
+
+
 class CheckpointError(Exception):
     """A checkpoint is missing, unreadable or does not fit the model its config describes."""
+
+
+def tolerant_console() -> None:
+    """Print file names that are not valid UTF-8 with backslash escapes instead of crashing."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def set_seed(seed: int) -> None:
@@ -30,9 +48,25 @@ def set_seed(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; any other name is used as given."""
+    """'auto' picks cuda, then mps, then cpu; otherwise the named device, checked to exist here.
+
+    Raises ValueError with a message a user can act on for a malformed name
+    ('gpu0') or a device this machine lacks ('cuda' without CUDA).
+    """
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError as error:
+            raise ValueError(f"DEVICE {name!r} is not a device name: use auto, cpu, cuda, cuda:N or mps") from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"DEVICE {name!r}: this PyTorch sees no CUDA GPU here; use --device cpu or auto")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"DEVICE {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"DEVICE {name!r}: MPS is not available here; use --device cpu or auto")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"DEVICE {name!r}: unsupported device type; use auto, cpu, cuda, cuda:N or mps")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -40,9 +74,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def build_model(config: Config) -> UNet:
-    """The U-Net described by a config (IN_CHANNELS, BASE_CHANNELS, DEPTH, BILINEAR)."""
-    return UNet(config.IN_CHANNELS, config.BASE_CHANNELS, config.DEPTH, config.BILINEAR)
+def model_arguments(config: Config) -> dict[str, Any]:
+    """The network's own constructor arguments, stored in checkpoints apart from the config."""
+    return {"name": "unet", "in_channels": config.IN_CHANNELS, "base_channels": config.BASE_CHANNELS,
+            "depth": config.DEPTH, "bilinear": config.BILINEAR}
+
+
+def build_model_from_arguments(arguments: dict[str, Any]) -> nn.Module:
+    """The network `model_arguments` describes."""
+    arguments = dict(arguments)
+    name = arguments.pop("name")
+    if name != "unet":
+        raise ValueError(f"unknown model {name!r}")
+    return UNet(**arguments)
+
+
+def build_model(config: Config) -> nn.Module:
+    """The network a config describes (MODEL, IN_CHANNELS, BASE_CHANNELS, DEPTH, BILINEAR)."""
+    return build_model_from_arguments(model_arguments(config))
 
 
 def new_output_dir(parent: Path, name: str) -> Path:
@@ -61,46 +110,161 @@ def new_output_dir(parent: Path, name: str) -> Path:
     return folder
 
 
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Call write(tmp_path), then rename onto `path`, so readers never see a half-written file."""
+STAGING_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.(?:tmp|partial|old)$")
+
+
+class OutputError(Exception):
+    """An output could not be written (disk full, no permission...); its message names the file."""
+
+
+def staging_name(final_name: str, kind: str = "tmp") -> str:
+    """A hidden name unique to this process for staging `final_name`: '.<name>.<pid>.<random>.<kind>'.
+
+    Unique per process so two writers never share (or delete) each other's
+    staging file; the pid lets a later start tell a dead writer's leftovers.
+    """
+    return f".{final_name}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
+
+
+def describe_write_error(path: Path, error: OSError) -> str:
+    """'no space left on device while writing X' for a full disk, else the system's reason."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"no space left on device while writing {path}; free some space and run again"
+    return f"cannot write {path}: {error.strerror or error}"
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write `data` to a staging file beside `path`, fsync it, then rename it onto `path`.
+
+    Readers see the old file or the new one, never half of one; after a crash
+    only a hidden staging file can be left (see `remove_stale_staging`). On a
+    write error the staging file is removed and OutputError names `path`.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(staging_name(path.name))
+    # surrogateescape writes file names that are not valid UTF-8 back as their original bytes
+    payload = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
+    try:
+        with open(tmp, "xb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(describe_write_error(path, error)) from error
+
+
+def remove_stale_staging(folder: Path) -> list[Path]:
+    """Delete staging files and folders in `folder` left by writers that are no longer running.
+
+    Only names this project's `staging_name` makes are touched, and only when
+    their process id is gone, so another live run's staging is never removed.
+    """
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = STAGING_PATTERN.match(entry.name)
+        if match is None or process_alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (ours counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def save_json(path: Path, data: Any) -> None:
     """Write `data` as indented JSON, atomically."""
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                    metrics: dict[str, float], config: Config) -> None:
-    """Weights, optimiser state, epoch, validation metrics and the config, atomically."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "metrics": metrics, "config": config.to_dict()}
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+def checkpoint_bytes(state: dict[str, Any]) -> bytes:
+    """torch.save of `state` into memory: serialised once, then written to one or more files."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[UNet, Config, dict[str, Any]]:
-    """Rebuild the model a checkpoint was trained as, with its weights; returns (model, config, checkpoint).
+def save_checkpoints(paths: list[Path], state: dict[str, Any]) -> None:
+    """Write one checkpoint state to each path, atomically; serialised once."""
+    payload = checkpoint_bytes({"format_version": CHECKPOINT_FORMAT, **state})
+    for path in paths:
+        write_atomic(path, payload)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint's rebuilt model (weights loaded), its training config, raw contents and load warnings."""
+
+    model: nn.Module
+    config: Config
+    state: dict[str, Any]
+    warnings: list[str]
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> LoadedCheckpoint:
+    """Rebuild the model a checkpoint was trained as, with its weights.
 
     Loads with weights_only=True: tensors and plain values only, so a crafted
-    file cannot run code. Raises CheckpointError naming the file otherwise.
+    file cannot run code. The network is rebuilt from the checkpoint's own
+    `model_args`, so renaming a config key never orphans old weights; config
+    keys this version does not know are dropped with a warning, missing ones
+    take today's defaults (new keys default to the old behaviour). Checkpoints
+    written before `format_version` existed load with a warning. Raises
+    CheckpointError naming the file otherwise.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes); an interrupted copy or save? "
+                              "use another checkpoint, e.g. last.pt or best.pt of the run")
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
+        raise CheckpointError(f"{path}: not a checkpoint written by torch.save (not a zip archive); "
+                              "truncated, or another kind of file?")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # pickle, zip and weights-only refusals all land here
-        raise CheckpointError(f"{path}: cannot be loaded safely as a checkpoint ({error})") from error
-    if not isinstance(checkpoint, dict) or not {"model", "config"} <= set(checkpoint):
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only refused an object beyond tensors and plain values
+        raise CheckpointError(f"{path}: cannot be loaded safely as a checkpoint: it holds Python objects "
+                              "that could run code when loaded; use a checkpoint written by train.py") from error
+    except Exception as error:  # truncated zips, random bytes, other formats
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint of this project ({reason})") from error
+    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
         raise CheckpointError(f"{path}: not a checkpoint of this project (needs 'model' and 'config')")
+    warnings: list[str] = []
+    version = state.get("format_version", 1)
+    if version > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: written by a newer version of this project (format {version}, "
+                              f"this one reads up to {CHECKPOINT_FORMAT}); update the code")
+    if version < CHECKPOINT_FORMAT:
+        warnings.append(f"{path}: written by an older version of this project (format {version}); "
+                        "loaded, but re-save it by training again to silence this warning")
     try:
-        config = Config.from_dict(checkpoint["config"])
-        model = build_model(config)
-        model.load_state_dict(checkpoint["model"])
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{path}: weights do not fit the model its config describes ({error})") from error
-    return model.to(device), config, checkpoint
+        config, dropped = Config.from_saved(state["config"])
+        if dropped:
+            warnings.append(f"{path}: config keys this version does not know were ignored: {', '.join(dropped)}")
+        arguments = state.get("model_args") or model_arguments(config)
+        model = build_model_from_arguments(arguments)
+        model.load_state_dict(state["model"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as error:
+        raise CheckpointError(f"{path}: weights do not fit the model the checkpoint describes ({error})") from error
+    return LoadedCheckpoint(model.to(device), config, state, warnings)

@@ -33,11 +33,17 @@ def test_bad_overrides_are_refused_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_round_trip_through_dict_and_unknown_keys_refused():
+def test_round_trip_through_a_saved_dict_ignores_and_lists_unknown_keys():
     c = Config(IMAGE_SIZE=128, BASE_CHANNELS=16)
-    assert Config.from_dict(c.to_dict()) == c
-    with pytest.raises(ValueError, match="unknown config keys: BOGUS"):
-        Config.from_dict({**c.to_dict(), "BOGUS": 1})
+    assert Config.from_saved(c.to_dict()) == (c, [])
+    assert Config.from_saved({**c.to_dict(), "BOGUS": 1}) == (c, ["BOGUS"])
+
+
+def test_a_parser_limited_to_some_keys_refuses_the_others(capsys):
+    parser = build_parser(keys=("THRESHOLD",))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--image-size", "512"])
+    assert "unrecognized arguments: --image-size" in capsys.readouterr().err
 
 
 def test_scripts_can_add_their_own_options():
