@@ -243,3 +243,142 @@ def test_real_model_at_128px_predicts_512px_slices(real_root, tmp_path):
                     "--prediction-root", preds) == 0
     rows = check_outputs_match_metrics(preds / "r128", big)
     assert len(rows) == 4
+
+
+def test_bare_checkpoint_name_inside_the_run_folder_never_replaces_other_runs(tiny_run, mixed_sizes, tmp_path,
+                                                                            monkeypatch):
+    preds = tmp_path / "preds"
+    (preds / "other-run").mkdir(parents=True)
+    (preds / "other-run" / "summary.json").write_text("{}")
+    monkeypatch.chdir(tiny_run)
+    args = ["--checkpoint", "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds]
+    assert run_test(*args) == 0 and run_test(*args, "--overwrite") == 0
+    assert (preds / "other-run" / "summary.json").exists()
+    assert sorted(p.name for p in preds.iterdir()) == ["other-run", "tiny"]
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_prediction_output(tiny_run, mixed_sizes, tmp_path, capsys):
+    preds = tmp_path / "preds"
+    (preds / "tiny").mkdir(parents=True)
+    (preds / "tiny" / "thesis.tex").write_text("precious")
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
+                    "--overwrite") == 1
+    assert "not a test.py output" in capsys.readouterr().err and (preds / "tiny" / "thesis.tex").exists()
+
+
+def test_two_writers_of_one_run_name_each_publish_their_own_folder(tmp_path):
+    first = test_script.start_staging(tmp_path, "run", overwrite=False)
+    second = test_script.start_staging(tmp_path, "run", overwrite=False)  # started while the first runs
+    assert first != second and first.exists()
+    (first / "summary.json").write_text('{"threshold": 0.3}')
+    (second / "summary.json").write_text('{"threshold": 0.7}')
+    out_second = test_script.publish(second, tmp_path, "run", overwrite=False)
+    out_first = test_script.publish(first, tmp_path, "run", overwrite=False)
+    assert {out_first.name, out_second.name} == {"run", "run-2"}
+    assert json.loads((out_first / "summary.json").read_text())["threshold"] == 0.3
+    assert json.loads((out_second / "summary.json").read_text())["threshold"] == 0.7
+    third = test_script.start_staging(tmp_path, "run", overwrite=True)
+    (third / "summary.json").write_text('{"threshold": 0.5}')
+    assert test_script.publish(third, tmp_path, "run", overwrite=True) == tmp_path / "run"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["threshold"] == 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run-2"]
+
+
+def test_a_live_runs_staging_folder_is_left_alone(tiny_run, mixed_sizes, tmp_path):
+    preds = tmp_path / "preds"
+    live = preds / ".tiny.1.0123abcd.partial"  # pid 1 always runs: another test.py still writing
+    (live / "masks").mkdir(parents=True)
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds) == 0
+    assert live.exists()
+
+
+def test_full_disk_while_writing_leaves_nothing_and_says_so(tiny_run, mixed_sizes, tmp_path, monkeypatch, capsys):
+    import errno
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds) == 0
+    saved = []
+    real_save = Image.Image.save
+
+    def save_until_full(self, path, *args, **kwargs):
+        saved.append(path)
+        if len(saved) > 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_until_full)
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
+                    "--overwrite") == 1
+    err = capsys.readouterr().err
+    assert "no space left on device while writing" in err and "Traceback" not in err
+    assert sorted(p.name for p in preds.iterdir()) == ["tiny"]  # the earlier output, intact, no staging
+    assert len(list((preds / "tiny" / "masks").iterdir())) == 3
+
+
+def test_ctrl_c_leaves_no_partial_output(tiny_run, mixed_sizes, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        yield from ()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(test_script, "predict", interrupted)
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds) == 130
+    assert "interrupted" in capsys.readouterr().err and list(preds.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", [["--image-size", "512"], ["--epochs", "3"], ["--in-channels", "3"],
+                                  ["--learning-rate", "0.1"]])
+def test_training_keys_are_refused(tiny_run, mixed_sizes, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, *flag)
+    assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_threshold_comes_from_the_checkpoint_unless_given(tiny_run, mixed_sizes, tmp_path):
+    checkpoint = torch.load(tiny_run / "best.pt", weights_only=True)
+    checkpoint["config"]["THRESHOLD"] = 0.8
+    (tmp_path / "run").mkdir()
+    torch.save(checkpoint, tmp_path / "run" / "best.pt")
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tmp_path / "run" / "best.pt", "--data-root", mixed_sizes,
+                    "--prediction-root", preds) == 0
+    summary = json.loads((preds / "run" / "summary.json").read_text())
+    assert (summary["threshold"], summary["threshold_source"]) == (0.8, "checkpoint")
+    assert run_test("--checkpoint", tmp_path / "run" / "best.pt", "--data-root", mixed_sizes,
+                    "--prediction-root", preds, "--threshold", "0.3") == 0
+    summary = json.loads((preds / "run-2" / "summary.json").read_text())
+    assert (summary["threshold"], summary["threshold_source"]) == (0.3, "command line")
+
+
+def test_scoring_training_images_is_counted_and_said(tiny_run, demo_root, tmp_path, capsys):
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", preds) == 0
+    train_stems = json.loads((tiny_run / "split.json").read_text())["train"]
+    summary = json.loads((preds / "tiny" / "summary.json").read_text())
+    assert summary["training_images_scored"] == len(train_stems) > 0
+    assert f"{len(train_stems)} of the 24 scored images were training images" in capsys.readouterr().err
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
+                    "--subset", "val") == 0
+    assert json.loads((preds / "tiny-2" / "summary.json").read_text())["training_images_scored"] == 0
+
+
+def test_other_data_than_the_training_folder_is_noted(tiny_run, mixed_sizes, tmp_path):
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds) == 0
+    summary = json.loads((preds / "tiny" / "summary.json").read_text())
+    assert summary["training_images_scored"] is None and "not the folder" in summary["training_overlap_note"]
+
+
+def test_file_names_that_are_not_utf8(tiny_run, mixed_sizes, tmp_path):
+    odd = os.fsdecode(b"scan_\xff\xfe")
+    for sub in ("images", "masks"):
+        os.rename(mixed_sizes / sub / "demo_0000.png", mixed_sizes / sub / f"{odd}.png")
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds) == 0
+    assert (preds / "tiny" / "masks" / f"{odd}.png").exists()
+    assert b"scan_\xff\xfe" in (preds / "tiny" / "metrics.csv").read_bytes()
+
+
+def test_unusable_device_is_explained(tiny_run, mixed_sizes, tmp_path, capsys):
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--device", "gpu0",
+                    "--prediction-root", tmp_path / "preds") == 1
+    assert "gpu0" in capsys.readouterr().err and not (tmp_path / "preds").exists()
