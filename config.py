@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 
@@ -54,6 +56,12 @@ class Config:
     PREVIEW_IMAGES: int = 4  # validation images shown in TensorBoard each epoch
 
     def __post_init__(self) -> None:
+        # nan slips through every comparison below and inf through most: refuse both first.
+        non_finite = [f"{f.name} must be a finite number, got {getattr(self, f.name)}"
+                      for f in dataclasses.fields(self)
+                      if type(f.default) is float and not math.isfinite(getattr(self, f.name))]
+        if non_finite:
+            raise ValueError("invalid config: " + "; ".join(non_finite))
         checks = [
             (self.IMAGE_SIZE >= 2**self.DEPTH, f"IMAGE_SIZE must be at least 2**DEPTH = {2**self.DEPTH}"),
             (0 < self.VAL_FRACTION < 1, "VAL_FRACTION must lie strictly between 0 and 1"),
@@ -63,6 +71,12 @@ class Config:
             (self.LEARNING_RATE > 0, "LEARNING_RATE must be positive"),
             (min(self.NUM_WORKERS, self.PREVIEW_IMAGES, self.TIME_LIMIT_MINUTES) >= 0,
              "NUM_WORKERS, PREVIEW_IMAGES and TIME_LIMIT_MINUTES must not be negative"),
+            (min(self.BCE_WEIGHT, self.DICE_WEIGHT) >= 0, "BCE_WEIGHT and DICE_WEIGHT must not be negative"),
+            (self.BCE_WEIGHT + self.DICE_WEIGHT > 0,
+             "BCE_WEIGHT and DICE_WEIGHT must not both be 0 (the loss would not depend on the model)"),
+            (not self.RUN_NAME or _is_plain_folder_name(self.RUN_NAME),
+             f"RUN_NAME {self.RUN_NAME!r} must be a plain folder name inside RUNS_DIR "
+             "(no '/', '\\', drive or leading '.')"),
         ]
         for value, choices in ((self.NORMALIZATION, ("imagenet", "zscore")), (self.IN_CHANNELS, (1, 3)),
                                (self.LR_SCHEDULE, ("constant", "cosine"))):
@@ -83,6 +97,13 @@ class Config:
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
         return cls(**values)
+
+
+def _is_plain_folder_name(name: str) -> bool:
+    """True for one path component that stays inside its parent on every OS and is not hidden."""
+    # Comparing with the last component catches '/', '\\', absolute paths and drives ('C:x').
+    return (name == PurePosixPath(name).name == PureWindowsPath(name).name
+            and not name.startswith(".") and "\0" not in name)
 
 
 def _parse_bool(text: str) -> bool:
