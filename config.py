@@ -14,8 +14,12 @@ faster per image; see README.md for the measured speed and Dice.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import io
 import math
+import tokenize
 from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
@@ -119,6 +123,18 @@ def _parse_bool(text: str) -> bool:
 _PARSERS = {bool: _parse_bool, int: int, float: float, str: str}
 
 
+def field_comments() -> dict[str, str]:
+    """Each Config key's trailing `# comment` in this file: the one description --help shows."""
+    source = inspect.getsource(Config)
+    # tokenize, not str.split("#"): a '#' inside a string default is not a comment.
+    comments = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT}
+    class_body = ast.parse(source).body[0].body
+    return {node.target.id: comments.get(node.lineno, "")
+            for node in class_body if isinstance(node, ast.AnnAssign)}
+
+
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     """Argument parser with one `--foo-bar` option per config key, typed like its default.
 
@@ -128,6 +144,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("config overrides (defaults from config.py)")
+    comments = field_comments()
     for field in dataclasses.fields(Config):
         kind = type(field.default)
         group.add_argument(
@@ -136,7 +153,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
             type=_PARSERS[kind],
             default=argparse.SUPPRESS,  # absent means "keep the config.py value"
             metavar=kind.__name__.upper(),
-            help=f"default: {field.default!r}",
+            # '%' escaped: argparse expands %-formats in help texts.
+            help=f"{comments[field.name]} (default: {field.default!r})".replace("%", "%%"),
         )
     return parser
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from config import Config, build_parser, config_from_args, parse_config
@@ -72,3 +74,14 @@ def test_scripts_can_add_their_own_options():
     parser.add_argument("--checkpoint")
     args = parser.parse_args(["--checkpoint", "x.pt", "--threshold", "0.3"])
     assert args.checkpoint == "x.pt" and config_from_args(parser, args).THRESHOLD == 0.3
+
+
+def test_help_shows_each_keys_comment_from_config_py_and_its_default(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # no line wrapping inside the help texts
+    parser = build_parser()
+    assert "folder holding images/ and masks/ (+ optional metadata.csv) (default: 'data/demo')" in parser.format_help()
+    helps = {action.dest: action.help for action in parser._actions}
+    for field in dataclasses.fields(Config):
+        comment, _, default = helps[field.name].rpartition(" (default: ")
+        assert comment.strip(), f"{field.name} has no comment in config.py"
+        assert default == f"{field.default!r})"
