@@ -12,6 +12,7 @@ normalisation then run on those arrays each time a sample is drawn.
 from __future__ import annotations
 
 import csv
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -240,17 +241,44 @@ def load_dataset(root: Path, image_size: int, in_channels: int, group_column: st
 # ----------------------------------------------------------------------------- split
 
 
-def split_indices(count: int, val_fraction: float, seed: int,
-                  groups: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
+def _check_split_sizes(count: int, val_fraction: float, groups: Sequence[str] | None = None,
+                      group_column: str = "", root: Path | None = None) -> None:
+    """Raise ValueError in plain words unless both sides of the split get at least one image or group.
+
+    `group_column` and `root` only name the items in the message.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"VAL_FRACTION must lie strictly between 0 and 1, got {val_fraction}")
+    if groups is None:
+        units, unit, where = count, "image", f" in {root}" if root else ""
+    else:
+        units, unit = len(set(groups)), "group"
+        where = ((f" in column '{group_column}'" if group_column else "")
+                 + (f" of {Path(root) / METADATA_FILE}" if root else ""))
+    if units < 2:
+        kind = "grouped split" if groups is not None else "train/validation split"
+        raise ValueError(f"{kind} needs at least 2 {unit}s{where}, found {units}")
+    # scikit-learn's sizes: ceil(fraction * n) for validation, >= 1 as 0 < fraction; the rest for training.
+    if math.ceil(val_fraction * units) >= units:
+        needed = max(2, int(1 / (1 - val_fraction)) - 1)  # at or just below the answer despite float rounding
+        while math.ceil(val_fraction * needed) >= needed:
+            needed += 1
+        raise ValueError(f"VAL_FRACTION {val_fraction} of {units} {unit}s{where} puts all of them in validation "
+                         f"and leaves no training {unit}; use at least {needed} {unit}s or a smaller VAL_FRACTION")
+
+
+def split_indices(count: int, val_fraction: float, seed: int, groups: Sequence[str] | None = None,
+                  group_column: str = "", root: Path | None = None) -> tuple[list[int], list[int]]:
     """Train and validation indices, reproducible from `seed`.
 
     With `groups`, whole groups go to one side (GroupShuffleSplit: `val_fraction`
     is then the share of groups, not of images); without, a random split.
+    A split that would leave a side empty raises ValueError before scikit-learn is called,
+    naming `group_column` and the metadata file or folder under `root`.
     """
+    _check_split_sizes(count, val_fraction, groups, group_column, root)
     placeholder = np.zeros(count)
     if groups is not None:
-        if len(set(groups)) < 2:
-            raise ValueError(f"grouped split needs at least 2 groups, found {len(set(groups))}")
         splitter = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
         train, val = next(splitter.split(placeholder, groups=list(groups)))
     else:

@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,6 +157,43 @@ def test_grouped_split_keeps_groups_apart_and_is_reproducible():
     assert len(random_val) == 20 and not set(random_train) & set(random_val)
     with pytest.raises(ValueError, match="at least 2 groups"):
         split_indices(10, 0.2, seed=0, groups=["a"] * 10)
+
+
+@pytest.mark.parametrize("count, fraction, groups, words", [
+    (1, 0.2, None, "train/validation split needs at least 2 images in data, found 1"),
+    (0, 0.2, None, "needs at least 2 images in data, found 0"),
+    (3, 0.9, None, "VAL_FRACTION 0.9 of 3 images in data puts all of them in validation and leaves no training "
+                   "image; use at least 10 images or a smaller VAL_FRACTION"),
+    (4, 0.2, ["a"] * 4, "grouped split needs at least 2 groups in column 'patient_id' of data/metadata.csv, found 1"),
+    (6, 0.7, list("aabbcc"), "VAL_FRACTION 0.7 of 3 groups in column 'patient_id' of data/metadata.csv puts all of "
+                             "them in validation and leaves no training group; use at least 4 groups"),
+    (10, 1.0, None, "VAL_FRACTION must lie strictly between 0 and 1, got 1.0"),
+])
+def test_impossible_splits_are_explained_in_plain_words(count, fraction, groups, words):
+    with pytest.raises(ValueError) as error:
+        split_indices(count, fraction, seed=0, groups=groups, group_column="patient_id", root=Path("data"))
+    assert words in str(error.value)
+
+
+def test_every_split_either_has_both_sides_or_is_refused_before_scikit_learn():
+    for count in range(1, 13):
+        for fraction in (0.01, 0.1, 0.2, 0.5, 0.67, 0.9):
+            for groups in (None, [str(i // 2) for i in range(count)]):
+                try:
+                    train, val = split_indices(count, fraction, seed=0, groups=groups)
+                except ValueError as error:  # ours, not scikit-learn's "Adjust any of the aforementioned ..."
+                    assert "VAL_FRACTION" in str(error) or "needs at least 2" in str(error)
+                    continue
+                assert train and val and sorted(train + val) == list(range(count))
+
+
+def test_one_pair_is_refused_at_split_time(demo_copy):
+    for sub in ("images", "masks"):
+        for path in sorted((demo_copy / sub).iterdir())[1:]:
+            path.unlink()
+    data = load_dataset(demo_copy, image_size=32, in_channels=1)
+    with pytest.raises(ValueError, match=f"needs at least 2 images in {demo_copy}, found 1"):
+        split_indices(len(data.pairs), 0.2, seed=0, root=demo_copy)
 
 
 def test_real_data_passes_integrity_and_splits_by_patient(real_root):
