@@ -118,12 +118,16 @@ def read_mask(path: Path) -> np.ndarray:
 
 def read_metadata(root: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
     """Columns and rows of `root/metadata.csv`, rows keyed by `image_id`."""
-    with open(root / METADATA_FILE, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        if METADATA_ID_COLUMN not in columns:
-            raise ValueError(f"has no '{METADATA_ID_COLUMN}' column (columns: {', '.join(columns)})")
-        return columns, {row[METADATA_ID_COLUMN]: row for row in reader}
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark that would stick to the first column name.
+    with open(root / METADATA_FILE, newline="", encoding="utf-8-sig") as f:
+        try:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            if METADATA_ID_COLUMN not in columns:
+                raise ValueError(f"has no '{METADATA_ID_COLUMN}' column (columns: {', '.join(columns)})")
+            return columns, {row[METADATA_ID_COLUMN]: row for row in reader}
+        except UnicodeDecodeError as error:
+            raise ValueError(f"is not UTF-8 text ({error}); save it as 'CSV UTF-8'") from error
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

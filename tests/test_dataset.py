@@ -196,6 +196,19 @@ def test_one_pair_is_refused_at_split_time(demo_copy):
         split_indices(len(data.pairs), 0.2, seed=0, root=demo_copy)
 
 
+def test_metadata_with_an_excel_byte_order_mark_is_read(demo_copy):
+    metadata = demo_copy / "metadata.csv"
+    metadata.write_bytes(b"\xef\xbb\xbf" + metadata.read_bytes())
+    assert verify_dataset(demo_copy, "patient_id") == []
+    assert dataset.read_metadata(demo_copy)[0][0] == "image_id"
+
+
+def test_metadata_that_is_not_utf8_is_named(demo_copy):
+    (demo_copy / "metadata.csv").write_bytes(b"image_id,patient_id\ndemo_0000,Jos\xe9\n")
+    problems = verify_dataset(demo_copy, "patient_id")
+    assert len(problems) == 1 and "metadata.csv: is not UTF-8 text" in problems[0] and "CSV UTF-8" in problems[0]
+
+
 def test_real_data_passes_integrity_and_splits_by_patient(real_root):
     assert verify_dataset(real_root, "approx_patient") == []
     data = load_dataset(real_root, image_size=64, in_channels=1, group_column="approx_patient")
