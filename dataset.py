@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,12 +68,30 @@ class LoadedDataset:
 # ----------------------------------------------------------------------------- reading files
 
 
+def _image_named(folder: Path) -> Iterator[Path]:
+    """Entries of `folder` with an image extension (matched in any case), sorted."""
+    return (path for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def files_by_stem(folder: Path) -> dict[str, list[Path]]:
-    """Image-like files in `folder`, keyed by stem (extension matched in any case)."""
+    """Image files in `folder` that are regular files (or links to them), keyed by stem."""
     found: dict[str, list[Path]] = defaultdict(list)
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+    for path in _image_named(folder):
+        if path.is_file():
             found[path.stem].append(path)
+    return found
+
+
+def unusable_entries(folder: Path) -> dict[Path, str]:
+    """Image-named entries of `folder` that `files_by_stem` skips, each with the reason."""
+    found = {}
+    for path in _image_named(folder):
+        if path.is_file():
+            continue
+        if path.is_symlink() and not path.exists():
+            found[path] = f"broken link (target missing: {os.readlink(path)})"
+        else:
+            found[path] = "not a regular file (a folder or special file with an image name)"
     return found
 
 
@@ -161,12 +180,16 @@ def _scan(root: Path, group_column: str, in_channels: int,
         return [], None, problems
 
     images, masks = files_by_stem(image_dir), files_by_stem(mask_dir)
+    unusable = {**unusable_entries(image_dir), **unusable_entries(mask_dir)}
+    problems += [f"{path}: {reason}" for path, reason in unusable.items()]
+    # The partner of a broken link is not also reported as lacking its image or mask.
+    unusable_stems = {path.stem for path in unusable}
     for files in list(images.values()) + list(masks.values()):
         if len(files) > 1:
             problems.append(f"{', '.join(str(f) for f in files)}: two files share the stem '{files[0].stem}'")
-    for stem in sorted(set(images) - set(masks)):
+    for stem in sorted(set(images) - set(masks) - unusable_stems):
         problems.append(f"{images[stem][0]}: no mask with stem '{stem}' in {mask_dir}")
-    for stem in sorted(set(masks) - set(images)):
+    for stem in sorted(set(masks) - set(images) - unusable_stems):
         problems.append(f"{masks[stem][0]}: orphan mask, no image with stem '{stem}' in {image_dir}")
 
     metadata_rows: dict[str, dict[str, str]] | None = None

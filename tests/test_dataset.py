@@ -209,6 +209,23 @@ def test_metadata_that_is_not_utf8_is_named(demo_copy):
     assert len(problems) == 1 and "metadata.csv: is not UTF-8 text" in problems[0] and "CSV UTF-8" in problems[0]
 
 
+@pytest.mark.parametrize("sub, partner", [("images", "masks"), ("masks", "images")])
+def test_a_broken_link_is_reported_as_such_and_not_as_a_missing_partner(demo_copy, sub, partner):
+    link = demo_copy / sub / "demo_0003.png"
+    link.unlink()
+    link.symlink_to(demo_copy / "gone.png")
+    problems = verify_dataset(demo_copy)
+    assert problems == [f"{link}: broken link (target missing: {demo_copy / 'gone.png'})"]
+    with pytest.raises(DatasetError, match="broken link"):
+        load_dataset(demo_copy, image_size=32, in_channels=1)
+
+
+def test_a_folder_with_an_image_name_is_reported(demo_copy):
+    (demo_copy / "images" / "odd.png").mkdir()
+    assert verify_dataset(demo_copy) == [f"{demo_copy / 'images' / 'odd.png'}: not a regular file "
+                                         "(a folder or special file with an image name)"]
+
+
 def test_real_data_passes_integrity_and_splits_by_patient(real_root):
     assert verify_dataset(real_root, "approx_patient") == []
     data = load_dataset(real_root, image_size=64, in_channels=1, group_column="approx_patient")
