@@ -2,7 +2,8 @@
 
 A dataset folder holds `images/` and `masks/` whose files pair up by stem
 (`images/17.png` with `masks/17.jpg` is fine), and optionally `metadata.csv`
-whose `image_id` column names those stems (used for grouped splits).
+whose `image_id` column names those stems (used for grouped splits). Stems
+are compared in Unicode NFC form, so a name typed on macOS (NFD) still pairs.
 
 Every file is decoded once per run: `load_dataset` checks and decodes in a
 single pass and keeps the resized uint8 arrays in memory; augmentation and
@@ -14,6 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -68,17 +70,22 @@ class LoadedDataset:
 # ----------------------------------------------------------------------------- reading files
 
 
+def stem_key(path: Path) -> str:
+    """The stem that pairs files and metadata rows: NFC, so 'é' as one or as two code points match."""
+    return unicodedata.normalize("NFC", Path(path).stem)
+
+
 def _image_named(folder: Path) -> Iterator[Path]:
     """Entries of `folder` with an image extension (matched in any case), sorted."""
     return (path for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def files_by_stem(folder: Path) -> dict[str, list[Path]]:
-    """Image files in `folder` that are regular files (or links to them), keyed by stem."""
+    """Image files in `folder` that are regular files (or links to them), keyed by `stem_key`."""
     found: dict[str, list[Path]] = defaultdict(list)
     for path in _image_named(folder):
         if path.is_file():
-            found[path.stem].append(path)
+            found[stem_key(path)].append(path)
     return found
 
 
@@ -136,7 +143,7 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def read_metadata(root: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
-    """Columns and rows of `root/metadata.csv`, rows keyed by `image_id`."""
+    """Columns and rows of `root/metadata.csv`, rows keyed by `image_id` in NFC (see `stem_key`)."""
     # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark that would stick to the first column name.
     with open(root / METADATA_FILE, newline="", encoding="utf-8-sig") as f:
         try:
@@ -144,7 +151,8 @@ def read_metadata(root: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
             columns = list(reader.fieldnames or [])
             if METADATA_ID_COLUMN not in columns:
                 raise ValueError(f"has no '{METADATA_ID_COLUMN}' column (columns: {', '.join(columns)})")
-            return columns, {row[METADATA_ID_COLUMN]: row for row in reader}
+            # A short row leaves its missing cells None.
+            return columns, {unicodedata.normalize("NFC", row[METADATA_ID_COLUMN] or ""): row for row in reader}
         except UnicodeDecodeError as error:
             raise ValueError(f"is not UTF-8 text ({error}); save it as 'CSV UTF-8'") from error
 
@@ -183,10 +191,14 @@ def _scan(root: Path, group_column: str, in_channels: int,
     unusable = {**unusable_entries(image_dir), **unusable_entries(mask_dir)}
     problems += [f"{path}: {reason}" for path, reason in unusable.items()]
     # The partner of a broken link is not also reported as lacking its image or mask.
-    unusable_stems = {path.stem for path in unusable}
-    for files in list(images.values()) + list(masks.values()):
+    unusable_stems = {stem_key(path) for path in unusable}
+    for stem, files in list(images.items()) + list(masks.items()):
         if len(files) > 1:
-            problems.append(f"{', '.join(str(f) for f in files)}: two files share the stem '{files[0].stem}'")
+            problem = f"{', '.join(str(f) for f in files)}: {len(files)} files share the stem '{stem}'"
+            if len({f.stem for f in files}) > 1:  # they print alike, so show the code points
+                problem += (" (the same name in different Unicode forms, NFC and NFD: "
+                            f"{', '.join(ascii(f.name) for f in files)})")
+            problems.append(problem + "; keep one")
     for stem in sorted(set(images) - set(masks) - unusable_stems):
         problems.append(f"{images[stem][0]}: no mask with stem '{stem}' in {mask_dir}")
     for stem in sorted(set(masks) - set(images) - unusable_stems):

@@ -226,6 +226,29 @@ def test_a_folder_with_an_image_name_is_reported(demo_copy):
                                          "(a folder or special file with an image name)"]
 
 
+NFC, NFD = "caf\u00e9", "cafe\u0301"  # one name, two Unicode spellings (macOS writes NFD)
+
+
+def test_nfc_and_nfd_spellings_of_one_name_pair_up(demo_copy):
+    (demo_copy / "images/demo_0000.png").rename(demo_copy / f"images/{NFC}.png")
+    (demo_copy / "masks/demo_0000.png").rename(demo_copy / f"masks/{NFD}.png")
+    metadata = demo_copy / "metadata.csv"
+    metadata.write_text(metadata.read_text().replace("demo_0000,", f"{NFD},"), encoding="utf-8")
+    assert verify_dataset(demo_copy, "patient_id") == []
+    data = load_dataset(demo_copy, image_size=32, in_channels=1, group_column="patient_id")
+    assert NFC in [pair.stem for pair in data.pairs]
+
+
+def test_two_files_whose_names_differ_only_in_unicode_form_are_reported_once(demo_copy):
+    shutil.copy(demo_copy / "images/demo_0000.png", demo_copy / f"images/{NFC}.png")
+    shutil.copy(demo_copy / "images/demo_0000.png", demo_copy / f"images/{NFD}.png")
+    shutil.copy(demo_copy / "masks/demo_0000.png", demo_copy / f"masks/{NFC}.png")
+    problems = verify_dataset(demo_copy)
+    assert len(problems) == 1, problems
+    assert f"2 files share the stem '{NFC}'" in problems[0] and "different Unicode forms, NFC and NFD" in problems[0]
+    assert "'caf\\xe9.png'" in problems[0] and "'cafe\\u0301.png'" in problems[0]
+
+
 def test_real_data_passes_integrity_and_splits_by_patient(real_root):
     assert verify_dataset(real_root, "approx_patient") == []
     data = load_dataset(real_root, image_size=64, in_channels=1, group_column="approx_patient")
