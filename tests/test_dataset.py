@@ -249,6 +249,13 @@ def test_two_files_whose_names_differ_only_in_unicode_form_are_reported_once(dem
     assert "'caf\\xe9.png'" in problems[0] and "'cafe\\u0301.png'" in problems[0]
 
 
+def test_a_short_metadata_row_is_a_missing_group_not_a_crash(demo_copy):
+    rows = "".join(f"p0,demo_{i:04d}\n" for i in range(1, 24))
+    (demo_copy / "metadata.csv").write_text("patient_id,image_id\np0\n" + rows)  # demo_0000's row is cut short
+    problems = verify_dataset(demo_copy, "patient_id")
+    assert len(problems) == 1 and "no 'patient_id' for image_id 'demo_0000'" in problems[0]
+
+
 def test_real_data_passes_integrity_and_splits_by_patient(real_root):
     assert verify_dataset(real_root, "approx_patient") == []
     data = load_dataset(real_root, image_size=64, in_channels=1, group_column="approx_patient")
