@@ -1,4 +1,5 @@
-"""Offline tests of `prepare_data.py figshare`: download, resume, MD5 refusal, conversion, `--from`.
+"""Offline tests of `prepare_data.py`: figshare download, resume, MD5 refusal, conversion, `--from`;
+the command line's checks and help.
 
 The figshare release is imitated with small MATLAB-v7.3-layout files written by
 h5py, zipped, and served with a fake API listing by a local HTTP server.
@@ -437,3 +438,51 @@ def test_old_style_cvind_without_scipy_leaves_folds_empty(tmp_path: Path, monkey
     assert run("--from", write_files(tmp_path / "in", files), "--out", tmp_path / "out") == 0
     assert "needs scipy" in capsys.readouterr().err
     assert [row["fold"] for row in metadata(tmp_path / "out")] == ["", "", "", ""]
+
+
+# ----------------------------------------------------------------------------- command line and cleanup
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--size", "0"], "argument --size: must be at least 24"),
+    (["demo", "--size", "23"], "argument --size: must be at least 24 (smaller slices can have empty tumour masks)"),
+    (["demo", "--count", "0"], "argument --count: must be at least 1, got 0"),
+    (["demo", "--count=-5"], "argument --count: must be at least 1, got -5"),
+    (["demo", "--count", "many"], "argument --count: expected a whole number, got 'many'"),
+    (["demo", "--slices-per-patient", "0"], "argument --slices-per-patient: must be at least 1"),
+    (["demo", "--seed=-1"], "argument --seed: must be at least 0"),
+    (["figshare", "--size", "0"], "argument --size: must be at least 1"),
+])
+def test_bad_numbers_are_refused_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                            argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_data.main([*argv, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_smallest_allowed_demo_size_draws_a_tumour_in_every_slice(tmp_path: Path) -> None:
+    out = prepare_data.make_demo_dataset(tmp_path / "demo", count=60, size=prepare_data.DEMO_MIN_SIZE, seed=3)
+    assert all(png(path).any() for path in (out / "masks").iterdir())
+
+
+def test_demo_slices_per_patient_option(tmp_path: Path) -> None:
+    assert prepare_data.main(["demo", "--out", str(tmp_path / "demo"), "--count", "6", "--size", "24",
+                              "--slices-per-patient", "2"]) == 0
+    assert [row["patient_id"] for row in metadata(tmp_path / "demo")] == ["p000", "p000", "p001", "p001",
+                                                                        "p002", "p002"]
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("demo", ["(default: data/demo)", "(default: 240)", "(default: 128)", "(default: 0)", "(default: 6)"]),
+    ("figshare", ["(default: data/figshare-brain-tumor)", "(default: download)", "(default: keep)",
+                  "(default: .downloads beside --out)", f"(default: {prepare_data.FIGSHARE_API_URL})"]),
+])
+def test_help_shows_every_default(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                  command: str, shown: list[str]) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # no line wrapping inside the help texts
+    with pytest.raises(SystemExit):
+        prepare_data.main([command, "--help"])
+    text = capsys.readouterr().out
+    assert all(default in text for default in shown), text
