@@ -4,8 +4,9 @@
     python prepare_data.py figshare --out data/figshare-brain-tumor   # the real set (Cheng et al.)
     python prepare_data.py figshare --from ~/Downloads/1512427.zip    # archives you already have
 
-Every subcommand writes into a temporary folder beside `--out` and renames it
-at the end, so an interrupted run never leaves an output that looks complete.
+Every subcommand writes into `<out>.partial` beside `--out` and renames it at
+the end, so an interrupted run never leaves an output that looks complete; on
+an error or Ctrl-C the `.partial` folder is removed again.
 """
 
 from __future__ import annotations
@@ -448,16 +449,31 @@ def write_metadata(path: Path, columns: list[str], rows: list[dict]) -> None:
 
 @contextmanager
 def staging_folder(out: Path) -> Iterator[Path]:
-    """Yield `<out>.partial` with empty images/ and masks/ to write into; rename it to `out` only on success."""
+    """Yield `<out>.partial` with empty images/ and masks/ to write into; rename it to `out` on success.
+
+    On any exception, Ctrl-C included, the folder is removed and a note on the
+    exception says so. `out` itself is never written to or removed.
+    """
     out = Path(out)
     refuse_existing_output(out)
     partial = out.with_name(out.name + ".partial")
-    if partial.exists():  # left by an interrupted run
+    if partial.exists():  # left by a run that could not clean up (killed, power cut)
         shutil.rmtree(partial)
-    (partial / "images").mkdir(parents=True)
-    (partial / "masks").mkdir()
-    yield partial
-    partial.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial.mkdir()  # fails if another run took the name meanwhile, so what we remove below is ours
+    try:
+        (partial / "images").mkdir()
+        (partial / "masks").mkdir()
+        yield partial
+        refuse_existing_output(out)  # created meanwhile: renaming onto an empty folder would replace it
+        partial.rename(out)
+    except BaseException as error:
+        try:
+            shutil.rmtree(partial)
+            error.add_note(f"the unfinished {partial} was removed")
+        except OSError as cleanup_error:
+            error.add_note(f"the unfinished {partial} could not be removed ({cleanup_error}); delete it by hand")
+        raise
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -524,9 +540,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "figshare":
             count = prepare_figshare(args.out, args.source, args.size, args.cache_dir, args.api_url)
             print(f"wrote {count} slices to {args.out}")
-    except PrepareError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (PrepareError, OSError) as error:  # OSError: a full disk or a folder we may not write to
+        print(f"error: {error}", *getattr(error, "__notes__", ()), sep="\n", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupt:
+        print("interrupted", *getattr(interrupt, "__notes__", ()), sep="\n", file=sys.stderr)
+        return 130  # the shell's code for Ctrl-C
     return 0
 
 
