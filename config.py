@@ -14,8 +14,14 @@ faster per image; see README.md for the measured speed and Dice.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import io
+import math
+import tokenize
 from dataclasses import dataclass
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 
@@ -54,6 +60,12 @@ class Config:
     PREVIEW_IMAGES: int = 4  # validation images shown in TensorBoard each epoch
 
     def __post_init__(self) -> None:
+        # nan slips through every comparison below and inf through most: refuse both first.
+        non_finite = [f"{f.name} must be a finite number, got {getattr(self, f.name)}"
+                      for f in dataclasses.fields(self)
+                      if type(f.default) is float and not math.isfinite(getattr(self, f.name))]
+        if non_finite:
+            raise ValueError("invalid config: " + "; ".join(non_finite))
         checks = [
             (self.IMAGE_SIZE >= 2**self.DEPTH, f"IMAGE_SIZE must be at least 2**DEPTH = {2**self.DEPTH}"),
             (0 < self.VAL_FRACTION < 1, "VAL_FRACTION must lie strictly between 0 and 1"),
@@ -63,6 +75,12 @@ class Config:
             (self.LEARNING_RATE > 0, "LEARNING_RATE must be positive"),
             (min(self.NUM_WORKERS, self.PREVIEW_IMAGES, self.TIME_LIMIT_MINUTES) >= 0,
              "NUM_WORKERS, PREVIEW_IMAGES and TIME_LIMIT_MINUTES must not be negative"),
+            (min(self.BCE_WEIGHT, self.DICE_WEIGHT) >= 0, "BCE_WEIGHT and DICE_WEIGHT must not be negative"),
+            (self.BCE_WEIGHT + self.DICE_WEIGHT > 0,
+             "BCE_WEIGHT and DICE_WEIGHT must not both be 0 (the loss would not depend on the model)"),
+            (not self.RUN_NAME or _is_plain_folder_name(self.RUN_NAME),
+             f"RUN_NAME {self.RUN_NAME!r} must be a plain folder name inside RUNS_DIR "
+             "(no '/', '\\', drive or leading '.')"),
         ]
         for value, choices in ((self.NORMALIZATION, ("imagenet", "zscore")), (self.IN_CHANNELS, (1, 3)),
                                (self.LR_SCHEDULE, ("constant", "cosine"))):
@@ -87,6 +105,13 @@ class Config:
         return cls(**{k: v for k, v in values.items() if k in known}), sorted(set(values) - known)
 
 
+def _is_plain_folder_name(name: str) -> bool:
+    """True for one path component that stays inside its parent on every OS and is not hidden."""
+    # Comparing with the last component catches '/', '\\', absolute paths and drives ('C:x').
+    return (name == PurePosixPath(name).name == PureWindowsPath(name).name
+            and not name.startswith(".") and "\0" not in name)
+
+
 def _parse_bool(text: str) -> bool:
     """'true/false', 'yes/no', 'on/off', '1/0' in any case."""
     lowered = text.strip().lower()
@@ -100,6 +125,18 @@ def _parse_bool(text: str) -> bool:
 _PARSERS = {bool: _parse_bool, int: int, float: float, str: str}
 
 
+def field_comments() -> dict[str, str]:
+    """Each Config key's trailing `# comment` in this file: the one description --help shows."""
+    source = inspect.getsource(Config)
+    # tokenize, not str.split("#"): a '#' inside a string default is not a comment.
+    comments = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT}
+    class_body = ast.parse(source).body[0].body
+    return {node.target.id: comments.get(node.lineno, "")
+            for node in class_body if isinstance(node, ast.AnnAssign)}
+
+
 def build_parser(description: str = "", keys: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
     """Argument parser with one `--foo-bar` option per config key (or per key in `keys`), typed like its default.
 
@@ -110,6 +147,7 @@ def build_parser(description: str = "", keys: tuple[str, ...] | None = None) -> 
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("config overrides (defaults from config.py)")
+    comments = field_comments()
     for field in dataclasses.fields(Config):
         if keys is not None and field.name not in keys:
             continue
@@ -120,7 +158,8 @@ def build_parser(description: str = "", keys: tuple[str, ...] | None = None) -> 
             type=_PARSERS[kind],
             default=argparse.SUPPRESS,  # absent means "keep the config.py value"
             metavar=kind.__name__.upper(),
-            help=f"default: {field.default!r}",
+            # '%' escaped: argparse expands %-formats in help texts.
+            help=f"{comments[field.name]} (default: {field.default!r})".replace("%", "%%"),
         )
     return parser
 

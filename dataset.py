@@ -2,7 +2,8 @@
 
 A dataset folder holds `images/` and `masks/` whose files pair up by stem
 (`images/17.png` with `masks/17.jpg` is fine), and optionally `metadata.csv`
-whose `image_id` column names those stems (used for grouped splits).
+whose `image_id` column names those stems (used for grouped splits). Stems
+are compared in Unicode NFC form, so a name typed on macOS (NFD) still pairs.
 
 Every file is decoded once per run: `load_dataset` checks and decodes in a
 single pass and keeps the resized uint8 arrays in memory; augmentation and
@@ -12,8 +13,11 @@ normalisation then run on those arrays each time a sample is drawn.
 from __future__ import annotations
 
 import csv
+import math
+import os
+import unicodedata
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,12 +70,35 @@ class LoadedDataset:
 # ----------------------------------------------------------------------------- reading files
 
 
+def stem_key(path: Path) -> str:
+    """The stem that pairs files and metadata rows: NFC, so 'é' as one or as two code points match."""
+    return unicodedata.normalize("NFC", Path(path).stem)
+
+
+def _image_named(folder: Path) -> Iterator[Path]:
+    """Entries of `folder` with an image extension (matched in any case), sorted."""
+    return (path for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def files_by_stem(folder: Path) -> dict[str, list[Path]]:
-    """Image-like files in `folder`, keyed by stem (extension matched in any case)."""
+    """Image files in `folder` that are regular files (or links to them), keyed by `stem_key`."""
     found: dict[str, list[Path]] = defaultdict(list)
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-            found[path.stem].append(path)
+    for path in _image_named(folder):
+        if path.is_file():
+            found[stem_key(path)].append(path)
+    return found
+
+
+def unusable_entries(folder: Path) -> dict[Path, str]:
+    """Image-named entries of `folder` that `files_by_stem` skips, each with the reason."""
+    found = {}
+    for path in _image_named(folder):
+        if path.is_file():
+            continue
+        if path.is_symlink() and not path.exists():
+            found[path] = f"broken link (target missing: {os.readlink(path)})"
+        else:
+            found[path] = "not a regular file (a folder or special file with an image name)"
     return found
 
 
@@ -116,13 +143,18 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def read_metadata(root: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
-    """Columns and rows of `root/metadata.csv`, rows keyed by `image_id`."""
-    with open(root / METADATA_FILE, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        if METADATA_ID_COLUMN not in columns:
-            raise ValueError(f"has no '{METADATA_ID_COLUMN}' column (columns: {', '.join(columns)})")
-        return columns, {row[METADATA_ID_COLUMN]: row for row in reader}
+    """Columns and rows of `root/metadata.csv`, rows keyed by `image_id` in NFC (see `stem_key`)."""
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark that would stick to the first column name.
+    with open(root / METADATA_FILE, newline="", encoding="utf-8-sig") as f:
+        try:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            if METADATA_ID_COLUMN not in columns:
+                raise ValueError(f"has no '{METADATA_ID_COLUMN}' column (columns: {', '.join(columns)})")
+            # A short row leaves its missing cells None.
+            return columns, {unicodedata.normalize("NFC", row[METADATA_ID_COLUMN] or ""): row for row in reader}
+        except UnicodeDecodeError as error:
+            raise ValueError(f"is not UTF-8 text ({error}); save it as 'CSV UTF-8'") from error
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -156,12 +188,20 @@ def _scan(root: Path, group_column: str, in_channels: int,
         return [], None, problems
 
     images, masks = files_by_stem(image_dir), files_by_stem(mask_dir)
-    for files in list(images.values()) + list(masks.values()):
+    unusable = {**unusable_entries(image_dir), **unusable_entries(mask_dir)}
+    problems += [f"{path}: {reason}" for path, reason in unusable.items()]
+    # The partner of a broken link is not also reported as lacking its image or mask.
+    unusable_stems = {stem_key(path) for path in unusable}
+    for stem, files in list(images.items()) + list(masks.items()):
         if len(files) > 1:
-            problems.append(f"{', '.join(str(f) for f in files)}: two files share the stem '{files[0].stem}'")
-    for stem in sorted(set(images) - set(masks)):
+            problem = f"{', '.join(str(f) for f in files)}: {len(files)} files share the stem '{stem}'"
+            if len({f.stem for f in files}) > 1:  # they print alike, so show the code points
+                problem += (" (the same name in different Unicode forms, NFC and NFD: "
+                            f"{', '.join(ascii(f.name) for f in files)})")
+            problems.append(problem + "; keep one")
+    for stem in sorted(set(images) - set(masks) - unusable_stems):
         problems.append(f"{images[stem][0]}: no mask with stem '{stem}' in {mask_dir}")
-    for stem in sorted(set(masks) - set(images)):
+    for stem in sorted(set(masks) - set(images) - unusable_stems):
         problems.append(f"{masks[stem][0]}: orphan mask, no image with stem '{stem}' in {image_dir}")
 
     metadata_rows: dict[str, dict[str, str]] | None = None
@@ -240,17 +280,44 @@ def load_dataset(root: Path, image_size: int, in_channels: int, group_column: st
 # ----------------------------------------------------------------------------- split
 
 
-def split_indices(count: int, val_fraction: float, seed: int,
-                  groups: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
+def _check_split_sizes(count: int, val_fraction: float, groups: Sequence[str] | None = None,
+                      group_column: str = "", root: Path | None = None) -> None:
+    """Raise ValueError in plain words unless both sides of the split get at least one image or group.
+
+    `group_column` and `root` only name the items in the message.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"VAL_FRACTION must lie strictly between 0 and 1, got {val_fraction}")
+    if groups is None:
+        units, unit, where = count, "image", f" in {root}" if root else ""
+    else:
+        units, unit = len(set(groups)), "group"
+        where = ((f" in column '{group_column}'" if group_column else "")
+                 + (f" of {Path(root) / METADATA_FILE}" if root else ""))
+    if units < 2:
+        kind = "grouped split" if groups is not None else "train/validation split"
+        raise ValueError(f"{kind} needs at least 2 {unit}s{where}, found {units}")
+    # scikit-learn's sizes: ceil(fraction * n) for validation, >= 1 as 0 < fraction; the rest for training.
+    if math.ceil(val_fraction * units) >= units:
+        needed = max(2, int(1 / (1 - val_fraction)) - 1)  # at or just below the answer despite float rounding
+        while math.ceil(val_fraction * needed) >= needed:
+            needed += 1
+        raise ValueError(f"VAL_FRACTION {val_fraction} of {units} {unit}s{where} puts all of them in validation "
+                         f"and leaves no training {unit}; use at least {needed} {unit}s or a smaller VAL_FRACTION")
+
+
+def split_indices(count: int, val_fraction: float, seed: int, groups: Sequence[str] | None = None,
+                  group_column: str = "", root: Path | None = None) -> tuple[list[int], list[int]]:
     """Train and validation indices, reproducible from `seed`.
 
     With `groups`, whole groups go to one side (GroupShuffleSplit: `val_fraction`
     is then the share of groups, not of images); without, a random split.
+    A split that would leave a side empty raises ValueError before scikit-learn is called,
+    naming `group_column` and the metadata file or folder under `root`.
     """
+    _check_split_sizes(count, val_fraction, groups, group_column, root)
     placeholder = np.zeros(count)
     if groups is not None:
-        if len(set(groups)) < 2:
-            raise ValueError(f"grouped split needs at least 2 groups, found {len(set(groups))}")
         splitter = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
         train, val = next(splitter.split(placeholder, groups=list(groups)))
     else:

@@ -4,8 +4,9 @@
     python prepare_data.py figshare --out data/figshare-brain-tumor   # the real set (Cheng et al.)
     python prepare_data.py figshare --from ~/Downloads/1512427.zip    # archives you already have
 
-Every subcommand writes into a temporary folder beside `--out` and renames it
-at the end, so an interrupted run never leaves an output that looks complete.
+Every subcommand writes into `<out>.partial` beside `--out` and renames it at
+the end, so an interrupted run never leaves an output that looks complete; on
+an error or Ctrl-C the `.partial` folder is removed again.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class PrepareError(Exception):
 # ----------------------------------------------------------------------------- demo
 
 DEMO_CLASSES = ("meningioma", "glioma", "pituitary")
+# Below 24 px the smallest tumour make_demo_slice draws (radius 0.04 x wobble 0.75, squeezed
+# 1.3x) can fall between pixel centres, leaving an empty mask; from 24 px every slice has one.
+DEMO_MIN_SIZE = 24
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> np.ndarray:
@@ -419,8 +423,6 @@ def prepare_figshare(out: Path, source: Path | None, size: int | None, cache_dir
                      api_url: str) -> int:
     """The `figshare` command: download the release (unless `source` is given) and convert it into `out`."""
     refuse_existing_output(out)  # before a long download, not after it
-    if size is not None and size < 1:
-        raise PrepareError(f"--size must be a positive number of pixels, got {size}")
     if source is None:
         sources = fetch_figshare(api_url, cache_dir or out.parent / ".downloads")
     else:
@@ -447,46 +449,82 @@ def write_metadata(path: Path, columns: list[str], rows: list[dict]) -> None:
 
 @contextmanager
 def staging_folder(out: Path) -> Iterator[Path]:
-    """Yield `<out>.partial` with empty images/ and masks/ to write into; rename it to `out` only on success."""
+    """Yield `<out>.partial` with empty images/ and masks/ to write into; rename it to `out` on success.
+
+    On any exception, Ctrl-C included, the folder is removed and a note on the
+    exception says so. `out` itself is never written to or removed.
+    """
     out = Path(out)
     refuse_existing_output(out)
     partial = out.with_name(out.name + ".partial")
-    if partial.exists():  # left by an interrupted run
+    if partial.exists():  # left by a run that could not clean up (killed, power cut)
         shutil.rmtree(partial)
-    (partial / "images").mkdir(parents=True)
-    (partial / "masks").mkdir()
-    yield partial
-    partial.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial.mkdir()  # fails if another run took the name meanwhile, so what we remove below is ours
+    try:
+        (partial / "images").mkdir()
+        (partial / "masks").mkdir()
+        yield partial
+        refuse_existing_output(out)  # created meanwhile: renaming onto an empty folder would replace it
+        partial.rename(out)
+    except BaseException as error:
+        try:
+            shutil.rmtree(partial)
+            error.add_note(f"the unfinished {partial} was removed")
+        except OSError as cleanup_error:
+            error.add_note(f"the unfinished {partial} could not be removed ({cleanup_error}); delete it by hand")
+        raise
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
+def int_at_least(minimum: int, reason: str = "") -> Callable[[str], int]:
+    """An argparse `type` accepting whole numbers >= `minimum`; `reason` explains the bound in the message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}{reason}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface: one subcommand per data source."""
+    """The command-line interface: one subcommand per data source; bad values exit 2 before anything is written."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="write a synthetic MRI-like demo set (no download)")
-    demo.add_argument("--out", type=Path, default=Path("data/demo"), help="output folder (must not exist)")
-    demo.add_argument("--count", type=int, default=240, help="number of slices")
-    demo.add_argument("--size", type=int, default=128, help="slice height and width in pixels")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data)")
+    demo.add_argument("--out", type=Path, default=Path("data/demo"),
+                      help="output folder (must not exist) (default: %(default)s)")
+    demo.add_argument("--count", type=int_at_least(1), default=240, help="number of slices (default: %(default)s)")
+    demo.add_argument("--size", type=int_at_least(DEMO_MIN_SIZE, " (smaller slices can have empty tumour masks)"),
+                      default=128, help="slice height and width in pixels (default: %(default)s)")
+    demo.add_argument("--seed", type=int_at_least(0), default=0,
+                      help="random seed (same seed, same data) (default: %(default)s)")
+    demo.add_argument("--slices-per-patient", type=int_at_least(1), default=6,
+                      help="consecutive slices sharing one patient_id, for grouped splits (default: %(default)s)")
 
     figshare = commands.add_parser(
         "figshare", help="download and convert the figshare brain tumour set of Cheng et al. (3064 slices)",
         description=f"Download figshare article {FIGSHARE_ARTICLE_ID} (or take --from) and convert it to "
                     "images/, masks/ and metadata.csv with patient IDs, tumour classes and folds.")
     figshare.add_argument("--out", type=Path, default=Path("data/figshare-brain-tumor"),
-                          help="output folder (must not exist)")
+                          help="output folder (must not exist) (default: %(default)s)")
     figshare.add_argument("--from", dest="source", type=Path, metavar="PATH",
                           help="convert what you already have, without network: a folder, a .zip "
-                               "(also figshare's 'Download all' zip) or a .mat")
-    figshare.add_argument("--size", type=int, help="resample every slice to SIZE x SIZE pixels "
-                                                   "(area for images, nearest for masks); default: keep")
+                               "(also figshare's 'Download all' zip) or a .mat (default: download)")
+    figshare.add_argument("--size", type=int_at_least(1), help="resample every slice to SIZE x SIZE pixels "
+                                                             "(area for images, nearest for masks) (default: keep)")
     figshare.add_argument("--cache-dir", type=Path,
                           help="where downloads are kept and resumed (default: .downloads beside --out)")
-    figshare.add_argument("--api-url", default=FIGSHARE_API_URL, help="figshare API base URL")
+    figshare.add_argument("--api-url", default=FIGSHARE_API_URL,
+                          help="figshare API base URL (default: %(default)s)")
 
     # Further data sources register their subparsers here.
     return parser
@@ -496,14 +534,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
-            out = make_demo_dataset(args.out, count=args.count, size=args.size, seed=args.seed)
+            out = make_demo_dataset(args.out, count=args.count, size=args.size, seed=args.seed,
+                                    slices_per_patient=args.slices_per_patient)
             print(f"wrote {args.count} demo slices to {out}")
         elif args.command == "figshare":
             count = prepare_figshare(args.out, args.source, args.size, args.cache_dir, args.api_url)
             print(f"wrote {count} slices to {args.out}")
-    except PrepareError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (PrepareError, OSError) as error:  # OSError: a full disk or a folder we may not write to
+        print(f"error: {error}", *getattr(error, "__notes__", ()), sep="\n", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupt:
+        print("interrupted", *getattr(interrupt, "__notes__", ()), sep="\n", file=sys.stderr)
+        return 130  # the shell's code for Ctrl-C
     return 0
 
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from config import Config, build_parser, config_from_args, parse_config
@@ -25,12 +27,39 @@ def test_command_line_overrides_each_type():
     (["--augment", "maybe"], "expected true or false"),
     (["--normalization", "minmax"], "not one of"),
     (["--val-fraction", "1.5"], "VAL_FRACTION"),
+    (["--learning-rate", "nan"], "LEARNING_RATE must be a finite number, got nan"),
+    (["--val-fraction", "nan"], "VAL_FRACTION must be a finite number"),
+    (["--threshold", "nan"], "THRESHOLD must be a finite number"),
+    (["--bce-weight", "inf"], "BCE_WEIGHT must be a finite number, got inf"),
+    (["--dice-weight=-inf"], "DICE_WEIGHT must be a finite number, got -inf"),
+    (["--time-limit-minutes", "inf"], "TIME_LIMIT_MINUTES must be a finite number"),
+    (["--bce-weight", "-1"], "BCE_WEIGHT and DICE_WEIGHT must not be negative"),
+    (["--bce-weight", "0", "--dice-weight", "0"], "must not both be 0"),
+    (["--run-name", "a/b"], "must be a plain folder name inside RUNS_DIR"),
+    (["--run-name", "a\\b"], "must be a plain folder name inside RUNS_DIR"),
+    (["--run-name", "/tmp/x"], "must be a plain folder name inside RUNS_DIR"),
+    (["--run-name", "C:x"], "must be a plain folder name inside RUNS_DIR"),
+    (["--run-name", "."], "must be a plain folder name inside RUNS_DIR"),
+    (["--run-name", ".."], "must be a plain folder name inside RUNS_DIR"),
+    (["--run-name", ".hidden"], "must be a plain folder name inside RUNS_DIR"),
 ])
 def test_bad_overrides_are_refused_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(argv)
     assert exit_info.value.code != 0
     assert message in capsys.readouterr().err
+
+
+def test_every_float_key_is_checked_for_finiteness():
+    for name in ("LEARNING_RATE", "BCE_WEIGHT", "DICE_WEIGHT", "THRESHOLD", "VAL_FRACTION", "TIME_LIMIT_MINUTES"):
+        with pytest.raises(ValueError, match=f"^invalid config: {name} must be a finite number"):
+            Config(**{name: float("nan")})
+
+
+def test_plain_run_names_and_one_zero_weight_are_accepted():
+    assert Config(RUN_NAME="unet-128_v2.1").RUN_NAME == "unet-128_v2.1"
+    assert Config(RUN_NAME="").RUN_NAME == ""  # a timestamp
+    assert Config(BCE_WEIGHT=0.0).DICE_WEIGHT == 1.0
 
 
 def test_round_trip_through_a_saved_dict_ignores_and_lists_unknown_keys():
@@ -51,3 +80,14 @@ def test_scripts_can_add_their_own_options():
     parser.add_argument("--checkpoint")
     args = parser.parse_args(["--checkpoint", "x.pt", "--threshold", "0.3"])
     assert args.checkpoint == "x.pt" and config_from_args(parser, args).THRESHOLD == 0.3
+
+
+def test_help_shows_each_keys_comment_from_config_py_and_its_default(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # no line wrapping inside the help texts
+    parser = build_parser()
+    assert "folder holding images/ and masks/ (+ optional metadata.csv) (default: 'data/demo')" in parser.format_help()
+    helps = {action.dest: action.help for action in parser._actions}
+    for field in dataclasses.fields(Config):
+        comment, _, default = helps[field.name].rpartition(" (default: ")
+        assert comment.strip(), f"{field.name} has no comment in config.py"
+        assert default == f"{field.default!r})"

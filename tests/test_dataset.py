@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,6 +157,103 @@ def test_grouped_split_keeps_groups_apart_and_is_reproducible():
     assert len(random_val) == 20 and not set(random_train) & set(random_val)
     with pytest.raises(ValueError, match="at least 2 groups"):
         split_indices(10, 0.2, seed=0, groups=["a"] * 10)
+
+
+@pytest.mark.parametrize("count, fraction, groups, words", [
+    (1, 0.2, None, "train/validation split needs at least 2 images in data, found 1"),
+    (0, 0.2, None, "needs at least 2 images in data, found 0"),
+    (3, 0.9, None, "VAL_FRACTION 0.9 of 3 images in data puts all of them in validation and leaves no training "
+                   "image; use at least 10 images or a smaller VAL_FRACTION"),
+    (4, 0.2, ["a"] * 4, "grouped split needs at least 2 groups in column 'patient_id' of data/metadata.csv, found 1"),
+    (6, 0.7, list("aabbcc"), "VAL_FRACTION 0.7 of 3 groups in column 'patient_id' of data/metadata.csv puts all of "
+                             "them in validation and leaves no training group; use at least 4 groups"),
+    (10, 1.0, None, "VAL_FRACTION must lie strictly between 0 and 1, got 1.0"),
+])
+def test_impossible_splits_are_explained_in_plain_words(count, fraction, groups, words):
+    with pytest.raises(ValueError) as error:
+        split_indices(count, fraction, seed=0, groups=groups, group_column="patient_id", root=Path("data"))
+    assert words in str(error.value)
+
+
+def test_every_split_either_has_both_sides_or_is_refused_before_scikit_learn():
+    for count in range(1, 13):
+        for fraction in (0.01, 0.1, 0.2, 0.5, 0.67, 0.9):
+            for groups in (None, [str(i // 2) for i in range(count)]):
+                try:
+                    train, val = split_indices(count, fraction, seed=0, groups=groups)
+                except ValueError as error:  # ours, not scikit-learn's "Adjust any of the aforementioned ..."
+                    assert "VAL_FRACTION" in str(error) or "needs at least 2" in str(error)
+                    continue
+                assert train and val and sorted(train + val) == list(range(count))
+
+
+def test_one_pair_is_refused_at_split_time(demo_copy):
+    for sub in ("images", "masks"):
+        for path in sorted((demo_copy / sub).iterdir())[1:]:
+            path.unlink()
+    data = load_dataset(demo_copy, image_size=32, in_channels=1)
+    with pytest.raises(ValueError, match=f"needs at least 2 images in {demo_copy}, found 1"):
+        split_indices(len(data.pairs), 0.2, seed=0, root=demo_copy)
+
+
+def test_metadata_with_an_excel_byte_order_mark_is_read(demo_copy):
+    metadata = demo_copy / "metadata.csv"
+    metadata.write_bytes(b"\xef\xbb\xbf" + metadata.read_bytes())
+    assert verify_dataset(demo_copy, "patient_id") == []
+    assert dataset.read_metadata(demo_copy)[0][0] == "image_id"
+
+
+def test_metadata_that_is_not_utf8_is_named(demo_copy):
+    (demo_copy / "metadata.csv").write_bytes(b"image_id,patient_id\ndemo_0000,Jos\xe9\n")
+    problems = verify_dataset(demo_copy, "patient_id")
+    assert len(problems) == 1 and "metadata.csv: is not UTF-8 text" in problems[0] and "CSV UTF-8" in problems[0]
+
+
+@pytest.mark.parametrize("sub, partner", [("images", "masks"), ("masks", "images")])
+def test_a_broken_link_is_reported_as_such_and_not_as_a_missing_partner(demo_copy, sub, partner):
+    link = demo_copy / sub / "demo_0003.png"
+    link.unlink()
+    link.symlink_to(demo_copy / "gone.png")
+    problems = verify_dataset(demo_copy)
+    assert problems == [f"{link}: broken link (target missing: {demo_copy / 'gone.png'})"]
+    with pytest.raises(DatasetError, match="broken link"):
+        load_dataset(demo_copy, image_size=32, in_channels=1)
+
+
+def test_a_folder_with_an_image_name_is_reported(demo_copy):
+    (demo_copy / "images" / "odd.png").mkdir()
+    assert verify_dataset(demo_copy) == [f"{demo_copy / 'images' / 'odd.png'}: not a regular file "
+                                         "(a folder or special file with an image name)"]
+
+
+NFC, NFD = "caf\u00e9", "cafe\u0301"  # one name, two Unicode spellings (macOS writes NFD)
+
+
+def test_nfc_and_nfd_spellings_of_one_name_pair_up(demo_copy):
+    (demo_copy / "images/demo_0000.png").rename(demo_copy / f"images/{NFC}.png")
+    (demo_copy / "masks/demo_0000.png").rename(demo_copy / f"masks/{NFD}.png")
+    metadata = demo_copy / "metadata.csv"
+    metadata.write_text(metadata.read_text().replace("demo_0000,", f"{NFD},"), encoding="utf-8")
+    assert verify_dataset(demo_copy, "patient_id") == []
+    data = load_dataset(demo_copy, image_size=32, in_channels=1, group_column="patient_id")
+    assert NFC in [pair.stem for pair in data.pairs]
+
+
+def test_two_files_whose_names_differ_only_in_unicode_form_are_reported_once(demo_copy):
+    shutil.copy(demo_copy / "images/demo_0000.png", demo_copy / f"images/{NFC}.png")
+    shutil.copy(demo_copy / "images/demo_0000.png", demo_copy / f"images/{NFD}.png")
+    shutil.copy(demo_copy / "masks/demo_0000.png", demo_copy / f"masks/{NFC}.png")
+    problems = verify_dataset(demo_copy)
+    assert len(problems) == 1, problems
+    assert f"2 files share the stem '{NFC}'" in problems[0] and "different Unicode forms, NFC and NFD" in problems[0]
+    assert "'caf\\xe9.png'" in problems[0] and "'cafe\\u0301.png'" in problems[0]
+
+
+def test_a_short_metadata_row_is_a_missing_group_not_a_crash(demo_copy):
+    rows = "".join(f"p0,demo_{i:04d}\n" for i in range(1, 24))
+    (demo_copy / "metadata.csv").write_text("patient_id,image_id\np0\n" + rows)  # demo_0000's row is cut short
+    problems = verify_dataset(demo_copy, "patient_id")
+    assert len(problems) == 1 and "no 'patient_id' for image_id 'demo_0000'" in problems[0]
 
 
 def test_real_data_passes_integrity_and_splits_by_patient(real_root):

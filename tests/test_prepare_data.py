@@ -1,4 +1,5 @@
-"""Offline tests of `prepare_data.py figshare`: download, resume, MD5 refusal, conversion, `--from`.
+"""Offline tests of `prepare_data.py`: figshare download, resume, MD5 refusal, conversion, `--from`;
+the command line's checks and help; cleanup of `<out>.partial` on failure or Ctrl-C.
 
 The figshare release is imitated with small MATLAB-v7.3-layout files written by
 h5py, zipped, and served with a fake API listing by a local HTTP server.
@@ -416,7 +417,8 @@ def test_bad_mat_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture, ma
     assert run("--from", source, "--out", tmp_path / "out") == 1
     error = capsys.readouterr().err
     assert f"error: {source / '3.mat'}: " in error and message in error
-    assert not (tmp_path / "out").exists()
+    assert f"the unfinished {tmp_path / 'out.partial'} was removed" in error
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def test_old_style_cvind_is_read_with_scipy(tmp_path: Path) -> None:
@@ -437,3 +439,108 @@ def test_old_style_cvind_without_scipy_leaves_folds_empty(tmp_path: Path, monkey
     assert run("--from", write_files(tmp_path / "in", files), "--out", tmp_path / "out") == 0
     assert "needs scipy" in capsys.readouterr().err
     assert [row["fold"] for row in metadata(tmp_path / "out")] == ["", "", "", ""]
+
+
+# ----------------------------------------------------------------------------- command line and cleanup
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--size", "0"], "argument --size: must be at least 24"),
+    (["demo", "--size", "23"], "argument --size: must be at least 24 (smaller slices can have empty tumour masks)"),
+    (["demo", "--count", "0"], "argument --count: must be at least 1, got 0"),
+    (["demo", "--count=-5"], "argument --count: must be at least 1, got -5"),
+    (["demo", "--count", "many"], "argument --count: expected a whole number, got 'many'"),
+    (["demo", "--slices-per-patient", "0"], "argument --slices-per-patient: must be at least 1"),
+    (["demo", "--seed=-1"], "argument --seed: must be at least 0"),
+    (["figshare", "--size", "0"], "argument --size: must be at least 1"),
+])
+def test_bad_numbers_are_refused_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                            argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_data.main([*argv, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_smallest_allowed_demo_size_draws_a_tumour_in_every_slice(tmp_path: Path) -> None:
+    out = prepare_data.make_demo_dataset(tmp_path / "demo", count=60, size=prepare_data.DEMO_MIN_SIZE, seed=3)
+    assert all(png(path).any() for path in (out / "masks").iterdir())
+
+
+def test_demo_slices_per_patient_option(tmp_path: Path) -> None:
+    assert prepare_data.main(["demo", "--out", str(tmp_path / "demo"), "--count", "6", "--size", "24",
+                              "--slices-per-patient", "2"]) == 0
+    assert [row["patient_id"] for row in metadata(tmp_path / "demo")] == ["p000", "p000", "p001", "p001",
+                                                                        "p002", "p002"]
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("demo", ["(default: data/demo)", "(default: 240)", "(default: 128)", "(default: 0)", "(default: 6)"]),
+    ("figshare", ["(default: data/figshare-brain-tumor)", "(default: download)", "(default: keep)",
+                  "(default: .downloads beside --out)", f"(default: {prepare_data.FIGSHARE_API_URL})"]),
+])
+def test_help_shows_every_default(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                  command: str, shown: list[str]) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # no line wrapping inside the help texts
+    with pytest.raises(SystemExit):
+        prepare_data.main([command, "--help"])
+    text = capsys.readouterr().out
+    assert all(default in text for default in shown), text
+
+
+def interrupt_on_call(number: int, function: Callable) -> Callable:
+    """`function`, except that its `number`-th call raises KeyboardInterrupt, as Ctrl-C would."""
+    calls = []
+
+    def wrapped(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+def test_ctrl_c_during_demo_removes_the_partial_folder(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prepare_data, "make_demo_slice", interrupt_on_call(3, prepare_data.make_demo_slice))
+    assert prepare_data.main(["demo", "--out", str(tmp_path / "demo"), "--count", "5", "--size", "24"]) == 130
+    assert capsys.readouterr().err == f"interrupted\nthe unfinished {tmp_path / 'demo.partial'} was removed\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_figshare_conversion_removes_the_partial_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = write_files(tmp_path / "in", mat_files())
+    monkeypatch.setattr(prepare_data, "convert_slice", interrupt_on_call(2, prepare_data.convert_slice))
+    assert run("--from", source, "--out", tmp_path / "out") == 130
+    assert f"the unfinished {tmp_path / 'out.partial'} was removed" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_a_write_error_is_named_and_removes_the_partial_folder(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(path: Path, *args: object) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(prepare_data, "write_metadata", full_disk)
+    assert prepare_data.main(["demo", "--out", str(tmp_path / "demo"), "--count", "2", "--size", "24"]) == 1
+    error = capsys.readouterr().err
+    assert f"error: [Errno 28] No space left on device: '{tmp_path / 'demo.partial' / 'metadata.csv'}'" in error
+    assert f"the unfinished {tmp_path / 'demo.partial'} was removed" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_output_and_another_runs_partial_folder_are_left_alone(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "keep.txt").write_text("a finished dataset")
+    assert prepare_data.main(["demo", "--out", str(tmp_path / "demo"), "--count", "2", "--size", "24"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "demo" / "keep.txt").read_text() == "a finished dataset"
+    # A failure before this run made its staging folder must not remove someone else's.
+    (tmp_path / "out.partial").mkdir()
+    assert run("--from", tmp_path / "missing", "--out", tmp_path / "out") == 1
+    assert "no such file or folder" in capsys.readouterr().err
+    assert (tmp_path / "out.partial").is_dir()
