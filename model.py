@@ -1,8 +1,10 @@
-"""2-D U-Net (Ronneberger et al., 2015) with batch norm, built from small named parts.
+"""2-D U-Net (Ronneberger et al., 2015) with batch norm, built from small named parts,
+and its Attention U-Net variant (Oktay et al., 2018) with gated skip connections.
 
 At BASE_CHANNELS=64, DEPTH=4, 3 input channels and transposed-convolution
 up-sampling it is the classic 31.0 M-parameter U-Net. Any input size works:
 the input is padded to a multiple of 2**depth and the output cropped back.
+`build_unet` picks either network by name.
 """
 
 from __future__ import annotations
@@ -53,6 +55,60 @@ class Up(nn.Module):
         return self.conv(torch.cat([skip, self.up(x)], dim=1))
 
 
+class AttentionGate(nn.Module):
+    """Additive attention gate: scales each skip pixel by a coefficient in [0, 1] computed from skip and gate.
+
+    alpha = sigmoid(BN(psi(ReLU(BN(W_g g) + BN(W_x x))))), all three 1x1
+    convolutions; the output is x * alpha. Convolution biases are dropped
+    because each is followed by batch norm, as in the rest of this file.
+
+    Args:
+        gate_channels: channels of the gating signal g, the decoder feature that says where to look.
+        skip_channels: channels of the skip connection x being gated (the output has the same).
+        inter_channels: channels of the space where W_g g and W_x x are added.
+    """
+
+    def __init__(self, gate_channels: int, skip_channels: int, inter_channels: int):
+        super().__init__()
+        self.w_g = nn.Sequential(nn.Conv2d(gate_channels, inter_channels, kernel_size=1, bias=False),
+                                 nn.BatchNorm2d(inter_channels))
+        self.w_x = nn.Sequential(nn.Conv2d(skip_channels, inter_channels, kernel_size=1, bias=False),
+                                 nn.BatchNorm2d(inter_channels))
+        self.psi = nn.Sequential(nn.Conv2d(inter_channels, 1, kernel_size=1, bias=False), nn.BatchNorm2d(1),
+                                 nn.Sigmoid())
+
+    def coefficients(self, gate: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Attention coefficients in [0, 1], shape (N, 1, H, W) for a skip of shape (N, C, H, W).
+
+        A gate of another spatial size is projected, then resized bilinearly to the skip's.
+        """
+        g = self.w_g(gate)
+        if g.shape[-2:] != skip.shape[-2:]:
+            g = F.interpolate(g, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.psi(F.relu(g + self.w_x(skip)))
+
+    def forward(self, gate: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return skip * self.coefficients(gate, skip)
+
+
+class AttentionUp(Up):
+    """Up whose skip connection is first gated by an AttentionGate, the gate being the up-sampled decoder feature.
+
+    The intermediate width is half the skip's channels (at least 1), the
+    default of Oktay et al.'s code.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bilinear: bool = False):
+        super().__init__(in_channels, out_channels, bilinear)
+        skip_channels = in_channels // 2
+        up_channels = in_channels if bilinear else in_channels // 2  # what self.up outputs
+        self.gate = AttentionGate(up_channels, skip_channels, max(skip_channels // 2, 1))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)
+        return self.conv(torch.cat([self.gate(x, skip), x], dim=1))
+
+
 class OutConv(nn.Conv2d):
     """1x1 convolution to the output logits."""
 
@@ -70,13 +126,15 @@ class UNet(nn.Module):
         bilinear: up-sample with bilinear interpolation instead of transposed convolutions.
     """
 
+    up_block: type[Up] = Up  # the decoder step; subclasses swap it
+
     def __init__(self, in_channels: int = 3, base_channels: int = 64, depth: int = 4, bilinear: bool = False):
         super().__init__()
         self.depth = depth
         widths = [base_channels * 2**level for level in range(depth + 1)]
         self.inc = DoubleConv(in_channels, widths[0])
         self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(depth))
-        self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], bilinear) for i in reversed(range(depth)))
+        self.ups = nn.ModuleList(self.up_block(widths[i + 1], widths[i], bilinear) for i in reversed(range(depth)))
         self.outc = OutConv(widths[0], 1)
 
     def set_output_prior(self, foreground_fraction: float) -> None:
@@ -105,6 +163,40 @@ class UNet(nn.Module):
         for up in self.ups:
             x = up(x, skips.pop())
         return self.outc(x)[..., :height, :width]
+
+
+class AttentionUNet(UNet):
+    """Attention U-Net (Oktay et al., 2018): the U-Net above with every skip connection gated by an AttentionGate.
+
+    Same arguments, output, padding and `set_output_prior` as UNet. The gate
+    is the decoder feature after up-sampling, at the skip's resolution (the
+    common simplification of the paper's coarser gating signal). The gates
+    add 1 % to the parameters: 31,388,201 at 3/64/4 against UNet's 31,037,633.
+    """
+
+    up_block = AttentionUp
+
+
+ARCHITECTURES: dict[str, type[UNet]] = {"unet": UNet, "attention_unet": AttentionUNet}
+
+
+def build_unet(name: str, in_channels: int = 3, base_channels: int = 64, depth: int = 4,
+               bilinear: bool = False) -> UNet:
+    """The network called `name`, "unet" or "attention_unet" (exact spelling), with UNet's arguments.
+
+    Args:
+        name: key of ARCHITECTURES.
+        in_channels: channels of the input image (1 grayscale, 3 RGB).
+        base_channels: feature maps at the first level; doubled at every level down.
+        depth: number of 2x down-sampling steps.
+        bilinear: up-sample with bilinear interpolation instead of transposed convolutions.
+
+    Raises:
+        ValueError: unknown name; the message lists the valid ones.
+    """
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name](in_channels, base_channels, depth, bilinear)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,11 +1,45 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from model import UNet, count_parameters
+from model import AttentionGate, AttentionUNet, UNet, build_unet, count_parameters
 
 
 def test_classic_unet_has_31_million_parameters():
     assert count_parameters(UNet(in_channels=3, base_channels=64, depth=4)) == 31_037_633
+
+
+def expected_parameters(in_channels: int, base_channels: int, depth: int, attention: bool) -> int:
+    """Parameters of a U-Net with transposed-convolution up-sampling, added up layer by layer."""
+
+    def conv(c_in, c_out, kernel, bias=False):
+        return c_in * c_out * kernel**2 + (c_out if bias else 0)
+
+    def bn(c):
+        return 2 * c  # weight and bias
+
+    def double_conv(c_in, c_out):
+        return conv(c_in, c_out, 3) + bn(c_out) + conv(c_out, c_out, 3) + bn(c_out)
+
+    def gate(c_gate, c_skip, c_inter):
+        w_g, w_x = conv(c_gate, c_inter, 1) + bn(c_inter), conv(c_skip, c_inter, 1) + bn(c_inter)
+        return w_g + w_x + conv(c_inter, 1, 1) + bn(1)  # + psi
+
+    widths = [base_channels * 2**level for level in range(depth + 1)]
+    total = double_conv(in_channels, widths[0]) + conv(widths[0], 1, 1, bias=True)  # inc, outc
+    for narrow, wide in zip(widths, widths[1:]):
+        total += double_conv(narrow, wide)  # Down
+        total += conv(wide, narrow, 2, bias=True) + double_conv(wide, narrow)  # Up: transposed conv, DoubleConv
+        if attention:
+            total += gate(narrow, narrow, narrow // 2)  # gate = up-sampled feature, same width as the skip
+    return total
+
+
+@pytest.mark.parametrize("in_channels, base_channels, expected", [(3, 64, 31_388_201), (1, 16, 1_964_657)])
+def test_attention_unet_parameter_count_follows_the_layer_shapes(in_channels, base_channels, expected):
+    assert expected_parameters(3, 64, 4, attention=False) == 31_037_633  # the formula agrees with UNet's count
+    assert expected_parameters(in_channels, base_channels, 4, attention=True) == expected
+    assert count_parameters(AttentionUNet(in_channels, base_channels, 4)) == expected
 
 
 @pytest.mark.parametrize("height, width", [(64, 64), (37, 50), (101, 33), (5, 7)])
@@ -16,6 +50,13 @@ def test_any_input_size_gives_one_logit_per_pixel(height, width, bilinear):
         assert model(torch.randn(2, 1, height, width)).shape == (2, 1, height, width)
 
 
+@pytest.mark.parametrize("bilinear", [False, True])
+def test_attention_unet_takes_odd_sizes(bilinear):
+    model = AttentionUNet(in_channels=3, base_channels=4, depth=4, bilinear=bilinear).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 37, 53)).shape == (2, 1, 37, 53)
+
+
 def test_width_and_depth_follow_the_arguments():
     small, deeper = UNet(3, 8, 2), UNet(3, 8, 3)
     assert len(small.downs) == 2 and len(deeper.downs) == 3
@@ -23,10 +64,49 @@ def test_width_and_depth_follow_the_arguments():
     assert small.inc[0].out_channels == 8
 
 
-def test_output_prior_sets_the_starting_probability():
-    model = UNet(1, 4, 2).eval()
+@pytest.mark.parametrize("architecture", [UNet, AttentionUNet])
+def test_output_prior_sets_the_starting_probability(architecture):
+    model = architecture(1, 4, 2).eval()
     model.set_output_prior(0.02)
     torch.nn.init.zeros_(model.outc.weight)
     with torch.no_grad():
         probs = torch.sigmoid(model(torch.randn(1, 1, 16, 16)))
     assert torch.allclose(probs, torch.full_like(probs, 0.02), atol=1e-6)
+
+
+@pytest.mark.parametrize("gate_size", [(10, 14), (5, 7)])  # same size as the skip, and coarser
+def test_gate_coefficients_are_in_0_1_and_keep_the_skip_shape(gate_size):
+    torch.manual_seed(0)
+    gate = AttentionGate(gate_channels=8, skip_channels=6, inter_channels=3)
+    g, skip = torch.randn(2, 8, *gate_size) * 5, torch.randn(2, 6, 10, 14)
+    alpha = gate.coefficients(g, skip)
+    assert alpha.shape == (2, 1, 10, 14)
+    assert alpha.min() >= 0 and alpha.max() <= 1 and alpha.std() > 0
+    gated = gate(g, skip)
+    assert gated.shape == skip.shape and torch.allclose(gated, skip * alpha)
+
+
+def test_attention_unet_learns_a_tiny_batch():
+    torch.manual_seed(0)
+    masks = torch.zeros(4, 1, 32, 32)
+    for i in range(4):
+        masks[i, :, 4 + 4 * i:14 + 4 * i, 6 + 3 * i:18 + 3 * i] = 1
+    images = masks + 0.3 * torch.randn_like(masks)
+    model = AttentionUNet(in_channels=1, base_channels=4, depth=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = F.binary_cross_entropy_with_logits(model(images), masks)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]  # 0.85 -> 0.50 with this seed
+
+
+def test_build_unet_maps_names_to_classes():
+    assert type(build_unet("unet", 1, 4, 2)) is UNet
+    model = build_unet("attention_unet", in_channels=1, base_channels=4, depth=2, bilinear=True)
+    assert type(model) is AttentionUNet and len(model.downs) == 2 and model.inc[0].in_channels == 1
+    with pytest.raises(ValueError, match="unknown model 'Unet'; choose one of: unet, attention_unet"):
+        build_unet("Unet")

@@ -1,0 +1,253 @@
+"""Decision rule: probability map -> binary tumour mask, and its choice on validation data.
+
+A `DecisionRule` thresholds a probability map and may then clean the mask:
+fill enclosed holes, drop small connected components, keep only the largest
+one. `search_rule` tries every combination of a grid of such settings on
+validation maps and returns the one with the best mean per-image Dice.
+
+Rules are applied at each image's native resolution: test.py resizes the
+probability map back to the image before thresholding, so
+`min_component_pixels` counts native pixels. Search on maps at that same
+resolution, or the chosen size limit means something else at test time.
+
+Components are 8-connected (diagonal neighbours touch); holes are background
+regions that no 4-connected path joins to the image border, scipy's default
+and the complement of 8-connectivity, so a one-pixel diagonal gap in a ring
+does not open its hole.
+"""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from metrics import Counts, dice_from_counts
+
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+DEFAULT_THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+DEFAULT_MIN_SIZES = (0, 16, 64, 256)
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """How a probability map becomes a mask; the defaults are a plain `probability > 0.5`.
+
+    The steps run in this order: threshold, fill holes, drop small components,
+    keep the largest. Filling first means a component's size is the area
+    inside its outline, so a ring-shaped tumour with a dark core is not judged
+    by its rim alone, and removing components afterwards cannot open new holes.
+
+    Args:
+        threshold: a pixel is tumour where its probability is strictly greater
+            (`>`, as everywhere in this project); a pixel exactly at the
+            threshold is background. In [0, 1]; 1 gives an empty mask.
+        keep_largest: keep only the largest 8-connected component; on a tie in
+            size the first in label order (row-major position of its top-left
+            pixel) wins.
+        min_component_pixels: drop components with fewer pixels than this,
+            counted at the resolution the rule is applied at; 0 or 1 drops
+            nothing. If every component is smaller, the result is empty.
+            With `keep_largest` the largest survives only if it is big enough.
+        fill_holes: fill background regions fully enclosed by tumour.
+
+    Edge cases: an empty thresholded mask stays empty under every rule; NaN
+    probabilities are background (NaN > threshold is false).
+
+    Raises:
+        ValueError: a field has the wrong type or is out of range.
+    """
+
+    threshold: float = 0.5
+    keep_largest: bool = False
+    min_component_pixels: int = 0
+    fill_holes: bool = False
+
+    def __post_init__(self) -> None:
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 <= t <= 1:  # also refuses NaN
+            raise ValueError(f"threshold must be a number in [0, 1], got {t!r}")
+        for name in ("keep_largest", "fill_holes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        m = self.min_component_pixels
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 0:
+            raise ValueError(f"min_component_pixels must be an integer >= 0, got {m!r}")
+
+    def apply(self, probability: np.ndarray) -> np.ndarray:
+        """The boolean mask, shape (H, W), of a probability map of shape (H, W).
+
+        Raises:
+            ValueError: `probability` is not 2-D.
+        """
+        probability = np.asarray(probability)
+        if probability.ndim != 2:
+            raise ValueError(f"expected a 2-D probability map, got shape {probability.shape}")
+        mask = probability > self.threshold
+        if self.fill_holes:
+            mask = ndimage.binary_fill_holes(mask)
+        if self.keep_largest or self.min_component_pixels > 1:
+            labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
+            mask = _kept_labels(np.bincount(labels.ravel(), minlength=count + 1), self)[labels]
+        return mask
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain Python values (JSON-ready)."""
+        return {"threshold": float(self.threshold), "keep_largest": self.keep_largest,
+                "min_component_pixels": int(self.min_component_pixels), "fill_holes": self.fill_holes}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DecisionRule:
+        """The rule saved by `to_dict`; missing keys take their defaults.
+
+        Raises:
+            ValueError: unknown keys (all named), or a bad value (see the class).
+        """
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(str(key) for key in set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown decision-rule keys: {', '.join(unknown)} "
+                             f"(expected some of: {', '.join(names)})")
+        return cls(**d)
+
+    def describe(self) -> str:
+        """Short text in the order the steps run, e.g. "threshold 0.45, fill holes, largest component"."""
+        parts = [f"threshold {self.threshold:g}"]
+        if self.fill_holes:
+            parts.append("fill holes")
+        if self.min_component_pixels > 1:
+            parts.append(f"components of {self.min_component_pixels}+ px")
+        if self.keep_largest:
+            parts.append("largest component")
+        return ", ".join(parts)
+
+
+def _kept_labels(sizes: np.ndarray, rule: DecisionRule) -> np.ndarray:
+    """Which labels survive the rule's component steps: bool array indexed by label (0 = background, never kept).
+
+    Args:
+        sizes: pixels per label, sizes[0] the background (as `np.bincount(labels)` gives).
+        rule: supplies `min_component_pixels` and `keep_largest`.
+    """
+    sizes = sizes.copy()
+    sizes[0] = 0
+    keep = sizes >= max(rule.min_component_pixels, 1)
+    if rule.keep_largest:
+        # argmax returns the first maximum: ties go to the lowest label. Background's size is 0,
+        # so it is the argmax only when there are no components, and then nothing is kept anyway.
+        keep &= np.arange(len(sizes)) == sizes.argmax()
+    return keep
+
+
+def _component_counts(binary: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels and true-positive pixels per 8-connected label of `binary` (index 0 = background).
+
+    Args:
+        binary: the predicted mask, (H, W) bool.
+        truth: the ground-truth mask, (H, W) bool.
+    """
+    labels = ndimage.label(binary, structure=EIGHT_CONNECTED)[0]
+    sizes = np.bincount(labels.ravel())
+    return sizes, np.bincount(labels[truth], minlength=len(sizes))
+
+
+def _simplicity(rule: DecisionRule) -> tuple:
+    """Sort key preferring the simplest rule: the default, then fewer steps, then threshold nearest 0.5."""
+    steps = rule.keep_largest + (rule.min_component_pixels > 0) + rule.fill_holes
+    # Rounded so 0.45 and 0.55 are equally near 0.5 despite float error; the lower threshold then wins.
+    return (rule != DecisionRule(), steps, round(abs(rule.threshold - 0.5), 9), rule.threshold,
+            rule.min_component_pixels, rule.keep_largest, rule.fill_holes)
+
+
+def search_rule(probabilities: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+                keep_largest: Sequence[bool] = (False, True),
+                min_component_pixels: Sequence[int] = DEFAULT_MIN_SIZES,
+                fill_holes: Sequence[bool] = (False, True)) -> tuple[DecisionRule, list[dict[str, Any]]]:
+    """The rule with the highest mean per-image Dice over every combination of the grids.
+
+    Dice follows metrics.py per image (both masks empty = 1, exactly one
+    empty = 0), then is averaged over images. Ties in the mean go to the
+    simplest rule: the default `DecisionRule()` if it is in the grid, then
+    the fewest steps, then the threshold nearest 0.5 (the lower of two
+    equally near), then the smaller size limit. Equal masks give bit-equal
+    scores, so rules that change nothing on these images do tie.
+
+    Each image is labelled once per threshold (twice where filling holes
+    changes the mask); the component steps are then scored from per-label
+    pixel counts, without building their masks. Work is confined to the
+    bounding box of the pixels above the lowest threshold, which for a
+    trained model's maps is small.
+
+    Args:
+        probabilities: probability maps, each (H, W), at native resolution (see the module docstring).
+        masks: ground-truth masks, same count and shapes; nonzero = tumour.
+        thresholds: values for `DecisionRule.threshold`; the default is 0.3 to 0.7 in steps of 0.05.
+        keep_largest: values for `DecisionRule.keep_largest`.
+        min_component_pixels: values for `DecisionRule.min_component_pixels`.
+        fill_holes: values for `DecisionRule.fill_holes`.
+
+    Returns:
+        The best rule, and a table of every rule tried, best first: dicts of
+        `DecisionRule.to_dict()` plus "mean_dice". Duplicate grid values are tried once.
+
+    Raises:
+        ValueError: no images, counts or shapes that differ, maps that are not
+            2-D, an empty grid, or a grid value `DecisionRule` refuses.
+    """
+    if len(probabilities) != len(masks):
+        raise ValueError(f"{len(probabilities)} probability maps but {len(masks)} masks")
+    if not probabilities:
+        raise ValueError("no images to choose a rule on")
+    rules = list(dict.fromkeys(DecisionRule(*values) for values in itertools.product(
+        thresholds, keep_largest, min_component_pixels, fill_holes)))
+    if not rules:
+        raise ValueError("every grid must have at least one value")
+    row = {rule: i for i, rule in enumerate(rules)}
+    # Rules sharing a threshold and hole setting share one labelling.
+    groups: dict[float, dict[bool, list[DecisionRule]]] = {}
+    for rule in rules:
+        groups.setdefault(rule.threshold, {}).setdefault(rule.fill_holes, []).append(rule)
+    # Per rule and image: true positives and predicted pixels; with the truth's size that is all Dice needs.
+    tp = np.zeros((len(rules), len(probabilities)))
+    predicted = np.zeros_like(tp)
+    truth_pixels = np.zeros(len(probabilities))
+    lowest = min(groups)
+    for i, (probability, truth) in enumerate(zip(probabilities, masks, strict=True)):
+        probability, truth = np.asarray(probability), np.asarray(truth) != 0
+        if probability.ndim != 2 or probability.shape != truth.shape:
+            raise ValueError(f"image {i}: probability map {probability.shape} and mask {truth.shape} "
+                             "must be the same 2-D shape")
+        truth_pixels[i] = truth.sum()
+        box = ndimage.find_objects((probability > lowest).astype(np.int8))
+        if not box:
+            continue  # nothing above any threshold: every rule predicts an empty mask
+        # Every rule's mask lies inside this box, and cropping does not change which regions are holes:
+        # background on the box's edge reaches the image border in a straight line outside the box.
+        probability, truth = probability[box[0]], truth[box[0]]
+        for threshold, by_fill in groups.items():
+            thresholded = probability > threshold
+            counts = {False: _component_counts(thresholded, truth)} if False in by_fill else {}
+            if True in by_fill:
+                filled = ndimage.binary_fill_holes(thresholded)
+                # Without holes filling changes nothing, and the plain labelling is reused.
+                unchanged = False in counts and np.array_equal(filled, thresholded)
+                counts[True] = counts[False] if unchanged else _component_counts(filled, truth)
+            for fill, group in by_fill.items():
+                sizes, hits = counts[fill]
+                for rule in group:
+                    keep = _kept_labels(sizes, rule)
+                    tp[row[rule], i], predicted[row[rule], i] = hits[keep].sum(), sizes[keep].sum()
+    # True negatives do not enter Dice; zeros stand in for them.
+    per_rule = Counts(*(torch.from_numpy(a) for a in (tp, predicted - tp, truth_pixels - tp, np.zeros_like(tp))))
+    mean_dice = dice_from_counts(per_rule).mean(dim=1).tolist()
+    order = sorted(range(len(rules)), key=lambda r: (-mean_dice[r], _simplicity(rules[r])))
+    table = [{**rules[r].to_dict(), "mean_dice": mean_dice[r]} for r in order]
+    return rules[order[0]], table
