@@ -162,11 +162,17 @@ def head_box(image: np.ndarray, margin: float = 0.05) -> Box:
     head spans more than the shorter side, it covers that whole side instead). A slice without
     foreground gives the full image.
     """
-    gray = image.max(axis=-1) if image.ndim == 3 else image
-    height, width = gray.shape
+    pixels = image.reshape(*image.shape[:2], -1)  # (H, W, C) with or without a channel axis given
+    height, width = pixels.shape[:2]
     cell = max(1, min(height, width) // HEAD_THUMBNAIL_SIDE)
     rows, cols = height // cell, width // cell
-    thumbnail = gray[:rows * cell, :cols * cell].reshape(rows, cell, cols, cell).mean(axis=(1, 3))
+    # Sum over each cell x cell block as strided views: several times faster than a reshaped mean
+    # (sums, not means: the threshold below is relative). Then the brightest channel.
+    thumbnail = np.zeros((rows, cols, pixels.shape[2]), np.float32)
+    for i in range(cell):
+        for j in range(cell):
+            thumbnail += pixels[i:rows * cell:cell, j:cols * cell:cell]
+    thumbnail = thumbnail.max(axis=-1)
     foreground = thumbnail > HEAD_THRESHOLD_FRACTION * np.percentile(thumbnail, 99)
     # Dilating by one cell joins scalp, skull and brain into one blob; keeping only the largest blob
     # drops isolated specks and burned-in text outside the head.
