@@ -1,20 +1,33 @@
 import shutil
+import warnings
 from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import torch.nn.functional as F
+
 import dataset
-from dataset import (DatasetError, SegmentationDataset, load_dataset, normalize, read_image, read_mask,
-                     split_indices, training_augmentation, verify_dataset)
+from conftest import spread_stems
+from dataset import (DatasetError, SegmentationDataset, crop_to_box, head_box, load_dataset, normalize, paste_back,
+                     prepare_input, prepare_mask, read_image, read_mask, resize_image, resize_mask,
+                     restore_probability, split_indices, training_augmentation, verify_dataset)
 
 
 @pytest.fixture
 def demo_copy(demo_root, tmp_path):
     """A writable copy of the synthetic set, to break in one way per test."""
     return shutil.copytree(demo_root, tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def real_slices(real_root) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One native 256 px slice from each of 56 patients: (image uint8 (H, W, 1), mask {0, 1} (H, W))."""
+    return [(read_image(real_root / "images" / f"{stem}.png", 1), read_mask(real_root / "masks" / f"{stem}.png"))
+            for stem in spread_stems(real_root, 3, 1)]
 
 
 def test_sound_dataset_has_no_problems(demo_root):
@@ -115,6 +128,77 @@ def test_resize_keeps_masks_binary(demo_root):
     assert set(np.unique(data.masks)) == {0, 1}
 
 
+def test_head_box_is_square_inside_the_slice_and_keeps_every_tumour_pixel(real_slices):
+    sides = []
+    for image, mask in real_slices:
+        top, left, bottom, right = box = head_box(image)
+        assert 0 <= top < bottom <= image.shape[0] and 0 <= left < right <= image.shape[1]
+        assert bottom - top == right - left
+        assert crop_to_box(mask, box).sum() == mask.sum()  # the tumour is never cropped away
+        sides.append(bottom - top)
+    assert np.mean(sides) < 0.95 * real_slices[0][0].shape[0]  # the black border is really cut off
+
+
+def test_head_box_frames_the_largest_blob_with_its_margin_and_stays_inside():
+    image = np.zeros((100, 120), np.uint8)
+    image[30:70, 50:80] = 120  # the head: 40 rows x 30 columns
+    image[2, 115] = 255  # an isolated speck, to be ignored
+    # Rows: 40 + 2 x 4 margin = 26..74; columns: 30 + 2 x 3 = 47..83, widened evenly to 48.
+    assert head_box(image, margin=0.1) == (26, 41, 74, 89)
+    assert head_box(image[..., None], margin=0.1) == head_box(image.repeat(3).reshape(100, 120, 3), margin=0.1)
+    corner = np.zeros((100, 120), np.uint8)
+    corner[0:40, 90:120] = 120
+    # Margin clipped at the top and right; the widened columns shift left to stay inside.
+    assert head_box(corner, margin=0.1) == (0, 76, 44, 120)
+    wide = np.zeros((60, 120), np.uint8)
+    wide[10:50, 5:115] = 120
+    assert head_box(wide, margin=0.0) == (0, 5, 60, 115)  # cannot be square: keeps the head whole instead
+
+
+def test_head_box_of_a_black_slice_is_the_whole_slice():
+    assert head_box(np.zeros((64, 80, 3), np.uint8)) == (0, 0, 64, 80)
+    assert head_box(np.zeros((64, 80), np.uint8)) == (0, 0, 64, 80)
+
+
+def test_crop_then_paste_back_at_the_box_size_restores_the_mask_exactly(real_slices):
+    for image, mask in real_slices[:10]:
+        box = head_box(image)
+        side = box[2] - box[0]
+        prepared, same_box = prepare_input(image, side, crop=True)
+        assert same_box == box and np.array_equal(prepared, crop_to_box(image, box))
+        restored = restore_probability(prepare_mask(mask, side, box).astype(np.float32), box, mask.shape)
+        assert restored.dtype == np.float32 and np.array_equal(restored, mask)
+        assert np.array_equal(paste_back(crop_to_box(mask, box), box, mask.shape), mask)
+
+
+def test_probability_mapped_back_through_a_resize_matches_the_mask(real_slices):
+    for image, mask in real_slices:
+        _, box = prepare_input(image, 256, crop=True)
+        probability = torch.from_numpy(prepare_mask(mask, 256, box).astype(np.float32))
+        predicted = restore_probability(probability, box, mask.shape) > 0.5
+        assert 2 * (predicted & (mask > 0)).sum() / (predicted.sum() + mask.sum()) > 0.95
+
+
+def test_without_crop_loading_and_restoring_are_the_plain_resize(demo_root):
+    data = load_dataset(demo_root, image_size=48, in_channels=3)
+    expected_images = np.stack([resize_image(read_image(p.image_path, 3), 48) for p in data.pairs])
+    expected_masks = np.stack([resize_mask(read_mask(p.mask_path), 48) for p in data.pairs])
+    assert np.array_equal(data.images, expected_images) and np.array_equal(data.masks, expected_masks)
+    image = read_image(data.pairs[0].image_path, 3)
+    prepared, box = prepare_input(image, 48, crop=False)
+    assert box == (0, 0, *image.shape[:2]) and np.array_equal(prepared, expected_images[0])
+    probability = torch.rand(1, 48, 48, generator=torch.Generator().manual_seed(0))
+    resized = F.interpolate(probability[None], size=image.shape[:2], mode="bilinear", align_corners=False)
+    assert torch.equal(torch.from_numpy(restore_probability(probability[0], box, image.shape[:2])), resized[0, 0])
+
+
+def test_loading_with_crop_gives_the_tumours_more_pixels(real_subset):
+    plain = load_dataset(real_subset, image_size=64, in_channels=1)
+    cropped = load_dataset(real_subset, image_size=64, in_channels=1, crop=True, crop_margin=0.05)
+    assert cropped.images.shape == plain.images.shape and set(np.unique(cropped.masks)) == {0, 1}
+    assert cropped.masks.mean() > 1.1 * plain.masks.mean()
+
+
 def test_normalizations():
     image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     z = normalize(image, "zscore")
@@ -144,6 +228,64 @@ def test_augmentation_moves_image_and_mask_together_and_only_in_training(demo_ro
         seen.add(match[0])
     assert len(seen) > 3  # several different flips/rotations were drawn
     assert all(torch.equal(plain[0][1], reference_mask) for _ in range(5))
+
+
+AUGMENTATION_SWITCHES = ("flips", "affine", "intensity", "elastic")
+
+
+def test_augmentation_switches():
+    assert training_augmentation(0, flips=False) is None
+    assert [type(t) for t in training_augmentation(0).transforms] == [A.HorizontalFlip, A.VerticalFlip,
+                                                                      A.RandomRotate90]
+    every = training_augmentation(0, affine=True, intensity=True, elastic=True)
+    assert [type(t) for t in every.transforms][3:] == [A.Affine, A.GridDistortion, A.RandomBrightnessContrast,
+                                                       A.RandomGamma]
+
+
+@pytest.mark.parametrize("switch", AUGMENTATION_SWITCHES)
+def test_each_augmentation_keeps_masks_binary_and_intensity_spares_them(real_slices, switch):
+    moved = 0
+    for seed in range(4):
+        transform = training_augmentation(seed, **{name: name == switch for name in AUGMENTATION_SWITCHES})
+        for image, mask in real_slices[:6]:
+            out = transform(image=image, mask=mask)
+            assert out["image"].shape == image.shape and out["image"].dtype == np.uint8
+            assert out["mask"].shape == mask.shape and out["mask"].dtype == np.uint8
+            assert set(np.unique(out["mask"])) <= {0, 1}
+            if switch == "intensity":
+                assert np.array_equal(out["mask"], mask)
+                moved += not np.array_equal(out["image"], image)
+            else:
+                moved += not np.array_equal(out["mask"], mask)
+    assert moved >= 3  # the switch really transforms something
+
+
+@pytest.mark.parametrize("switch", ["affine", "elastic"])
+def test_warps_move_image_and_mask_together(real_slices, switch):
+    warps = 0
+    for seed in range(4):
+        transform = training_augmentation(seed, flips=False, **{switch: True})
+        for _, mask in real_slices[:6]:
+            out = transform(image=mask[..., None] * 255, mask=mask)  # the mask drawn as an image, warped bilinearly
+            drawn, warped = out["image"][..., 0] > 127, out["mask"] > 0
+            assert 2 * (drawn & warped).sum() / max(drawn.sum() + warped.sum(), 1) > 0.9 or warped.sum() < 50
+            warps += not np.array_equal(warped, mask > 0)
+    assert warps >= 3
+
+
+def test_augmentation_is_reproducible_from_its_seed_and_warns_of_nothing(real_slices):
+    image, mask = real_slices[0]
+
+    def draws(seed: int) -> list[dict[str, np.ndarray]]:
+        transform = training_augmentation(seed, affine=True, intensity=True, elastic=True)
+        return [transform(image=image, mask=mask) for _ in range(8)]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a deprecated argument name in albumentations 2.x
+        first, again, other = draws(1), draws(1), draws(2)
+    for key in ("image", "mask"):
+        assert all(np.array_equal(a[key], b[key]) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(first, other, strict=True))
 
 
 def test_grouped_split_keeps_groups_apart_and_is_reproducible():
