@@ -1,11 +1,15 @@
-"""Segmentation metrics from thresholded predictions: Dice (primary), IoU, pixel accuracy.
+"""Segmentation metrics from thresholded predictions: Dice (primary), IoU, pixel accuracy,
+precision and sensitivity.
 
 Each metric is computed per image, then averaged over images ("mean"), so a
 small tumour counts as much as a large one. The "pooled" figures sum the
 pixel counts of all images first, which weighs large tumours more.
 
-Edge cases, per image: prediction and ground truth both empty scores 1.0
-(correctly found nothing); exactly one of them empty scores 0.0.
+Edge cases, per image: prediction and ground truth both empty scores 1.0 on
+every metric (correctly found nothing); exactly one of them empty scores 0.0
+on Dice and IoU. Precision with nothing predicted and sensitivity with no
+tumour are ratios over nothing: NaN. Each function's docstring states its
+own cases.
 """
 
 from __future__ import annotations
@@ -66,6 +70,36 @@ def pixel_accuracy_from_counts(c: Counts) -> torch.Tensor:
     return (c.tp + c.tn) / (c.tp + c.fp + c.fn + c.tn)
 
 
+def _ratio_one_if_both_empty(numerator: torch.Tensor, denominator: torch.Tensor, c: Counts) -> torch.Tensor:
+    """numerator / denominator; where the denominator is 0: 1.0 if both masks are empty, else NaN.
+
+    Precision has no predicted pixels to judge, sensitivity no tumour pixels to
+    find; only when both masks are empty is the answer known (nothing to find,
+    nothing claimed), which matches Dice's convention.
+    """
+    both_empty = (c.tp + c.fp + c.fn) == 0
+    undefined = torch.where(both_empty, 1.0, float("nan")).to(numerator.dtype)
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1), undefined)
+
+
+def precision_from_counts(c: Counts) -> torch.Tensor:
+    """Positive predictive value TP / (TP + FP).
+
+    Nothing predicted: 1.0 when the ground truth is empty too, NaN (undefined)
+    when it holds tumour; that image counts as a miss through sensitivity 0.0.
+    """
+    return _ratio_one_if_both_empty(c.tp, c.tp + c.fp, c)
+
+
+def sensitivity_from_counts(c: Counts) -> torch.Tensor:
+    """Sensitivity (recall) TP / (TP + FN).
+
+    Empty ground truth: 1.0 when nothing is predicted either, NaN (undefined)
+    otherwise; that image's false alarm shows in precision 0.0.
+    """
+    return _ratio_one_if_both_empty(c.tp, c.tp + c.fn, c)
+
+
 def dice_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
     """Dice of each image, shape (N,)."""
     return dice_from_counts(confusion_counts(pred, target))
@@ -79,6 +113,16 @@ def iou_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
 def pixel_accuracy_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
     """Share of correctly classified pixels of each image, shape (N,)."""
     return pixel_accuracy_from_counts(confusion_counts(pred, target))
+
+
+def precision_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
+    """Precision of each image, shape (N,); see `precision_from_counts` for empty masks."""
+    return precision_from_counts(confusion_counts(pred, target))
+
+
+def sensitivity_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
+    """Sensitivity of each image, shape (N,); see `sensitivity_from_counts` for empty masks."""
+    return sensitivity_from_counts(confusion_counts(pred, target))
 
 
 @dataclass

@@ -1,10 +1,11 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from metrics import (MetricTracker, confusion_counts, dice_per_image, iou_per_image,
-                     pixel_accuracy_per_image)
-
+from metrics import (MetricTracker, confusion_counts, dice_per_image, iou_per_image, pixel_accuracy_per_image,
+                     precision_per_image, sensitivity_per_image)
 
 def test_hand_computed_values_on_one_image():
     target = np.zeros((1, 4, 4), bool)
@@ -53,3 +54,20 @@ def test_accepts_channel_dimension_and_rejects_shape_mismatch():
         dice_per_image(torch.ones(1, 6, 6), torch.ones(1, 6, 5))
     with pytest.raises(ValueError, match="no images"):
         MetricTracker().summary()
+
+
+def test_precision_and_sensitivity_hand_values_and_empty_rules():
+    target = np.zeros((1, 4, 4), bool)
+    target[0, :2, :2] = True          # 4 tumour pixels
+    pred = np.zeros((1, 4, 4), bool)
+    pred[0, :2, 1:4] = True           # 6 predicted, 2 of them right
+    assert precision_per_image(pred, target).item() == pytest.approx(2 / 6)
+    assert sensitivity_per_image(pred, target).item() == pytest.approx(2 / 4)
+    empty = np.zeros((1, 4, 4), bool)
+    # both empty: 1.0, as Dice; a ratio over nothing otherwise: NaN, the other metric 0.0
+    assert precision_per_image(empty, empty).item() == 1.0
+    assert sensitivity_per_image(empty, empty).item() == 1.0
+    assert math.isnan(precision_per_image(empty, target).item())
+    assert sensitivity_per_image(empty, target).item() == 0.0
+    assert math.isnan(sensitivity_per_image(pred, empty).item())
+    assert precision_per_image(pred, empty).item() == 0.0
