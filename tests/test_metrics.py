@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import (MetricTracker, confusion_counts, dice_per_image, iou_per_image, pixel_accuracy_per_image,
-                     precision_per_image, sensitivity_per_image)
+from metrics import (MetricTracker, average_surface_distance, confusion_counts, dice_per_image, hausdorff95,
+                     iou_per_image, mask_border, pixel_accuracy_per_image, precision_per_image,
+                     sensitivity_per_image, surface_distances)
+
+def square(top: int, left: int, side: int, shape: tuple[int, int] = (32, 32)) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[top:top + side, left:left + side] = True
+    return mask
+
 
 def test_hand_computed_values_on_one_image():
     target = np.zeros((1, 4, 4), bool)
@@ -71,3 +78,96 @@ def test_precision_and_sensitivity_hand_values_and_empty_rules():
     assert sensitivity_per_image(empty, target).item() == 0.0
     assert math.isnan(sensitivity_per_image(pred, empty).item())
     assert precision_per_image(pred, empty).item() == 0.0
+
+
+def test_border_is_4_connected_and_includes_the_image_edge():
+    plus = np.zeros((5, 5), bool)
+    plus[2, 1:4] = plus[1:4, 2] = True
+    expected = plus.copy()
+    expected[2, 2] = False            # its 4 neighbours are all in the mask: interior
+    assert (mask_border(plus) == expected).all()
+    full = np.ones((4, 4), bool)
+    assert mask_border(full).sum() == 12 and not mask_border(full)[1:3, 1:3].any()
+
+
+def test_distances_of_two_squares_k_pixels_apart():
+    # 4x4 squares in the same rows, 10 columns apart. Each border has 12 pixels; the nearest border
+    # pixel of the other square is in the same row: distances 10 (x4), 9 (x2), 8 (x2), 7 (x4).
+    a, b = square(0, 0, 4), square(0, 10, 4)
+    d = surface_distances(a, b)
+    assert sorted(d.pred_to_target) == sorted(d.target_to_pred) == [7] * 4 + [8] * 2 + [9] * 2 + [10] * 4
+    assert hausdorff95(a, b) == pytest.approx(10.0)
+    assert average_surface_distance(a, b) == pytest.approx(102 / 12)
+    # overlapping 3x3 squares one column apart: 4 border pixels of each are 1 away, 4 on the other border
+    a, b = square(2, 2, 3), square(2, 3, 3)
+    assert hausdorff95(a, b) == pytest.approx(1.0)
+    assert average_surface_distance(a, b) == pytest.approx(0.5)
+
+
+def test_distances_of_a_single_pixel_in_a_square():
+    pixel, box = square(2, 2, 1, (5, 5)), square(0, 0, 5, (5, 5))
+    # pixel -> border of box: 2. border of box -> pixel: 4 x 2, 8 x sqrt 5, 4 x sqrt 8
+    assert hausdorff95(pixel, box) == pytest.approx(math.sqrt(8))  # max of 2 and the 95th pct of the 16
+    border_sum = 4 * 2 + 8 * math.sqrt(5) + 4 * math.sqrt(8)
+    assert average_surface_distance(pixel, box) == pytest.approx((2 + border_sum) / 17)
+    assert hausdorff95(pixel, pixel) == 0.0 and average_surface_distance(pixel, pixel) == 0.0
+
+
+def test_spacing_scales_distances_along_its_own_axis():
+    a, b = square(0, 0, 4), square(0, 10, 4)  # apart along W only
+    assert hausdorff95(a, b, (0.5, 0.5)) == pytest.approx(5.0)
+    assert average_surface_distance(a, b, (0.5, 0.5)) == pytest.approx(102 / 12 / 2)
+    assert hausdorff95(a, b, (1.0, 2.0)) == pytest.approx(20.0)
+    assert hausdorff95(a, b, (3.0, 1.0)) == pytest.approx(10.0)
+
+
+def test_distances_are_nan_when_either_mask_is_empty():
+    empty, blob = np.zeros((8, 8), bool), square(2, 2, 3, (8, 8))
+    for pred, target in [(empty, empty), (blob, empty), (empty, blob)]:
+        assert surface_distances(pred, target).pred_to_target.size == 0
+        assert math.isnan(hausdorff95(pred, target)) and math.isnan(average_surface_distance(pred, target))
+    with pytest.raises(ValueError, match="one shape"):
+        hausdorff95(np.zeros((8, 8), bool), np.zeros((8, 9), bool))
+
+
+def _disc(row: float, col: float, radius: float, shape: tuple[int, int] = (32, 32)) -> np.ndarray:
+    rows, cols = np.ogrid[:shape[0], :shape[1]]
+    return (rows - row) ** 2 + (cols - col) ** 2 <= radius ** 2
+
+
+def _shape_pairs() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    ring = _disc(16, 16, 9) & ~_disc(16, 16, 5)
+    ell = square(4, 4, 12) & ~square(4, 8, 12)                  # L: 4 wide, 12 tall, with a foot
+    ell |= square(12, 4, 4) | square(12, 8, 4) | square(12, 12, 4)
+    two_blobs = _disc(8, 8, 4) | _disc(24, 22, 5)
+    pixel = square(16, 16, 1)
+    return {
+        "identical squares": (square(4, 4, 10), square(4, 4, 10)),
+        "overlapping squares": (square(4, 4, 10), square(7, 9, 10)),
+        "apart squares": (square(2, 2, 6), square(20, 18, 8)),
+        "discs": (_disc(15, 15, 8), _disc(17, 14, 6.5)),
+        "ring vs disc": (ring, _disc(16, 16, 9)),
+        "ring vs offset ring": (ring, np.roll(ring, (2, -3), (0, 1))),
+        "L vs square": (ell, square(5, 5, 11)),
+        "two blobs vs one": (two_blobs, _disc(10, 10, 6)),
+        "pixel vs square": (pixel, square(10, 10, 13)),
+        "pixel vs pixel": (pixel, square(3, 28, 1)),
+        "edge-touching": (square(0, 0, 9), square(0, 4, 12)),
+        "line vs disc": (np.eye(32, dtype=bool), _disc(20, 12, 7)),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")  # MONAI's own internal call
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (0.5, 0.8)])
+@pytest.mark.parametrize("name", list(_shape_pairs()))
+def test_distances_match_monai(name: str, spacing: tuple[float, float]):
+    monai_metrics = pytest.importorskip("monai.metrics")
+    pred, target = _shape_pairs()[name]
+    y_pred, y = (torch.from_numpy(m)[None, None].float() for m in (pred, target))  # one-hot (B, C, H, W)
+    expected_hd95 = monai_metrics.compute_hausdorff_distance(
+        y_pred, y, include_background=True, percentile=95, spacing=list(spacing)).item()
+    expected_assd = monai_metrics.compute_average_surface_distance(
+        y_pred, y, include_background=True, symmetric=True, spacing=list(spacing)).item()
+    # MONAI works in float32: agreement to its precision
+    assert hausdorff95(pred, target, spacing) == pytest.approx(expected_hd95, rel=1e-6, abs=1e-6)
+    assert average_surface_distance(pred, target, spacing) == pytest.approx(expected_assd, rel=1e-6, abs=1e-6)
