@@ -1,5 +1,6 @@
 """Segmentation metrics from thresholded predictions: Dice (primary), IoU, pixel accuracy,
-precision, sensitivity and boundary distances (HD95, ASSD).
+precision, sensitivity, boundary distances (HD95, ASSD) and a failure category
+per image.
 
 Each metric is computed per image, then averaged over images ("mean"), so a
 small tumour counts as much as a large one. The "pooled" figures sum the
@@ -15,6 +16,7 @@ states its own cases.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -293,3 +295,143 @@ def average_surface_distance(pred: np.ndarray, target: np.ndarray, spacing: Spac
         spacing: pixel size along H then W; the distance comes out in its unit.
     """
     return average_surface_distance_from_distances(surface_distances(pred, target, spacing))
+
+
+# ---- Components and failure categories -----------------------------------------------------------
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def component_count(mask: np.ndarray) -> int:
+    """Number of 8-connected components of a bool mask (H, W): diagonal neighbours join; 0 when empty.
+
+    Args:
+        mask: bool array (H, W).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    box = _bounding_box(mask, margin=0)
+    if box is None:
+        return 0
+    return int(ndimage.label(mask[box], structure=_EIGHT_CONNECTED)[1])  # the box alone: faster, same count
+
+
+FRAGMENTED_MIN_COMPONENTS = 3  # this many predicted components or more ...
+FRAGMENTED_MAX_DICE = 0.7  # ... with Dice below this is "fragmented"
+LOW_RATE = 0.6  # precision or sensitivity below this is low
+HIGH_RATE = 0.8  # precision or sensitivity at or above this is high
+POOR_MAX_DICE = 0.5  # Dice below this is "poor"
+GOOD_MIN_DICE = 0.8  # Dice at or above this is "good"
+
+
+class _Outcome(NamedTuple):
+    """The per-image numbers that the failure rules read; see `failure_category`."""
+
+    dice: float
+    precision: float
+    sensitivity: float
+    pred_components: int
+    true_pixels: int
+    pred_pixels: int
+    overlap_pixels: int
+
+
+# (name, rule in words, test), checked in order: the first rule that holds names the image.
+# One table, so the words written into reports cannot drift from the code.
+_FAILURE_RULE_TABLE: list[tuple[str, str, Callable[[_Outcome], bool]]] = [
+    ("no tumour: correct", "no tumour in the ground truth and nothing predicted",
+     lambda o: o.true_pixels == 0 and o.pred_pixels == 0),
+    ("no tumour: false positive", "no tumour in the ground truth but something predicted",
+     lambda o: o.true_pixels == 0),
+    ("missed", "tumour present, nothing predicted",
+     lambda o: o.pred_pixels == 0),
+    ("wrong place", "something predicted, but none of it on the tumour (false positive only)",
+     lambda o: o.overlap_pixels == 0),
+    ("fragmented", f"{FRAGMENTED_MIN_COMPONENTS} or more predicted components (8-connected) "
+                   f"and Dice below {FRAGMENTED_MAX_DICE}",
+     lambda o: o.pred_components >= FRAGMENTED_MIN_COMPONENTS and o.dice < FRAGMENTED_MAX_DICE),
+    ("under-segmented", f"sensitivity below {LOW_RATE} and precision at least {HIGH_RATE}",
+     lambda o: o.sensitivity < LOW_RATE and o.precision >= HIGH_RATE),
+    ("over-segmented", f"precision below {LOW_RATE} and sensitivity at least {HIGH_RATE}",
+     lambda o: o.precision < LOW_RATE and o.sensitivity >= HIGH_RATE),
+    ("poor", f"Dice below {POOR_MAX_DICE}",
+     lambda o: o.dice < POOR_MAX_DICE),
+    ("good", f"Dice at least {GOOD_MIN_DICE}",
+     lambda o: o.dice >= GOOD_MIN_DICE),
+    ("fair", f"none of the above (Dice from {POOR_MAX_DICE} to below {GOOD_MIN_DICE})",
+     lambda o: True),
+]
+
+FAILURE_RULES: list[tuple[str, str]] = [(name, rule) for name, rule, _ in _FAILURE_RULE_TABLE]
+"""(category, rule in plain English) in the order `failure_category` checks them; the first to hold wins."""
+
+
+def failure_category(dice: float, precision: float, sensitivity: float, pred_components: int,
+                     true_pixels: int, pred_pixels: int, overlap_pixels: int) -> str:
+    """Name of the first rule of `FAILURE_RULES` that an image's numbers satisfy.
+
+    Images without tumour get "no tumour: correct" or "no tumour: false
+    positive"; the other categories describe images with tumour. NaN precision
+    or sensitivity (nothing predicted, or no tumour) only occurs in images that
+    the first rules already settle.
+
+    Args:
+        dice: the image's Dice.
+        precision: the image's precision (see `precision_from_counts`).
+        sensitivity: the image's sensitivity (see `sensitivity_from_counts`).
+        pred_components: 8-connected components of the prediction (`component_count`).
+        true_pixels: tumour pixels in the ground truth.
+        pred_pixels: predicted tumour pixels.
+        overlap_pixels: pixels both predicted and in the ground truth (true positives).
+    """
+    outcome = _Outcome(dice, precision, sensitivity, pred_components, true_pixels, pred_pixels,
+                       overlap_pixels)
+    return next(name for name, _, holds in _FAILURE_RULE_TABLE if holds(outcome))
+
+
+def per_image_report(pred: np.ndarray, target: np.ndarray,
+                     spacing: Spacing | None = None) -> dict[str, float | int | str]:
+    """Every per-image number of one prediction against its ground truth, at the image's resolution.
+
+    Keys: dice, iou, pixel_accuracy, precision, sensitivity, hd95_px, assd_px,
+    hd95_mm and assd_mm (only with spacing), pred_components, true_components,
+    gt_pixels, pred_pixels, overlap_pixels, category. Undefined values are NaN,
+    as each metric's docstring states (distances when either mask is empty;
+    precision with nothing predicted; sensitivity with no tumour).
+
+    Args:
+        pred: predicted bool mask (H, W).
+        target: ground-truth bool mask (H, W).
+        spacing: pixel size in mm along H then W; None when unknown (no mm distances).
+    """
+    pred, target = _mask_pair(pred, target)
+    counts = confusion_counts(pred[None], target[None])
+    dice, precision, sensitivity = (dice_from_counts(counts).item(), precision_from_counts(counts).item(),
+                                    sensitivity_from_counts(counts).item())
+    overlap_pixels = int(counts.tp.item())
+    gt_pixels = overlap_pixels + int(counts.fn.item())
+    pred_pixels = overlap_pixels + int(counts.fp.item())
+    pred_components = component_count(pred)
+    in_pixels = surface_distances(pred, target)
+    report: dict[str, float | int | str] = {
+        "dice": dice,
+        "iou": iou_from_counts(counts).item(),
+        "pixel_accuracy": pixel_accuracy_from_counts(counts).item(),
+        "precision": precision,
+        "sensitivity": sensitivity,
+        "hd95_px": hausdorff95_from_distances(in_pixels),
+        "assd_px": average_surface_distance_from_distances(in_pixels),
+    }
+    if spacing is not None:
+        in_mm = surface_distances(pred, target, spacing)
+        report["hd95_mm"] = hausdorff95_from_distances(in_mm)
+        report["assd_mm"] = average_surface_distance_from_distances(in_mm)
+    report.update(
+        pred_components=pred_components,
+        true_components=component_count(target),
+        gt_pixels=gt_pixels,
+        pred_pixels=pred_pixels,
+        overlap_pixels=overlap_pixels,
+        category=failure_category(dice, precision, sensitivity, pred_components, gt_pixels, pred_pixels,
+                                  overlap_pixels),
+    )
+    return report

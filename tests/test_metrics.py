@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import (MetricTracker, average_surface_distance, confusion_counts, dice_per_image, hausdorff95,
-                     iou_per_image, mask_border, pixel_accuracy_per_image, precision_per_image,
+from metrics import (FAILURE_RULES, FRAGMENTED_MAX_DICE, FRAGMENTED_MIN_COMPONENTS, GOOD_MIN_DICE, HIGH_RATE,
+                     LOW_RATE, POOR_MAX_DICE, MetricTracker, average_surface_distance, component_count,
+                     confusion_counts, dice_per_image, failure_category, hausdorff95, iou_per_image,
+                     mask_border, per_image_report, pixel_accuracy_per_image, precision_per_image,
                      sensitivity_per_image, surface_distances)
 
 def square(top: int, left: int, side: int, shape: tuple[int, int] = (32, 32)) -> np.ndarray:
@@ -171,3 +173,61 @@ def test_distances_match_monai(name: str, spacing: tuple[float, float]):
     # MONAI works in float32: agreement to its precision
     assert hausdorff95(pred, target, spacing) == pytest.approx(expected_hd95, rel=1e-6, abs=1e-6)
     assert average_surface_distance(pred, target, spacing) == pytest.approx(expected_assd, rel=1e-6, abs=1e-6)
+
+
+def test_component_count_is_8_connected():
+    diagonal = np.eye(4, dtype=bool)
+    assert component_count(diagonal) == 1
+    assert component_count(square(0, 0, 2) | square(0, 3, 2)) == 2
+    assert component_count(np.zeros((4, 4), bool)) == 0
+
+
+def test_every_failure_category_is_reached():
+    empty, target = np.zeros((32, 32), bool), square(5, 5, 10)  # 100 tumour pixels
+    fragments = square(5, 5, 2) | square(9, 9, 2) | square(13, 13, 2)  # 3 pieces inside the tumour
+    half = target.copy()
+    half[:, 10:] = False                                       # left half of the tumour
+    cases = {
+        "no tumour: correct": (empty, empty),
+        "no tumour: false positive": (square(0, 0, 2), empty),
+        "missed": (empty, target),
+        "wrong place": (square(20, 20, 5), target),
+        "fragmented": (fragments, target),
+        "under-segmented": (half, target),                      # sensitivity 0.5, precision 1
+        "over-segmented": (target, half),                       # precision 0.5, sensitivity 1
+        "poor": (square(5, 11, 10), target),                    # 4 of 10 columns shared: Dice 0.4
+        "good": (target, target),
+        "fair": (square(5, 8, 10), target),                     # 7 of 10 columns shared: Dice 0.7
+    }
+    for expected, (pred, truth) in cases.items():
+        assert per_image_report(pred, truth)["category"] == expected
+    assert [name for name, _ in FAILURE_RULES] == list(cases)
+    # each rule's words carry the constants the code uses
+    rules = dict(FAILURE_RULES)
+    assert f"{FRAGMENTED_MIN_COMPONENTS} or more" in rules["fragmented"]
+    assert str(FRAGMENTED_MAX_DICE) in rules["fragmented"]
+    assert str(LOW_RATE) in rules["under-segmented"] and str(HIGH_RATE) in rules["over-segmented"]
+    assert str(POOR_MAX_DICE) in rules["poor"] and str(GOOD_MIN_DICE) in rules["good"]
+
+
+def test_failure_rules_apply_in_order():
+    # fragmented comes before under-segmented, though both hold
+    assert failure_category(0.3, 1.0, 0.2, 3, 100, 20, 20) == "fragmented"
+    assert failure_category(0.3, 1.0, 0.2, 2, 100, 20, 20) == "under-segmented"
+    assert failure_category(0.79, 0.7, 0.9, 1, 100, 130, 90) == "fair"
+
+
+def test_per_image_report_numbers():
+    pred, target = square(0, 0, 4), square(0, 10, 4)
+    report = per_image_report(pred, target)
+    assert "hd95_mm" not in report and "assd_mm" not in report
+    assert report["dice"] == 0.0 and report["iou"] == 0.0 and report["precision"] == 0.0
+    assert report["pixel_accuracy"] == pytest.approx(1 - 32 / 1024)
+    assert report["hd95_px"] == pytest.approx(10.0) and report["assd_px"] == pytest.approx(8.5)
+    assert (report["gt_pixels"], report["pred_pixels"], report["overlap_pixels"]) == (16, 16, 0)
+    assert (report["pred_components"], report["true_components"]) == (1, 1)
+    with_mm = per_image_report(pred | square(20, 20, 2), target, spacing=(0.5, 0.25))
+    assert with_mm["pred_components"] == 2
+    assert with_mm["hd95_mm"] < with_mm["hd95_px"] and not math.isnan(with_mm["assd_mm"])
+    missed = per_image_report(np.zeros((8, 8), bool), square(1, 1, 2, (8, 8)), spacing=(1.0, 1.0))
+    assert math.isnan(missed["hd95_mm"]) and math.isnan(missed["precision"]) and missed["sensitivity"] == 0.0
