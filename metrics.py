@@ -1,6 +1,6 @@
 """Segmentation metrics from thresholded predictions: Dice (primary), IoU, pixel accuracy,
-precision, sensitivity, boundary distances (HD95, ASSD) and a failure category
-per image.
+precision, sensitivity, boundary distances (HD95, ASSD), a failure category per
+image, calibration of the probability maps, and summaries over images.
 
 Each metric is computed per image, then averaged over images ("mean"), so a
 small tumour counts as much as a large one. The "pooled" figures sum the
@@ -9,14 +9,15 @@ pixel counts of all images first, which weighs large tumours more.
 Edge cases, per image: prediction and ground truth both empty scores 1.0 on
 every overlap metric (correctly found nothing); exactly one of them empty
 scores 0.0 on Dice and IoU. Metrics that are undefined for an image (a ratio
-over nothing, a distance to an empty mask) are NaN. Each function's docstring
-states its own cases.
+over nothing, a distance to an empty mask) are NaN; `summarise` leaves them
+out of means and counts them separately. Each function's docstring states its
+own cases.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -435,3 +436,160 @@ def per_image_report(pred: np.ndarray, target: np.ndarray,
                                   overlap_pixels),
     )
     return report
+
+
+# ---- Calibration and ranking ---------------------------------------------------------------------
+
+@dataclass
+class CalibrationTracker:
+    """Reliability of per-pixel tumour probabilities, accumulated over images.
+
+    Each pixel goes into one of `bins` equal-width bins of its predicted tumour
+    probability p over [0, 1]: bin floor(p * bins), and p = 1 into the last
+    (bin b holds b/bins <= p < (b+1)/bins, up to rounding). Per bin: n_b
+    pixels, mean confidence conf_b (mean p) and observed frequency acc_b (share
+    of those pixels that are tumour). The expected calibration error is
+    ECE = sum_b n_b / N * |acc_b - conf_b| over all N pixels: the
+    positive-class ECE of a binary reliability diagram, not the top-label ECE
+    that uses max(p, 1 - p) as confidence. Empty bins add nothing to ECE and
+    report NaN confidence and frequency.
+
+    Args:
+        bins: number of equal-width probability bins, at least 1.
+    """
+
+    bins: int = 10
+    counts: np.ndarray = field(init=False)  # pixels per bin
+    probability_sums: np.ndarray = field(init=False)  # sum of p per bin
+    positive_counts: np.ndarray = field(init=False)  # tumour pixels per bin
+
+    def __post_init__(self) -> None:
+        if self.bins < 1:
+            raise ValueError(f"bins must be at least 1, got {self.bins}")
+        self.counts = np.zeros(self.bins, dtype=np.int64)
+        self.probability_sums = np.zeros(self.bins)
+        self.positive_counts = np.zeros(self.bins, dtype=np.int64)
+
+    @property
+    def bin_edges(self) -> np.ndarray:
+        """The bins + 1 edges from 0 to 1."""
+        return np.linspace(0.0, 1.0, self.bins + 1)
+
+    def update(self, prob_map: np.ndarray, mask: np.ndarray) -> None:
+        """Add the pixels of one image (or of a batch: any shape, as long as both match).
+
+        Args:
+            prob_map: predicted tumour probability of each pixel, in [0, 1].
+            mask: ground truth of the same shape; nonzero = tumour.
+        """
+        if np.shape(prob_map) != np.shape(mask):
+            raise ValueError(f"probabilities {np.shape(prob_map)} and mask {np.shape(mask)} differ in shape")
+        p = np.asarray(prob_map, dtype=np.float64).ravel()
+        tumour = np.asarray(mask, dtype=bool).ravel()
+        if not np.all((p >= 0) & (p <= 1)):  # also catches NaN
+            raise ValueError("probabilities must lie in [0, 1]")
+        index = np.minimum((p * self.bins).astype(np.intp), self.bins - 1)  # 2x faster than searchsorted
+        self.counts += np.bincount(index, minlength=self.bins)
+        self.probability_sums += np.bincount(index, weights=p, minlength=self.bins)
+        self.positive_counts += np.bincount(index[tumour], minlength=self.bins)
+
+    def summary(self) -> dict[str, float | list[float] | list[int]]:
+        """bin_edges, counts, mean_confidence and observed_frequency per bin (lists), and ece."""
+        total = int(self.counts.sum())
+        if total == 0:
+            raise ValueError("no pixels were added")
+        filled = self.counts > 0
+        confidence = np.full(self.bins, np.nan)
+        frequency = np.full(self.bins, np.nan)
+        confidence[filled] = self.probability_sums[filled] / self.counts[filled]
+        frequency[filled] = self.positive_counts[filled] / self.counts[filled]
+        ece = np.sum(self.counts[filled] / total * np.abs(frequency[filled] - confidence[filled]))
+        return {
+            "bin_edges": self.bin_edges.tolist(),
+            "counts": self.counts.tolist(),
+            "mean_confidence": confidence.tolist(),
+            "observed_frequency": frequency.tolist(),
+            "ece": float(ece),
+        }
+
+
+def calibration_bins(probabilities: np.ndarray, targets: np.ndarray,
+                     bins: int = 10) -> dict[str, float | list[float] | list[int]]:
+    """`CalibrationTracker.summary` of all pixels at once; use the tracker to add images one by one.
+
+    Args:
+        probabilities: predicted tumour probabilities in [0, 1], any shape.
+        targets: ground truth of the same shape; nonzero = tumour.
+        bins: number of equal-width probability bins.
+    """
+    tracker = CalibrationTracker(bins)
+    tracker.update(probabilities, targets)
+    return tracker.summary()
+
+
+def _defined_pairs(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """x and y as float arrays without the pairs in which either is NaN."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"expected two 1-D sequences of one length, got shapes {x.shape} and {y.shape}")
+    defined = ~(np.isnan(x) | np.isnan(y))
+    return x[defined], y[defined]
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation of x and y, e.g. of per-image uncertainty and Dice.
+
+    Pairs in which either value is NaN (an undefined metric) are left out.
+    NaN when fewer than 2 pairs remain or either side is constant.
+
+    Args:
+        x: one value per image.
+        y: another value per image, in the same order.
+    """
+    from scipy import stats  # here, not at the top: it adds about 0.5 s to every `import metrics`
+
+    x, y = _defined_pairs(x, y)
+    if x.size < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return math.nan
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve of scores for telling labels apart, e.g. uncertainty for failed images.
+
+    1.0: every positive scores above every negative; 0.5: no better than
+    chance. Images whose score is NaN are left out; NaN when the remaining
+    labels are all of one class.
+
+    Args:
+        scores: one value per image; higher should mean "more likely positive".
+        labels: True for positive images (e.g. failures), in the same order.
+    """
+    from sklearn.metrics import roc_auc_score  # here, not at the top: it adds about 1 s to `import metrics`
+
+    scores, labels = _defined_pairs(scores, labels)
+    if labels.size == 0 or np.all(labels == labels[0]):
+        return math.nan
+    return float(roc_auc_score(labels.astype(bool), scores))
+
+
+def summarise(values: Sequence[float]) -> dict[str, float | int]:
+    """mean, median and std (population, ddof=0) of the defined values; count of defined and of NaN ones.
+
+    NaN marks an undefined per-image metric (e.g. HD95 with an empty mask): it
+    is left out of the statistics and counted in count_undefined. With no
+    defined value, mean, median and std are NaN.
+
+    Args:
+        values: one value per image.
+    """
+    array = np.asarray(values, dtype=np.float64)
+    defined = array[~np.isnan(array)]
+    has_values = defined.size > 0
+    return {
+        "mean": float(defined.mean()) if has_values else math.nan,
+        "median": float(np.median(defined)) if has_values else math.nan,
+        "std": float(defined.std()) if has_values else math.nan,
+        "count": int(defined.size),
+        "count_undefined": int(array.size - defined.size),
+    }

@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from metrics import (FAILURE_RULES, FRAGMENTED_MAX_DICE, FRAGMENTED_MIN_COMPONENTS, GOOD_MIN_DICE, HIGH_RATE,
-                     LOW_RATE, POOR_MAX_DICE, MetricTracker, average_surface_distance, component_count,
-                     confusion_counts, dice_per_image, failure_category, hausdorff95, iou_per_image,
-                     mask_border, per_image_report, pixel_accuracy_per_image, precision_per_image,
-                     sensitivity_per_image, surface_distances)
+                     LOW_RATE, POOR_MAX_DICE, CalibrationTracker, MetricTracker, auroc,
+                     average_surface_distance, calibration_bins, component_count, confusion_counts,
+                     dice_per_image, failure_category, hausdorff95, iou_per_image, mask_border,
+                     per_image_report, pixel_accuracy_per_image, precision_per_image, rank_correlation,
+                     sensitivity_per_image, summarise, surface_distances)
+
 
 def square(top: int, left: int, side: int, shape: tuple[int, int] = (32, 32)) -> np.ndarray:
     mask = np.zeros(shape, bool)
@@ -231,3 +233,47 @@ def test_per_image_report_numbers():
     assert with_mm["hd95_mm"] < with_mm["hd95_px"] and not math.isnan(with_mm["assd_mm"])
     missed = per_image_report(np.zeros((8, 8), bool), square(1, 1, 2, (8, 8)), spacing=(1.0, 1.0))
     assert math.isnan(missed["hd95_mm"]) and math.isnan(missed["precision"]) and missed["sensitivity"] == 0.0
+
+
+def test_calibration_hand_computed_and_accumulated():
+    p = np.array([0.05, 0.05, 0.95, 1.0])
+    y = np.array([False, True, True, True])
+    # bin 0: conf 0.05, freq 0.5; bin 9 (holds p = 1): conf 0.975, freq 1.0
+    summary = calibration_bins(p, y)
+    assert summary["counts"] == [2] + [0] * 8 + [2]
+    assert summary["ece"] == pytest.approx(0.5 * 0.45 + 0.5 * 0.025)
+    assert math.isnan(summary["mean_confidence"][5]) and summary["observed_frequency"][0] == 0.5
+    tracker = CalibrationTracker()
+    tracker.update(p[:2].reshape(1, 2), y[:2].reshape(1, 2))
+    tracker.update(p[2:], y[2:])
+    np.testing.assert_equal(tracker.summary(), summary)  # treats NaN (empty bins) as equal
+    with pytest.raises(ValueError, match="must lie in"):
+        tracker.update(np.array([1.5]), np.array([True]))
+    with pytest.raises(ValueError, match="no pixels"):
+        CalibrationTracker().summary()
+
+
+def test_ece_is_near_zero_when_calibrated_and_large_when_overconfident():
+    rng = np.random.default_rng(0)
+    p = rng.random(200_000)
+    y = rng.random(p.size) < p                       # tumour with exactly the predicted probability
+    assert calibration_bins(p, y)["ece"] < 0.01
+    overconfident = np.where(p > 0.5, 1 - (1 - p) / 4, p / 4)  # pushed towards 0 and 1
+    assert calibration_bins(overconfident, y)["ece"] > 0.1
+
+
+def test_rank_correlation_and_auroc():
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, math.nan], [3, 2, 1, 0]) == pytest.approx(-1.0)  # NaN pair left out
+    assert math.isnan(rank_correlation([1, 1, 1], [1, 2, 3]))
+    assert auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == pytest.approx(0.75)
+    assert math.isnan(auroc([0.1, 0.2], [True, True]))
+
+
+def test_summarise_leaves_out_undefined_values():
+    s = summarise([1.0, math.nan, 3.0, 2.0])
+    assert s == {"mean": 2.0, "median": 2.0, "std": pytest.approx(math.sqrt(2 / 3)), "count": 3,
+                 "count_undefined": 1}
+    s = summarise([math.nan])
+    assert math.isnan(s["mean"]) and s["count"] == 0 and s["count_undefined"] == 1
+
