@@ -1,21 +1,33 @@
-"""Segmentation metrics from thresholded predictions: Dice (primary), IoU, pixel accuracy.
+"""Segmentation metrics from thresholded predictions: Dice (primary), IoU, pixel accuracy,
+precision, sensitivity, boundary distances (HD95, ASSD), a failure category per
+image, calibration of the probability maps, and summaries over images.
 
 Each metric is computed per image, then averaged over images ("mean"), so a
 small tumour counts as much as a large one. The "pooled" figures sum the
 pixel counts of all images first, which weighs large tumours more.
 
-Edge cases, per image: prediction and ground truth both empty scores 1.0
-(correctly found nothing); exactly one of them empty scores 0.0.
+Edge cases, per image: prediction and ground truth both empty scores 1.0 on
+every overlap metric (correctly found nothing); exactly one of them empty
+scores 0.0 on Dice and IoU. Metrics that are undefined for an image (a ratio
+over nothing, a distance to an empty mask) are NaN; `summarise` leaves them
+out of means and counts them separately. Each function's docstring states its
+own cases.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from scipy import ndimage
+from scipy.spatial import KDTree
 
 ArrayLike = torch.Tensor | np.ndarray
+Spacing = tuple[float, float]  # pixel size along H then W, e.g. in mm
 
 
 @dataclass
@@ -66,6 +78,36 @@ def pixel_accuracy_from_counts(c: Counts) -> torch.Tensor:
     return (c.tp + c.tn) / (c.tp + c.fp + c.fn + c.tn)
 
 
+def _ratio_one_if_both_empty(numerator: torch.Tensor, denominator: torch.Tensor, c: Counts) -> torch.Tensor:
+    """numerator / denominator; where the denominator is 0: 1.0 if both masks are empty, else NaN.
+
+    Precision has no predicted pixels to judge, sensitivity no tumour pixels to
+    find; only when both masks are empty is the answer known (nothing to find,
+    nothing claimed), which matches Dice's convention.
+    """
+    both_empty = (c.tp + c.fp + c.fn) == 0
+    undefined = torch.where(both_empty, 1.0, float("nan")).to(numerator.dtype)
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1), undefined)
+
+
+def precision_from_counts(c: Counts) -> torch.Tensor:
+    """Positive predictive value TP / (TP + FP).
+
+    Nothing predicted: 1.0 when the ground truth is empty too, NaN (undefined)
+    when it holds tumour; that image counts as a miss through sensitivity 0.0.
+    """
+    return _ratio_one_if_both_empty(c.tp, c.tp + c.fp, c)
+
+
+def sensitivity_from_counts(c: Counts) -> torch.Tensor:
+    """Sensitivity (recall) TP / (TP + FN).
+
+    Empty ground truth: 1.0 when nothing is predicted either, NaN (undefined)
+    otherwise; that image's false alarm shows in precision 0.0.
+    """
+    return _ratio_one_if_both_empty(c.tp, c.tp + c.fn, c)
+
+
 def dice_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
     """Dice of each image, shape (N,)."""
     return dice_from_counts(confusion_counts(pred, target))
@@ -79,6 +121,16 @@ def iou_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
 def pixel_accuracy_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
     """Share of correctly classified pixels of each image, shape (N,)."""
     return pixel_accuracy_from_counts(confusion_counts(pred, target))
+
+
+def precision_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
+    """Precision of each image, shape (N,); see `precision_from_counts` for empty masks."""
+    return precision_from_counts(confusion_counts(pred, target))
+
+
+def sensitivity_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
+    """Sensitivity of each image, shape (N,); see `sensitivity_from_counts` for empty masks."""
+    return sensitivity_from_counts(confusion_counts(pred, target))
 
 
 @dataclass
@@ -111,3 +163,433 @@ class MetricTracker:
             "dice_pooled": dice_from_counts(pooled).item(),
             "iou_pooled": iou_from_counts(pooled).item(),
         }
+
+
+# ---- Boundary distances --------------------------------------------------------------------------
+# Conventions follow MONAI 1.6 (`compute_hausdorff_distance`, `compute_average_surface_distance`),
+# which the tests cross-check: a mask's border is the mask minus its binary erosion with scipy's
+# default 4-connected cross, and distances are Euclidean between border pixel centres.
+
+HAUSDORFF_PERCENTILE = 95
+
+
+def _mask_pair(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks as bool arrays, checked to be 2-D and of the same shape."""
+    pred, target = np.asarray(pred, dtype=bool), np.asarray(target, dtype=bool)
+    if pred.ndim != 2 or pred.shape != target.shape:
+        raise ValueError(f"expected two (H, W) masks of one shape, got {pred.shape} and {target.shape}")
+    return pred, target
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
+    """The mask's bounding box grown by margin pixels, clipped to the image; None when the mask is empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    # Slices past the far edge are clipped by numpy; only the near edge needs max().
+    return (slice(max(rows[0] - margin, 0), rows[-1] + margin + 1),
+            slice(max(cols[0] - margin, 0), cols[-1] + margin + 1))
+
+
+def mask_border(mask: np.ndarray) -> np.ndarray:
+    """Pixels of a bool mask with at least one of their 4 neighbours (up, down, left, right) outside it.
+
+    Pixels on the edge of the image count as border (outside the image is
+    background). A single pixel or a one-pixel-wide line is all border; an
+    empty mask has none.
+
+    Args:
+        mask: bool array (H, W).
+    """
+    return mask & ~ndimage.binary_erosion(mask)  # default structure: the 4-connected cross
+
+
+def _border_points(mask: np.ndarray, spacing: Spacing) -> np.ndarray:
+    """Positions of a non-empty mask's border pixels (see `mask_border`) in units of spacing, shape (P, 2)."""
+    # Eroding the bounding box with a 1-pixel margin of background gives the same border as eroding
+    # the whole image, at a fraction of the cost.
+    box = _bounding_box(mask, margin=1)
+    offset = (box[0].start, box[1].start)
+    return (np.argwhere(mask_border(mask[box])) + offset) * np.asarray(spacing, dtype=np.float64)
+
+
+class SurfaceDistances(NamedTuple):
+    """Euclidean distances between the borders of two masks, in units of the spacing."""
+
+    pred_to_target: np.ndarray  # from each border pixel of the prediction to the nearest of the target
+    target_to_pred: np.ndarray  # from each border pixel of the target to the nearest of the prediction
+
+
+def surface_distances(pred: np.ndarray, target: np.ndarray,
+                      spacing: Spacing = (1.0, 1.0)) -> SurfaceDistances:
+    """Distances from each border pixel (see `mask_border`) of one mask to the nearest of the other.
+
+    Edge case: when either mask is empty, both arrays are empty, since there is
+    no border to measure to; the metrics built on them are then NaN.
+
+    Args:
+        pred: predicted bool mask (H, W).
+        target: ground-truth bool mask (H, W).
+        spacing: pixel size along H then W; distances come out in its unit.
+    """
+    pred, target = _mask_pair(pred, target)
+    if not pred.any() or not target.any():
+        return SurfaceDistances(np.empty(0), np.empty(0))
+    pred_points, target_points = _border_points(pred, spacing), _border_points(target, spacing)
+    # Nearest neighbours among border points (as MONAI does on CPU) rather than a distance transform:
+    # the cost follows the length of the borders, not the area between far-apart masks.
+    return SurfaceDistances(KDTree(target_points).query(pred_points)[0],
+                            KDTree(pred_points).query(target_points)[0])
+
+
+def hausdorff95_from_distances(distances: SurfaceDistances) -> float:
+    """95th-percentile Hausdorff distance: the larger of the two directed 95th percentiles.
+
+    As MONAI's `compute_hausdorff_distance(percentile=95)`: each direction's
+    percentile uses linear interpolation between the sorted distances, and the
+    maximum of the two is taken (not the percentile of both directions pooled).
+    NaN when either mask is empty.
+
+    Args:
+        distances: the output of `surface_distances`.
+    """
+    if distances.pred_to_target.size == 0:
+        return math.nan
+    return float(max(np.percentile(distances.pred_to_target, HAUSDORFF_PERCENTILE),
+                     np.percentile(distances.target_to_pred, HAUSDORFF_PERCENTILE)))
+
+
+def average_surface_distance_from_distances(distances: SurfaceDistances) -> float:
+    """Average symmetric surface distance: the mean of both directions' distances pooled together.
+
+    As MONAI's `compute_average_surface_distance(symmetric=True)`: a sum over
+    all border pixels of both masks divided by their total number, so the
+    larger border weighs more (not the mean of the two directed means). NaN
+    when either mask is empty.
+
+    Args:
+        distances: the output of `surface_distances`.
+    """
+    if distances.pred_to_target.size == 0:
+        return math.nan
+    return float(np.concatenate(distances).mean())
+
+
+def hausdorff95(pred: np.ndarray, target: np.ndarray, spacing: Spacing = (1.0, 1.0)) -> float:
+    """95th-percentile Hausdorff distance between two masks; see `hausdorff95_from_distances`.
+
+    Args:
+        pred: predicted bool mask (H, W).
+        target: ground-truth bool mask (H, W).
+        spacing: pixel size along H then W; the distance comes out in its unit.
+    """
+    return hausdorff95_from_distances(surface_distances(pred, target, spacing))
+
+
+def average_surface_distance(pred: np.ndarray, target: np.ndarray, spacing: Spacing = (1.0, 1.0)) -> float:
+    """Average symmetric surface distance between two masks; see `average_surface_distance_from_distances`.
+
+    Args:
+        pred: predicted bool mask (H, W).
+        target: ground-truth bool mask (H, W).
+        spacing: pixel size along H then W; the distance comes out in its unit.
+    """
+    return average_surface_distance_from_distances(surface_distances(pred, target, spacing))
+
+
+# ---- Components and failure categories -----------------------------------------------------------
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def component_count(mask: np.ndarray) -> int:
+    """Number of 8-connected components of a bool mask (H, W): diagonal neighbours join; 0 when empty.
+
+    Args:
+        mask: bool array (H, W).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    box = _bounding_box(mask, margin=0)
+    if box is None:
+        return 0
+    return int(ndimage.label(mask[box], structure=_EIGHT_CONNECTED)[1])  # the box alone: faster, same count
+
+
+FRAGMENTED_MIN_COMPONENTS = 3  # this many predicted components or more ...
+FRAGMENTED_MAX_DICE = 0.7  # ... with Dice below this is "fragmented"
+LOW_RATE = 0.6  # precision or sensitivity below this is low
+HIGH_RATE = 0.8  # precision or sensitivity at or above this is high
+POOR_MAX_DICE = 0.5  # Dice below this is "poor"
+GOOD_MIN_DICE = 0.8  # Dice at or above this is "good"
+
+
+class _Outcome(NamedTuple):
+    """The per-image numbers that the failure rules read; see `failure_category`."""
+
+    dice: float
+    precision: float
+    sensitivity: float
+    pred_components: int
+    true_pixels: int
+    pred_pixels: int
+    overlap_pixels: int
+
+
+# (name, rule in words, test), checked in order: the first rule that holds names the image.
+# One table, so the words written into reports cannot drift from the code.
+_FAILURE_RULE_TABLE: list[tuple[str, str, Callable[[_Outcome], bool]]] = [
+    ("no tumour: correct", "no tumour in the ground truth and nothing predicted",
+     lambda o: o.true_pixels == 0 and o.pred_pixels == 0),
+    ("no tumour: false positive", "no tumour in the ground truth but something predicted",
+     lambda o: o.true_pixels == 0),
+    ("missed", "tumour present, nothing predicted",
+     lambda o: o.pred_pixels == 0),
+    ("wrong place", "something predicted, but none of it on the tumour (false positive only)",
+     lambda o: o.overlap_pixels == 0),
+    ("fragmented", f"{FRAGMENTED_MIN_COMPONENTS} or more predicted components (8-connected) "
+                   f"and Dice below {FRAGMENTED_MAX_DICE}",
+     lambda o: o.pred_components >= FRAGMENTED_MIN_COMPONENTS and o.dice < FRAGMENTED_MAX_DICE),
+    ("under-segmented", f"sensitivity below {LOW_RATE} and precision at least {HIGH_RATE}",
+     lambda o: o.sensitivity < LOW_RATE and o.precision >= HIGH_RATE),
+    ("over-segmented", f"precision below {LOW_RATE} and sensitivity at least {HIGH_RATE}",
+     lambda o: o.precision < LOW_RATE and o.sensitivity >= HIGH_RATE),
+    ("poor", f"Dice below {POOR_MAX_DICE}",
+     lambda o: o.dice < POOR_MAX_DICE),
+    ("good", f"Dice at least {GOOD_MIN_DICE}",
+     lambda o: o.dice >= GOOD_MIN_DICE),
+    ("fair", f"none of the above (Dice from {POOR_MAX_DICE} to below {GOOD_MIN_DICE})",
+     lambda o: True),
+]
+
+FAILURE_RULES: list[tuple[str, str]] = [(name, rule) for name, rule, _ in _FAILURE_RULE_TABLE]
+"""(category, rule in plain English) in the order `failure_category` checks them; the first to hold wins."""
+
+
+def failure_category(dice: float, precision: float, sensitivity: float, pred_components: int,
+                     true_pixels: int, pred_pixels: int, overlap_pixels: int) -> str:
+    """Name of the first rule of `FAILURE_RULES` that an image's numbers satisfy.
+
+    Images without tumour get "no tumour: correct" or "no tumour: false
+    positive"; the other categories describe images with tumour. NaN precision
+    or sensitivity (nothing predicted, or no tumour) only occurs in images that
+    the first rules already settle.
+
+    Args:
+        dice: the image's Dice.
+        precision: the image's precision (see `precision_from_counts`).
+        sensitivity: the image's sensitivity (see `sensitivity_from_counts`).
+        pred_components: 8-connected components of the prediction (`component_count`).
+        true_pixels: tumour pixels in the ground truth.
+        pred_pixels: predicted tumour pixels.
+        overlap_pixels: pixels both predicted and in the ground truth (true positives).
+    """
+    outcome = _Outcome(dice, precision, sensitivity, pred_components, true_pixels, pred_pixels,
+                       overlap_pixels)
+    return next(name for name, _, holds in _FAILURE_RULE_TABLE if holds(outcome))
+
+
+def per_image_report(pred: np.ndarray, target: np.ndarray,
+                     spacing: Spacing | None = None) -> dict[str, float | int | str]:
+    """Every per-image number of one prediction against its ground truth, at the image's resolution.
+
+    Keys: dice, iou, pixel_accuracy, precision, sensitivity, hd95_px, assd_px,
+    hd95_mm and assd_mm (only with spacing), pred_components, true_components,
+    gt_pixels, pred_pixels, overlap_pixels, category. Undefined values are NaN,
+    as each metric's docstring states (distances when either mask is empty;
+    precision with nothing predicted; sensitivity with no tumour).
+
+    Args:
+        pred: predicted bool mask (H, W).
+        target: ground-truth bool mask (H, W).
+        spacing: pixel size in mm along H then W; None when unknown (no mm distances).
+    """
+    pred, target = _mask_pair(pred, target)
+    counts = confusion_counts(pred[None], target[None])
+    dice, precision, sensitivity = (dice_from_counts(counts).item(), precision_from_counts(counts).item(),
+                                    sensitivity_from_counts(counts).item())
+    overlap_pixels = int(counts.tp.item())
+    gt_pixels = overlap_pixels + int(counts.fn.item())
+    pred_pixels = overlap_pixels + int(counts.fp.item())
+    pred_components = component_count(pred)
+    in_pixels = surface_distances(pred, target)
+    report: dict[str, float | int | str] = {
+        "dice": dice,
+        "iou": iou_from_counts(counts).item(),
+        "pixel_accuracy": pixel_accuracy_from_counts(counts).item(),
+        "precision": precision,
+        "sensitivity": sensitivity,
+        "hd95_px": hausdorff95_from_distances(in_pixels),
+        "assd_px": average_surface_distance_from_distances(in_pixels),
+    }
+    if spacing is not None:
+        in_mm = surface_distances(pred, target, spacing)
+        report["hd95_mm"] = hausdorff95_from_distances(in_mm)
+        report["assd_mm"] = average_surface_distance_from_distances(in_mm)
+    report.update(
+        pred_components=pred_components,
+        true_components=component_count(target),
+        gt_pixels=gt_pixels,
+        pred_pixels=pred_pixels,
+        overlap_pixels=overlap_pixels,
+        category=failure_category(dice, precision, sensitivity, pred_components, gt_pixels, pred_pixels,
+                                  overlap_pixels),
+    )
+    return report
+
+
+# ---- Calibration and ranking ---------------------------------------------------------------------
+
+@dataclass
+class CalibrationTracker:
+    """Reliability of per-pixel tumour probabilities, accumulated over images.
+
+    Each pixel goes into one of `bins` equal-width bins of its predicted tumour
+    probability p over [0, 1]: bin floor(p * bins), and p = 1 into the last
+    (bin b holds b/bins <= p < (b+1)/bins, up to rounding). Per bin: n_b
+    pixels, mean confidence conf_b (mean p) and observed frequency acc_b (share
+    of those pixels that are tumour). The expected calibration error is
+    ECE = sum_b n_b / N * |acc_b - conf_b| over all N pixels: the
+    positive-class ECE of a binary reliability diagram, not the top-label ECE
+    that uses max(p, 1 - p) as confidence. Empty bins add nothing to ECE and
+    report NaN confidence and frequency.
+
+    Args:
+        bins: number of equal-width probability bins, at least 1.
+    """
+
+    bins: int = 10
+    counts: np.ndarray = field(init=False)  # pixels per bin
+    probability_sums: np.ndarray = field(init=False)  # sum of p per bin
+    positive_counts: np.ndarray = field(init=False)  # tumour pixels per bin
+
+    def __post_init__(self) -> None:
+        if self.bins < 1:
+            raise ValueError(f"bins must be at least 1, got {self.bins}")
+        self.counts = np.zeros(self.bins, dtype=np.int64)
+        self.probability_sums = np.zeros(self.bins)
+        self.positive_counts = np.zeros(self.bins, dtype=np.int64)
+
+    @property
+    def bin_edges(self) -> np.ndarray:
+        """The bins + 1 edges from 0 to 1."""
+        return np.linspace(0.0, 1.0, self.bins + 1)
+
+    def update(self, prob_map: np.ndarray, mask: np.ndarray) -> None:
+        """Add the pixels of one image (or of a batch: any shape, as long as both match).
+
+        Args:
+            prob_map: predicted tumour probability of each pixel, in [0, 1].
+            mask: ground truth of the same shape; nonzero = tumour.
+        """
+        if np.shape(prob_map) != np.shape(mask):
+            raise ValueError(f"probabilities {np.shape(prob_map)} and mask {np.shape(mask)} differ in shape")
+        p = np.asarray(prob_map, dtype=np.float64).ravel()
+        tumour = np.asarray(mask, dtype=bool).ravel()
+        if not np.all((p >= 0) & (p <= 1)):  # also catches NaN
+            raise ValueError("probabilities must lie in [0, 1]")
+        index = np.minimum((p * self.bins).astype(np.intp), self.bins - 1)  # 2x faster than searchsorted
+        self.counts += np.bincount(index, minlength=self.bins)
+        self.probability_sums += np.bincount(index, weights=p, minlength=self.bins)
+        self.positive_counts += np.bincount(index[tumour], minlength=self.bins)
+
+    def summary(self) -> dict[str, float | list[float] | list[int]]:
+        """bin_edges, counts, mean_confidence and observed_frequency per bin (lists), and ece."""
+        total = int(self.counts.sum())
+        if total == 0:
+            raise ValueError("no pixels were added")
+        filled = self.counts > 0
+        confidence = np.full(self.bins, np.nan)
+        frequency = np.full(self.bins, np.nan)
+        confidence[filled] = self.probability_sums[filled] / self.counts[filled]
+        frequency[filled] = self.positive_counts[filled] / self.counts[filled]
+        ece = np.sum(self.counts[filled] / total * np.abs(frequency[filled] - confidence[filled]))
+        return {
+            "bin_edges": self.bin_edges.tolist(),
+            "counts": self.counts.tolist(),
+            "mean_confidence": confidence.tolist(),
+            "observed_frequency": frequency.tolist(),
+            "ece": float(ece),
+        }
+
+
+def calibration_bins(probabilities: np.ndarray, targets: np.ndarray,
+                     bins: int = 10) -> dict[str, float | list[float] | list[int]]:
+    """`CalibrationTracker.summary` of all pixels at once; use the tracker to add images one by one.
+
+    Args:
+        probabilities: predicted tumour probabilities in [0, 1], any shape.
+        targets: ground truth of the same shape; nonzero = tumour.
+        bins: number of equal-width probability bins.
+    """
+    tracker = CalibrationTracker(bins)
+    tracker.update(probabilities, targets)
+    return tracker.summary()
+
+
+def _defined_pairs(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """x and y as float arrays without the pairs in which either is NaN."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"expected two 1-D sequences of one length, got shapes {x.shape} and {y.shape}")
+    defined = ~(np.isnan(x) | np.isnan(y))
+    return x[defined], y[defined]
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation of x and y, e.g. of per-image uncertainty and Dice.
+
+    Pairs in which either value is NaN (an undefined metric) are left out.
+    NaN when fewer than 2 pairs remain or either side is constant.
+
+    Args:
+        x: one value per image.
+        y: another value per image, in the same order.
+    """
+    from scipy import stats  # here, not at the top: it adds about 0.5 s to every `import metrics`
+
+    x, y = _defined_pairs(x, y)
+    if x.size < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return math.nan
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve of scores for telling labels apart, e.g. uncertainty for failed images.
+
+    1.0: every positive scores above every negative; 0.5: no better than
+    chance. Images whose score is NaN are left out; NaN when the remaining
+    labels are all of one class.
+
+    Args:
+        scores: one value per image; higher should mean "more likely positive".
+        labels: True for positive images (e.g. failures), in the same order.
+    """
+    from sklearn.metrics import roc_auc_score  # here, not at the top: it adds about 1 s to `import metrics`
+
+    scores, labels = _defined_pairs(scores, labels)
+    if labels.size == 0 or np.all(labels == labels[0]):
+        return math.nan
+    return float(roc_auc_score(labels.astype(bool), scores))
+
+
+def summarise(values: Sequence[float]) -> dict[str, float | int]:
+    """mean, median and std (population, ddof=0) of the defined values; count of defined and of NaN ones.
+
+    NaN marks an undefined per-image metric (e.g. HD95 with an empty mask): it
+    is left out of the statistics and counted in count_undefined. With no
+    defined value, mean, median and std are NaN.
+
+    Args:
+        values: one value per image.
+    """
+    array = np.asarray(values, dtype=np.float64)
+    defined = array[~np.isnan(array)]
+    has_values = defined.size > 0
+    return {
+        "mean": float(defined.mean()) if has_values else math.nan,
+        "median": float(np.median(defined)) if has_values else math.nan,
+        "std": float(defined.std()) if has_values else math.nan,
+        "count": int(defined.size),
+        "count_undefined": int(array.size - defined.size),
+    }

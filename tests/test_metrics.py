@@ -1,9 +1,21 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from metrics import (MetricTracker, confusion_counts, dice_per_image, iou_per_image,
-                     pixel_accuracy_per_image)
+from metrics import (FAILURE_RULES, FRAGMENTED_MAX_DICE, FRAGMENTED_MIN_COMPONENTS, GOOD_MIN_DICE, HIGH_RATE,
+                     LOW_RATE, POOR_MAX_DICE, CalibrationTracker, MetricTracker, auroc,
+                     average_surface_distance, calibration_bins, component_count, confusion_counts,
+                     dice_per_image, failure_category, hausdorff95, iou_per_image, mask_border,
+                     per_image_report, pixel_accuracy_per_image, precision_per_image, rank_correlation,
+                     sensitivity_per_image, summarise, surface_distances)
+
+
+def square(top: int, left: int, side: int, shape: tuple[int, int] = (32, 32)) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[top:top + side, left:left + side] = True
+    return mask
 
 
 def test_hand_computed_values_on_one_image():
@@ -53,3 +65,215 @@ def test_accepts_channel_dimension_and_rejects_shape_mismatch():
         dice_per_image(torch.ones(1, 6, 6), torch.ones(1, 6, 5))
     with pytest.raises(ValueError, match="no images"):
         MetricTracker().summary()
+
+
+def test_precision_and_sensitivity_hand_values_and_empty_rules():
+    target = np.zeros((1, 4, 4), bool)
+    target[0, :2, :2] = True          # 4 tumour pixels
+    pred = np.zeros((1, 4, 4), bool)
+    pred[0, :2, 1:4] = True           # 6 predicted, 2 of them right
+    assert precision_per_image(pred, target).item() == pytest.approx(2 / 6)
+    assert sensitivity_per_image(pred, target).item() == pytest.approx(2 / 4)
+    empty = np.zeros((1, 4, 4), bool)
+    # both empty: 1.0, as Dice; a ratio over nothing otherwise: NaN, the other metric 0.0
+    assert precision_per_image(empty, empty).item() == 1.0
+    assert sensitivity_per_image(empty, empty).item() == 1.0
+    assert math.isnan(precision_per_image(empty, target).item())
+    assert sensitivity_per_image(empty, target).item() == 0.0
+    assert math.isnan(sensitivity_per_image(pred, empty).item())
+    assert precision_per_image(pred, empty).item() == 0.0
+
+
+def test_border_is_4_connected_and_includes_the_image_edge():
+    plus = np.zeros((5, 5), bool)
+    plus[2, 1:4] = plus[1:4, 2] = True
+    expected = plus.copy()
+    expected[2, 2] = False            # its 4 neighbours are all in the mask: interior
+    assert (mask_border(plus) == expected).all()
+    full = np.ones((4, 4), bool)
+    assert mask_border(full).sum() == 12 and not mask_border(full)[1:3, 1:3].any()
+
+
+def test_distances_of_two_squares_k_pixels_apart():
+    # 4x4 squares in the same rows, 10 columns apart. Each border has 12 pixels; the nearest border
+    # pixel of the other square is in the same row: distances 10 (x4), 9 (x2), 8 (x2), 7 (x4).
+    a, b = square(0, 0, 4), square(0, 10, 4)
+    d = surface_distances(a, b)
+    assert sorted(d.pred_to_target) == sorted(d.target_to_pred) == [7] * 4 + [8] * 2 + [9] * 2 + [10] * 4
+    assert hausdorff95(a, b) == pytest.approx(10.0)
+    assert average_surface_distance(a, b) == pytest.approx(102 / 12)
+    # overlapping 3x3 squares one column apart: 4 border pixels of each are 1 away, 4 on the other border
+    a, b = square(2, 2, 3), square(2, 3, 3)
+    assert hausdorff95(a, b) == pytest.approx(1.0)
+    assert average_surface_distance(a, b) == pytest.approx(0.5)
+
+
+def test_distances_of_a_single_pixel_in_a_square():
+    pixel, box = square(2, 2, 1, (5, 5)), square(0, 0, 5, (5, 5))
+    # pixel -> border of box: 2. border of box -> pixel: 4 x 2, 8 x sqrt 5, 4 x sqrt 8
+    assert hausdorff95(pixel, box) == pytest.approx(math.sqrt(8))  # max of 2 and the 95th pct of the 16
+    border_sum = 4 * 2 + 8 * math.sqrt(5) + 4 * math.sqrt(8)
+    assert average_surface_distance(pixel, box) == pytest.approx((2 + border_sum) / 17)
+    assert hausdorff95(pixel, pixel) == 0.0 and average_surface_distance(pixel, pixel) == 0.0
+
+
+def test_spacing_scales_distances_along_its_own_axis():
+    a, b = square(0, 0, 4), square(0, 10, 4)  # apart along W only
+    assert hausdorff95(a, b, (0.5, 0.5)) == pytest.approx(5.0)
+    assert average_surface_distance(a, b, (0.5, 0.5)) == pytest.approx(102 / 12 / 2)
+    assert hausdorff95(a, b, (1.0, 2.0)) == pytest.approx(20.0)
+    assert hausdorff95(a, b, (3.0, 1.0)) == pytest.approx(10.0)
+
+
+def test_distances_are_nan_when_either_mask_is_empty():
+    empty, blob = np.zeros((8, 8), bool), square(2, 2, 3, (8, 8))
+    for pred, target in [(empty, empty), (blob, empty), (empty, blob)]:
+        assert surface_distances(pred, target).pred_to_target.size == 0
+        assert math.isnan(hausdorff95(pred, target)) and math.isnan(average_surface_distance(pred, target))
+    with pytest.raises(ValueError, match="one shape"):
+        hausdorff95(np.zeros((8, 8), bool), np.zeros((8, 9), bool))
+
+
+def _disc(row: float, col: float, radius: float, shape: tuple[int, int] = (32, 32)) -> np.ndarray:
+    rows, cols = np.ogrid[:shape[0], :shape[1]]
+    return (rows - row) ** 2 + (cols - col) ** 2 <= radius ** 2
+
+
+def _shape_pairs() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    ring = _disc(16, 16, 9) & ~_disc(16, 16, 5)
+    ell = square(4, 4, 12) & ~square(4, 8, 12)                  # L: 4 wide, 12 tall, with a foot
+    ell |= square(12, 4, 4) | square(12, 8, 4) | square(12, 12, 4)
+    two_blobs = _disc(8, 8, 4) | _disc(24, 22, 5)
+    pixel = square(16, 16, 1)
+    return {
+        "identical squares": (square(4, 4, 10), square(4, 4, 10)),
+        "overlapping squares": (square(4, 4, 10), square(7, 9, 10)),
+        "apart squares": (square(2, 2, 6), square(20, 18, 8)),
+        "discs": (_disc(15, 15, 8), _disc(17, 14, 6.5)),
+        "ring vs disc": (ring, _disc(16, 16, 9)),
+        "ring vs offset ring": (ring, np.roll(ring, (2, -3), (0, 1))),
+        "L vs square": (ell, square(5, 5, 11)),
+        "two blobs vs one": (two_blobs, _disc(10, 10, 6)),
+        "pixel vs square": (pixel, square(10, 10, 13)),
+        "pixel vs pixel": (pixel, square(3, 28, 1)),
+        "edge-touching": (square(0, 0, 9), square(0, 4, 12)),
+        "line vs disc": (np.eye(32, dtype=bool), _disc(20, 12, 7)),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")  # MONAI's own internal call
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (0.5, 0.8)])
+@pytest.mark.parametrize("name", list(_shape_pairs()))
+def test_distances_match_monai(name: str, spacing: tuple[float, float]):
+    monai_metrics = pytest.importorskip("monai.metrics")
+    pred, target = _shape_pairs()[name]
+    y_pred, y = (torch.from_numpy(m)[None, None].float() for m in (pred, target))  # one-hot (B, C, H, W)
+    expected_hd95 = monai_metrics.compute_hausdorff_distance(
+        y_pred, y, include_background=True, percentile=95, spacing=list(spacing)).item()
+    expected_assd = monai_metrics.compute_average_surface_distance(
+        y_pred, y, include_background=True, symmetric=True, spacing=list(spacing)).item()
+    # MONAI works in float32: agreement to its precision
+    assert hausdorff95(pred, target, spacing) == pytest.approx(expected_hd95, rel=1e-6, abs=1e-6)
+    assert average_surface_distance(pred, target, spacing) == pytest.approx(expected_assd, rel=1e-6, abs=1e-6)
+
+
+def test_component_count_is_8_connected():
+    diagonal = np.eye(4, dtype=bool)
+    assert component_count(diagonal) == 1
+    assert component_count(square(0, 0, 2) | square(0, 3, 2)) == 2
+    assert component_count(np.zeros((4, 4), bool)) == 0
+
+
+def test_every_failure_category_is_reached():
+    empty, target = np.zeros((32, 32), bool), square(5, 5, 10)  # 100 tumour pixels
+    fragments = square(5, 5, 2) | square(9, 9, 2) | square(13, 13, 2)  # 3 pieces inside the tumour
+    half = target.copy()
+    half[:, 10:] = False                                       # left half of the tumour
+    cases = {
+        "no tumour: correct": (empty, empty),
+        "no tumour: false positive": (square(0, 0, 2), empty),
+        "missed": (empty, target),
+        "wrong place": (square(20, 20, 5), target),
+        "fragmented": (fragments, target),
+        "under-segmented": (half, target),                      # sensitivity 0.5, precision 1
+        "over-segmented": (target, half),                       # precision 0.5, sensitivity 1
+        "poor": (square(5, 11, 10), target),                    # 4 of 10 columns shared: Dice 0.4
+        "good": (target, target),
+        "fair": (square(5, 8, 10), target),                     # 7 of 10 columns shared: Dice 0.7
+    }
+    for expected, (pred, truth) in cases.items():
+        assert per_image_report(pred, truth)["category"] == expected
+    assert [name for name, _ in FAILURE_RULES] == list(cases)
+    # each rule's words carry the constants the code uses
+    rules = dict(FAILURE_RULES)
+    assert f"{FRAGMENTED_MIN_COMPONENTS} or more" in rules["fragmented"]
+    assert str(FRAGMENTED_MAX_DICE) in rules["fragmented"]
+    assert str(LOW_RATE) in rules["under-segmented"] and str(HIGH_RATE) in rules["over-segmented"]
+    assert str(POOR_MAX_DICE) in rules["poor"] and str(GOOD_MIN_DICE) in rules["good"]
+
+
+def test_failure_rules_apply_in_order():
+    # fragmented comes before under-segmented, though both hold
+    assert failure_category(0.3, 1.0, 0.2, 3, 100, 20, 20) == "fragmented"
+    assert failure_category(0.3, 1.0, 0.2, 2, 100, 20, 20) == "under-segmented"
+    assert failure_category(0.79, 0.7, 0.9, 1, 100, 130, 90) == "fair"
+
+
+def test_per_image_report_numbers():
+    pred, target = square(0, 0, 4), square(0, 10, 4)
+    report = per_image_report(pred, target)
+    assert "hd95_mm" not in report and "assd_mm" not in report
+    assert report["dice"] == 0.0 and report["iou"] == 0.0 and report["precision"] == 0.0
+    assert report["pixel_accuracy"] == pytest.approx(1 - 32 / 1024)
+    assert report["hd95_px"] == pytest.approx(10.0) and report["assd_px"] == pytest.approx(8.5)
+    assert (report["gt_pixels"], report["pred_pixels"], report["overlap_pixels"]) == (16, 16, 0)
+    assert (report["pred_components"], report["true_components"]) == (1, 1)
+    with_mm = per_image_report(pred | square(20, 20, 2), target, spacing=(0.5, 0.25))
+    assert with_mm["pred_components"] == 2
+    assert with_mm["hd95_mm"] < with_mm["hd95_px"] and not math.isnan(with_mm["assd_mm"])
+    missed = per_image_report(np.zeros((8, 8), bool), square(1, 1, 2, (8, 8)), spacing=(1.0, 1.0))
+    assert math.isnan(missed["hd95_mm"]) and math.isnan(missed["precision"]) and missed["sensitivity"] == 0.0
+
+
+def test_calibration_hand_computed_and_accumulated():
+    p = np.array([0.05, 0.05, 0.95, 1.0])
+    y = np.array([False, True, True, True])
+    # bin 0: conf 0.05, freq 0.5; bin 9 (holds p = 1): conf 0.975, freq 1.0
+    summary = calibration_bins(p, y)
+    assert summary["counts"] == [2] + [0] * 8 + [2]
+    assert summary["ece"] == pytest.approx(0.5 * 0.45 + 0.5 * 0.025)
+    assert math.isnan(summary["mean_confidence"][5]) and summary["observed_frequency"][0] == 0.5
+    tracker = CalibrationTracker()
+    tracker.update(p[:2].reshape(1, 2), y[:2].reshape(1, 2))
+    tracker.update(p[2:], y[2:])
+    np.testing.assert_equal(tracker.summary(), summary)  # treats NaN (empty bins) as equal
+    with pytest.raises(ValueError, match="must lie in"):
+        tracker.update(np.array([1.5]), np.array([True]))
+    with pytest.raises(ValueError, match="no pixels"):
+        CalibrationTracker().summary()
+
+
+def test_ece_is_near_zero_when_calibrated_and_large_when_overconfident():
+    rng = np.random.default_rng(0)
+    p = rng.random(200_000)
+    y = rng.random(p.size) < p                       # tumour with exactly the predicted probability
+    assert calibration_bins(p, y)["ece"] < 0.01
+    overconfident = np.where(p > 0.5, 1 - (1 - p) / 4, p / 4)  # pushed towards 0 and 1
+    assert calibration_bins(overconfident, y)["ece"] > 0.1
+
+
+def test_rank_correlation_and_auroc():
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, math.nan], [3, 2, 1, 0]) == pytest.approx(-1.0)  # NaN pair left out
+    assert math.isnan(rank_correlation([1, 1, 1], [1, 2, 3]))
+    assert auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == pytest.approx(0.75)
+    assert math.isnan(auroc([0.1, 0.2], [True, True]))
+
+
+def test_summarise_leaves_out_undefined_values():
+    s = summarise([1.0, math.nan, 3.0, 2.0])
+    assert s == {"mean": 2.0, "median": 2.0, "std": pytest.approx(math.sqrt(2 / 3)), "count": 3,
+                 "count_undefined": 1}
+    s = summarise([math.nan])
+    assert math.isnan(s["mean"]) and s["count"] == 0 and s["count_undefined"] == 1
+
