@@ -32,10 +32,18 @@ class Config:
     IMAGE_SIZE: int = 256  # side length the network sees; inputs are resized to it
     IN_CHANNELS: int = 3  # 3 = RGB (grayscale replicated, as in the seed), 1 = grayscale
     NORMALIZATION: str = "imagenet"  # "imagenet" statistics or "zscore" per image
+    CROP: bool = False  # crop each slice to the head's square bounding box before resizing (train and test)
+    CROP_MARGIN: float = 0.05  # margin around the head box, as a share of its side
     AUGMENT: bool = True  # flips and 90-degree rotations, training only
+    AUG_AFFINE: bool = False  # also small scale (0.9-1.1), rotation (15 deg) and shift (6 %), training only
+    AUG_INTENSITY: bool = False  # also brightness/contrast (15 %) and gamma (0.8-1.2), training only
+    AUG_ELASTIC: bool = False  # also a mild grid distortion, training only
     VAL_FRACTION: float = 0.2  # share held out for validation (of groups when grouping)
     SPLIT_GROUP_COLUMN: str = ""  # metadata.csv column kept on one side of the split; "" = random
+    FOLDS: int = 0  # K >= 2: validate on fold FOLD of a K-fold split (by group when grouping); 0 = VAL_FRACTION
+    FOLD: int = 0  # which fold (0 .. FOLDS-1) is held out when FOLDS >= 2
     # --- model
+    MODEL: str = "unet"  # "unet", or "attention_unet" (attention gates on the skip connections)
     BASE_CHANNELS: int = 64  # width of the first U-Net level; doubles per level
     DEPTH: int = 4  # number of down-sampling steps
     BILINEAR: bool = False  # bilinear up-sampling instead of transposed convolutions
@@ -45,11 +53,14 @@ class Config:
     LR_SCHEDULE: str = "constant"  # "constant", or "cosine" decay to 0 over EPOCHS (per step)
     EPOCHS: int = 50  # upper bound on training epochs
     TIME_LIMIT_MINUTES: float = 0.0  # stop after the epoch that passes this wall time; 0 = no limit
+    PATIENCE: int = 0  # stop after this many epochs without a better validation Dice; 0 = never
     BCE_WEIGHT: float = 1.0  # weight of binary cross-entropy in the loss
     DICE_WEIGHT: float = 1.0  # weight of soft Dice in the loss
-    THRESHOLD: float = 0.5  # probability above which a pixel counts as tumour
+    THRESHOLD: float = 0.5  # probability above which a pixel counts as tumour (in training's validation)
+    SEARCH_RULE: bool = True  # after training, choose threshold and component rules on validation (test.py uses it)
     TTA: bool = False  # test.py averages each image's 8 flips/90-degree rotations (8x slower)
     SEED: int = 42  # seeds the split, the weights and the augmentation
+    RECIPE: str = ""  # named set of values from RECIPES below ("seed", "cpu", "gpu"); explicit flags override it
     # --- machine
     DEVICE: str = "auto"  # "auto" picks cuda, then mps, then cpu; or name one
     NUM_WORKERS: int = 0  # DataLoader worker processes; 0 loads in the main process
@@ -73,8 +84,12 @@ class Config:
             (min(self.BATCH_SIZE, self.EPOCHS, self.BASE_CHANNELS, self.DEPTH) >= 1,
              "BATCH_SIZE, EPOCHS, BASE_CHANNELS and DEPTH must be at least 1"),
             (self.LEARNING_RATE > 0, "LEARNING_RATE must be positive"),
-            (min(self.NUM_WORKERS, self.PREVIEW_IMAGES, self.TIME_LIMIT_MINUTES) >= 0,
-             "NUM_WORKERS, PREVIEW_IMAGES and TIME_LIMIT_MINUTES must not be negative"),
+            (min(self.NUM_WORKERS, self.PREVIEW_IMAGES, self.TIME_LIMIT_MINUTES, self.PATIENCE) >= 0,
+             "NUM_WORKERS, PREVIEW_IMAGES, TIME_LIMIT_MINUTES and PATIENCE must not be negative"),
+            (0 <= self.CROP_MARGIN <= 1, "CROP_MARGIN must lie between 0 and 1"),
+            (self.FOLDS == 0 or (self.FOLDS >= 2 and 0 <= self.FOLD < self.FOLDS),
+             f"FOLDS must be 0 or at least 2, and FOLD between 0 and FOLDS-1 (got FOLDS={self.FOLDS}, "
+             f"FOLD={self.FOLD})"),
             (min(self.BCE_WEIGHT, self.DICE_WEIGHT) >= 0, "BCE_WEIGHT and DICE_WEIGHT must not be negative"),
             (self.BCE_WEIGHT + self.DICE_WEIGHT > 0,
              "BCE_WEIGHT and DICE_WEIGHT must not both be 0 (the loss would not depend on the model)"),
@@ -83,7 +98,8 @@ class Config:
              "(no '/', '\\', drive or leading '.')"),
         ]
         for value, choices in ((self.NORMALIZATION, ("imagenet", "zscore")), (self.IN_CHANNELS, (1, 3)),
-                               (self.LR_SCHEDULE, ("constant", "cosine"))):
+                               (self.LR_SCHEDULE, ("constant", "cosine")),
+                               (self.MODEL, ("unet", "attention_unet")), (self.RECIPE, ("", *RECIPES))):
             checks.append((value in choices, f"{value!r} is not one of {choices}"))
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -103,6 +119,21 @@ class Config:
         """
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known}), sorted(set(values) - known)
+
+
+# Named sets of values, selected with --recipe NAME; flags given explicitly still override them.
+RECIPES: dict[str, dict[str, Any]] = {
+    # The seed pipeline exactly: RGB input with ImageNet statistics, 256 px, 31 M parameters.
+    "seed": {"IMAGE_SIZE": 256, "IN_CHANNELS": 3, "NORMALIZATION": "imagenet", "BASE_CHANNELS": 64, "DEPTH": 4,
+             "LEARNING_RATE": 1e-3, "BATCH_SIZE": 16, "EPOCHS": 50, "LR_SCHEDULE": "constant", "AUGMENT": True,
+             "SEARCH_RULE": False},
+    # About 20 minutes on 2 CPU cores (see README, "Results"): small, grayscale, cosine.
+    "cpu": {"IMAGE_SIZE": 128, "IN_CHANNELS": 1, "NORMALIZATION": "zscore", "BASE_CHANNELS": 16, "DEPTH": 4,
+            "LEARNING_RATE": 1e-3, "BATCH_SIZE": 16, "EPOCHS": 13, "LR_SCHEDULE": "cosine"},
+    # One GPU, full shared-data resolution.
+    "gpu": {"IMAGE_SIZE": 256, "IN_CHANNELS": 1, "NORMALIZATION": "zscore", "BASE_CHANNELS": 32, "DEPTH": 4,
+            "LEARNING_RATE": 1e-3, "BATCH_SIZE": 16, "EPOCHS": 60, "LR_SCHEDULE": "cosine"},
+}
 
 
 def _is_plain_folder_name(name: str) -> bool:
@@ -165,12 +196,20 @@ def build_parser(description: str = "", keys: tuple[str, ...] | None = None) -> 
 
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
-    """The config.py defaults with the overrides in `args` applied; invalid values exit via `parser`."""
+    """config.py's defaults, then the recipe's values (if any), then the flags in `args`; bad values exit via `parser`."""
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     try:
-        return dataclasses.replace(Config(), **overrides)
+        return with_recipe(Config(), overrides)
     except ValueError as error:
         parser.error(str(error))
+
+
+def with_recipe(base: Config, overrides: dict[str, Any]) -> Config:
+    """`base` with its RECIPE's values (RECIPE from `overrides` if given there) and then `overrides` applied."""
+    recipe = overrides.get("RECIPE", base.RECIPE)
+    if recipe and recipe not in RECIPES:
+        raise ValueError(f"invalid config: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    return dataclasses.replace(base, **{**RECIPES.get(recipe, {}), **overrides})
 
 
 def parse_config(argv: list[str] | None = None, description: str = "") -> Config:

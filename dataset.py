@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
-from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
+from sklearn.model_selection import GroupKFold, GroupShuffleSplit, KFold, ShuffleSplit
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 METADATA_FILE = "metadata.csv"
@@ -438,6 +438,28 @@ def split_indices(count: int, val_fraction: float, seed: int, groups: Sequence[s
     else:
         splitter = ShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
         train, val = next(splitter.split(placeholder))
+    return sorted(train.tolist()), sorted(val.tolist())
+
+
+def fold_indices(count: int, folds: int, fold: int, seed: int, groups: Sequence[str] | None = None,
+                 group_column: str = "", root: Path | None = None) -> tuple[list[int], list[int]]:
+    """Train and validation indices of fold `fold` (0-based) of a `folds`-fold split, reproducible from `seed`.
+
+    With `groups`, whole groups form the folds (GroupKFold, groups shuffled by
+    `seed`); without, images are shuffled into folds (KFold). Every image is
+    validated in exactly one fold. Too few images or groups raise ValueError.
+    """
+    units = count if groups is None else len(set(groups))
+    if units < folds:
+        unit = "images" if groups is None else "groups" + (f" in column '{group_column}'" if group_column else "")
+        where = f" of {Path(root) / METADATA_FILE}" if root is not None and groups is not None else ""
+        raise ValueError(f"{folds}-fold split needs at least {folds} {unit}{where}, found {units}")
+    placeholder = np.zeros(count)
+    if groups is not None:
+        splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        train, val = list(splitter.split(placeholder, groups=list(groups)))[fold]
+    else:
+        train, val = list(KFold(n_splits=folds, shuffle=True, random_state=seed).split(placeholder))[fold]
     return sorted(train.tolist()), sorted(val.tolist())
 
 

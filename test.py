@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -26,18 +27,20 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
 import dataset
 from config import Config, build_parser, config_from_args
+from inference import native_probabilities
 from metrics import MetricTracker
+from postprocess import DecisionRule
 from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, load_checkpoint, pick_device,
                    remove_stale_staging, save_json, staging_name, tolerant_console, write_atomic)
 
@@ -92,7 +95,7 @@ def validation_images(images: list[Path], split_path: Path) -> list[Path]:
         val = set(json.loads(Path(split_path).read_text())["val"])
     except (OSError, ValueError, KeyError) as error:
         raise FileNotFoundError(f"{split_path}: cannot read the run's validation split ({error})") from error
-    chosen = [p for p in images if p.stem in val]
+    chosen = [p for p in images if dataset.stem_key(p) in val]
     if not chosen:
         raise ValueError(f"{split_path}: none of its {len(val)} validation images is in this folder")
     return chosen
@@ -107,7 +110,7 @@ def image_groups(data_root: Path, column: str, images: list[Path]) -> dict[str, 
         raise FileNotFoundError(f"{path}: cannot read it for --group-by ({error})") from error
     if column not in columns:
         raise ValueError(f"{path}: no column '{column}' for --group-by (columns: {', '.join(columns)})")
-    return {p.stem: rows.get(p.stem, {}).get(column, "") for p in images}
+    return {p.stem: rows.get(dataset.stem_key(p), {}).get(column, "") for p in images}
 
 
 def scores_by_group(rows: list[dict], groups: dict[str, str]) -> dict[str, dict[str, float]]:
@@ -122,61 +125,63 @@ def scores_by_group(rows: list[dict], groups: dict[str, str]) -> dict[str, dict[
             for group, members in sorted(by_group.items())}
 
 
-def probabilities(model: torch.nn.Module, inputs: torch.Tensor, tta: bool) -> torch.Tensor:
-    """sigmoid(model(inputs)); with `tta`, averaged over the 8 flips and 90-degree rotations.
+def predict(models: list[LoadedCheckpoint], images: list[Path], masks: dict[str, Path] | None,
+            device: torch.device, batch_size: int, tta: bool, unreadable: list[str]) -> Iterator[Prediction]:
+    """Yield a Prediction per readable image: the mean probability of `models`, each run as it was trained.
 
-    The training augmentation makes the model (nearly) invariant to these
-    transforms, so averaging them cancels some of its orientation-specific errors.
+    Unreadable files are named in `unreadable` and skipped.
     """
-    with torch.no_grad():
-        if not tta:
-            return torch.sigmoid(model(inputs)).float()
-        total = torch.zeros_like(inputs[:, :1], dtype=torch.float32)
-        for turns in range(4):
-            for flip in (False, True):
-                view = torch.rot90(inputs, turns, dims=(2, 3))
-                view = view.flip(3) if flip else view
-                output = torch.sigmoid(model(view)).float()
-                output = output.flip(3) if flip else output
-                total += torch.rot90(output, -turns, dims=(2, 3))
-        return total / 8
-
-
-def predict(model: torch.nn.Module, config: Config, images: list[Path], masks: dict[str, Path] | None,
-            device: torch.device, batch_size: int, tta: bool, unreadable: list[str]):
-    """Yield a Prediction per readable image, batched at the trained size; unreadable files go to `unreadable`."""
-    model.eval()
-    batch: list[tuple[Path, np.ndarray, np.ndarray | None, np.ndarray]] = []
+    channels = sorted({3, *(loaded.config.IN_CHANNELS for loaded in models)})
+    batch: list[tuple[Path, dict[int, np.ndarray], np.ndarray | None]] = []
 
     def run(batch):
-        inputs = torch.stack([torch.from_numpy(dataset.normalize(x, config.NORMALIZATION)) for *_, x in batch])
-        outputs = probabilities(model, inputs.to(device), tta)
-        for (path, image, mask, _), probability in zip(batch, outputs, strict=True):
-            # Resize the probability map, not the thresholded mask, back to the image's own size.
-            native = F.interpolate(probability[None], size=image.shape[:2], mode="bilinear", align_corners=False)
-            yield Prediction(path.stem, image, native[0, 0].cpu().numpy(), mask)
+        total = [np.zeros(decoded[3].shape[:2], np.float32) for _, decoded, _ in batch]
+        for loaded in models:
+            inputs = [decoded[loaded.config.IN_CHANNELS] for _, decoded, _ in batch]
+            for sum_map, probability in zip(total, native_probabilities(loaded.model, loaded.config, inputs,
+                                                                         device, tta), strict=True):
+                sum_map += probability
+        for (path, decoded, mask), sum_map in zip(batch, total, strict=True):
+            yield Prediction(path.stem, decoded[3], sum_map / len(models), mask)
 
     for path in tqdm(images, desc="predict", dynamic_ncols=True):
         try:
-            image = dataset.read_image(path, 3)  # decoded once: shown as RGB, fed as the model expects
-            model_input = image
-            if config.IN_CHANNELS == 1:  # the same luma conversion read_image(path, 1) applies
-                model_input = np.asarray(Image.fromarray(image).convert("L"))[..., None]
+            # decoded once per channel count: RGB for display, and as each model was trained
+            decoded = {c: dataset.read_image(path, c) for c in channels}
             mask = None
-            if masks is not None and path.stem in masks:
-                mask = dataset.read_mask(masks[path.stem])
-                if mask.shape != image.shape[:2]:
-                    raise ValueError(f"mask {masks[path.stem].name} is {mask.shape[1]}x{mask.shape[0]}, "
-                                     f"image is {image.shape[1]}x{image.shape[0]}")
+            key = dataset.stem_key(path)
+            if masks is not None and key in masks:
+                mask = dataset.read_mask(masks[key])
+                if mask.shape != decoded[3].shape[:2]:
+                    raise ValueError(f"mask {masks[key].name} is {mask.shape[1]}x{mask.shape[0]}, "
+                                     f"image is {decoded[3].shape[1]}x{decoded[3].shape[0]}")
         except Exception as error:  # any decoder error: report the file, keep going
             unreadable.append(f"{path}: skipped, {error}")
             continue
-        batch.append((path, image, mask, dataset.resize_image(model_input, config.IMAGE_SIZE)))
+        batch.append((path, decoded, mask))
         if len(batch) == batch_size:
             yield from run(batch)
             batch = []
     if batch:
         yield from run(batch)
+
+
+def decision_rule(loaded: LoadedCheckpoint, args: argparse.Namespace) -> tuple[DecisionRule, str]:
+    """The rule that turns probabilities into masks, and where it came from.
+
+    Default: the rule train.py chose on the run's validation images and stored
+    in the checkpoint (else the checkpoint's THRESHOLD alone). `--postprocess
+    none` keeps only its threshold; `--threshold X` replaces the threshold.
+    """
+    if "decision_rule" in loaded.state:
+        rule, source = DecisionRule.from_dict(loaded.state["decision_rule"]), "checkpoint (chosen on validation)"
+    else:
+        rule, source = DecisionRule(threshold=loaded.config.THRESHOLD), "checkpoint THRESHOLD"
+    if args.postprocess == "none":
+        rule, source = DecisionRule(threshold=rule.threshold), f"{source}, --postprocess none"
+    if hasattr(args, "THRESHOLD"):
+        rule, source = dataclasses.replace(rule, threshold=args.THRESHOLD), f"{source}, --threshold"
+    return rule, source
 
 
 def overlay(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
@@ -250,29 +255,37 @@ def publish(staging: Path, root: Path, name: str, overwrite: bool) -> Path:
     return final
 
 
-def count_training_images(stems: list[str], checkpoint_path: Path, data_root: Path) -> tuple[int | None, str]:
-    """How many of `stems` the checkpoint's run trained on, and a note; None when that cannot be told.
+def count_training_images(stems: list[str], checkpoint_paths: list[Path],
+                          data_root: Path) -> tuple[int | None, str]:
+    """How many of `stems` any of the checkpoints' runs trained on, and a note; None when that cannot be told.
 
-    Uses the run's split.json; the count is given only when DATA_ROOT is the
-    folder the run was trained on (else the same names may be other images).
+    Uses each run's split.json; the count is given only when DATA_ROOT is the
+    folder the runs were trained on (else the same names may be other images).
     """
-    split_path = Path(checkpoint_path).resolve().parent / "split.json"
-    try:
-        split = json.loads(split_path.read_text())
-        trained_on = set(split["train"])
-    except (OSError, ValueError, KeyError):
-        return None, f"no readable {split_path}: cannot tell which images were seen in training"
-    trained_root = split.get("data_root")
-    if trained_root is not None and Path(trained_root) != Path(data_root).resolve():
-        return None, (f"DATA_ROOT {data_root} is not the folder this checkpoint was trained on ({trained_root}); "
-                      "which of these images it saw in training is unknown")
+    trained_on: set[str] = set()
+    for checkpoint_path in checkpoint_paths:
+        split_path = Path(checkpoint_path).resolve().parent / "split.json"
+        try:
+            split = json.loads(split_path.read_text())
+            trained_on |= set(split["train"])
+        except (OSError, ValueError, KeyError):
+            return None, f"no readable {split_path}: cannot tell which images were seen in training"
+        trained_root = split.get("data_root")
+        if trained_root is not None and Path(trained_root) != Path(data_root).resolve():
+            return None, (f"DATA_ROOT {data_root} is not the folder {checkpoint_path} was trained on "
+                          f"({trained_root}); which of these images it saw in training is unknown")
     return sum(stem in trained_on for stem in stems), ""
 
 
 def main(argv: list[str] | None = None) -> int:
     tolerant_console()
     parser = build_parser(__doc__, keys=INFERENCE_KEYS)
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint to use (default: best.pt of the newest run)")
+    parser.add_argument("--checkpoint", type=Path, nargs="+",
+                        help="checkpoint(s) to use (default: best.pt of the newest run); several are an ensemble: "
+                             "their probabilities are averaged and the first one's decision rule applies")
+    parser.add_argument("--postprocess", choices=("checkpoint", "none"), default="checkpoint",
+                        help="'checkpoint': the threshold and component rules train.py chose on validation; "
+                             "'none': threshold only")
     parser.add_argument("--subset", choices=("all", "val"), default="all",
                         help="'val': only the images the checkpoint's run held out (its split.json)")
     parser.add_argument("--group-by", metavar="COLUMN",
@@ -285,15 +298,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         device = pick_device(options.DEVICE)
-        checkpoint_path = args.checkpoint or newest_checkpoint(Path(options.RUNS_DIR))
-        loaded = load_checkpoint(checkpoint_path, device)
-        trained = loaded.config  # the checkpoint's own config: how the model was trained
-        threshold = args.THRESHOLD if hasattr(args, "THRESHOLD") else trained.THRESHOLD
+        checkpoint_paths = args.checkpoint or [newest_checkpoint(Path(options.RUNS_DIR))]
+        models = [load_checkpoint(path, device) for path in checkpoint_paths]
         images, masks = find_images(Path(options.DATA_ROOT))
         if args.subset == "val":
-            images = validation_images(images, checkpoint_path.resolve().parent / "split.json")
+            for path in checkpoint_paths:  # held out by every member of an ensemble
+                images = validation_images(images, path.resolve().parent / "split.json")
         groups = image_groups(Path(options.DATA_ROOT), args.group_by, images) if args.group_by else None
-        name = output_name(checkpoint_path)
+        name = output_name(checkpoint_paths[0])
+        if len(models) > 1:
+            name = f"{name}-ensemble{len(models)}"
         staging = start_staging(Path(options.PREDICTION_ROOT), name, args.overwrite)
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -301,15 +315,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"error: cannot write predictions under {options.PREDICTION_ROOT}: {error}", file=sys.stderr)
         return 1
-    for warning in loaded.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(f"checkpoint: {checkpoint_path} (epoch {loaded.state.get('epoch')}, trained at {trained.IMAGE_SIZE} px, "
-          f"{trained.IN_CHANNELS} channel(s), {trained.NORMALIZATION})")
+    for path, loaded in zip(checkpoint_paths, models, strict=True):
+        for warning in loaded.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        trained = loaded.config  # the checkpoint's own config: how the model was trained
+        print(f"checkpoint: {path} (epoch {loaded.state.get('epoch')}, {trained.MODEL} trained at "
+              f"{trained.IMAGE_SIZE} px{', head crop' if trained.CROP else ''}, {trained.IN_CHANNELS} channel(s), "
+              f"{trained.NORMALIZATION})")
     print(f"images:     {len(images)} from {options.DATA_ROOT}" + ("" if masks is not None else " (predict only)"))
 
     try:
-        summary, failures = predict_and_write(loaded, checkpoint_path, images, masks, groups, staging, device,
-                                              options, threshold, args, started)
+        summary, failures = predict_and_write(models, checkpoint_paths, images, masks, groups, staging, device,
+                                              options, args, started)
         out_dir = publish(staging, Path(options.PREDICTION_ROOT), name, args.overwrite)
     except KeyboardInterrupt:
         shutil.rmtree(staging, ignore_errors=True)
@@ -321,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {reason}\nnothing was written; earlier predictions are untouched", file=sys.stderr)
         return 1
 
-    print(f"\n{'images processed':<18}{summary['count']}\n{'scored':<18}{summary['scored']}")
+    print(f"\n{'images processed':<18}{summary['count']}\n{'scored':<18}{summary['scored']}\n"
+          f"{'decision rule':<18}{summary['decision_rule_text']} ({summary['decision_rule_source']})")
     if summary["scored"]:
         for key in ("dice_mean", "dice_median", "dice_pooled", "iou_mean", "pixel_accuracy"):
             print(f"{key:<18}{summary[key]:.4f}")
@@ -334,17 +352,17 @@ def main(argv: list[str] | None = None) -> int:
     return 2 if summary["count"] < len(images) else 0
 
 
-def predict_and_write(loaded: LoadedCheckpoint, checkpoint_path: Path, images: list[Path],
+def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Path], images: list[Path],
                       masks: dict[str, Path] | None, groups: dict[str, str] | None, staging: Path,
-                      device: torch.device, options: Config, threshold: float, args: argparse.Namespace,
+                      device: torch.device, options: Config, args: argparse.Namespace,
                       started: float) -> tuple[dict, list[str]]:
     """Predict every image into `staging` (PNGs, metrics.csv, summary.json); returns (summary, warnings)."""
-    model, trained = loaded.model, loaded.config
+    rule, rule_source = decision_rule(models[0], args)
     unreadable: list[str] = []
     tracker, rows = MetricTracker(), []
     predict_start = time.perf_counter()
-    for p in predict(model, trained, images, masks, device, options.BATCH_SIZE, options.TTA, unreadable):
-        predicted = p.probability > threshold
+    for p in predict(models, images, masks, device, options.BATCH_SIZE, options.TTA, unreadable):
+        predicted = rule.apply(p.probability)
         save_png(staging / "masks" / f"{p.stem}.png", predicted.astype(np.uint8) * 255)
         save_png(staging / "segmented" / f"{p.stem}.png", np.where(predicted[..., None], p.image, 0))
         save_png(staging / "overlays" / f"{p.stem}.png", overlay(p.image, predicted, p.mask))
@@ -357,17 +375,21 @@ def predict_and_write(loaded: LoadedCheckpoint, checkpoint_path: Path, images: l
                                          for p in images if p.stem not in masks]
     failures = unreadable + unscored
     processed = len(images) - len(unreadable)
-    seen_in_training, note = count_training_images([r["image"] for r in rows], checkpoint_path,
-                                                   Path(options.DATA_ROOT))
+    seen_in_training, note = count_training_images([dataset.stem_key(Path(r["image"])) for r in rows],
+                                                   checkpoint_paths, Path(options.DATA_ROOT))
     if seen_in_training:
         note = (f"{seen_in_training} of the {len(rows)} scored images were training images of this run: "
                 "their scores flatter the model; use --subset val for a held-out figure")
     if note and rows:
         failures.append(note)
-    summary = {"count": processed, "scored": len(rows), "subset": args.subset, "threshold": threshold,
-               "threshold_source": "command line" if hasattr(args, "THRESHOLD") else "checkpoint",
-               "tta": options.TTA, "checkpoint": str(checkpoint_path), "checkpoint_epoch": loaded.state.get("epoch"),
-               "image_size": trained.IMAGE_SIZE, "data_root": str(options.DATA_ROOT),
+    summary = {"count": processed, "scored": len(rows), "subset": args.subset,
+               "decision_rule": rule.to_dict(), "decision_rule_text": rule.describe(),
+               "decision_rule_source": rule_source, "threshold": rule.threshold, "tta": options.TTA,
+               "checkpoint": str(checkpoint_paths[0]), "checkpoint_epoch": models[0].state.get("epoch"),
+               "image_size": models[0].config.IMAGE_SIZE, "data_root": str(options.DATA_ROOT),
+               "ensemble": [{"checkpoint": str(path), "epoch": loaded.state.get("epoch"),
+                             "image_size": loaded.config.IMAGE_SIZE, "crop": loaded.config.CROP}
+                            for path, loaded in zip(checkpoint_paths, models, strict=True)],
                "training_images_scored": seen_in_training, "training_overlap_note": note,
                "wall_seconds": time.perf_counter() - started,
                # prediction loop only: decoding, inference, resizing back and writing the PNGs

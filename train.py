@@ -29,8 +29,11 @@ import dataset
 from config import Config, parse_config
 from losses import BCEDiceLoss
 from metrics import MetricTracker, dice_per_image
+from inference import native_probabilities
 from model import count_parameters
-from utils import (OutputError, build_model, model_arguments, new_output_dir, pick_device, remove_stale_staging,
+from postprocess import DecisionRule, search_rule
+from utils import (OutputError, build_model, load_checkpoint, model_arguments, new_output_dir, pick_device,
+                   remove_stale_staging,
                    save_checkpoints, save_json, set_seed, write_atomic)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",
@@ -44,7 +47,8 @@ FAST_CPU_HINT = ("for a run of about 20 minutes on a CPU use --image-size 128 --
 def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: list[int],
                  config: Config) -> tuple[DataLoader, DataLoader]:
     """Shuffled, augmented training loader and a fixed-order validation loader."""
-    augment = dataset.training_augmentation(config.SEED) if config.AUGMENT else None
+    augment = dataset.training_augmentation(config.SEED, flips=config.AUGMENT, affine=config.AUG_AFFINE,
+                                            intensity=config.AUG_INTENSITY, elastic=config.AUG_ELASTIC)
     train_set = dataset.SegmentationDataset(data.images[train_idx], data.masks[train_idx],
                                             config.NORMALIZATION, augment)
     val_set = dataset.SegmentationDataset(data.images[val_idx], data.masks[val_idx], config.NORMALIZATION)
@@ -155,8 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = pick_device(config.DEVICE)
         data = dataset.load_dataset(Path(config.DATA_ROOT), config.IMAGE_SIZE, config.IN_CHANNELS,
-                                    config.SPLIT_GROUP_COLUMN)
-        train_idx, val_idx = dataset.split_indices(len(data.pairs), config.VAL_FRACTION, config.SEED, data.groups)
+                                    config.SPLIT_GROUP_COLUMN, config.CROP, config.CROP_MARGIN)
+        where = {"group_column": config.SPLIT_GROUP_COLUMN, "root": Path(config.DATA_ROOT)}
+        if config.FOLDS:
+            train_idx, val_idx = dataset.fold_indices(len(data.pairs), config.FOLDS, config.FOLD, config.SEED,
+                                                      data.groups, **where)
+        else:
+            train_idx, val_idx = dataset.split_indices(len(data.pairs), config.VAL_FRACTION, config.SEED,
+                                                       data.groups, **where)
     except (dataset.DatasetError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -209,6 +219,7 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
     save_json(run_dir / "config.json", config.to_dict())
     save_json(run_dir / "split.json", {
         "group_column": config.SPLIT_GROUP_COLUMN, "seed": config.SEED, "val_fraction": config.VAL_FRACTION,
+        "folds": config.FOLDS, "fold": config.FOLD,
         "data_root": str(Path(config.DATA_ROOT).resolve()),
         "train": [data.pairs[i].stem for i in train_idx], "val": [data.pairs[i].stem for i in val_idx]})
     print(f"data: {len(data.pairs)} pairs from {config.DATA_ROOT}, {len(train_idx)} train / {len(val_idx)} val"
@@ -223,7 +234,7 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
     if config.LR_SCHEDULE == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.EPOCHS * len(train_loader))
     loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT)
-    print(f"model: U-Net, {count_parameters(model) / 1e6:.2f} M parameters, on {device}")
+    print(f"model: {config.MODEL}, {count_parameters(model) / 1e6:.2f} M parameters, on {device}")
 
     def announce_estimate(step: int, seconds: float) -> None:
         """After the first few steps, say how long the whole run will take (and how to go faster on a CPU)."""
@@ -287,17 +298,62 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
 
             minutes = (time.perf_counter() - started) / 60
             if config.TIME_LIMIT_MINUTES and minutes >= config.TIME_LIMIT_MINUTES and epoch < config.EPOCHS:
-                print(f"time limit of {config.TIME_LIMIT_MINUTES} min reached after epoch {epoch}")
+                stop_reason = f"time limit of {config.TIME_LIMIT_MINUTES} min reached after epoch {epoch}"
+                print(stop_reason)
                 break
+            if config.PATIENCE and epoch - progress.best_epoch >= config.PATIENCE and epoch < config.EPOCHS:
+                stop_reason = (f"early stop: no better validation Dice for {config.PATIENCE} epochs "
+                               f"(best at epoch {progress.best_epoch})")
+                print(stop_reason)
+                break
+        else:
+            stop_reason = f"all {config.EPOCHS} epochs"
     finally:
         writer.close()
+    training_minutes = (time.perf_counter() - started) / 60
 
+    rule_summary = choose_decision_rule(run_dir / "best.pt", data, val_idx, config, device) \
+        if config.SEARCH_RULE else None
     save_json(run_dir / "summary.json", {
         "best_epoch": progress.best_epoch, "best_val_dice": progress.best_dice, "epochs_run": progress.epochs_done,
-        "minutes": (time.perf_counter() - started) / 60, "train_images": len(train_idx),
-        "val_images": len(val_idx), "device": str(device)})
+        "stop_reason": stop_reason, "patience": config.PATIENCE, "minutes": training_minutes,
+        "train_images": len(train_idx), "val_images": len(val_idx), "device": str(device),
+        "recipe": config.RECIPE, "decision_rule": rule_summary})
     print(f"\nrun folder: {run_dir}\nbest epoch: {progress.best_epoch}, validation Dice {progress.best_dice:.4f}\n"
           f"curves:     tensorboard --logdir {config.RUNS_DIR}")
+
+
+def choose_decision_rule(checkpoint_path: Path, data: dataset.LoadedDataset, val_idx: list[int], config: Config,
+                         device: torch.device) -> dict:
+    """Search threshold and component rules on the validation images at native size; store the best in the checkpoint.
+
+    The best checkpoint's model predicts every validation image as test.py
+    would (same preprocessing, probability resized back to the image's own
+    size); `postprocess.search_rule` keeps the rule with the highest mean
+    per-image Dice. Only the run's own validation images are used. The rule
+    goes into best.pt (test.py applies it by default) and decision_rule.json.
+    """
+    loaded = load_checkpoint(checkpoint_path, device)
+    probabilities, masks = [], []
+    pairs = [data.pairs[i] for i in val_idx]
+    for start in tqdm(range(0, len(pairs), config.BATCH_SIZE), desc="choosing the decision rule", leave=False,
+                      dynamic_ncols=True):
+        batch = pairs[start:start + config.BATCH_SIZE]
+        images = [dataset.read_image(pair.image_path, config.IN_CHANNELS) for pair in batch]
+        probabilities += native_probabilities(loaded.model, loaded.config, images, device)
+        masks += [dataset.read_mask(pair.mask_path) for pair in batch]
+    rule, table = search_rule(probabilities, masks)
+    plain_rule = DecisionRule(threshold=config.THRESHOLD)
+    plain_dice = float(np.mean([dice_per_image(plain_rule.apply(p)[None], m[None]).item()
+                                for p, m in zip(probabilities, masks, strict=True)]))
+    result = {"rule": rule.to_dict(), "text": rule.describe(), "val_dice_with_rule": table[0]["mean_dice"],
+              "val_dice_threshold_only": plain_dice, "threshold_only": config.THRESHOLD,
+              "val_images": len(pairs), "candidates": table}
+    save_json(checkpoint_path.parent / "decision_rule.json", result)
+    save_checkpoints([checkpoint_path], {**loaded.state, "decision_rule": rule.to_dict()})
+    print(f"decision rule: {rule.describe()}: validation Dice at native size {table[0]['mean_dice']:.4f} "
+          f"(threshold {config.THRESHOLD} alone: {plain_dice:.4f})")
+    return {k: v for k, v in result.items() if k != "candidates"}
 
 
 def format_minutes(minutes: float) -> str:

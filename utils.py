@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from config import Config
-from model import UNet
+from model import UNet, build_unet
 
 
 CHECKPOINT_FORMAT = 2  # 2: model_args stored apart from the config; 1: config only
@@ -76,20 +76,16 @@ def pick_device(name: str) -> torch.device:
 
 def model_arguments(config: Config) -> dict[str, Any]:
     """The network's own constructor arguments, stored in checkpoints apart from the config."""
-    return {"name": "unet", "in_channels": config.IN_CHANNELS, "base_channels": config.BASE_CHANNELS,
+    return {"name": config.MODEL, "in_channels": config.IN_CHANNELS, "base_channels": config.BASE_CHANNELS,
             "depth": config.DEPTH, "bilinear": config.BILINEAR}
 
 
-def build_model_from_arguments(arguments: dict[str, Any]) -> nn.Module:
+def build_model_from_arguments(arguments: dict[str, Any]) -> UNet:
     """The network `model_arguments` describes."""
-    arguments = dict(arguments)
-    name = arguments.pop("name")
-    if name != "unet":
-        raise ValueError(f"unknown model {name!r}")
-    return UNet(**arguments)
+    return build_unet(**arguments)
 
 
-def build_model(config: Config) -> nn.Module:
+def build_model(config: Config) -> UNet:
     """The network a config describes (MODEL, IN_CHANNELS, BASE_CHANNELS, DEPTH, BILINEAR)."""
     return build_model_from_arguments(model_arguments(config))
 
@@ -260,8 +256,11 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> LoadedChe
                         "loaded, but re-save it by training again to silence this warning")
     try:
         config, dropped = Config.from_saved(state["config"])
-        if dropped:
-            warnings.append(f"{path}: config keys this version does not know were ignored: {', '.join(dropped)}")
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its saved config is not valid for this version ({error})") from error
+    if dropped:
+        warnings.append(f"{path}: config keys this version does not know were ignored: {', '.join(dropped)}")
+    try:
         arguments = state.get("model_args") or model_arguments(config)
         model = build_model_from_arguments(arguments)
         model.load_state_dict(state["model"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import inference
 import train
 from conftest import ROOT, link_subset, load_script
 from dataset import read_mask
@@ -83,11 +84,11 @@ def test_mixed_sizes_give_native_resolution_outputs_and_matching_metrics(tiny_ru
 def test_tta_averages_the_eight_orientations():
     inputs = torch.randn(2, 1, 8, 8)
     pointwise = lambda x: 3 * x  # noqa: E731  (commutes with every flip and rotation)
-    assert torch.allclose(test_script.probabilities(pointwise, inputs, tta=True),
-                          test_script.probabilities(pointwise, inputs, tta=False), atol=1e-6)
+    assert torch.allclose(inference.probabilities(pointwise, inputs, tta=True),
+                          inference.probabilities(pointwise, inputs, tta=False), atol=1e-6)
     ramp = torch.arange(8.0).expand(1, 1, 8, 8)
     biased = lambda x: x + ramp  # noqa: E731  (prefers one side of the image)
-    averaged = test_script.probabilities(biased, inputs, tta=True)
+    averaged = inference.probabilities(biased, inputs, tta=True)
     expected = sum(torch.sigmoid(inputs + torch.rot90(r, -k, (2, 3)))
                    for k in range(4) for r in (ramp, ramp.flip(3))) / 8
     assert torch.allclose(averaged, expected, atol=1e-6)
@@ -336,17 +337,53 @@ def test_training_keys_are_refused(tiny_run, mixed_sizes, flag, capsys):
 def test_threshold_comes_from_the_checkpoint_unless_given(tiny_run, mixed_sizes, tmp_path):
     checkpoint = torch.load(tiny_run / "best.pt", weights_only=True)
     checkpoint["config"]["THRESHOLD"] = 0.8
+    del checkpoint["decision_rule"]  # as written with SEARCH_RULE false
     (tmp_path / "run").mkdir()
     torch.save(checkpoint, tmp_path / "run" / "best.pt")
     preds = tmp_path / "preds"
     assert run_test("--checkpoint", tmp_path / "run" / "best.pt", "--data-root", mixed_sizes,
                     "--prediction-root", preds) == 0
     summary = json.loads((preds / "run" / "summary.json").read_text())
-    assert (summary["threshold"], summary["threshold_source"]) == (0.8, "checkpoint")
+    assert (summary["threshold"], summary["decision_rule_source"]) == (0.8, "checkpoint THRESHOLD")
     assert run_test("--checkpoint", tmp_path / "run" / "best.pt", "--data-root", mixed_sizes,
                     "--prediction-root", preds, "--threshold", "0.3") == 0
     summary = json.loads((preds / "run-2" / "summary.json").read_text())
-    assert (summary["threshold"], summary["threshold_source"]) == (0.3, "command line")
+    assert summary["threshold"] == 0.3 and summary["decision_rule_source"].endswith("--threshold")
+
+
+def test_the_rule_chosen_on_validation_is_applied_by_default(tiny_run, mixed_sizes, tmp_path):
+    """train.py stored a rule; test.py applies it unless --postprocess none, and says so in summary.json."""
+    from postprocess import DecisionRule
+    checkpoint = torch.load(tiny_run / "best.pt", weights_only=True)
+    stored = DecisionRule.from_dict(checkpoint["decision_rule"])
+    assert json.loads((tiny_run / "decision_rule.json").read_text())["rule"] == stored.to_dict()
+    rule = DecisionRule(threshold=0.35, keep_largest=True)
+    checkpoint["decision_rule"] = rule.to_dict()
+    (tmp_path / "run").mkdir()
+    torch.save(checkpoint, tmp_path / "run" / "best.pt")
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tmp_path / "run" / "best.pt", "--data-root", mixed_sizes,
+                    "--prediction-root", preds) == 0
+    summary = json.loads((preds / "run" / "summary.json").read_text())
+    assert summary["decision_rule"] == rule.to_dict() and summary["decision_rule_source"].startswith("checkpoint")
+    for mask_path in (preds / "run" / "masks").iterdir():  # at most one component each
+        from scipy import ndimage
+        assert ndimage.label(np.asarray(Image.open(mask_path)) > 0, np.ones((3, 3)))[1] <= 1
+    assert run_test("--checkpoint", tmp_path / "run" / "best.pt", "--data-root", mixed_sizes,
+                    "--prediction-root", preds, "--postprocess", "none") == 0
+    summary = json.loads((preds / "run-2" / "summary.json").read_text())
+    assert summary["decision_rule"] == DecisionRule(threshold=0.35).to_dict()
+
+
+def test_an_ensemble_averages_its_members(tiny_run, mixed_sizes, tmp_path):
+    preds = tmp_path / "preds"
+    best = tiny_run / "best.pt"
+    assert run_test("--checkpoint", best, best, "--data-root", mixed_sizes, "--prediction-root", preds) == 0
+    assert run_test("--checkpoint", best, "--data-root", mixed_sizes, "--prediction-root", preds) == 0
+    single, pair = preds / "tiny", preds / "tiny-ensemble2"
+    assert len(json.loads((pair / "summary.json").read_text())["ensemble"]) == 2
+    for mask_path in (single / "masks").iterdir():  # two copies of one model average to that model
+        assert np.array_equal(np.asarray(Image.open(mask_path)), np.asarray(Image.open(pair / "masks" / mask_path.name)))
 
 
 def test_scoring_training_images_is_counted_and_said(tiny_run, demo_root, tmp_path, capsys):
