@@ -14,6 +14,7 @@ from PIL import Image
 import inference
 import train
 from conftest import ROOT, link_subset, load_script
+import dataset
 from dataset import read_mask
 from metrics import dice_per_image, iou_per_image
 
@@ -127,8 +128,14 @@ def test_subset_val_scores_only_the_held_out_images(tiny_run, demo_root, tmp_pat
                     "--subset", "val") == 0
     val = json.loads((tiny_run / "split.json").read_text())["val"]
     assert sorted(r["image"] for r in csv.DictReader(open(preds / "tiny" / "metrics.csv"))) == sorted(val)
-    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", tmp_path / "nothing_in_common",
-                    "--subset", "val") == 1
+    training_only = tmp_path / "training_only"  # an existing folder holding none of the validation images
+    for sub in ("images", "masks"):
+        (training_only / sub).mkdir(parents=True)
+        for stem in json.loads((tiny_run / "split.json").read_text())["train"][:3]:
+            shutil.copy(demo_root / sub / f"{stem}.png", training_only / sub / f"{stem}.png")
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", training_only, "--subset", "val",
+                    "--prediction-root", preds) == 1
+    assert "validation images is in this folder" in capsys.readouterr().err
 
 
 def test_scores_per_metadata_group(tiny_run, demo_root, tmp_path, capsys):
@@ -419,3 +426,16 @@ def test_unusable_device_is_explained(tiny_run, mixed_sizes, tmp_path, capsys):
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--device", "gpu0",
                     "--prediction-root", tmp_path / "preds") == 1
     assert "gpu0" in capsys.readouterr().err and not (tmp_path / "preds").exists()
+
+
+def test_training_and_test_py_prepare_one_file_identically(demo_root, tmp_path):
+    """One file gives the identical model input through the training path and the inference path."""
+    from config import Config
+    for crop in (False, True):
+        config = Config(IMAGE_SIZE=48, IN_CHANNELS=1, NORMALIZATION="zscore", CROP=crop)
+        data = dataset.load_dataset(demo_root, config.IMAGE_SIZE, config.IN_CHANNELS, crop=config.CROP,
+                                    crop_margin=config.CROP_MARGIN)
+        training_input = dataset.SegmentationDataset(data.images, data.masks, config.NORMALIZATION)[3][0]
+        image = dataset.read_image(data.pairs[3].image_path, config.IN_CHANNELS)
+        inference_input, _ = inference.prepare_image(image, config)
+        assert torch.equal(training_input, inference_input)
