@@ -2,6 +2,7 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -230,3 +231,87 @@ def test_kill_9_at_any_moment_leaves_loadable_checkpoints_and_the_next_start_cle
     assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "k2",
                        "--epochs", "1", *TINY]) == 0
     assert not staging.exists()
+
+
+def _corrupt(path):
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _empty(path):
+    path.write_bytes(b"")
+
+
+def _grey_levels(path):
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) % 7 * 30).astype(np.uint8)).save(path)
+
+
+def _resize(path):
+    Image.open(path).resize((40, 40), Image.Resampling.NEAREST).save(path)
+
+
+def _dangling(path):
+    path.unlink()
+    path.symlink_to(path.parent / "nowhere.png")
+
+
+def _as_16_bit(path):
+    Image.fromarray(np.asarray(Image.open(path).convert("L")).astype(np.uint16) * 256).save(path)
+
+
+def _as_rgba(path):
+    Image.open(path).convert("RGBA").save(path)
+
+
+def _as_palette(path):
+    Image.open(path).convert("P").save(path)
+
+
+# The bad-input matrix: (what is done, to which file, whether training must refuse, text the message has).
+BAD_INPUTS = [
+    ("corrupt image", _corrupt, "images", True, "corrupt"),
+    ("truncated image", _truncate, "images", True, "corrupt"),
+    ("empty image file", _empty, "images", True, "corrupt"),
+    ("mask with grey levels", _grey_levels, "masks", True, "not two-level"),
+    ("mask of another size", _resize, "masks", True, "but its mask"),
+    ("dangling link as image", _dangling, "images", True, "broken link"),
+    ("dangling link as mask", _dangling, "masks", True, "broken link"),
+    ("missing mask", lambda path: path.unlink(), "masks", True, "no mask"),
+    ("16-bit image", _as_16_bit, "images", False, ""),
+    ("RGBA image", _as_rgba, "images", False, ""),
+    ("palette image", _as_palette, "images", False, ""),
+]
+
+
+@pytest.mark.parametrize("case, change, sub, refused, words", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_matrix(demo_root, tmp_path, capsys, case, change, sub, refused, words):
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    victim = data / sub / "demo_0005.png"
+    change(victim)
+    code = train.main(["--data-root", str(data), "--runs-dir", str(tmp_path / "runs"), "--run-name", "m",
+                       "--epochs", "1", "--split-group-column", "patient_id", *TINY])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if refused:
+        assert code == 1 and "demo_0005" in err and words in err, err
+        assert not (tmp_path / "runs" / "m").exists()
+    else:
+        assert code == 0
+
+
+def test_validation_keeps_only_the_preview_probabilities(demo_root):
+    from torch.utils.data import DataLoader
+
+    import dataset
+    from losses import BCEDiceLoss
+    from utils import build_model
+    data = dataset.load_dataset(demo_root, 32, 1)
+    loader = DataLoader(dataset.SegmentationDataset(data.images, data.masks, "zscore"), batch_size=5)
+    model = build_model(Config(IN_CHANNELS=1, BASE_CHANNELS=4, DEPTH=2, IMAGE_SIZE=32))
+    metrics, kept = train.evaluate(model, loader, BCEDiceLoss(), "cpu", 0.5, "val", keep=3)
+    assert kept.shape == (3, 1, 32, 32) and 0 <= metrics["dice"] <= 1
+    assert train.evaluate(model, loader, BCEDiceLoss(), "cpu", 0.5, "val", keep=0)[1].numel() == 0
