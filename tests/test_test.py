@@ -439,3 +439,14 @@ def test_training_and_test_py_prepare_one_file_identically(demo_root, tmp_path):
         image = dataset.read_image(data.pairs[3].image_path, config.IN_CHANNELS)
         inference_input, _ = inference.prepare_image(image, config)
         assert torch.equal(training_input, inference_input)
+
+
+def test_a_head_cropped_model_writes_native_size_outputs_that_match_its_metrics(demo_root, mixed_sizes, tmp_path):
+    runs = tmp_path / "runs"
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(runs), "--run-name", "crop",
+                       "--epochs", "2", "--image-size", "32", "--base-channels", "4", "--depth", "2",
+                       "--in-channels", "1", "--normalization", "zscore", "--crop", "true"]) == 0
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", runs / "crop" / "best.pt", "--data-root", mixed_sizes,
+                    "--prediction-root", preds) == 0
+    check_outputs_match_metrics(preds / "crop", mixed_sizes)

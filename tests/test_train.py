@@ -315,3 +315,52 @@ def test_validation_keeps_only_the_preview_probabilities(demo_root):
     metrics, kept = train.evaluate(model, loader, BCEDiceLoss(), "cpu", 0.5, "val", keep=3)
     assert kept.shape == (3, 1, 32, 32) and 0 <= metrics["dice"] <= 1
     assert train.evaluate(model, loader, BCEDiceLoss(), "cpu", 0.5, "val", keep=0)[1].numel() == 0
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(demo_root, tmp_path, monkeypatch):
+    dice_by_epoch = iter([0.5, 0.6, 0.55, 0.58, 0.59, 0.9])  # best at epoch 2, then three worse epochs
+    real_evaluate = train.evaluate
+
+    def scripted(*args, **kwargs):
+        metrics, kept = real_evaluate(*args, **kwargs)
+        return {**metrics, "dice": next(dice_by_epoch)}, kept
+
+    monkeypatch.setattr(train, "evaluate", scripted)
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "p",
+                       "--epochs", "6", "--patience", "3", "--search-rule", "false", *TINY]) == 0
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert (summary["epochs_run"], summary["best_epoch"], summary["patience"]) == (5, 2, 3)
+    assert summary["stop_reason"].startswith("early stop")
+
+
+def test_recipe_values_are_recorded_and_flags_override_them(demo_root, tmp_path):
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "rc",
+                       "--recipe", "cpu", "--epochs", "1", "--image-size", "32", "--base-channels", "4",
+                       "--depth", "2"]) == 0
+    config = json.loads((tmp_path / "rc" / "config.json").read_text())
+    assert config["RECIPE"] == "cpu" and config["CROP"] is True and config["AUG_ELASTIC"] is True
+    assert (config["EPOCHS"], config["IMAGE_SIZE"], config["LR_SCHEDULE"]) == (1, 32, "cosine")
+
+
+def test_group_folds_validate_every_group_once(demo_root, tmp_path):
+    seen = []
+    for fold in range(3):
+        assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", f"f{fold}",
+                           "--split-group-column", "patient_id", "--folds", "3", "--fold", str(fold),
+                           "--epochs", "1", "--search-rule", "false", *TINY]) == 0
+        split = json.loads((tmp_path / f"f{fold}" / "split.json").read_text())
+        assert (split["folds"], split["fold"]) == (3, fold) and not set(split["train"]) & set(split["val"])
+        seen += split["val"]
+    assert sorted(seen) == sorted(p.stem for p in (demo_root / "images").iterdir())
+
+
+def test_attention_unet_and_head_crop_train_and_store_the_rule(demo_root, tmp_path):
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "att",
+                       "--model", "attention_unet", "--crop", "true", "--aug-affine", "true", "--aug-intensity",
+                       "true", "--aug-elastic", "true", "--epochs", "2", *TINY]) == 0
+    best = load_checkpoint(tmp_path / "att" / "best.pt")
+    assert best.state["model_args"]["name"] == "attention_unet" and best.config.CROP
+    rule = json.loads((tmp_path / "att" / "decision_rule.json").read_text())
+    assert rule["rule"] == best.state["decision_rule"]
+    assert rule["val_dice_with_rule"] >= rule["val_dice_threshold_only"] - 1e-9
+    assert len(rule["candidates"]) == 144
