@@ -155,14 +155,27 @@ class MetricTracker:
         """Mean per-image Dice, IoU and pixel accuracy, plus pooled Dice and IoU over all pixels."""
         if not self.dice:
             raise ValueError("no images were added")
-        pooled = Counts(*(torch.tensor([v], dtype=torch.float64) for v in self.totals))
+        tp, fp, fn, _ = self.totals
         return {
             "dice": float(np.mean(self.dice)),
             "iou": float(np.mean(self.iou)),
             "pixel_accuracy": float(np.mean(self.pixel_accuracy)),
-            "dice_pooled": dice_from_counts(pooled).item(),
-            "iou_pooled": iou_from_counts(pooled).item(),
+            **pooled_scores(tp, fp, fn),
         }
+
+
+def pooled_scores(tp: float, fp: float, fn: float) -> dict[str, float]:
+    """dice_pooled and iou_pooled of pixel counts summed over images (large tumours weigh more).
+
+    Both are 1.0 when the summed counts hold no tumour pixel at all, as for one image.
+
+    Args:
+        tp: true positive pixels of all images together.
+        fp: false positive pixels of all images together.
+        fn: false negative pixels of all images together.
+    """
+    pooled = Counts(*(torch.tensor([float(v)], dtype=torch.float64) for v in (tp, fp, fn, 0)))
+    return {"dice_pooled": dice_from_counts(pooled).item(), "iou_pooled": iou_from_counts(pooled).item()}
 
 
 # ---- Boundary distances --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from metrics import (FAILURE_RULES, FRAGMENTED_MAX_DICE, FRAGMENTED_MIN_COMPONEN
                      LOW_RATE, POOR_MAX_DICE, CalibrationTracker, MetricTracker, auroc,
                      average_surface_distance, calibration_bins, component_count, confusion_counts,
                      dice_per_image, failure_category, hausdorff95, iou_per_image, mask_border,
-                     per_image_report, pixel_accuracy_per_image, precision_per_image, rank_correlation,
+                     per_image_report, pixel_accuracy_per_image, pooled_scores, precision_per_image, rank_correlation,
                      sensitivity_per_image, summarise, surface_distances)
 
 
@@ -277,3 +277,9 @@ def test_summarise_leaves_out_undefined_values():
     s = summarise([math.nan])
     assert math.isnan(s["mean"]) and s["count"] == 0 and s["count_undefined"] == 1
 
+
+
+def test_pooled_scores_sum_pixels_over_images():
+    # image 1: tp 10, fp 0, fn 0; image 2: tp 0, fp 5, fn 5
+    assert pooled_scores(10, 5, 5) == {"dice_pooled": pytest.approx(20 / 30), "iou_pooled": pytest.approx(10 / 20)}
+    assert pooled_scores(0, 0, 0) == {"dice_pooled": 1.0, "iou_pooled": 1.0}  # nothing anywhere, nothing claimed
