@@ -8,8 +8,8 @@ from metrics import (FAILURE_RULES, FRAGMENTED_MAX_DICE, FRAGMENTED_MIN_COMPONEN
                      LOW_RATE, POOR_MAX_DICE, CalibrationTracker, MetricTracker, auroc,
                      average_surface_distance, calibration_bins, component_count, confusion_counts,
                      dice_per_image, failure_category, hausdorff95, iou_per_image, mask_border,
-                     per_image_report, pixel_accuracy_per_image, pooled_scores, precision_per_image, rank_correlation,
-                     sensitivity_per_image, summarise, surface_distances)
+                     per_image_report, pixel_accuracy_per_image, pooled_scores, precision_per_image,
+                     rank_correlation, region_uncertainty, sensitivity_per_image, summarise, surface_distances)
 
 
 def square(top: int, left: int, side: int, shape: tuple[int, int] = (32, 32)) -> np.ndarray:
@@ -283,3 +283,10 @@ def test_pooled_scores_sum_pixels_over_images():
     # image 1: tp 10, fp 0, fn 0; image 2: tp 0, fp 5, fn 5
     assert pooled_scores(10, 5, 5) == {"dice_pooled": pytest.approx(20 / 30), "iou_pooled": pytest.approx(10 / 20)}
     assert pooled_scores(0, 0, 0) == {"dice_pooled": 1.0, "iou_pooled": 1.0}  # nothing anywhere, nothing claimed
+
+
+def test_region_uncertainty_averages_where_any_view_sees_tumour():
+    probability = np.array([[0.0, 0.05, 0.1, 0.9]])
+    spread = np.array([[0.0, 0.04, 0.2, 0.1]])
+    assert region_uncertainty(spread, probability) == pytest.approx(0.15)  # the last two pixels
+    assert region_uncertainty(spread, np.zeros_like(probability)) == 0.0  # all agree: nothing there
