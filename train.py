@@ -318,6 +318,13 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
         "stop_reason": stop_reason, "patience": config.PATIENCE, "minutes": training_minutes,
         "train_images": len(train_idx), "val_images": len(val_idx), "device": str(device),
         "recipe": config.RECIPE, "decision_rule": rule_summary})
+    # TensorBoard's HParams tab: this run's settings beside its final scores, to compare runs side by side.
+    final_scores = {"hparam/best_val_dice": progress.best_dice, "hparam/best_epoch": progress.best_epoch,
+                    "hparam/epochs_run": progress.epochs_done, "hparam/minutes": training_minutes}
+    if rule_summary is not None:
+        final_scores["hparam/val_dice_with_rule"] = rule_summary["val_dice_with_rule"]
+    with SummaryWriter(log_dir=str(run_dir)) as hparams_writer:
+        hparams_writer.add_hparams(config.to_dict(), final_scores, run_name=".")  # ".": the run folder itself
     print(f"\nrun folder: {run_dir}\nbest epoch: {progress.best_epoch}, validation Dice {progress.best_dice:.4f}\n"
           f"curves:     tensorboard --logdir {config.RUNS_DIR}")
 
