@@ -1,9 +1,11 @@
-"""Predict tumour masks with a trained checkpoint; score them where ground truth exists.
+"""Predict tumour masks with a trained checkpoint; score them where ground truth exists; write a report.
 
     python test.py                                        # best.pt of the newest run, on DATA_ROOT
     python test.py --checkpoint runs/x/best.pt --data-root path/to/folder --threshold 0.4
     python test.py --data-root DATA --subset val          # only the patients the run held out
     python test.py --data-root DATA --group-by tumor_class  # also scores per metadata.csv value
+    python test.py --data-root DATA --pixel-spacing-mm 0.98 --strata tumor_class --tta true
+    python test.py --compare predictions/a predictions/b  # paired per-image Dice differences
 
 The folder needs `images/` (any sizes); with `masks/` each image is also
 scored against its mask at the image's own resolution. The model runs at the
@@ -11,8 +13,9 @@ size it was trained at, as rebuilt from the config inside the checkpoint; its
 probability map is resized back to each image before thresholding.
 
 Writes PREDICTION_ROOT/<run name>/: masks/, segmented/, overlays/ (PNG per
-image), metrics.csv and summary.json. Exit code 0 when every image was
-processed, 1 on a fatal error, 2 when some images could not be read.
+image; uncertainty/ too with TTA or an ensemble), metrics.csv, summary.json
+and report.html. Exit code 0 when every image was processed, 1 on a fatal
+error, 2 when some images could not be read.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import shutil
 import statistics
@@ -37,9 +41,11 @@ from PIL import Image
 from tqdm import tqdm
 
 import dataset
-from config import Config, build_parser, config_from_args
+import report
+from config import Config, _parse_bool, build_parser, config_from_args
 from inference import native_probabilities
-from metrics import MetricTracker
+from metrics import (FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY, CalibrationTracker, Spacing,
+                     auroc, per_image_report, pooled_scores, rank_correlation, region_uncertainty, summarise)
 from postprocess import DecisionRule
 from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, load_checkpoint, pick_device,
                    remove_stale_staging, save_json, staging_name, tolerant_console, write_atomic)
@@ -50,7 +56,14 @@ OVERLAY_ALPHA = 0.4
 OUTPUT_FOLDERS = ("masks", "segmented", "overlays")
 # The only config keys inference uses; training keys (size, channels...) come from the checkpoint.
 INFERENCE_KEYS = ("DATA_ROOT", "RUNS_DIR", "PREDICTION_ROOT", "BATCH_SIZE", "DEVICE", "THRESHOLD", "TTA")
-METRIC_COLUMNS = ["image", "dice", "iou", "pixel_accuracy", "gt_pixels", "pred_pixels"]
+# metrics.csv's numeric columns, in order; those an image lacks (mm without a spacing, uncertainty
+# without TTA or an ensemble) are left out. Text columns follow: category, tumour_size, metadata.
+NUMBER_COLUMNS = ("dice", "iou", "pixel_accuracy", "precision", "sensitivity", "hd95_px", "assd_px", "hd95_mm",
+                  "assd_mm", "pred_components", "true_components", "gt_pixels", "pred_pixels", "overlap_pixels",
+                  "uncertainty")
+SIZE_COLUMN = "tumour_size"
+SIZE_STRATA = ("small", "medium", "large", "no tumour")  # terciles of the true tumour area, then empty masks
+UNCERTAINTY_PNG_MAX = 0.5  # the largest possible std of probabilities: drawn white
 
 
 @dataclass
@@ -61,6 +74,18 @@ class Prediction:
     image: np.ndarray  # uint8 (H, W, 3) for display
     probability: np.ndarray  # float32 (H, W)
     mask: np.ndarray | None  # uint8 {0, 1} (H, W), None without ground truth
+    spread: np.ndarray | None  # float32 (H, W) std of the views'/members' probabilities; None with one view
+
+
+@dataclass
+class Scoring:
+    """How scores are grouped and measured, settled from the options and metadata.csv before predicting."""
+
+    group_column: str  # per-group scores by this metadata column; "" = none
+    strata_columns: list[str]  # per-stratum scores by these metadata columns (tumour size always)
+    labels: dict[str, dict[str, str]]  # metadata column -> image stem -> value
+    spacing: dict[str, Spacing] | None  # image stem -> pixel size in mm; None = distances in pixels only
+    spacing_source: str  # where the spacing came from, for summary.json
 
 
 def newest_checkpoint(runs_dir: Path) -> Path:
@@ -101,48 +126,119 @@ def validation_images(images: list[Path], split_path: Path) -> list[Path]:
     return chosen
 
 
-def image_groups(data_root: Path, column: str, images: list[Path]) -> dict[str, str]:
-    """Each image's value in metadata.csv's `column` ("" when its row is missing), for per-group scores."""
+def split_group_column(checkpoint_path: Path) -> str:
+    """The metadata column the checkpoint's run split its patients by ("" for a random split or no split.json)."""
+    try:
+        return json.loads((Path(checkpoint_path).resolve().parent / "split.json").read_text()).get("group_column") or ""
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def metadata_column(data_root: Path, column: str, images: list[Path], option: str) -> dict[str, str]:
+    """Each image's value in metadata.csv's `column` ("" when its row is missing); `option` names the flag in errors."""
     path = Path(data_root) / dataset.METADATA_FILE
     try:
         columns, rows = dataset.read_metadata(Path(data_root))
     except (OSError, ValueError) as error:
-        raise FileNotFoundError(f"{path}: cannot read it for --group-by ({error})") from error
+        raise FileNotFoundError(f"{path}: cannot read it for {option} ({error})") from error
     if column not in columns:
-        raise ValueError(f"{path}: no column '{column}' for --group-by (columns: {', '.join(columns)})")
-    return {p.stem: rows.get(dataset.stem_key(p), {}).get(column, "") for p in images}
+        raise ValueError(f"{path}: no column '{column}' for {option} (columns: {', '.join(columns)})")
+    return {p.stem: rows.get(dataset.stem_key(p), {}).get(column) or "" for p in images}
 
 
-def scores_by_group(rows: list[dict], groups: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Count, mean and median Dice and mean IoU of the scored images, per group."""
-    by_group: dict[str, list[dict]] = {}
-    for row in rows:
-        by_group.setdefault(groups[row["image"]], []).append(row)
-    return {group: {"count": len(members),
-                    "dice_mean": float(np.mean([r["dice"] for r in members])),
-                    "dice_median": statistics.median(r["dice"] for r in members),
-                    "iou_mean": float(np.mean([r["iou"] for r in members]))}
-            for group, members in sorted(by_group.items())}
+def pixel_spacings(data_root: Path, images: list[Path], spacing_mm: float | None,
+                   column: str | None) -> tuple[dict[str, Spacing] | None, str]:
+    """Each image's pixel size in mm, and where it came from; (None, "") when neither option gives one.
+
+    `column` (metadata.csv, one number per image: square pixels) wins; `spacing_mm`
+    serves every image without a value there, or all images without `column`.
+    """
+    if column is None:
+        if spacing_mm is None:
+            return None, ""
+        return {p.stem: (spacing_mm, spacing_mm) for p in images}, f"--pixel-spacing-mm {spacing_mm}"
+    path = Path(data_root) / dataset.METADATA_FILE
+    spacing = {}
+    for stem, text in metadata_column(data_root, column, images, "--spacing-column").items():
+        if not text.strip():
+            if spacing_mm is None:
+                raise ValueError(f"{path}: no '{column}' value for image_id '{stem}'; fill it in or give "
+                                 "--pixel-spacing-mm for images without one")
+            value = spacing_mm
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{path}: '{column}' of image_id '{stem}' is {text!r}, "
+                                 "not a pixel size in mm (a positive number)")
+        spacing[stem] = (value, value)
+    fallback = "" if spacing_mm is None else f", else --pixel-spacing-mm {spacing_mm}"
+    return spacing, f"metadata.csv column '{column}'{fallback}"
+
+
+def positive_number(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+class WithSquaredProbability(torch.nn.Module):
+    """Wraps a model so that one pass of `inference.probabilities` also yields the mean of p squared.
+
+    Given the batch [x, x] it runs the model on x once and returns its logits
+    for the first half and logit(p**2) for the second. `probabilities` then
+    averages sigmoid(output) over the TTA views as it always does: E[p] for
+    the first half, E[p**2] for the second, so the views' standard deviation
+    sqrt(E[p**2] - E[p]**2) comes from the one loop over views in inference.py.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        logits = self.model(batch[:len(batch) // 2])
+        probability = torch.sigmoid(logits.double())  # double: p**2 near 1 keeps its precision through logit
+        return torch.cat([logits, torch.logit(probability ** 2).to(logits.dtype)])
 
 
 def predict(models: list[LoadedCheckpoint], images: list[Path], masks: dict[str, Path] | None,
-            device: torch.device, batch_size: int, tta: bool, unreadable: list[str]) -> Iterator[Prediction]:
+            device: torch.device, batch_size: int, tta: bool, with_spread: bool,
+            unreadable: list[str]) -> Iterator[Prediction]:
     """Yield a Prediction per readable image: the mean probability of `models`, each run as it was trained.
 
-    Unreadable files are named in `unreadable` and skipped.
+    With `with_spread`, also the per-pixel standard deviation over every TTA
+    view of every model. Unreadable files are named in `unreadable` and skipped.
     """
     channels = sorted({3, *(loaded.config.IN_CHANNELS for loaded in models)})
     batch: list[tuple[Path, dict[int, np.ndarray], np.ndarray | None]] = []
 
     def run(batch):
-        total = [np.zeros(decoded[3].shape[:2], np.float32) for _, decoded, _ in batch]
+        count = len(batch)
+        sums = [np.zeros(decoded[3].shape[:2], np.float32) for _, decoded, _ in batch]
+        square_sums = [np.zeros_like(total) for total in sums] if with_spread else []
         for loaded in models:
             inputs = [decoded[loaded.config.IN_CHANNELS] for _, decoded, _ in batch]
-            for sum_map, probability in zip(total, native_probabilities(loaded.model, loaded.config, inputs,
-                                                                         device, tta), strict=True):
-                sum_map += probability
-        for (path, decoded, mask), sum_map in zip(batch, total, strict=True):
-            yield Prediction(path.stem, decoded[3], sum_map / len(models), mask)
+            if with_spread:
+                maps = native_probabilities(WithSquaredProbability(loaded.model), loaded.config, inputs + inputs,
+                                            device, tta)
+            else:
+                maps = native_probabilities(loaded.model, loaded.config, inputs, device, tta)
+            for index, probability in enumerate(maps):
+                (sums if index < count else square_sums)[index % count] += probability
+        for index, (path, decoded, mask) in enumerate(batch):
+            mean = sums[index] / len(models)
+            spread = None
+            if with_spread:  # std over all views of all models; clipped: rounding can dip below 0
+                spread = np.sqrt(np.maximum(square_sums[index] / len(models) - mean ** 2, 0))
+            yield Prediction(path.stem, decoded[3], mean, mask, spread)
 
     for path in tqdm(images, desc="predict", dynamic_ncols=True):
         try:
@@ -164,6 +260,52 @@ def predict(models: list[LoadedCheckpoint], images: list[Path], masks: dict[str,
             batch = []
     if batch:
         yield from run(batch)
+
+
+def heat_colours(spread: np.ndarray) -> np.ndarray:
+    """A spread map (0 .. UNCERTAINTY_PNG_MAX) as uint8 RGB: black, red, yellow, white as it grows."""
+    level = np.clip(spread / UNCERTAINTY_PNG_MAX, 0, 1)[..., None]
+    rgb = np.clip(3 * level - np.array([0, 1, 2]), 0, 1)  # red rises first, then green, then blue
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def group_scores(rows: list[dict]) -> dict[str, float | int]:
+    """Count, per-image means (Dice also median), pooled Dice and IoU and poor images of a set of scored images."""
+    dice = [r["dice"] for r in rows]
+    scores: dict[str, float | int] = {"count": len(rows), "dice_mean": float(np.mean(dice)),
+                                      "dice_median": statistics.median(dice)}
+    overlap = sum(r["overlap_pixels"] for r in rows)
+    scores.update(pooled_scores(overlap, sum(r["pred_pixels"] for r in rows) - overlap,
+                                sum(r["gt_pixels"] for r in rows) - overlap))
+    for key in ("iou", "precision", "sensitivity", "hd95_px", "assd_px", "hd95_mm", "assd_mm", "uncertainty"):
+        if key in rows[0]:
+            scores[f"{key}_mean"] = summarise([r[key] for r in rows])["mean"]  # undefined ones left out
+    scores["poor"] = sum(d < POOR_MAX_DICE for d in dice)
+    return scores
+
+
+def scores_by_label(rows: list[dict], column: str, order: tuple[str, ...] = ()) -> dict[str, dict]:
+    """`group_scores` of the rows sharing each value of `column`: the values in `order` first, the rest sorted."""
+    by_label: dict[str, list[dict]] = {}
+    for row in rows:
+        by_label.setdefault(row[column], []).append(row)
+    labels = [label for label in order if label in by_label] + sorted(set(by_label) - set(order))
+    return {label: group_scores(by_label[label]) for label in labels}
+
+
+def size_strata(rows: list[dict]) -> list[float]:
+    """Label each row's SIZE_COLUMN by terciles of the true tumour area; returns the two edges in pixels.
+
+    Terciles of the images with tumour: "small" up to the first edge, "medium"
+    up to the second, "large" above; images without tumour are "no tumour".
+    """
+    areas = [r["gt_pixels"] for r in rows if r["gt_pixels"] > 0]
+    edges = [float(e) for e in np.quantile(areas, [1 / 3, 2 / 3])] if areas else []
+    for row in rows:
+        area = row["gt_pixels"]
+        row[SIZE_COLUMN] = ("no tumour" if area == 0 else "small" if area <= edges[0]
+                            else "medium" if area <= edges[1] else "large")
+    return edges
 
 
 def decision_rule(loaded: LoadedCheckpoint, args: argparse.Namespace) -> tuple[DecisionRule, str]:
@@ -289,11 +431,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", choices=("all", "val"), default="all",
                         help="'val': only the images the checkpoint's run held out (its split.json)")
     parser.add_argument("--group-by", metavar="COLUMN",
-                        help="also report scores per value of this metadata.csv column (e.g. tumor_class)")
+                        help="scores per value of this metadata.csv column, e.g. per patient (default: the column "
+                             "the run's split grouped by, where DATA_ROOT's metadata.csv has it; '' for none)")
+    parser.add_argument("--strata", metavar="COLUMN", nargs="+", default=[],
+                        help="also scores per value of these metadata.csv columns (e.g. tumor_class); "
+                             "tumour-size terciles are always scored")
+    parser.add_argument("--pixel-spacing-mm", type=positive_number, metavar="MM",
+                        help="pixel size of the images as they are, in mm: adds HD95 and ASSD in mm "
+                             "(the shared 256 px figshare slices: 0.98)")
+    parser.add_argument("--spacing-column", metavar="COLUMN",
+                        help="metadata.csv column holding each image's pixel size in mm; --pixel-spacing-mm "
+                             "then serves only images with an empty cell")
+    parser.add_argument("--report", type=_parse_bool, default=True, metavar="BOOL",
+                        help="write report.html, one self-contained page of the scores (default: true)")
+    parser.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"),
+                        help="compare two prediction folders instead of predicting: per-image Dice differences "
+                             "(B minus A) and a paired Wilcoxon signed-rank test")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace PREDICTION_ROOT/<run name>/ instead of writing a fresh <run name>-N/")
     args = parser.parse_args(argv)
     options = config_from_args(parser, args)  # the command line's inference settings
+    if args.compare:
+        return compare_predictions(*args.compare)
     started = time.perf_counter()
 
     try:
@@ -304,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.subset == "val":
             for path in checkpoint_paths:  # held out by every member of an ensemble
                 images = validation_images(images, path.resolve().parent / "split.json")
-        groups = image_groups(Path(options.DATA_ROOT), args.group_by, images) if args.group_by else None
+        scoring, notes = settle_scoring(Path(options.DATA_ROOT), images, checkpoint_paths[0], args)
         name = output_name(checkpoint_paths[0])
         if len(models) > 1:
             name = f"{name}-ensemble{len(models)}"
@@ -323,10 +482,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{trained.IMAGE_SIZE} px{', head crop' if trained.CROP else ''}, {trained.IN_CHANNELS} channel(s), "
               f"{trained.NORMALIZATION})")
     print(f"images:     {len(images)} from {options.DATA_ROOT}" + ("" if masks is not None else " (predict only)"))
+    for note in notes:
+        print(f"note: {note}")
 
     try:
-        summary, failures = predict_and_write(models, checkpoint_paths, images, masks, groups, staging, device,
+        summary, failures = predict_and_write(models, checkpoint_paths, images, masks, scoring, staging, device,
                                               options, args, started)
+        report_seconds = None
+        if args.report and summary["scored"]:
+            report_started = time.perf_counter()
+            report.write_report(staging)
+            report_seconds = time.perf_counter() - report_started
         out_dir = publish(staging, Path(options.PREDICTION_ROOT), name, args.overwrite)
     except KeyboardInterrupt:
         shutil.rmtree(staging, ignore_errors=True)
@@ -338,39 +504,104 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {reason}\nnothing was written; earlier predictions are untouched", file=sys.stderr)
         return 1
 
-    print(f"\n{'images processed':<18}{summary['count']}\n{'scored':<18}{summary['scored']}\n"
-          f"{'decision rule':<18}{summary['decision_rule_text']} ({summary['decision_rule_source']})")
-    if summary["scored"]:
-        for key in ("dice_mean", "dice_median", "dice_pooled", "iou_mean", "pixel_accuracy"):
-            print(f"{key:<18}{summary[key]:.4f}")
-        for group, scores in summary.get("by_group", {}).get("groups", {}).items():
-            print(f"  {args.group_by} {group or '(none)'}: {scores['count']} images, "
-                  f"Dice mean {scores['dice_mean']:.4f}, median {scores['dice_median']:.4f}")
+    print_summary(summary, scoring)
+    if report_seconds is not None:
+        print(f"{'report':<18}{out_dir / 'report.html'} (written in {report_seconds:.1f} s)")
     print(f"{'images/s':<18}{summary['images_per_second']:.1f}\n{'outputs':<18}{out_dir}")
     for failure in failures:
         print(f"warning: {failure}", file=sys.stderr)
     return 2 if summary["count"] < len(images) else 0
 
 
+def settle_scoring(data_root: Path, images: list[Path], checkpoint_path: Path,
+                   args: argparse.Namespace) -> tuple[Scoring, list[str]]:
+    """Group and strata columns with each image's values, and pixel spacings; raises ValueError naming the file.
+
+    Without --group-by, scores are grouped by the column the checkpoint's run
+    split by, when DATA_ROOT's metadata.csv has it (a note says why not otherwise).
+    """
+    notes = []
+    group_column = args.group_by if args.group_by is not None else split_group_column(checkpoint_path)
+    if args.group_by is None and group_column:
+        try:
+            metadata_column(data_root, group_column, images, "--group-by")
+        except (FileNotFoundError, ValueError) as error:
+            notes.append(f"not grouping by the run's split column '{group_column}': {error}")
+            group_column = ""
+    options = {group_column: "--group-by"} if group_column else {}
+    options.update({column: "--strata" for column in args.strata if column not in options})
+    taken = {"image", "category", SIZE_COLUMN, *NUMBER_COLUMNS}
+    for column, option in options.items():
+        if column in taken:  # metrics.csv holds metadata values beside the scores, by column name
+            raise ValueError(f"{option} {column}: metrics.csv already has a column of that name; "
+                             "rename the column in metadata.csv")
+    labels = {column: metadata_column(data_root, column, images, option) for column, option in options.items()}
+    spacing, spacing_source = pixel_spacings(data_root, images, args.pixel_spacing_mm, args.spacing_column)
+    strata = [column for column in options if column != group_column]
+    return Scoring(group_column, strata, labels, spacing, spacing_source), notes
+
+
+def print_summary(summary: dict, scoring: Scoring) -> None:
+    """The summary's main figures on the console."""
+    print(f"\n{'images processed':<18}{summary['count']}\n{'scored':<18}{summary['scored']}\n"
+          f"{'decision rule':<18}{summary['decision_rule_text']} ({summary['decision_rule_source']})")
+    if not summary["scored"]:
+        return
+    for key in ("dice_mean", "dice_median", "dice_pooled", "iou_mean", "pixel_accuracy"):
+        print(f"{key:<18}{summary[key]:.4f}")
+    for key in ("precision", "sensitivity", "hd95_px", "assd_px", "hd95_mm", "assd_mm"):
+        stats = summary["metrics"].get(key)
+        if stats is not None and stats["count"]:
+            undefined = f" ({stats['count_undefined']} undefined)" if stats["count_undefined"] else ""
+            print(f"{key + '_mean':<18}{stats['mean']:.4f}   median {stats['median']:.4f}{undefined}")
+    print("failure categories: " + ", ".join(f"{name} {count}" for name, count in summary["failure_counts"].items()
+                                             if count))
+    print(f"{'calibration ECE':<18}{summary['calibration']['ece']:.4f}")
+    if "uncertainty" in summary:
+        u = summary["uncertainty"]
+        print(f"{'uncertainty':<18}Spearman with Dice {format_number(u['spearman_with_dice'])}, AUROC for "
+              f"Dice < {u['poor_dice_below']}: {format_number(u['auroc_poor'])} ({u['poor_images']} such images)")
+    for group, scores in summary.get("by_group", {}).get("groups", {}).items():
+        print(f"  {scoring.group_column} {group or '(none)'}: {scores['count']} images, "
+              f"Dice mean {scores['dice_mean']:.4f}, median {scores['dice_median']:.4f}, "
+              f"pooled {scores['dice_pooled']:.4f}")
+    for column, stratum in summary["strata"].items():
+        print(f"  by {column}: " + ", ".join(f"{label or '(none)'} {scores['dice_mean']:.3f} ({scores['count']})"
+                                             for label, scores in stratum["groups"].items()))
+
+
+def format_number(value: float | None) -> str:
+    """A summary figure with 3 decimals; 'undefined' for None (a NaN in summary.json)."""
+    return "undefined" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
 def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Path], images: list[Path],
-                      masks: dict[str, Path] | None, groups: dict[str, str] | None, staging: Path,
+                      masks: dict[str, Path] | None, scoring: Scoring, staging: Path,
                       device: torch.device, options: Config, args: argparse.Namespace,
                       started: float) -> tuple[dict, list[str]]:
     """Predict every image into `staging` (PNGs, metrics.csv, summary.json); returns (summary, warnings)."""
     rule, rule_source = decision_rule(models[0], args)
+    with_spread = options.TTA or len(models) > 1  # several views or members: their disagreement is measurable
+    if with_spread:
+        (staging / "uncertainty").mkdir()
     unreadable: list[str] = []
-    tracker, rows = MetricTracker(), []
+    rows: list[dict] = []
+    calibration = CalibrationTracker()
     predict_start = time.perf_counter()
-    for p in predict(models, images, masks, device, options.BATCH_SIZE, options.TTA, unreadable):
+    for p in predict(models, images, masks, device, options.BATCH_SIZE, options.TTA, with_spread, unreadable):
         predicted = rule.apply(p.probability)
         save_png(staging / "masks" / f"{p.stem}.png", predicted.astype(np.uint8) * 255)
         save_png(staging / "segmented" / f"{p.stem}.png", np.where(predicted[..., None], p.image, 0))
         save_png(staging / "overlays" / f"{p.stem}.png", overlay(p.image, predicted, p.mask))
+        if p.spread is not None:
+            save_png(staging / "uncertainty" / f"{p.stem}.png", heat_colours(p.spread))
         if p.mask is not None:
-            tracker.update(predicted[None], p.mask[None])
-            rows.append({"image": p.stem, "dice": tracker.dice[-1], "iou": tracker.iou[-1],
-                         "pixel_accuracy": tracker.pixel_accuracy[-1], "gt_pixels": int(p.mask.sum()),
-                         "pred_pixels": int(predicted.sum())})
+            spacing = None if scoring.spacing is None else scoring.spacing[p.stem]
+            row = {"image": p.stem, **per_image_report(predicted, p.mask, spacing)}
+            if p.spread is not None:
+                row["uncertainty"] = region_uncertainty(p.spread, p.probability)
+            rows.append(row)
+            calibration.update(p.probability, p.mask)
     unscored = [] if masks is None else [f"{options.DATA_ROOT}/masks: no mask for '{p.stem}', not scored"
                                          for p in images if p.stem not in masks]
     failures = unreadable + unscored
@@ -391,26 +622,132 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
                              "image_size": loaded.config.IMAGE_SIZE, "crop": loaded.config.CROP}
                             for path, loaded in zip(checkpoint_paths, models, strict=True)],
                "training_images_scored": seen_in_training, "training_overlap_note": note,
+               "pixel_spacing_mm": scoring.spacing_source or None,
+               "uncertainty_maps": with_spread,
                "wall_seconds": time.perf_counter() - started,
-               # prediction loop only: decoding, inference, resizing back and writing the PNGs
+               # prediction loop only: decoding, inference, resizing back, writing the PNGs, per-image scores
                "images_per_second": processed / (time.perf_counter() - predict_start), "problems": failures}
     if rows:
-        table = io.StringIO()
-        writer = csv.DictWriter(table, METRIC_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-        write_atomic(staging / "metrics.csv", table.getvalue())
-        overall = tracker.summary()
-        dice, iou = [r["dice"] for r in rows], [r["iou"] for r in rows]
-        summary.update({
-            "dice_mean": overall["dice"], "dice_median": statistics.median(dice), "dice_std": float(np.std(dice)),
-            "iou_mean": overall["iou"], "iou_median": statistics.median(iou), "iou_std": float(np.std(iou)),
-            "dice_pooled": overall["dice_pooled"], "iou_pooled": overall["iou_pooled"],
-            "pixel_accuracy": overall["pixel_accuracy"]})
-        if groups is not None:
-            summary["by_group"] = {"column": args.group_by, "groups": scores_by_group(rows, groups)}
-    save_json(staging / "summary.json", summary)
+        size_edges = label_rows(rows, scoring)
+        write_metrics(staging / "metrics.csv", rows, scoring)
+        summary.update(score_summary(rows, scoring, size_edges, calibration))
+    save_json(staging / "summary.json", json_ready(summary))
     return summary, failures
+
+
+def label_rows(rows: list[dict], scoring: Scoring) -> list[float]:
+    """Add each row's tumour-size stratum and metadata values; returns the size terciles' edges in pixels."""
+    edges = size_strata(rows)
+    for column, values in scoring.labels.items():
+        for row in rows:
+            row[column] = values[row["image"]]
+    return edges
+
+
+def write_metrics(path: Path, rows: list[dict], scoring: Scoring) -> None:
+    """metrics.csv: one row per scored image, numbers first, then text; an undefined number is left empty."""
+    columns = ["image", *(key for key in NUMBER_COLUMNS if key in rows[0]), "category", SIZE_COLUMN,
+               *scoring.labels]
+    table = io.StringIO()
+    writer = csv.DictWriter(table, columns)
+    writer.writeheader()
+    writer.writerows({key: "" if isinstance(value, float) and math.isnan(value) else value
+                      for key, value in row.items()} for row in rows)
+    write_atomic(path, table.getvalue())
+
+
+def score_summary(rows: list[dict], scoring: Scoring, size_edges: list[float],
+                  calibration: CalibrationTracker) -> dict:
+    """summary.json's scores: overall, per metric, per failure category, per group and stratum, uncertainty."""
+    metrics = {key: summarise([r[key] for r in rows]) for key in NUMBER_COLUMNS if key in rows[0]}
+    overall = group_scores(rows)
+    summary = {
+        "dice_mean": overall["dice_mean"], "dice_median": overall["dice_median"], "dice_std": metrics["dice"]["std"],
+        "iou_mean": metrics["iou"]["mean"], "iou_median": metrics["iou"]["median"], "iou_std": metrics["iou"]["std"],
+        "dice_pooled": overall["dice_pooled"], "iou_pooled": overall["iou_pooled"],
+        "pixel_accuracy": metrics["pixel_accuracy"]["mean"],
+        "metrics": metrics,
+        "failure_rules": [{"category": name, "rule": rule} for name, rule in FAILURE_RULES],
+        "failure_counts": {name: sum(r["category"] == name for r in rows) for name, _ in FAILURE_RULES},
+        "strata": {SIZE_COLUMN: {"edges_px": size_edges, "groups": scores_by_label(rows, SIZE_COLUMN, SIZE_STRATA)},
+                   **{column: {"groups": scores_by_label(rows, column)} for column in scoring.strata_columns}},
+        "calibration": calibration.summary(),
+    }
+    if scoring.group_column:
+        summary["by_group"] = {"column": scoring.group_column, "groups": scores_by_label(rows, scoring.group_column)}
+    if "uncertainty" in rows[0]:
+        uncertainty, dice = [r["uncertainty"] for r in rows], [r["dice"] for r in rows]
+        summary["uncertainty"] = {
+            "region_min_probability": UNCERTAINTY_REGION_PROBABILITY,
+            "spearman_with_dice": rank_correlation(uncertainty, dice),
+            "poor_dice_below": POOR_MAX_DICE, "poor_images": sum(d < POOR_MAX_DICE for d in dice),
+            "auroc_poor": auroc(uncertainty, [d < POOR_MAX_DICE for d in dice])}
+    return summary
+
+
+def json_ready(value):
+    """`value` with every NaN replaced by None (null), so summary.json is strict JSON that browsers and jq read."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
+
+
+def dice_by_image(folder: Path) -> dict[str, float]:
+    """Each image's Dice from a prediction folder's metrics.csv; errors name the file and line."""
+    path = Path(folder) / "metrics.csv"
+    dice = {}
+    for line, row in enumerate(report.read_metrics(path), start=2):
+        try:
+            value = float(row["dice"])
+        except (TypeError, ValueError):
+            value = math.nan
+        if not 0 <= value <= 1:
+            raise ValueError(f"{path}: line {line}: Dice {row['dice']!r} is not a number from 0 to 1")
+        dice[row["image"]] = value
+    return dice
+
+
+def compare_predictions(first: Path, second: Path) -> int:
+    """Print per-image Dice of two prediction folders, B minus A, with a paired Wilcoxon signed-rank test.
+
+    Only images scored in both folders are compared. Returns the exit code: 1
+    when a folder has no readable metrics.csv or they share no image.
+    """
+    from scipy import stats  # here, not at the top: only --compare needs it
+
+    try:
+        dice_a, dice_b = dice_by_image(first), dice_by_image(second)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    shared = sorted(set(dice_a) & set(dice_b))
+    if not shared:
+        print(f"error: {first} and {second} share no scored image; compare predictions of the same images",
+              file=sys.stderr)
+        return 1
+    differences = np.array([dice_b[name] - dice_a[name] for name in shared])
+    width = max(12, *(len(name) for name in shared)) + 2
+    print(f"A = {first}\nB = {second}\nper-image Dice, most worsened first:")
+    print(f"  {'image':<{width}}{'A':>8}{'B':>8}{'B - A':>9}")
+    for index in np.argsort(differences, kind="stable"):
+        name = shared[index]
+        print(f"  {name:<{width}}{dice_a[name]:>8.4f}{dice_b[name]:>8.4f}{differences[index]:>+9.4f}")
+    improved, worsened = int((differences > 0).sum()), int((differences < 0).sum())
+    only_a, only_b = len(set(dice_a) - set(dice_b)), len(set(dice_b) - set(dice_a))
+    print(f"\n{len(shared)} images in both" + (f" ({only_a} only in A, {only_b} only in B: left out)"
+                                              if only_a or only_b else ""))
+    print(f"mean difference {differences.mean():+.4f} (median {np.median(differences):+.4f}); B better on "
+          f"{improved}, worse on {worsened}, equal on {len(shared) - improved - worsened}")
+    if improved + worsened == 0:
+        print("Wilcoxon signed-rank test: not applicable, every shared image has the same Dice")
+    else:  # zero differences are left out, as in Wilcoxon's original test
+        test = stats.wilcoxon(differences, zero_method="wilcox")
+        print(f"Wilcoxon signed-rank test (paired, two-sided): W = {test.statistic:.1f}, p = {test.pvalue:.4g}")
+    return 0
 
 
 def save_png(path: Path, pixels: np.ndarray) -> None:
