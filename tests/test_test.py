@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import pickle
 import shutil
@@ -16,7 +17,7 @@ import train
 from conftest import ROOT, link_subset, load_script
 import dataset
 from dataset import read_mask
-from metrics import dice_per_image, iou_per_image
+from metrics import dice_per_image, iou_per_image, per_image_report
 
 test_script = load_script(ROOT / "test.py")
 
@@ -62,6 +63,13 @@ def check_outputs_match_metrics(out, data_root):
         assert float(rows[stem]["dice"]) == pytest.approx(dice_per_image(predicted[None] > 0, truth[None]).item())
         assert float(rows[stem]["iou"]) == pytest.approx(iou_per_image(predicted[None] > 0, truth[None]).item())
         assert int(rows[stem]["gt_pixels"]) == truth.sum() and int(rows[stem]["pred_pixels"]) == (predicted > 0).sum()
+        for key, value in per_image_report(predicted > 0, truth).items():  # every column, undefined ones empty
+            if key == "category":
+                assert rows[stem][key] == value
+            elif math.isnan(value):
+                assert rows[stem][key] == "", (stem, key)
+            else:
+                assert float(rows[stem][key]) == pytest.approx(value), (stem, key)
     return rows
 
 
@@ -450,3 +458,184 @@ def test_a_head_cropped_model_writes_native_size_outputs_that_match_its_metrics(
     assert run_test("--checkpoint", runs / "crop" / "best.pt", "--data-root", mixed_sizes,
                     "--prediction-root", preds) == 0
     check_outputs_match_metrics(preds / "crop", mixed_sizes)
+
+
+# ---- issue 9: metrics, groups and strata, uncertainty, report, comparing runs
+
+def metrics_rows(folder):
+    return list(csv.DictReader(open(folder / "metrics.csv", newline="")))
+
+
+def write_metadata(root, rows):
+    with open(root / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_summary_counts_every_image_once_and_undefined_values_apart(tiny_run, demo_root, tmp_path):
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
+                    "--threshold", "0.001") == 0  # a very low threshold: large masks, so distances are defined
+    rows, summary = metrics_rows(preds / "tiny"), json.loads((preds / "tiny" / "summary.json").read_text())
+    assert sum(summary["failure_counts"].values()) == len(rows) == summary["scored"]
+    assert [rule["category"] for rule in summary["failure_rules"]] == list(summary["failure_counts"])
+    for key, stats in summary["metrics"].items():
+        assert stats["count"] + stats["count_undefined"] == len(rows), key
+    empty = sum(int(r["pred_pixels"]) == 0 or int(r["gt_pixels"]) == 0 for r in rows)
+    assert summary["metrics"]["hd95_px"]["count_undefined"] == empty < len(rows)
+    defined = [float(r["hd95_px"]) for r in rows if r["hd95_px"]]
+    assert summary["metrics"]["hd95_px"]["mean"] == pytest.approx(np.mean(defined))
+    size = summary["strata"]["tumour_size"]
+    low, high = size["edges_px"]
+    for row in rows:
+        area = int(row["gt_pixels"])
+        assert row["tumour_size"] == ("small" if area <= low else "medium" if area <= high else "large")
+    assert sum(g["count"] for g in size["groups"].values()) == len(rows) and list(size["groups"])[0] == "small"
+    assert 0 <= summary["calibration"]["ece"] <= 1 and sum(summary["calibration"]["counts"]) > 0
+    assert (preds / "tiny" / "report.html").is_file()
+
+
+def test_pixel_spacing_in_mm_from_a_value_or_a_metadata_column(tiny_run, mixed_sizes, tmp_path, capsys):
+    preds = tmp_path / "preds"
+    common = ["--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
+              "--threshold", "0.001", "--report", "false"]
+    assert run_test(*common, "--pixel-spacing-mm", "0.5") == 0
+    rows = metrics_rows(preds / "tiny")
+    assert all(r["hd95_px"] for r in rows)
+    for row in rows:
+        assert float(row["hd95_mm"]) == pytest.approx(0.5 * float(row["hd95_px"]))
+        assert float(row["assd_mm"]) == pytest.approx(0.5 * float(row["assd_px"]))
+    assert json.loads((preds / "tiny" / "summary.json").read_text())["pixel_spacing_mm"] == "--pixel-spacing-mm 0.5"
+    spacing = {"demo_0000": "0.25", "demo_0001": "2", "demo_0002": ""}
+    write_metadata(mixed_sizes, [{"image_id": stem, "mm": value} for stem, value in spacing.items()])
+    assert run_test(*common, "--spacing-column", "mm") == 1  # demo_0002 has none, and no fallback
+    assert "metadata.csv: no 'mm' value for image_id 'demo_0002'" in capsys.readouterr().err
+    assert run_test(*common, "--spacing-column", "mm", "--pixel-spacing-mm", "4") == 0
+    for row in metrics_rows(preds / "tiny-2"):
+        assert float(row["hd95_mm"]) == pytest.approx(float(spacing[row["image"]] or 4) * float(row["hd95_px"]))
+    write_metadata(mixed_sizes, [{"image_id": stem, "mm": "-1"} for stem in spacing])
+    assert run_test(*common, "--spacing-column", "mm") == 1
+    assert "'mm' of image_id 'demo_0000' is '-1', not a pixel size in mm" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        run_test(*common, "--pixel-spacing-mm", "nan")
+    assert exit_info.value.code == 2 and "expected a positive number" in capsys.readouterr().err
+    assert sorted(p.name for p in preds.iterdir()) == ["tiny", "tiny-2"]  # refusals write nothing
+
+
+def test_scores_per_patient_by_default_and_per_stratum(tiny_run, demo_root, tmp_path, capsys):
+    run = tmp_path / "grouped"  # tiny_run as if trained with --split-group-column patient_id
+    shutil.copytree(tiny_run, run)
+    split = json.loads((run / "split.json").read_text())
+    (run / "split.json").write_text(json.dumps({**split, "group_column": "patient_id", "data_root": str(demo_root)}))
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
+                    "--strata", "tumor_class", "--threshold", "0.001") == 0
+    summary, rows = json.loads((preds / "grouped" / "summary.json").read_text()), metrics_rows(preds / "grouped")
+    assert summary["by_group"]["column"] == "patient_id" and "patient_id p000" in capsys.readouterr().out
+    for patient, scores in summary["by_group"]["groups"].items():
+        members = [r for r in rows if r["patient_id"] == patient]
+        overlap = sum(int(r["overlap_pixels"]) for r in members)
+        pixels = sum(int(r["gt_pixels"]) + int(r["pred_pixels"]) for r in members)
+        assert scores["count"] == len(members) == 4
+        assert scores["dice_mean"] == pytest.approx(np.mean([float(r["dice"]) for r in members]))
+        assert scores["dice_pooled"] == pytest.approx(2 * overlap / pixels)  # all its pixels together
+    classes = summary["strata"]["tumor_class"]["groups"]
+    assert set(classes) == {r["tumor_class"] for r in rows} and sum(g["count"] for g in classes.values()) == 24
+    assert run_test("--checkpoint", run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
+                    "--group-by", "", "--report", "false") == 0
+    assert "by_group" not in json.loads((preds / "grouped-2" / "summary.json").read_text())
+    other = tmp_path / "other"  # data without that column: a note, no groups
+    shutil.copytree(demo_root, other)
+    write_metadata(other, [{"image_id": r["image_id"], "site": "a"}
+                           for r in csv.DictReader(open(demo_root / "metadata.csv"))])
+    assert run_test("--checkpoint", run / "best.pt", "--data-root", other, "--prediction-root", preds,
+                    "--report", "false") == 0
+    assert "not grouping by the run's split column 'patient_id'" in capsys.readouterr().out
+    write_metadata(other, [{"image_id": r["image_id"], "dice": "x"}
+                           for r in csv.DictReader(open(demo_root / "metadata.csv"))])
+    assert run_test("--checkpoint", run / "best.pt", "--data-root", other, "--prediction-root", preds,
+                    "--strata", "dice") == 1
+    assert "--strata dice: metrics.csv already has a column of that name" in capsys.readouterr().err
+
+
+def test_spread_over_tta_views_is_their_standard_deviation():
+    inputs = torch.randn(2, 1, 8, 8)
+    ramp = torch.arange(8.0).expand(1, 1, 8, 8) / 4
+    biased = lambda x: x + ramp  # noqa: E731  (each view sees the ramp differently)
+    moments = inference.probabilities(test_script.WithSquaredProbability(biased), torch.cat([inputs, inputs]),
+                                      tta=True)
+    views = torch.stack([torch.sigmoid(inputs + torch.rot90(r, -k, (2, 3)))
+                         for k in range(4) for r in (ramp, ramp.flip(3))])
+    mean, square = moments[:2], moments[2:]
+    assert torch.allclose(mean, inference.probabilities(biased, inputs, tta=True))
+    assert torch.allclose(mean, views.mean(0), atol=1e-6)
+    assert torch.allclose((square - mean ** 2).clamp(min=0).sqrt(), views.std(0, correction=0), atol=1e-3)
+
+
+def test_tta_writes_uncertainty_maps_and_scores(tiny_run, mixed_sizes, tmp_path):
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
+                    "--tta", "true", "--threshold", "0.001") == 0
+    out = preds / "tiny"
+    for image_path in (mixed_sizes / "images").iterdir():
+        shown = Image.open(out / "uncertainty" / image_path.name)
+        assert shown.size == Image.open(image_path).size and shown.mode == "RGB"
+    rows = metrics_rows(out)
+    assert all(0 <= float(r["uncertainty"]) <= 0.5 for r in rows)
+    uncertainty = json.loads((out / "summary.json").read_text())["uncertainty"]
+    assert uncertainty["poor_images"] == sum(float(r["dice"]) < 0.5 for r in rows)
+    assert set(uncertainty) >= {"spearman_with_dice", "auroc_poor", "region_min_probability"}
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
+                    "--report", "false") == 0
+    assert not (preds / "tiny-2" / "uncertainty").exists() and "uncertainty" not in metrics_rows(preds / "tiny-2")[0]
+    assert not (preds / "tiny-2" / "report.html").exists()
+
+
+def test_an_ensemble_of_one_model_twice_is_certain(tiny_run, mixed_sizes, tmp_path):
+    preds = tmp_path / "preds"
+    best = tiny_run / "best.pt"
+    assert run_test("--checkpoint", best, best, "--data-root", mixed_sizes, "--prediction-root", preds,
+                    "--threshold", "0.001", "--report", "false") == 0
+    assert all(float(r["uncertainty"]) < 1e-3 for r in metrics_rows(preds / "tiny-ensemble2"))
+    for path in (preds / "tiny-ensemble2" / "uncertainty").iterdir():
+        assert np.asarray(Image.open(path)).max() <= 1
+
+
+def test_compare_two_prediction_folders(tiny_run, mixed_sizes, tmp_path, capsys):
+    preds = tmp_path / "preds"
+    for threshold in ("0.001", "0.3"):
+        assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root",
+                        preds, "--threshold", threshold, "--report", "false") == 0
+    capsys.readouterr()
+    a, b = preds / "tiny", preds / "tiny-2"
+    assert run_test("--compare", a, b) == 0
+    out = capsys.readouterr().out
+    dice_a = {r["image"]: float(r["dice"]) for r in metrics_rows(a)}
+    differences = [float(r["dice"]) - dice_a[r["image"]] for r in metrics_rows(b)]
+    assert f"mean difference {np.mean(differences):+.4f}" in out and "3 images in both" in out
+    assert "Wilcoxon signed-rank test" in out and all(name in out for name in dice_a)
+    assert run_test("--compare", a, a) == 0
+    assert "B better on 0, worse on 0, equal on 3" in capsys.readouterr().out
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.csv").write_text("image,dice\nsomething_else,0.5\n")
+    assert run_test("--compare", a, other) == 1
+    assert "share no scored image" in capsys.readouterr().err
+    (other / "metrics.csv").write_text("image,dice\ndemo_0000,high\n")
+    assert run_test("--compare", a, other) == 1
+    assert "metrics.csv: line 2: Dice 'high' is not a number" in capsys.readouterr().err
+    (other / "metrics.csv").unlink()
+    assert run_test("--compare", a, other) == 1
+    assert f"{other / 'metrics.csv'}: not found" in capsys.readouterr().err
+
+
+def test_training_logs_hparams_for_tensorboard(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    events = EventAccumulator(str(tiny_run))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["IMAGE_SIZE"].number_value == 32 and hparams["NORMALIZATION"].string_value == "zscore"
+    assert "hparam/best_val_dice" in events.Tags()["scalars"]
