@@ -344,7 +344,7 @@ dt { font-weight: bold; } dd { margin: 0; }
 table { border-collapse: collapse; margin: 0.5em 0; } td, th { border: 1px solid #ddd; padding: 2px 6px; }
 th { background: #f2f2f2; cursor: pointer; position: sticky; top: 0; user-select: none; }
 th[data-type=none] { cursor: default; } th.asc::after { content: " \\25B2"; } th.desc::after { content: " \\25BC"; }
-td[data-sort] { text-align: right; font-variant-numeric: tabular-nums; }
+td[data-sort] { text-align: right; font-variant-numeric: tabular-nums; } #image-table td { white-space: nowrap; }
 img.thumb { width: 72px; height: 72px; object-fit: contain; display: block; background: #000; }
 .figures { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
 #selftest:not([hidden]) { background: #fee; }

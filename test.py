@@ -64,6 +64,7 @@ NUMBER_COLUMNS = ("dice", "iou", "pixel_accuracy", "precision", "sensitivity", "
 SIZE_COLUMN = "tumour_size"
 SIZE_STRATA = ("small", "medium", "large", "no tumour")  # terciles of the true tumour area, then empty masks
 UNCERTAINTY_PNG_MAX = 0.5  # the largest possible std of probabilities: drawn white
+PRINTED_GROUPS = 12  # more groups than this (e.g. patients) are summed up in one console line
 
 
 @dataclass
@@ -561,10 +562,16 @@ def print_summary(summary: dict, scoring: Scoring) -> None:
         u = summary["uncertainty"]
         print(f"{'uncertainty':<18}Spearman with Dice {format_number(u['spearman_with_dice'])}, AUROC for "
               f"Dice < {u['poor_dice_below']}: {format_number(u['auroc_poor'])} ({u['poor_images']} such images)")
-    for group, scores in summary.get("by_group", {}).get("groups", {}).items():
-        print(f"  {scoring.group_column} {group or '(none)'}: {scores['count']} images, "
-              f"Dice mean {scores['dice_mean']:.4f}, median {scores['dice_median']:.4f}, "
-              f"pooled {scores['dice_pooled']:.4f}")
+    groups = summary.get("by_group", {}).get("groups", {})
+    if len(groups) > PRINTED_GROUPS:
+        means = [scores["dice_mean"] for scores in groups.values()]
+        print(f"  per {scoring.group_column}: {len(groups)} groups, mean Dice from {min(means):.4f} to "
+              f"{max(means):.4f} (each in summary.json and report.html)")
+    else:
+        for group, scores in groups.items():
+            print(f"  {scoring.group_column} {group or '(none)'}: {scores['count']} images, "
+                  f"Dice mean {scores['dice_mean']:.4f}, median {scores['dice_median']:.4f}, "
+                  f"pooled {scores['dice_pooled']:.4f}")
     for column, stratum in summary["strata"].items():
         print(f"  by {column}: " + ", ".join(f"{label or '(none)'} {scores['dice_mean']:.3f} ({scores['count']})"
                                              for label, scores in stratum["groups"].items()))
