@@ -85,17 +85,25 @@ def write_report(folder: Path) -> Path:
         raise ValueError(f"{folder / 'summary.json'}: cannot be read ({error})") from error
     if "metrics" not in summary:
         raise ValueError(f"{folder / 'summary.json'}: no scores; test.py scored no image there (no masks?)")
-    numbers = set(summary["metrics"])  # the numeric columns; the rest of metrics.csv is text
-    rows = [{key: as_number(value) if key in numbers else value for key, value in row.items()}
-            for row in read_metrics(folder / "metrics.csv")]
+    rows = numbers_parsed(read_metrics(folder / "metrics.csv"), set(summary["metrics"]), folder / "metrics.csv")
     path = folder / "report.html"
     write_atomic(path, render(summary, rows))
     return path
 
 
-def as_number(text: str) -> float:
-    """A metrics.csv number; an empty cell (an undefined metric) is NaN."""
-    return float(text) if text else math.nan
+def numbers_parsed(rows: list[dict[str, str]], numbers: set[str], path: Path) -> list[dict]:
+    """metrics.csv's rows with the `numbers` columns as floats (an empty cell, an undefined metric: NaN)."""
+    missing = (numbers | {"category"}) - set(rows[0] if rows else ())
+    if missing or not rows:
+        raise ValueError(f"{path}: does not match summary.json (no rows, or no column {', '.join(sorted(missing))})")
+    parsed = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            parsed.append({key: (float(value) if value else math.nan) if key in numbers else value
+                           for key, value in row.items()})
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: line {line} holds a value that is not a number in a number column") from None
+    return parsed
 
 
 # ---------------------------------------------------------------------------------------------- page
@@ -156,7 +164,7 @@ def overview(summary: dict, unit: str) -> str:
         "checkpoint" + ("s (ensemble)" if len(models) > 1 else ""): checkpoints,
         "views per image": views,
         "decision rule": f"{summary['decision_rule_text']} ({summary['decision_rule_source']})",
-        "pixel spacing": summary["pixel_spacing_mm"] or "unknown: distances in pixels only",
+        "pixel spacing": summary["pixel_spacing_source"] or "unknown: distances in pixels only",
         "Dice": f"mean {number(summary['dice_mean'])}, median {number(summary['dice_median'])}, pooled over all "
                 f"pixels {number(summary['dice_pooled'])}",
         "HD95": f"median {number(summary['metrics'][f'hd95_{unit}']['median'], 2)} {unit}",
@@ -452,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         print(write_report(folder))
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyError as error:  # a summary.json edited by hand, or from another program
+        print(f"error: {folder / 'summary.json'}: not one test.py wrote (no {error})", file=sys.stderr)
         return 1
     return 0
 

@@ -140,7 +140,7 @@ def metadata_column(data_root: Path, column: str, images: list[Path], option: st
     path = Path(data_root) / dataset.METADATA_FILE
     try:
         columns, rows = dataset.read_metadata(Path(data_root))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, csv.Error) as error:
         raise FileNotFoundError(f"{path}: cannot read it for {option} ({error})") from error
     if column not in columns:
         raise ValueError(f"{path}: no column '{column}' for {option} (columns: {', '.join(columns)})")
@@ -206,8 +206,7 @@ class WithSquaredProbability(torch.nn.Module):
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         logits = self.model(batch[:len(batch) // 2])
-        probability = torch.sigmoid(logits.double())  # double: p**2 near 1 keeps its precision through logit
-        return torch.cat([logits, torch.logit(probability ** 2).to(logits.dtype)])
+        return torch.cat([logits, torch.logit(torch.sigmoid(logits) ** 2)])
 
 
 def predict(models: list[LoadedCheckpoint], images: list[Path], masks: dict[str, Path] | None,
@@ -608,7 +607,7 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
             if p.spread is not None:
                 row["uncertainty"] = region_uncertainty(p.spread, p.probability)
             rows.append(row)
-            calibration.update(p.probability, p.mask)
+            calibration.update(np.clip(p.probability, 0, 1), p.mask)  # resizing back may overshoot 1 by a rounding
     unscored = [] if masks is None else [f"{options.DATA_ROOT}/masks: no mask for '{p.stem}', not scored"
                                          for p in images if p.stem not in masks]
     failures = unreadable + unscored
@@ -629,7 +628,7 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
                              "image_size": loaded.config.IMAGE_SIZE, "crop": loaded.config.CROP}
                             for path, loaded in zip(checkpoint_paths, models, strict=True)],
                "training_images_scored": seen_in_training, "training_overlap_note": note,
-               "pixel_spacing_mm": scoring.spacing_source or None,
+               "pixel_spacing_source": scoring.spacing_source or None,
                "uncertainty_maps": with_spread,
                "wall_seconds": time.perf_counter() - started,
                # prediction loop only: decoding, inference, resizing back, writing the PNGs, per-image scores

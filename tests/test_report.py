@@ -107,6 +107,21 @@ def test_report_cli_rewrites_the_page_and_refuses_other_folders(real_predictions
     (copy / "summary.json").write_text("{")
     assert report.main([str(copy)]) == 1
     assert "summary.json: cannot be read" in capsys.readouterr().err
+    shutil.copy(real_predictions / "summary.json", copy / "summary.json")
+    text = (copy / "metrics.csv").read_text()
+    first_dice = text.splitlines()[1].split(",")[1]
+    (copy / "metrics.csv").write_text(text.replace(f",{first_dice},", ",high,", 1))
+    assert report.main([str(copy)]) == 1
+    assert "metrics.csv: line 2 holds a value that is not a number" in capsys.readouterr().err
+    (copy / "metrics.csv").write_text("image,dice\n1,0.5\n")
+    assert report.main([str(copy)]) == 1
+    assert "metrics.csv: does not match summary.json" in capsys.readouterr().err
+    summary = json.loads((copy / "summary.json").read_text())
+    del summary["calibration"]
+    (copy / "summary.json").write_text(json.dumps(summary))
+    shutil.copy(real_predictions / "metrics.csv", copy / "metrics.csv")
+    assert report.main([str(copy)]) == 1
+    assert "summary.json: not one test.py wrote (no 'calibration')" in capsys.readouterr().err
 
 
 def test_summary_json_is_strict_json(real_predictions):

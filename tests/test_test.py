@@ -506,7 +506,7 @@ def test_pixel_spacing_in_mm_from_a_value_or_a_metadata_column(tiny_run, mixed_s
     for row in rows:
         assert float(row["hd95_mm"]) == pytest.approx(0.5 * float(row["hd95_px"]))
         assert float(row["assd_mm"]) == pytest.approx(0.5 * float(row["assd_px"]))
-    assert json.loads((preds / "tiny" / "summary.json").read_text())["pixel_spacing_mm"] == "--pixel-spacing-mm 0.5"
+    assert json.loads((preds / "tiny" / "summary.json").read_text())["pixel_spacing_source"] == "--pixel-spacing-mm 0.5"
     spacing = {"demo_0000": "0.25", "demo_0001": "2", "demo_0002": ""}
     write_metadata(mixed_sizes, [{"image_id": stem, "mm": value} for stem, value in spacing.items()])
     assert run_test(*common, "--spacing-column", "mm") == 1  # demo_0002 has none, and no fallback
