@@ -146,7 +146,7 @@ def _is_plain_folder_name(name: str) -> bool:
             and not name.startswith(".") and "\0" not in name)
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     """'true/false', 'yes/no', 'on/off', '1/0' in any case."""
     lowered = text.strip().lower()
     if lowered in ("true", "yes", "on", "1"):
@@ -156,7 +156,7 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-_PARSERS = {bool: _parse_bool, int: int, float: float, str: str}
+_PARSERS = {bool: parse_bool, int: int, float: float, str: str}
 
 
 def field_comments() -> dict[str, str]:

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 import dataset
 import report
-from config import Config, _parse_bool, build_parser, config_from_args
+from config import Config, parse_bool, build_parser, config_from_args
 from inference import native_probabilities
 from metrics import (FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY, CalibrationTracker, Spacing,
                      auroc, per_image_report, pooled_scores, rank_correlation, region_uncertainty, summarise)
@@ -64,6 +64,7 @@ NUMBER_COLUMNS = ("dice", "iou", "pixel_accuracy", "precision", "sensitivity", "
 SIZE_COLUMN = "tumour_size"
 SIZE_STRATA = ("small", "medium", "large", "no tumour")  # terciles of the true tumour area, then empty masks
 UNCERTAINTY_PNG_MAX = 0.5  # the largest possible std of probabilities: drawn white
+TAIL_DICE = 0.3  # summary.json and the console give the share of images scoring below this Dice
 PRINTED_GROUPS = 12  # more groups than this (e.g. patients) are summed up in one console line
 
 
@@ -87,6 +88,7 @@ class Scoring:
     labels: dict[str, dict[str, str]]  # metadata column -> image stem -> value
     spacing: dict[str, Spacing] | None  # image stem -> pixel size in mm; None = distances in pixels only
     spacing_source: str  # where the spacing came from, for summary.json
+    class_mix: tuple[str, dict[str, float]] | None  # --class-mix: column and each value's weight
 
 
 def newest_checkpoint(runs_dir: Path) -> Path:
@@ -177,6 +179,23 @@ def pixel_spacings(data_root: Path, images: list[Path], spacing_mm: float | None
         spacing[stem] = (value, value)
     fallback = "" if spacing_mm is None else f", else --pixel-spacing-mm {spacing_mm}"
     return spacing, f"metadata.csv column '{column}'{fallback}"
+
+
+def class_mix(text: str) -> tuple[str, dict[str, float]]:
+    """argparse type for --class-mix: 'COLUMN:VALUE=WEIGHT,...' with positive weights, normalised to sum 1."""
+    column, _, pairs = text.partition(":")
+    weights = {}
+    for pair in pairs.split(","):
+        value, _, weight = pair.partition("=")
+        try:
+            weights[value.strip()] = positive_number(weight)
+        except argparse.ArgumentTypeError:
+            weights = {}
+            break
+    if not column or not weights:
+        raise argparse.ArgumentTypeError(f"expected COLUMN:VALUE=WEIGHT,... with positive weights, got {text!r}")
+    total = sum(weights.values())
+    return column, {value: weight / total for value, weight in weights.items()}
 
 
 def positive_number(text: str) -> float:
@@ -433,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-by", metavar="COLUMN",
                         help="scores per value of this metadata.csv column, e.g. per patient (default: the column "
                              "the run's split grouped by, where DATA_ROOT's metadata.csv has it; '' for none)")
+    parser.add_argument("--class-mix", type=class_mix, metavar="COLUMN:VALUE=W,...",
+                        help="also the mean Dice re-weighted to this mix of a metadata.csv column's values, e.g. "
+                             "tumor_class:glioma=0.465,pituitary=0.304,meningioma=0.231 (the column is also "
+                             "scored as a stratum)")
     parser.add_argument("--strata", metavar="COLUMN", nargs="+", default=[],
                         help="also scores per value of these metadata.csv columns (e.g. tumor_class); "
                              "tumour-size terciles are always scored")
@@ -442,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spacing-column", metavar="COLUMN",
                         help="metadata.csv column holding each image's pixel size in mm; --pixel-spacing-mm "
                              "then serves only images with an empty cell")
-    parser.add_argument("--report", type=_parse_bool, default=True, metavar="BOOL",
+    parser.add_argument("--report", type=parse_bool, default=True, metavar="BOOL",
                         help="write report.html, one self-contained page of the scores (default: true)")
     parser.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"),
                         help="compare two prediction folders instead of predicting: per-image Dice differences "
@@ -529,7 +552,8 @@ def settle_scoring(data_root: Path, images: list[Path], checkpoint_path: Path,
             notes.append(f"not grouping by the run's split column '{group_column}': {error}")
             group_column = ""
     options = {group_column: "--group-by"} if group_column else {}
-    options.update({column: "--strata" for column in args.strata if column not in options})
+    strata_asked = [*args.strata, *([args.class_mix[0]] if args.class_mix else [])]
+    options.update({column: "--strata" for column in strata_asked if column not in options})
     taken = {"image", "category", SIZE_COLUMN, *NUMBER_COLUMNS}
     for column, option in options.items():
         if column in taken:  # metrics.csv holds metadata values beside the scores, by column name
@@ -538,7 +562,13 @@ def settle_scoring(data_root: Path, images: list[Path], checkpoint_path: Path,
     labels = {column: metadata_column(data_root, column, images, option) for column, option in options.items()}
     spacing, spacing_source = pixel_spacings(data_root, images, args.pixel_spacing_mm, args.spacing_column)
     strata = [column for column in options if column != group_column]
-    return Scoring(group_column, strata, labels, spacing, spacing_source), notes
+    if args.class_mix:
+        column, weights = args.class_mix
+        missing = sorted(set(weights) - set(labels[column].values()))
+        if missing:
+            raise ValueError(f"--class-mix: no image here has {column} = {', '.join(missing)} "
+                             f"(values: {', '.join(sorted(set(labels[column].values())))})")
+    return Scoring(group_column, strata, labels, spacing, spacing_source, args.class_mix), notes
 
 
 def print_summary(summary: dict, scoring: Scoring) -> None:
@@ -549,6 +579,10 @@ def print_summary(summary: dict, scoring: Scoring) -> None:
         return
     for key in ("dice_mean", "dice_median", "dice_pooled", "iou_mean", "pixel_accuracy"):
         print(f"{key:<18}{summary[key]:.4f}")
+    print(f"{'Dice < ' + str(TAIL_DICE):<18}{summary['share_dice_below_tail']:.1%} of images "
+          f"({summary['share_dice_zero']:.1%} at 0)")
+    if "class_mix" in summary:
+        print(f"{'class-mix Dice':<18}{summary['class_mix']['dice_mean']:.4f} (by {summary['class_mix']['column']})")
     for key in ("precision", "sensitivity", "hd95_px", "assd_px", "hd95_mm", "assd_mm"):
         stats = summary["metrics"].get(key)
         if stats is not None and stats["count"]:
@@ -672,6 +706,8 @@ def score_summary(rows: list[dict], scoring: Scoring, size_edges: list[float],
         "iou_mean": metrics["iou"]["mean"], "iou_median": metrics["iou"]["median"], "iou_std": metrics["iou"]["std"],
         "dice_pooled": overall["dice_pooled"], "iou_pooled": overall["iou_pooled"],
         "pixel_accuracy": metrics["pixel_accuracy"]["mean"],
+        "dice_below_tail": TAIL_DICE, "share_dice_below_tail": float(np.mean([r["dice"] < TAIL_DICE for r in rows])),
+        "share_dice_zero": float(np.mean([r["dice"] == 0 for r in rows])),
         "metrics": metrics,
         "failure_rules": [{"category": name, "rule": rule} for name, rule in FAILURE_RULES],
         "failure_counts": {name: sum(r["category"] == name for r in rows) for name, _ in FAILURE_RULES},
@@ -681,6 +717,8 @@ def score_summary(rows: list[dict], scoring: Scoring, size_edges: list[float],
     }
     if scoring.group_column:
         summary["by_group"] = {"column": scoring.group_column, "groups": scores_by_label(rows, scoring.group_column)}
+    if scoring.class_mix is not None:
+        summary["class_mix"] = reweighted_dice(rows, *scoring.class_mix)
     if "uncertainty" in rows[0]:
         uncertainty, dice = [r["uncertainty"] for r in rows], [r["dice"] for r in rows]
         summary["uncertainty"] = {
@@ -689,6 +727,17 @@ def score_summary(rows: list[dict], scoring: Scoring, size_edges: list[float],
             "poor_dice_below": POOR_MAX_DICE, "poor_images": sum(d < POOR_MAX_DICE for d in dice),
             "auroc_poor": auroc(uncertainty, [d < POOR_MAX_DICE for d in dice])}
     return summary
+
+
+def reweighted_dice(rows: list[dict], column: str, weights: dict[str, float]) -> dict:
+    """Mean Dice with each value of `column` weighted as in `weights` (e.g. another set's class mix).
+
+    NaN (null in summary.json) when a weighted value has no scored image: its weight cannot be honoured.
+    """
+    means = {value: float(np.mean([r["dice"] for r in rows if r[column] == value] or [math.nan]))
+             for value in weights}
+    return {"column": column, "weights": weights, "dice_mean_by_value": means,
+            "dice_mean": sum(weights[value] * means[value] for value in weights)}
 
 
 def json_ready(value):

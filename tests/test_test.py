@@ -639,3 +639,21 @@ def test_training_logs_hparams_for_tensorboard(tiny_run):
     hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
     assert hparams["IMAGE_SIZE"].number_value == 32 and hparams["NORMALIZATION"].string_value == "zscore"
     assert "hparam/best_val_dice" in events.Tags()["scalars"]
+
+
+def test_class_mix_reweights_the_per_class_means_and_the_tail_share_is_given(tiny_run, demo_root, tmp_path, capsys):
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
+                    "--class-mix", "tumor_class:glioma=3,meningioma=1") == 0
+    summary = json.loads((preds / "tiny" / "summary.json").read_text())
+    classes = {r["image_id"]: r["tumor_class"] for r in csv.DictReader(open(demo_root / "metadata.csv"))}
+    rows = list(csv.DictReader(open(preds / "tiny" / "metrics.csv")))
+    mean = {c: np.mean([float(r["dice"]) for r in rows if classes[r["image"]] == c]) for c in ("glioma", "meningioma")}
+    assert summary["class_mix"]["dice_mean"] == pytest.approx(0.75 * mean["glioma"] + 0.25 * mean["meningioma"])
+    assert summary["share_dice_below_tail"] == pytest.approx(np.mean([float(r["dice"]) < 0.3 for r in rows]))
+    assert "class-mix Dice" in capsys.readouterr().out
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
+                    "--class-mix", "tumor_class:astrocytoma=1") == 1
+    assert "no image here has tumor_class = astrocytoma" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--class-mix", "tumor_class:glioma=-1")
