@@ -2,6 +2,7 @@
 
     python train.py                                   # config.py as it is
     python train.py --epochs 3 --image-size 128       # any config key as --foo-bar VALUE
+    python train.py --resume runs/<name>              # continue a run from its last.pt
 
 Writes RUNS_DIR/<run name>/: config.json, split.json, history.csv,
 summary.json, best.pt, last.pt and TensorBoard event files.
@@ -10,7 +11,9 @@ summary.json, best.pt, last.pt and TensorBoard event files.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import json
 import math
 import shutil
 import sys
@@ -26,15 +29,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import dataset
-from config import Config, parse_config
+from config import Config, build_parser, config_from_args
 from losses import BCEDiceLoss
 from metrics import MetricTracker, dice_per_image
 from inference import native_probabilities
 from model import count_parameters
 from postprocess import DecisionRule, search_rule
-from utils import (OutputError, build_model, load_checkpoint, model_arguments, new_output_dir, pick_device,
-                   remove_stale_staging,
-                   save_checkpoints, save_json, set_seed, write_atomic)
+from utils import (CheckpointError, OutputError, build_model, load_checkpoint, model_arguments, new_output_dir,
+                   pick_device, random_states, remove_stale_staging, restore_random_states, save_checkpoints,
+                   save_json, set_seed, write_atomic)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",
                    "val_pixel_accuracy", "val_dice_pooled", "val_iou_pooled", "learning_rate",
@@ -51,8 +54,9 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     train_set = dataset.SegmentationDataset(data.images[train_idx], data.masks[train_idx],
                                             config.NORMALIZATION, augment)
     val_set = dataset.SegmentationDataset(data.images[val_idx], data.masks[val_idx], config.NORMALIZATION)
-    common = dict(batch_size=config.BATCH_SIZE, num_workers=config.NUM_WORKERS,
-                  persistent_workers=config.NUM_WORKERS > 0, worker_init_fn=dataset.seed_worker)
+    # Workers are started afresh each epoch (not persistent): their augmentation seeds then come from the
+    # loader's generator, which checkpoints save, so a resumed run draws exactly what it would have drawn.
+    common = dict(batch_size=config.BATCH_SIZE, num_workers=config.NUM_WORKERS, worker_init_fn=dataset.seed_worker)
     generator = torch.Generator().manual_seed(config.SEED)
     # BatchNorm cannot train on a batch of one image: drop such a last batch (its image is
     # drawn again in other epochs, since the order is reshuffled every epoch).
@@ -146,13 +150,37 @@ class RunProgress:
     """What a run has finished so far: told to the user when it stops early."""
 
     run_dir: Path
+    resumed: bool = False  # a resumed run's folder is never removed
     epochs_done: int = 0
     best_dice: float = -1.0
     best_epoch: int = 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv, __doc__)
+    parser = build_parser(__doc__)
+    parser.add_argument("--resume", metavar="RUN_FOLDER",
+                        help="continue the run in RUN_FOLDER from its last.pt, with the settings of its "
+                             "config.json; only --epochs may change (to extend a constant-schedule run)")
+    args = parser.parse_args(argv)
+    resumed = None
+    if args.resume:
+        # Flags given explicitly are the upper-case attributes present (the others are suppressed).
+        flags = {name: value for name, value in vars(args).items() if name.isupper()}
+        try:
+            config, resumed = resume_point(Path(args.resume), flags)
+        except (ValueError, CheckpointError, OSError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        summary_path = Path(args.resume) / "summary.json"
+        if summary_path.is_file() and stop_reason(config, resumed["epoch"], resumed["best_epoch"],
+                                                  resumed["minutes"]):
+            summary = json.loads(summary_path.read_text())
+            print(f"{args.resume} has finished ({summary['epochs_run']} epochs, {summary['stop_reason']}): "
+                  "nothing to do" + ("; give a larger --epochs to train it longer"
+                                     if config.LR_SCHEDULE == "constant" and not config.PATIENCE else ""))
+            return 0
+    else:
+        config = config_from_args(parser, args)
 
     # Check the device and the data before anything is written: a bad dataset leaves no run folder.
     try:
@@ -166,21 +194,28 @@ def main(argv: list[str] | None = None) -> int:
         else:
             train_idx, val_idx = dataset.split_indices(len(data.pairs), config.VAL_FRACTION, config.SEED,
                                                        data.groups, **where)
+        if resumed is not None:
+            check_same_split(Path(args.resume), data, train_idx, val_idx)
     except (dataset.DatasetError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    for folder in Path(config.RUNS_DIR).glob("*/"):
+    folders = [Path(args.resume)] if resumed is not None else Path(config.RUNS_DIR).glob("*/")
+    for folder in folders:
         for stale in remove_stale_staging(folder):
             print(f"removed {stale}, a temporary file left by an interrupted run")
-    try:
-        run_dir = new_output_dir(Path(config.RUNS_DIR), config.RUN_NAME)
-    except OSError as error:
-        print(f"error: cannot create the run folder: {error}", file=sys.stderr)
-        return 1
+    if resumed is not None:
+        run_dir = Path(args.resume)
+        print(f"resuming {run_dir} after epoch {resumed['epoch']} of {config.EPOCHS}")
+    else:
+        try:
+            run_dir = new_output_dir(Path(config.RUNS_DIR), config.RUN_NAME)
+        except OSError as error:
+            print(f"error: cannot create the run folder: {error}", file=sys.stderr)
+            return 1
 
-    progress = RunProgress(run_dir)
+    progress = RunProgress(run_dir, resumed=resumed is not None)
     try:
-        train(config, data, train_idx, val_idx, device, progress)
+        train(config, data, train_idx, val_idx, device, progress, resumed)
         return 0
     except KeyboardInterrupt:
         return stop_early(progress, f"interrupted (Ctrl-C) during epoch {progress.epochs_done + 1}", 130)
@@ -193,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def stop_early(progress: RunProgress, reason: str, code: int) -> int:
     """Say why the run stopped and what it kept; remove its folder if no epoch finished."""
-    if progress.epochs_done == 0:
+    if progress.epochs_done == 0 and not progress.resumed:
         shutil.rmtree(progress.run_dir, ignore_errors=True)  # created by this run, holds no result
         print(f"\nerror: {reason}\nno epoch had finished: removed the run folder {progress.run_dir}",
               file=sys.stderr)
@@ -201,6 +236,55 @@ def stop_early(progress: RunProgress, reason: str, code: int) -> int:
     print(f"\nerror: {reason}\nkept {progress.run_dir}: best.pt (epoch {progress.best_epoch}, validation Dice "
           f"{progress.best_dice:.4f}) and last.pt (epoch {progress.epochs_done})", file=sys.stderr)
     return code
+
+
+def resume_point(run_dir: Path, flags: dict) -> tuple[Config, dict]:
+    """The config saved in `run_dir` (EPOCHS from `flags` if given) and its last.pt contents.
+
+    Raises ValueError when a flag contradicts the saved config, when --epochs
+    would change a cosine schedule, or when last.pt cannot be resumed.
+    """
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{run_dir}: not a run folder of train.py (no config.json)")
+    saved, _ = Config.from_saved(json.loads(config_path.read_text()))
+    contradicting = [f"--{name.lower().replace('_', '-')} {value} (the run has {getattr(saved, name)})"
+                     for name, value in flags.items() if name != "EPOCHS" and value != getattr(saved, name)]
+    if contradicting:
+        raise ValueError(f"--resume takes every setting from {config_path}; these flags contradict it: "
+                         f"{', '.join(contradicting)}. Only --epochs may change; start a new run to change others")
+    state = load_checkpoint(run_dir / "last.pt").state
+    if "rng" not in state:
+        raise ValueError(f"{run_dir / 'last.pt'}: written by a train.py without resume support "
+                         "(no optimiser schedule or random states saved); start a new run")
+    epochs = flags.get("EPOCHS", saved.EPOCHS)
+    if epochs != saved.EPOCHS and saved.LR_SCHEDULE == "cosine":
+        # T_max is EPOCHS x steps: another EPOCHS would bend the rest of a curve already half followed.
+        raise ValueError(f"--epochs {epochs}: {run_dir} uses the cosine schedule, which decays to 0 over its "
+                         f"{saved.EPOCHS} epochs; it cannot be extended or shortened. Start a new run instead")
+    if epochs < state["epoch"]:
+        raise ValueError(f"--epochs {epochs}: {run_dir} has already run {state['epoch']} epochs")
+    return dataclasses.replace(saved, EPOCHS=epochs), state
+
+
+def check_same_split(run_dir: Path, data: dataset.LoadedDataset, train_idx: list[int], val_idx: list[int]) -> None:
+    """Raise ValueError unless the data gives the split `run_dir` was trained on (its split.json)."""
+    split = json.loads((run_dir / "split.json").read_text())
+    if (split["train"], split["val"]) != ([data.pairs[i].stem for i in train_idx],
+                                          [data.pairs[i].stem for i in val_idx]):
+        raise ValueError(f"the data at {split['data_root']} no longer gives the train/validation split of "
+                         f"{run_dir / 'split.json'} (files added, removed or renamed); start a new run")
+
+
+def stop_reason(config: Config, epoch: int, best_epoch: int, minutes: float) -> str | None:
+    """Why training stops after `epoch`: all epochs done, the time limit or PATIENCE; None to go on."""
+    if epoch >= config.EPOCHS:
+        return f"all {config.EPOCHS} epochs"
+    if config.TIME_LIMIT_MINUTES and minutes >= config.TIME_LIMIT_MINUTES:
+        return f"time limit of {config.TIME_LIMIT_MINUTES} min reached after epoch {epoch}"
+    if config.PATIENCE and epoch - best_epoch >= config.PATIENCE:
+        return f"early stop: no better validation Dice for {config.PATIENCE} epochs (best at epoch {best_epoch})"
+    return None
 
 
 def estimate_minutes(seconds_per_step: float, config: Config, train_steps: int, val_share: float) -> float:
@@ -211,16 +295,20 @@ def estimate_minutes(seconds_per_step: float, config: Config, train_steps: int, 
 
 
 def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val_idx: list[int],
-          device: torch.device, progress: RunProgress) -> None:
-    """The training loop: writes the run folder, records each finished epoch in `progress`."""
+          device: torch.device, progress: RunProgress, resumed: dict | None = None) -> None:
+    """The training loop: writes the run folder, records each finished epoch in `progress`.
+
+    `resumed` (last.pt's contents) continues that run exactly where it stopped.
+    """
     run_dir = progress.run_dir
     set_seed(config.SEED)
-    save_json(run_dir / "config.json", config.to_dict())
-    save_json(run_dir / "split.json", {
-        "group_column": config.SPLIT_GROUP_COLUMN, "seed": config.SEED, "val_fraction": config.VAL_FRACTION,
-        "folds": config.FOLDS, "fold": config.FOLD,
-        "data_root": str(Path(config.DATA_ROOT).resolve()),
-        "train": [data.pairs[i].stem for i in train_idx], "val": [data.pairs[i].stem for i in val_idx]})
+    save_json(run_dir / "config.json", config.to_dict())  # on resume too: EPOCHS may have grown
+    if resumed is None:
+        save_json(run_dir / "split.json", {
+            "group_column": config.SPLIT_GROUP_COLUMN, "seed": config.SEED, "val_fraction": config.VAL_FRACTION,
+            "folds": config.FOLDS, "fold": config.FOLD,
+            "data_root": str(Path(config.DATA_ROOT).resolve()),
+            "train": [data.pairs[i].stem for i in train_idx], "val": [data.pairs[i].stem for i in val_idx]})
     print(f"data: {len(data.pairs)} pairs from {config.DATA_ROOT}, {len(train_idx)} train / {len(val_idx)} val"
           + (f" (grouped by {config.SPLIT_GROUP_COLUMN})" if config.SPLIT_GROUP_COLUMN else " (random split)"))
 
@@ -245,15 +333,32 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
         if device.type == "cpu" and minutes > 60:
             tqdm.write("hint: these settings are slow on a CPU; " + FAST_CPU_HINT)
 
-    writer = SummaryWriter(log_dir=str(run_dir))
     previews = [val_loader.dataset[i] for i in range(min(config.PREVIEW_IMAGES, len(val_idx)))]
     preview_images, preview_masks = map(torch.stack, zip(*previews, strict=True)) if previews else (None, None)
 
     history_path = run_dir / "history.csv"
-    save_csv_row(history_path, HISTORY_COLUMNS)
-    started = time.perf_counter()
+    augmentation = train_loader.dataset.transform
+    minutes_before = 0.0
+    if resumed is None:
+        save_csv_row(history_path, HISTORY_COLUMNS)
+    else:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resumed["scheduler"])
+        progress.epochs_done, progress.best_dice = resumed["epoch"], resumed["best_dice"]
+        progress.best_epoch, minutes_before = resumed["best_epoch"], resumed["minutes"]
+        keep_history_until(history_path, progress.epochs_done)
+        # Last, after everything that draws random numbers while being built (the model's initial weights).
+        restore_random_states(resumed["rng"], train_loader.generator, augmentation)
+    # purge_step: a resumed run drops the curves' points after its last checkpoint, so no segment is doubled.
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=progress.epochs_done + 1 if resumed else None)
+    started = time.perf_counter() - minutes_before * 60  # the time limit counts the time before a resume too
+    reason = stop_reason(config, progress.epochs_done, progress.best_epoch, minutes_before) if resumed else None
     try:
-        for epoch in range(1, config.EPOCHS + 1):
+        epoch = progress.epochs_done
+        while reason is None:
+            epoch += 1
             epoch_start = time.perf_counter()
             train_metrics = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device,
                                             config.THRESHOLD, f"epoch {epoch}/{config.EPOCHS} train",
@@ -269,18 +374,10 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
                    "data_wait_share": train_metrics["data_wait_share"],
                    "epoch_seconds": time.perf_counter() - epoch_start}
 
-            # Checkpoints first, best.pt before last.pt: once an epoch counts as done, best.pt exists.
-            improved = val["dice"] > progress.best_dice
-            state = {"model_args": model_arguments(config), "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "metrics": {k: float(v) for k, v in val.items()}, "config": config.to_dict()}
-            save_checkpoints([run_dir / "best.pt", run_dir / "last.pt"] if improved else [run_dir / "last.pt"],
-                             state)
-            if improved:
-                progress.best_dice, progress.best_epoch = val["dice"], epoch
-            progress.epochs_done = epoch
+            # Records first, then the checkpoints, best.pt before last.pt: a kill in between leaves records
+            # of an epoch last.pt lacks, which a resume drops (history rows, purge_step); once last.pt holds
+            # an epoch, best.pt exists and every record of it is written.
             save_csv_row(history_path, [row[c] for c in HISTORY_COLUMNS], append=True)
-
             for name in ("loss", "dice"):
                 writer.add_scalar(f"{name}/train", train_metrics[name], epoch)
             for name in ("loss", "dice", "iou", "pixel_accuracy", "dice_pooled"):
@@ -290,32 +387,35 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
                 writer.add_image("val/image_truth_prediction",
                                  preview_panel(preview_images, preview_masks, probs, config.THRESHOLD), epoch)
             writer.flush()
+
+            improved = val["dice"] > progress.best_dice
+            best_dice, best_epoch = (val["dice"], epoch) if improved else (progress.best_dice, progress.best_epoch)
+            minutes = (time.perf_counter() - started) / 60
+            state = {"model_args": model_arguments(config), "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "epoch": epoch, "best_dice": best_dice, "best_epoch": best_epoch, "minutes": minutes,
+                     "rng": random_states(train_loader.generator, augmentation),
+                     "metrics": {k: float(v) for k, v in val.items()}, "config": config.to_dict()}
+            save_checkpoints([run_dir / "best.pt", run_dir / "last.pt"] if improved else [run_dir / "last.pt"],
+                             state)
+            progress.best_dice, progress.best_epoch, progress.epochs_done = best_dice, best_epoch, epoch
             print(f"epoch {epoch:3d}  train loss {train_metrics['loss']:.4f} dice {train_metrics['dice']:.4f}  |  "
                   f"val loss {val['loss']:.4f} dice {val['dice']:.4f} iou {val['iou']:.4f} "
                   f"acc {val['pixel_accuracy']:.4f}  |  {train_metrics['images_per_second']:.1f} img/s"
                   + ("  * best" if improved else ""), flush=True)
-
-            minutes = (time.perf_counter() - started) / 60
-            if config.TIME_LIMIT_MINUTES and minutes >= config.TIME_LIMIT_MINUTES and epoch < config.EPOCHS:
-                stop_reason = f"time limit of {config.TIME_LIMIT_MINUTES} min reached after epoch {epoch}"
-                print(stop_reason)
-                break
-            if config.PATIENCE and epoch - progress.best_epoch >= config.PATIENCE and epoch < config.EPOCHS:
-                stop_reason = (f"early stop: no better validation Dice for {config.PATIENCE} epochs "
-                               f"(best at epoch {progress.best_epoch})")
-                print(stop_reason)
-                break
-        else:
-            stop_reason = f"all {config.EPOCHS} epochs"
+            reason = stop_reason(config, epoch, best_epoch, minutes)
     finally:
         writer.close()
+    if reason != f"all {config.EPOCHS} epochs":
+        print(reason)
     training_minutes = (time.perf_counter() - started) / 60
 
     rule_summary = choose_decision_rule(run_dir / "best.pt", data, val_idx, config, device) \
         if config.SEARCH_RULE else None
     save_json(run_dir / "summary.json", {
         "best_epoch": progress.best_epoch, "best_val_dice": progress.best_dice, "epochs_run": progress.epochs_done,
-        "stop_reason": stop_reason, "patience": config.PATIENCE, "minutes": training_minutes,
+        "stop_reason": reason, "patience": config.PATIENCE, "minutes": training_minutes,
         "train_images": len(train_idx), "val_images": len(val_idx), "device": str(device),
         "recipe": config.RECIPE, "decision_rule": rule_summary})
     print(f"\nrun folder: {run_dir}\nbest epoch: {progress.best_epoch}, validation Dice {progress.best_dice:.4f}\n"
@@ -360,6 +460,14 @@ def format_minutes(minutes: float) -> str:
     if minutes < 1:
         return f"{minutes * 60:.0f} s"
     return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
+def keep_history_until(path: Path, epoch: int) -> None:
+    """Drop history.csv rows after `epoch` (written by an epoch whose checkpoint a kill prevented)."""
+    rows = list(csv.reader(io.StringIO(path.read_text())))
+    kept = io.StringIO()
+    csv.writer(kept).writerows([rows[0], *(row for row in rows[1:] if int(row[0]) <= epoch)])
+    write_atomic(path, kept.getvalue())
 
 
 def save_csv_row(path: Path, values: list, append: bool = False) -> None:

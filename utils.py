@@ -47,6 +47,37 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def random_states(loader_generator: torch.Generator, augmentation: Any) -> dict[str, Any]:
+    """Every random stream a training epoch draws from, as plain values a weights_only checkpoint can hold.
+
+    Python, NumPy and torch (CPU and CUDA) global states, the training loader's
+    generator (shuffle order and worker seeds) and the augmentation's own
+    generators: an albumentations Compose and each of its transforms keep a
+    random.Random and a numpy Generator apart from the global ones.
+    """
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {**numpy_state["state"], "key": numpy_state["state"]["key"].tolist()}
+    generators = [augmentation, *augmentation.transforms] if augmentation is not None else []
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "loader": loader_generator.get_state(),
+            "augmentation": [(g.py_random.getstate(), g.random_generator.bit_generator.state) for g in generators]}
+
+
+def restore_random_states(states: dict[str, Any], loader_generator: torch.Generator, augmentation: Any) -> None:
+    """Put back what `random_states` saved, so the next epoch draws exactly what it would have drawn."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+    loader_generator.set_state(states["loader"].cpu())
+    generators = [augmentation, *augmentation.transforms] if augmentation is not None else []
+    for generator, (python_state, numpy_state) in zip(generators, states["augmentation"], strict=True):
+        generator.py_random.setstate(python_state)
+        generator.random_generator.bit_generator.state = numpy_state
+
+
 def pick_device(name: str) -> torch.device:
     """'auto' picks cuda, then mps, then cpu; otherwise the named device, checked to exist here.
 

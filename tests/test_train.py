@@ -315,3 +315,101 @@ def test_validation_keeps_only_the_preview_probabilities(demo_root):
     metrics, kept = train.evaluate(model, loader, BCEDiceLoss(), "cpu", 0.5, "val", keep=3)
     assert kept.shape == (3, 1, 32, 32) and 0 <= metrics["dice"] <= 1
     assert train.evaluate(model, loader, BCEDiceLoss(), "cpu", 0.5, "val", keep=0)[1].numel() == 0
+
+
+# ----------------------------------------------------------------------------- resume
+
+def history_rows(run):
+    return list(csv.DictReader(open(run / "history.csv")))
+
+
+def assert_same_training(run_a, run_b):
+    """Two runs trained alike: the same history (but timings) and the same final weights."""
+    rows_a, rows_b = history_rows(run_a), history_rows(run_b)
+    assert [row["epoch"] for row in rows_a] == [row["epoch"] for row in rows_b]
+    for a, b in zip(rows_a, rows_b):
+        for column in ("train_loss", "train_dice", "val_loss", "val_dice", "val_dice_pooled", "learning_rate"):
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-6), (column, a["epoch"])
+    weights_a = load_checkpoint(run_a / "last.pt").state["model"]
+    weights_b = load_checkpoint(run_b / "last.pt").state["model"]
+    for name, value in weights_a.items():
+        assert torch.allclose(value.float(), weights_b[name].float(), atol=1e-6), name
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_run_repeats_the_uninterrupted_one(demo_root, tmp_path, monkeypatch, capsys, workers):
+    """3 epochs in one go == 1 epoch, Ctrl-C in epoch 2, --resume: same history, weights and curves."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--epochs", "3", *TINY,
+            "--learning-rate", "0.01", "--lr-schedule", "cosine", "--aug-intensity", "true",
+            "--num-workers", str(workers)]
+    assert train.main([*args, "--run-name", "whole"]) == 0
+    interrupt_at_epoch(monkeypatch, 2, KeyboardInterrupt())
+    assert train.main([*args, "--run-name", "split"]) == 130
+    monkeypatch.undo()
+    assert len(history_rows(tmp_path / "split")) == 1
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path / "split")]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "decision rule:" in out
+    assert_same_training(tmp_path / "whole", tmp_path / "split")
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary["epochs_run"] == 3 and summary["stop_reason"] == "all 3 epochs"
+    assert "decision_rule" in load_checkpoint(tmp_path / "split" / "best.pt").state
+    events = EventAccumulator(str(tmp_path / "split")).Reload()
+    assert [event.step for event in events.Scalars("dice/val")] == [1, 2, 3]
+
+
+def test_sigkill_mid_epoch_then_resume_finishes_with_every_epoch_once(demo_root, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    run = tmp_path / "k"
+    # 64 px, batches of 2: an epoch lasts long enough to be killed in the middle of it.
+    args = [sys.executable, str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir", str(tmp_path),
+            "--run-name", "k", "--epochs", "3", *TINY, "--image-size", "64", "--batch-size", "2"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:
+        if line.startswith("epoch   1"):
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and len(history_rows(run)) < 3
+    for checkpoint in ("best.pt", "last.pt"):
+        assert load_checkpoint(run / checkpoint)
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(run)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [row["epoch"] for row in history_rows(run)] == ["1", "2", "3"]
+    assert load_checkpoint(run / "last.pt").state["epoch"] == 3 and (run / "summary.json").is_file()
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_refuses_contradicting_flags_and_a_cosine_extension(demo_root, tmp_path, capsys):
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "r",
+                       "--epochs", "1", "--lr-schedule", "cosine", *TINY]) == 0
+    before = (tmp_path / "r" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path / "r"), "--image-size", "64", "--batch-size", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "--image-size 64 (the run has 32)" in err and "batch-size" not in err and "Traceback" not in err
+    assert train.main(["--resume", str(tmp_path / "r"), "--epochs", "2"]) == 1
+    assert "cosine" in capsys.readouterr().err
+    assert train.main(["--resume", str(tmp_path / "nowhere")]) == 1
+    assert "not a run folder" in capsys.readouterr().err
+    assert (tmp_path / "r" / "last.pt").read_bytes() == before
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do_unless_extended(demo_root, tmp_path, capsys):
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "f",
+                       "--epochs", "1", *TINY]) == 0
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path / "f")]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert [row["epoch"] for row in history_rows(tmp_path / "f")] == ["1"]
+    assert train.main(["--resume", str(tmp_path / "f"), "--epochs", "2"]) == 0  # constant schedule: extended
+    assert [row["epoch"] for row in history_rows(tmp_path / "f")] == ["1", "2"]
+    assert json.loads((tmp_path / "f" / "config.json").read_text())["EPOCHS"] == 2
+    assert json.loads((tmp_path / "f" / "summary.json").read_text())["epochs_run"] == 2
