@@ -64,6 +64,9 @@ class Config:
     # --- machine
     DEVICE: str = "auto"  # "auto" picks cuda, then mps, then cpu; or name one
     NUM_WORKERS: int = 0  # DataLoader worker processes; 0 loads in the main process
+    AMP: str = "off"  # mixed precision of training steps: "off", "bf16" or "fp16" (fp16 with a gradient scaler)
+    CHANNELS_LAST: bool = False  # channels-last memory format for the model and its batches (faster on GPUs)
+    COMPILE: bool = False  # torch.compile the model (slower first steps); falls back with a warning where it cannot
     # --- outputs
     RUNS_DIR: str = "runs"  # each training run writes RUNS_DIR/<run name>/
     RUN_NAME: str = ""  # name of this run's folder; "" = a timestamp
@@ -99,7 +102,8 @@ class Config:
         ]
         for value, choices in ((self.NORMALIZATION, ("imagenet", "zscore")), (self.IN_CHANNELS, (1, 3)),
                                (self.LR_SCHEDULE, ("constant", "cosine")),
-                               (self.MODEL, ("unet", "attention_unet")), (self.RECIPE, ("", *RECIPES))):
+                               (self.MODEL, ("unet", "attention_unet")), (self.RECIPE, ("", *RECIPES)),
+                               (self.AMP, ("off", "bf16", "fp16"))):
             checks.append((value in choices, f"{value!r} is not one of {choices}"))
         problems = [message for ok, message in checks if not ok]
         if problems:

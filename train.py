@@ -3,6 +3,7 @@
     python train.py                                   # config.py as it is
     python train.py --epochs 3 --image-size 128       # any config key as --foo-bar VALUE
     python train.py --resume runs/<name>              # continue a run from its last.pt
+    torchrun --standalone --nproc_per_node 4 train.py # 4 GPUs of one machine (BATCH_SIZE per process)
 
 Writes RUNS_DIR/<run name>/: config.json, split.json, history.csv,
 summary.json, best.pt, last.pt and TensorBoard event files.
@@ -15,6 +16,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -24,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -35,9 +39,10 @@ from metrics import MetricTracker, dice_per_image
 from inference import native_probabilities
 from model import count_parameters
 from postprocess import DecisionRule, search_rule
-from utils import (CheckpointError, OutputError, build_model, load_checkpoint, model_arguments, new_output_dir,
-                   pick_device, random_states, remove_stale_staging, restore_random_states, save_checkpoints,
-                   save_json, set_seed, write_atomic)
+from utils import (CheckpointError, OutputError, autocast, average_over_processes, build_model, check_amp,
+                   compile_model, from_main_process, gather_objects, init_distributed, is_main_process,
+                   load_checkpoint, model_arguments, new_output_dir, pick_device, random_states, rank_and_world,
+                   remove_stale_staging, restore_random_states, save_checkpoints, save_json, set_seed, write_atomic)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",
                    "val_pixel_accuracy", "val_dice_pooled", "val_iou_pooled", "learning_rate",
@@ -47,31 +52,53 @@ FAST_CPU_HINT = "--recipe cpu trains in about 20 minutes on 2 CPU cores (see REA
 
 
 def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: list[int],
-                 config: Config) -> tuple[DataLoader, DataLoader]:
-    """Shuffled, augmented training loader and a fixed-order validation loader."""
-    augment = dataset.training_augmentation(config.SEED, flips=config.AUGMENT, affine=config.AUG_AFFINE,
+                 config: Config, pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
+    """Shuffled, augmented training loader and a fixed-order validation loader (pinned batches copy faster to a GPU).
+
+    Under torchrun each process loads its own share: a DistributedSampler's
+    for training (call its set_epoch every epoch) and every world-th
+    validation image, so no image is validated twice.
+    """
+    rank, world = rank_and_world()
+    augment = dataset.training_augmentation(config.SEED + rank, flips=config.AUGMENT, affine=config.AUG_AFFINE,
                                             intensity=config.AUG_INTENSITY, elastic=config.AUG_ELASTIC)
     train_set = dataset.SegmentationDataset(data.images[train_idx], data.masks[train_idx],
                                             config.NORMALIZATION, augment)
     val_set = dataset.SegmentationDataset(data.images[val_idx], data.masks[val_idx], config.NORMALIZATION)
     # Workers are started afresh each epoch (not persistent): their augmentation seeds then come from the
     # loader's generator, which checkpoints save, so a resumed run draws exactly what it would have drawn.
-    common = dict(batch_size=config.BATCH_SIZE, num_workers=config.NUM_WORKERS, worker_init_fn=dataset.seed_worker)
+    common = dict(batch_size=config.BATCH_SIZE, num_workers=config.NUM_WORKERS, worker_init_fn=dataset.seed_worker,
+                  pin_memory=pin_memory)
     generator = torch.Generator().manual_seed(config.SEED)
     # BatchNorm cannot train on a batch of one image: drop such a last batch (its image is
     # drawn again in other epochs, since the order is reshuffled every epoch).
-    drop_last = len(train_set) % config.BATCH_SIZE == 1
-    return (DataLoader(train_set, shuffle=True, generator=generator, drop_last=drop_last, **common),
-            DataLoader(val_set, shuffle=False, **common))
+    drop_last = math.ceil(len(train_set) / world) % config.BATCH_SIZE == 1
+    # DistributedSampler pads the training shares to one length; validation must not count an image twice.
+    train_sampler = DistributedSampler(train_set, seed=config.SEED) if world > 1 else None
+    return (DataLoader(train_set, shuffle=train_sampler is None, sampler=train_sampler, generator=generator,
+                       drop_last=drop_last, **common),
+            DataLoader(val_set, sampler=range(rank, len(val_set), world), **common))
 
 
-def train_step(model, images, masks, loss_fn, optimizer, scheduler=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a batch already on the model's device; returns (loss, logits)."""
-    logits = model(images)
-    loss = loss_fn(logits, masks)
+def train_step(model, images, masks, loss_fn, optimizer, scheduler=None, amp: str = "off",
+               scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch already on the model's device; returns (loss, logits).
+
+    The forward pass runs in the precision `amp` names; the loss is taken in
+    float32. `scaler` (for fp16, whose small gradients would underflow)
+    scales the loss and skips steps whose gradients overflowed.
+    """
+    with autocast(images.device, amp):
+        logits = model(images)
+    loss = loss_fn(logits.float(), masks)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     if scheduler is not None:
         scheduler.step()
     return loss, logits
@@ -82,47 +109,57 @@ class NonFiniteLossError(RuntimeError):
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, threshold, desc,
-                    on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
+                    on_step: Callable[[int, float], None] | None = None, amp: str = "off",
+                    scaler: torch.amp.GradScaler | None = None,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
     """One pass over the training data; returns mean loss, mean batch Dice, speed and data-wait share.
 
     `on_step(steps_done, seconds_so_far)` is called after every step (used for the
-    time estimate). Raises NonFiniteLossError as soon as a loss is NaN or infinite.
+    time estimate); `amp`, `scaler`: see train_step; batches are given
+    `memory_format`. Raises NonFiniteLossError as soon as a loss is NaN or infinite.
     """
     model.train()
     losses, dices, seen, waited = [], [], 0, 0.0
     start = ready = time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process())
     for step, (images, masks) in enumerate(bar, 1):
         waited += time.perf_counter() - ready  # time this step spent waiting for the batch
-        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        loss, logits = train_step(model, images, masks, loss_fn, optimizer, scheduler)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"the training loss became {loss.item()} at step {step} of {desc}")
-        dice = dice_per_image(torch.sigmoid(logits.detach()) > threshold, masks > 0.5).mean().item()
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        masks = masks.to(device, non_blocking=True)
+        loss, logits = train_step(model, images, masks, loss_fn, optimizer, scheduler, amp, scaler)
+        dice = dice_per_image(torch.sigmoid(logits.detach()) > threshold, masks > 0.5).mean()
+        # Averaged over all processes, so a NaN anywhere stops every process at the same step.
+        loss_value, dice_value = average_over_processes(torch.stack([loss.detach().float(), dice])).tolist()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"the training loss became {loss_value} at step {step} of {desc}")
         if on_step is not None:
             on_step(step, time.perf_counter() - start)
-        losses.append(loss.item())
-        dices.append(dice)
+        losses.append(loss_value)
+        dices.append(dice_value)
         seen += len(images)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}", dice=f"{np.mean(dices):.4f}")
         ready = time.perf_counter()
     elapsed = time.perf_counter() - start
     return {"loss": float(np.mean(losses)), "dice": float(np.mean(dices)),
-            "images_per_second": seen / elapsed, "data_wait_share": waited / elapsed}
+            "images_per_second": seen * rank_and_world()[1] / elapsed, "data_wait_share": waited / elapsed}
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fn, device, threshold, desc, keep: int = 0) -> tuple[dict[str, float], torch.Tensor]:
+def evaluate(model, loader, loss_fn, device, threshold, desc, keep: int = 0,
+             memory_format: torch.memory_format = torch.contiguous_format) -> tuple[dict[str, float], torch.Tensor]:
     """Validation loss and metrics (per-image means and pooled), and the probabilities of the first `keep` images.
 
     Only `keep` maps are held (the TensorBoard previews): all of them would
-    cost 123 MB per epoch at 256 px for nothing.
+    cost 123 MB per epoch at 256 px for nothing. Always in float32, whatever
+    AMP trains in, so the scores are those test.py reproduces. Under torchrun
+    each process scores its share and the per-image values of all are
+    gathered, so every process returns the scores of the whole validation set.
     """
     model.eval()
     tracker, total_loss, count, probabilities = MetricTracker(), 0.0, 0, []
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process())
     for images, masks in bar:
-        images, masks = images.to(device), masks.to(device)
+        images, masks = images.to(device, memory_format=memory_format), masks.to(device)
         logits = model(images)
         total_loss += loss_fn(logits, masks).item() * len(images)
         count += len(images)
@@ -133,6 +170,13 @@ def evaluate(model, loader, loss_fn, device, threshold, desc, keep: int = 0) -> 
             probabilities.append(probs[:keep - kept].cpu())
         bar.set_postfix(loss=f"{total_loss / count:.4f}", dice=f"{np.mean(tracker.dice):.4f}")
     kept_maps = torch.cat(probabilities) if probabilities else torch.empty(0)
+    shares = gather_objects((tracker, total_loss, count))
+    if len(shares) > 1:
+        trackers = [share[0] for share in shares]
+        tracker = MetricTracker(dice=[v for t in trackers for v in t.dice], iou=[v for t in trackers for v in t.iou],
+                                pixel_accuracy=[v for t in trackers for v in t.pixel_accuracy],
+                                totals=sum(t.totals for t in trackers))
+        total_loss, count = sum(share[1] for share in shares), sum(share[2] for share in shares)
     return {"loss": total_loss / count, **tracker.summary()}, kept_maps
 
 
@@ -157,6 +201,15 @@ class RunProgress:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(argv: list[str] | None) -> int:
+    """Parse, check, then train in this process (one of several under torchrun); the exit code."""
     parser = build_parser(__doc__)
     parser.add_argument("--resume", metavar="RUN_FOLDER",
                         help="continue the run in RUN_FOLDER from its last.pt, with the settings of its "
@@ -169,22 +222,25 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config, resumed = resume_point(Path(args.resume), flags)
         except (ValueError, CheckpointError, OSError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+            return fail(str(error))
         summary_path = Path(args.resume) / "summary.json"
         if summary_path.is_file() and stop_reason(config, resumed["epoch"], resumed["best_epoch"],
                                                   resumed["minutes"]):
             summary = json.loads(summary_path.read_text())
-            print(f"{args.resume} has finished ({summary['epochs_run']} epochs, {summary['stop_reason']}): "
-                  "nothing to do" + ("; give a larger --epochs to train it longer"
-                                     if config.LR_SCHEDULE == "constant" and not config.PATIENCE else ""))
+            if is_main_process():
+                print(f"{args.resume} has finished ({summary['epochs_run']} epochs, {summary['stop_reason']}): "
+                      "nothing to do" + ("; give a larger --epochs to train it longer"
+                                         if config.LR_SCHEDULE == "constant" and not config.PATIENCE else ""))
             return 0
     else:
         config = config_from_args(parser, args)
 
     # Check the device and the data before anything is written: a bad dataset leaves no run folder.
     try:
-        device = pick_device(config.DEVICE)
+        device = init_distributed(pick_device(config.DEVICE))
+        if not is_main_process():
+            sys.stdout = open(os.devnull, "w")  # one process speaks for all (errors still reach stderr)
+        check_amp(device, config.AMP)
         data = dataset.load_dataset(Path(config.DATA_ROOT), config.IMAGE_SIZE, config.IN_CHANNELS,
                                     config.SPLIT_GROUP_COLUMN, config.CROP, config.CROP_MARGIN)
         where = {"group_column": config.SPLIT_GROUP_COLUMN, "root": Path(config.DATA_ROOT)}
@@ -197,21 +253,24 @@ def main(argv: list[str] | None = None) -> int:
         if resumed is not None:
             check_same_split(Path(args.resume), data, train_idx, val_idx)
     except (dataset.DatasetError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    folders = [Path(args.resume)] if resumed is not None else Path(config.RUNS_DIR).glob("*/")
-    for folder in folders:
-        for stale in remove_stale_staging(folder):
-            print(f"removed {stale}, a temporary file left by an interrupted run")
-    if resumed is not None:
-        run_dir = Path(args.resume)
-        print(f"resuming {run_dir} after epoch {resumed['epoch']} of {config.EPOCHS}")
-    else:
-        try:
-            run_dir = new_output_dir(Path(config.RUNS_DIR), config.RUN_NAME)
-        except OSError as error:
-            print(f"error: cannot create the run folder: {error}", file=sys.stderr)
-            return 1
+        return fail(str(error))
+    run_dir: Path | str | None = None
+    if is_main_process():
+        folders = [Path(args.resume)] if resumed is not None else Path(config.RUNS_DIR).glob("*/")
+        for folder in folders:
+            for stale in remove_stale_staging(folder):
+                print(f"removed {stale}, a temporary file left by an interrupted run")
+        if resumed is not None:
+            run_dir = Path(args.resume)
+            print(f"resuming {run_dir} after epoch {resumed['epoch']} of {config.EPOCHS}")
+        else:
+            try:
+                run_dir = new_output_dir(Path(config.RUNS_DIR), config.RUN_NAME)
+            except OSError as error:
+                run_dir = f"cannot create the run folder: {error}"
+    run_dir = from_main_process(run_dir)  # the other processes only need to know whether it exists
+    if isinstance(run_dir, str):
+        return fail(run_dir)
 
     progress = RunProgress(run_dir, resumed=resumed is not None)
     try:
@@ -226,8 +285,17 @@ def main(argv: list[str] | None = None) -> int:
         return stop_early(progress, str(error), 1)
 
 
+def fail(message: str) -> int:
+    """Print `message` as an error (once, from the main process) and return exit code 1."""
+    if is_main_process():
+        print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
 def stop_early(progress: RunProgress, reason: str, code: int) -> int:
-    """Say why the run stopped and what it kept; remove its folder if no epoch finished."""
+    """Say why the run stopped and what it kept; remove its folder if no epoch finished (main process only)."""
+    if not is_main_process():
+        return code
     if progress.epochs_done == 0 and not progress.resumed:
         shutil.rmtree(progress.run_dir, ignore_errors=True)  # created by this run, holds no result
         print(f"\nerror: {reason}\nno epoch had finished: removed the run folder {progress.run_dir}",
@@ -299,11 +367,15 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
     """The training loop: writes the run folder, records each finished epoch in `progress`.
 
     `resumed` (last.pt's contents) continues that run exactly where it stopped.
+    Under torchrun every process trains and validates its share; only the
+    main process writes files.
     """
     run_dir = progress.run_dir
+    main_process, (rank, world) = is_main_process(), rank_and_world()
     set_seed(config.SEED)
-    save_json(run_dir / "config.json", config.to_dict())  # on resume too: EPOCHS may have grown
-    if resumed is None:
+    if main_process:
+        save_json(run_dir / "config.json", config.to_dict())  # on resume too: EPOCHS may have grown
+    if main_process and resumed is None:
         save_json(run_dir / "split.json", {
             "group_column": config.SPLIT_GROUP_COLUMN, "seed": config.SEED, "val_fraction": config.VAL_FRACTION,
             "folds": config.FOLDS, "fold": config.FOLD,
@@ -312,16 +384,30 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
     print(f"data: {len(data.pairs)} pairs from {config.DATA_ROOT}, {len(train_idx)} train / {len(val_idx)} val"
           + (f" (grouped by {config.SPLIT_GROUP_COLUMN})" if config.SPLIT_GROUP_COLUMN else " (random split)"))
 
-    train_loader, val_loader = make_loaders(data, train_idx, val_idx, config)
+    train_loader, val_loader = make_loaders(data, train_idx, val_idx, config, pin_memory=device.type == "cuda")
+    memory_format = torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
     model = build_model(config)
     model.set_output_prior(float(data.masks[train_idx].mean()))
-    model.to(device)
+    model.to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.LEARNING_RATE)
     scheduler = None
     if config.LR_SCHEDULE == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.EPOCHS * len(train_loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.AMP == "fp16")  # a pass-through unless fp16
     loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT)
-    print(f"model: {config.MODEL}, {count_parameters(model) / 1e6:.2f} M parameters, on {device}")
+    print(f"model: {config.MODEL}, {count_parameters(model) / 1e6:.2f} M parameters, on {device}"
+          + "".join(f", {name}" for name, on in ((f"AMP {config.AMP}", config.AMP != "off"),
+                                                 ("channels last", config.CHANNELS_LAST),
+                                                 ("compiled", config.COMPILE)) if on))
+    # `model` holds the weights that checkpoints save; `evaluated` runs them (compiled or not) and
+    # `trained` too, wrapped in DDP under torchrun (which averages the gradients of all processes).
+    evaluated = model
+    if config.COMPILE:
+        example = next(iter(val_loader))[0].to(device, memory_format=memory_format)
+        evaluated = compile_model(model, example)
+    trained = evaluated
+    if world > 1:
+        trained = DistributedDataParallel(evaluated, device_ids=[device.index] if device.type == "cuda" else None)
 
     def announce_estimate(step: int, seconds: float) -> None:
         """After the first few steps, say how long the whole run will take (and how to go faster on a CPU)."""
@@ -333,26 +419,33 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
         if device.type == "cpu" and minutes > 60:
             tqdm.write("hint: these settings are slow on a CPU; " + FAST_CPU_HINT)
 
-    previews = [val_loader.dataset[i] for i in range(min(config.PREVIEW_IMAGES, len(val_idx)))]
+    previews = [val_loader.dataset[i] for i in list(val_loader.sampler)[:config.PREVIEW_IMAGES]]
     preview_images, preview_masks = map(torch.stack, zip(*previews, strict=True)) if previews else (None, None)
 
     history_path = run_dir / "history.csv"
     augmentation = train_loader.dataset.transform
     minutes_before = 0.0
-    if resumed is None:
+    if resumed is None and main_process:
         save_csv_row(history_path, HISTORY_COLUMNS)
-    else:
+    elif resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
         progress.epochs_done, progress.best_dice = resumed["epoch"], resumed["best_dice"]
         progress.best_epoch, minutes_before = resumed["best_epoch"], resumed["minutes"]
-        keep_history_until(history_path, progress.epochs_done)
+        if main_process:
+            keep_history_until(history_path, progress.epochs_done)
         # Last, after everything that draws random numbers while being built (the model's initial weights).
-        restore_random_states(resumed["rng"], train_loader.generator, augmentation)
+        if len(resumed["rng"]) == world:
+            restore_random_states(resumed["rng"][rank], train_loader.generator, augmentation)
+        elif main_process:
+            print(f"warning: the run had {len(resumed['rng'])} process(es), this resume has {world}: it goes on "
+                  "from last.pt, but draws other random batches than the original run would have", file=sys.stderr)
     # purge_step: a resumed run drops the curves' points after its last checkpoint, so no segment is doubled.
-    writer = SummaryWriter(log_dir=str(run_dir), purge_step=progress.epochs_done + 1 if resumed else None)
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=progress.epochs_done + 1 if resumed else None) \
+        if main_process else None
     started = time.perf_counter() - minutes_before * 60  # the time limit counts the time before a resume too
     reason = stop_reason(config, progress.epochs_done, progress.best_epoch, minutes_before) if resumed else None
     try:
@@ -360,11 +453,17 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
         while reason is None:
             epoch += 1
             epoch_start = time.perf_counter()
-            train_metrics = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device,
+            if isinstance(train_loader.sampler, DistributedSampler):
+                train_loader.sampler.set_epoch(epoch)  # another shuffle each epoch, the same in every process
+            train_metrics = train_one_epoch(trained, train_loader, loss_fn, optimizer, scheduler, device,
                                             config.THRESHOLD, f"epoch {epoch}/{config.EPOCHS} train",
-                                            announce_estimate if epoch == 1 else None)
-            val, probs = evaluate(model, val_loader, loss_fn, device, config.THRESHOLD,
-                                  f"epoch {epoch}/{config.EPOCHS} val", keep=len(previews))
+                                            announce_estimate if epoch == 1 else None, config.AMP, scaler,
+                                            memory_format)
+            if world > 1:  # BatchNorm statistics: each process updated its own; validate with the saved ones
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, src=0)
+            val, probs = evaluate(evaluated, val_loader, loss_fn, device, config.THRESHOLD,
+                                  f"epoch {epoch}/{config.EPOCHS} val", len(previews), memory_format)
             lr = optimizer.param_groups[0]["lr"]
             row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_dice": train_metrics["dice"],
                    "val_loss": val["loss"], "val_dice": val["dice"], "val_iou": val["iou"],
@@ -377,16 +476,17 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
             # Records first, then the checkpoints, best.pt before last.pt: a kill in between leaves records
             # of an epoch last.pt lacks, which a resume drops (history rows, purge_step); once last.pt holds
             # an epoch, best.pt exists and every record of it is written.
-            save_csv_row(history_path, [row[c] for c in HISTORY_COLUMNS], append=True)
-            for name in ("loss", "dice"):
-                writer.add_scalar(f"{name}/train", train_metrics[name], epoch)
-            for name in ("loss", "dice", "iou", "pixel_accuracy", "dice_pooled"):
-                writer.add_scalar(f"{name}/val", val[name], epoch)
-            writer.add_scalar("learning_rate", lr, epoch)
-            if previews:
-                writer.add_image("val/image_truth_prediction",
-                                 preview_panel(preview_images, preview_masks, probs, config.THRESHOLD), epoch)
-            writer.flush()
+            if main_process:
+                save_csv_row(history_path, [row[c] for c in HISTORY_COLUMNS], append=True)
+                for name in ("loss", "dice"):
+                    writer.add_scalar(f"{name}/train", train_metrics[name], epoch)
+                for name in ("loss", "dice", "iou", "pixel_accuracy", "dice_pooled"):
+                    writer.add_scalar(f"{name}/val", val[name], epoch)
+                writer.add_scalar("learning_rate", lr, epoch)
+                if previews:
+                    writer.add_image("val/image_truth_prediction",
+                                     preview_panel(preview_images, preview_masks, probs, config.THRESHOLD), epoch)
+                writer.flush()
 
             improved = val["dice"] > progress.best_dice
             best_dice, best_epoch = (val["dice"], epoch) if improved else (progress.best_dice, progress.best_epoch)
@@ -394,22 +494,27 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
             state = {"model_args": model_arguments(config), "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "scaler": scaler.state_dict(),
                      "epoch": epoch, "best_dice": best_dice, "best_epoch": best_epoch, "minutes": minutes,
-                     "rng": random_states(train_loader.generator, augmentation),
+                     "rng": gather_objects(random_states(train_loader.generator, augmentation)),  # per process
                      "metrics": {k: float(v) for k, v in val.items()}, "config": config.to_dict()}
-            save_checkpoints([run_dir / "best.pt", run_dir / "last.pt"] if improved else [run_dir / "last.pt"],
-                             state)
+            if main_process:
+                save_checkpoints([run_dir / "best.pt", run_dir / "last.pt"] if improved else [run_dir / "last.pt"],
+                                 state)
             progress.best_dice, progress.best_epoch, progress.epochs_done = best_dice, best_epoch, epoch
             print(f"epoch {epoch:3d}  train loss {train_metrics['loss']:.4f} dice {train_metrics['dice']:.4f}  |  "
                   f"val loss {val['loss']:.4f} dice {val['dice']:.4f} iou {val['iou']:.4f} "
                   f"acc {val['pixel_accuracy']:.4f}  |  {train_metrics['images_per_second']:.1f} img/s"
                   + ("  * best" if improved else ""), flush=True)
-            reason = stop_reason(config, epoch, best_epoch, minutes)
+            reason = from_main_process(stop_reason(config, epoch, best_epoch, minutes))  # clocks differ
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     if reason != f"all {config.EPOCHS} epochs":
         print(reason)
     training_minutes = (time.perf_counter() - started) / 60
+    if not main_process:
+        return
 
     rule_summary = choose_decision_rule(run_dir / "best.pt", data, val_idx, config, device) \
         if config.SEARCH_RULE else None

@@ -413,3 +413,113 @@ def test_resume_of_a_finished_run_has_nothing_to_do_unless_extended(demo_root, t
     assert [row["epoch"] for row in history_rows(tmp_path / "f")] == ["1", "2"]
     assert json.loads((tmp_path / "f" / "config.json").read_text())["EPOCHS"] == 2
     assert json.loads((tmp_path / "f" / "summary.json").read_text())["epochs_run"] == 2
+
+
+# ----------------------------------------------------------------------------- precision and speed
+
+@pytest.mark.parametrize("amp, channels_last", [("bf16", False), ("off", True), ("bf16", True), ("fp16", False)])
+def test_a_mixed_precision_or_channels_last_step_lowers_the_loss(demo_root, amp, channels_last):
+    import dataset
+    from losses import BCEDiceLoss
+    from utils import build_model, check_amp, set_seed
+    device = torch.device("cpu")
+    try:
+        check_amp(device, amp)
+    except ValueError as error:  # a PyTorch without this precision on a CPU must say so plainly
+        assert "not supported on cpu" in str(error) and "--amp" in str(error)
+        return
+    set_seed(0)
+    data = dataset.load_dataset(demo_root, 32, 1)
+    images = torch.from_numpy(np.stack([dataset.normalize(i, "zscore") for i in data.images[:8]]))
+    masks = torch.from_numpy(data.masks[:8, None].astype(np.float32))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(Config(IN_CHANNELS=1, BASE_CHANNELS=4, DEPTH=2, IMAGE_SIZE=32)).to(memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if amp == "fp16" else None
+    images = images.to(memory_format=memory_format)
+    losses = [train.train_step(model, images, masks, BCEDiceLoss(), optimizer, amp=amp, scaler=scaler)[0].item()
+              for _ in range(5)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # AMP computes in low precision, keeps fp32
+
+
+def test_training_with_bf16_and_channels_last_writes_a_usable_run(demo_root, tmp_path, capsys):
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "fast",
+                       "--epochs", "1", *TINY, "--amp", "bf16", "--channels-last", "true"]) == 0
+    assert "AMP bf16, channels last" in capsys.readouterr().out
+    loaded = load_checkpoint(tmp_path / "fast" / "best.pt")
+    assert loaded.config.AMP == "bf16" and 0 <= loaded.state["metrics"]["dice"] <= 1
+
+
+def test_unsupported_precision_is_refused_before_any_run_folder(demo_root, tmp_path, monkeypatch, capsys):
+    import utils
+
+    def unsupported(device, amp):
+        raise ValueError(f"AMP {amp!r} is not supported on {device} by this PyTorch (test); use --amp off")
+
+    monkeypatch.setattr(train, "check_amp", unsupported)
+    code = train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "x",
+                       "--epochs", "1", *TINY, "--amp", "fp16"])
+    err = capsys.readouterr().err
+    assert code == 1 and "'fp16' is not supported on cpu" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--amp", "fp8"])
+    assert stop.value.code == 2 and "'fp8' is not one of ('off', 'bf16', 'fp16')" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="use --amp off"):
+        real = utils.autocast  # an autocast that silently stays in float32 is caught by the dtype check
+        monkeypatch.setattr(utils, "autocast", lambda device, amp: real(device, "off"))
+        utils.check_amp(torch.device("cpu"), "bf16")
+
+
+def test_compile_falls_back_to_the_plain_model_with_a_warning(demo_root, tmp_path, monkeypatch, capsys):
+    class Uncompilable(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: Uncompilable())
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "c",
+                       "--epochs", "1", *TINY, "--compile", "true"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: COMPILE" in err and "no working C++ compiler" in err and "Traceback" not in err
+    assert load_checkpoint(tmp_path / "c" / "last.pt").state["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------- several processes
+
+def test_two_gloo_processes_write_one_complete_run_scored_on_every_validation_image(demo_root, tmp_path):
+    """torchrun with 2 CPU processes: one run folder, and its checkpoint's scores are the whole validation set's."""
+    import os
+    import subprocess
+    import sys
+
+    from torch.utils.data import DataLoader
+
+    import dataset
+    from conftest import ROOT
+    from losses import BCEDiceLoss
+    run = tmp_path / "ddp"
+    # 5 validation images: the processes score 3 and 2, none twice.
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir", str(tmp_path),
+                           "--run-name", "ddp", "--epochs", "1", *TINY, "--learning-rate", "0.01",
+                           "--device", "cpu"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder:") == 1 and done.stdout.count("epoch   1") == 1  # one process speaks
+    for name in ("config.json", "split.json", "history.csv", "summary.json", "decision_rule.json", "best.pt",
+                 "last.pt"):
+        assert (run / name).is_file(), name
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1 and len(history_rows(run)) == 1
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+    loaded = load_checkpoint(run / "best.pt")
+    assert len(loaded.state["rng"]) == 2  # each process's random streams, for an exact resume
+    data = dataset.load_dataset(demo_root, 32, 1)
+    val_stems = json.loads((run / "split.json").read_text())["val"]
+    val_idx = [i for i, pair in enumerate(data.pairs) if pair.stem in val_stems]
+    assert len(val_idx) == 5
+    loader = DataLoader(dataset.SegmentationDataset(data.images[val_idx], data.masks[val_idx], "zscore"), batch_size=8)
+    single, _ = train.evaluate(loaded.model, loader, BCEDiceLoss(), "cpu", 0.5, "val")
+    for name in ("loss", "dice", "iou", "pixel_accuracy", "dice_pooled"):
+        assert loaded.state["metrics"][name] == pytest.approx(single[name], abs=1e-6), name
