@@ -20,7 +20,6 @@ import itertools
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -28,7 +27,7 @@ import dataset
 from config import Config, build_parser, config_from_args
 from losses import BCEDiceLoss
 from model import count_parameters
-from train import make_loaders, train_step
+from train import load_data, make_loaders, train_step
 from utils import build_model, check_amp, compile_model, pick_device, set_seed
 
 SPEED_KEYS = ("AMP", "CHANNELS_LAST", "COMPILE")
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(config.DEVICE)
         if not args.compare:
             check_amp(device, config.AMP)
-        data = dataset.load_dataset(Path(config.DATA_ROOT), config.IMAGE_SIZE, config.IN_CHANNELS)
+        data = load_data(config)
     except (dataset.DatasetError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -140,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "device": str(device), "threads": torch.get_num_threads(), "image_size": config.IMAGE_SIZE,
         "in_channels": config.IN_CHANNELS, "base_channels": config.BASE_CHANNELS, "depth": config.DEPTH,
-        "batch_size": config.BATCH_SIZE, "parameters_millions": results[0]["parameters_millions"],
+        "batch_size": config.BATCH_SIZE, "cache": config.CACHE, "num_workers": config.NUM_WORKERS,
+        "parameters_millions": results[0]["parameters_millions"],
         "data_images_per_second": round(config.BATCH_SIZE / data_seconds, 1)}
     if args.compare:
         report["results"] = [{k: v for k, v in r.items() if k != "parameters_millions"} for r in results]

@@ -42,6 +42,8 @@ class Config:
     SPLIT_GROUP_COLUMN: str = ""  # metadata.csv column kept on one side of the split; "" = random
     FOLDS: int = 0  # K >= 2: validate on fold FOLD of a K-fold split (by group when grouping); 0 = VAL_FRACTION
     FOLD: int = 0  # which fold (0 .. FOLDS-1) is held out when FOLDS >= 2
+    CACHE: str = "memory"  # decoded slices kept in "memory", or on "disk" (memory-mapped, for sets larger than RAM)
+    CACHE_DIR: str = ""  # folder of the disk cache; "" = RUNS_DIR/.cache (the data folder may be read-only)
     # --- model
     MODEL: str = "unet"  # "unet", or "attention_unet" (attention gates on the skip connections)
     BASE_CHANNELS: int = 64  # width of the first U-Net level; doubles per level
@@ -103,7 +105,7 @@ class Config:
         for value, choices in ((self.NORMALIZATION, ("imagenet", "zscore")), (self.IN_CHANNELS, (1, 3)),
                                (self.LR_SCHEDULE, ("constant", "cosine")),
                                (self.MODEL, ("unet", "attention_unet")), (self.RECIPE, ("", *RECIPES)),
-                               (self.AMP, ("off", "bf16", "fp16"))):
+                               (self.AMP, ("off", "bf16", "fp16")), (self.CACHE, ("memory", "disk"))):
             checks.append((value in choices, f"{value!r} is not one of {choices}"))
         problems = [message for ok, message in checks if not ok]
         if problems:

@@ -62,9 +62,8 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     rank, world = rank_and_world()
     augment = dataset.training_augmentation(config.SEED + rank, flips=config.AUGMENT, affine=config.AUG_AFFINE,
                                             intensity=config.AUG_INTENSITY, elastic=config.AUG_ELASTIC)
-    train_set = dataset.SegmentationDataset(data.images[train_idx], data.masks[train_idx],
-                                            config.NORMALIZATION, augment)
-    val_set = dataset.SegmentationDataset(data.images[val_idx], data.masks[val_idx], config.NORMALIZATION)
+    train_set = dataset.SegmentationDataset(data.images, data.masks, config.NORMALIZATION, augment, train_idx)
+    val_set = dataset.SegmentationDataset(data.images, data.masks, config.NORMALIZATION, indices=val_idx)
     # Workers are started afresh each epoch (not persistent): their augmentation seeds then come from the
     # loader's generator, which checkpoints save, so a resumed run draws exactly what it would have drawn.
     common = dict(batch_size=config.BATCH_SIZE, num_workers=config.NUM_WORKERS, worker_init_fn=dataset.seed_worker,
@@ -241,8 +240,7 @@ def run(argv: list[str] | None) -> int:
         if not is_main_process():
             sys.stdout = open(os.devnull, "w")  # one process speaks for all (errors still reach stderr)
         check_amp(device, config.AMP)
-        data = dataset.load_dataset(Path(config.DATA_ROOT), config.IMAGE_SIZE, config.IN_CHANNELS,
-                                    config.SPLIT_GROUP_COLUMN, config.CROP, config.CROP_MARGIN)
+        data = load_data(config)
         where = {"group_column": config.SPLIT_GROUP_COLUMN, "root": Path(config.DATA_ROOT)}
         if config.FOLDS:
             train_idx, val_idx = dataset.fold_indices(len(data.pairs), config.FOLDS, config.FOLD, config.SEED,
@@ -283,6 +281,22 @@ def run(argv: list[str] | None) -> int:
                                     "and the data", 1)
     except OutputError as error:
         return stop_early(progress, str(error), 1)
+
+
+def load_data(config: Config) -> dataset.LoadedDataset:
+    """The checked, decoded data set, in memory or from the disk cache (CACHE); raises DatasetError.
+
+    Under torchrun the main process builds a missing disk cache first; the others then open it.
+    """
+    cache_dir = Path(config.CACHE_DIR or Path(config.RUNS_DIR) / ".cache") if config.CACHE == "disk" else None
+    builds_first = cache_dir is not None and dist.is_initialized()
+    if builds_first and not is_main_process():
+        dist.barrier()
+    data = dataset.load_dataset(Path(config.DATA_ROOT), config.IMAGE_SIZE, config.IN_CHANNELS,
+                                config.SPLIT_GROUP_COLUMN, config.CROP, config.CROP_MARGIN, cache_dir)
+    if builds_first and is_main_process():
+        dist.barrier()
+    return data
 
 
 def fail(message: str) -> int:
@@ -387,7 +401,7 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
     train_loader, val_loader = make_loaders(data, train_idx, val_idx, config, pin_memory=device.type == "cuda")
     memory_format = torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
     model = build_model(config)
-    model.set_output_prior(float(data.masks[train_idx].mean()))
+    model.set_output_prior(dataset.mask_share(data.masks, train_idx))
     model.to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.LEARNING_RATE)
     scheduler = None

@@ -40,7 +40,7 @@ for batch in ${BATCH_SIZES:-16 64}; do
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
   "$PY" bench.py --data-root "$DATA" --recipe seed --batch-size "$batch" --num-workers "${WORKERS:-8}" \
     --steps "${STEPS:-20}" --warmup 5 --compare ${BENCH_ARGS:-} > "$OUT/bench-bs$batch.txt" 2> "$OUT/bench-bs$batch.err"
-  cat "$OUT/bench-bs$batch.txt" | head -n -1
+  head -n -1 "$OUT/bench-bs$batch.txt"
 done
 
 "$PY" - "$OUT" "$tests_rc" <<'PY'

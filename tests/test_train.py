@@ -523,3 +523,11 @@ def test_two_gloo_processes_write_one_complete_run_scored_on_every_validation_im
     single, _ = train.evaluate(loaded.model, loader, BCEDiceLoss(), "cpu", 0.5, "val")
     for name in ("loss", "dice", "iou", "pixel_accuracy", "dice_pooled"):
         assert loaded.state["metrics"][name] == pytest.approx(single[name], abs=1e-6), name
+
+
+def test_disk_cache_defaults_to_the_runs_folder_and_trains_like_memory(demo_root, tmp_path):
+    args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--epochs", "1", *TINY]
+    assert train.main([*args, "--run-name", "mem"]) == 0
+    assert train.main([*args, "--run-name", "disk", "--cache", "disk"]) == 0
+    assert len(list((tmp_path / ".cache").iterdir())) == 1  # the shared data may be read-only: never written there
+    assert_same_training(tmp_path / "mem", tmp_path / "disk")
