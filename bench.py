@@ -1,73 +1,161 @@
 """Measure training speed and how long a step waits for data, with the same code train.py runs.
 
     python bench.py --data-root ../shared/data/figshare-brain-tumor --image-size 256 --base-channels 64
+    python bench.py --data-root ../shared/data/figshare-brain-tumor --recipe cpu --compare
 
 Times `--steps` training steps (after `--warmup` untimed ones) on batches
 drawn from the real, augmented training loader, and separately the time the
 loader alone takes to produce those batches. Prints one JSON line.
+
+`--compare` times every combination of AMP, CHANNELS_LAST and COMPILE that
+this device supports, except keys fixed with a flag (`--compare --compile
+false` leaves compilation out), and prints them side by side before the JSON
+line, so you see what is worth switching on.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import dataset
-from config import build_parser, config_from_args
+from config import Config, build_parser, config_from_args
 from losses import BCEDiceLoss
 from model import count_parameters
-from train import make_loaders, train_step
-from utils import build_model, pick_device, set_seed
+from train import load_data, make_loaders, train_step
+from utils import build_model, check_amp, compile_model, pick_device, set_seed
+
+SPEED_KEYS = ("AMP", "CHANNELS_LAST", "COMPILE")
+
+
+def time_training(config: Config, loader: torch.utils.data.DataLoader, device: torch.device, steps: int,
+                  warmup: int) -> dict:
+    """Training images/s of `config`'s model, precision and memory format on batches from `loader`."""
+    set_seed(config.SEED)
+    torch._dynamo.reset()  # each combination compiles afresh, not against the previous model's guards
+    memory_format = torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
+    model = build_model(config).to(device, memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.LEARNING_RATE)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.AMP == "fp16")
+    loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT)
+    stream = batches(loader)
+    net, compiled = model, False
+    if config.COMPILE:
+        net = compile_model(model, next(stream)[0].to(device, memory_format=memory_format))
+        compiled = net is not model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    for step in range(warmup + steps):
+        if step == warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        images, masks = next(stream)
+        train_step(net, images.to(device, non_blocking=True, memory_format=memory_format),
+                   masks.to(device, non_blocking=True), loss_fn, optimizer, amp=config.AMP, scaler=scaler)
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / steps
+    result = {"amp": config.AMP, "channels_last": config.CHANNELS_LAST, "compile": config.COMPILE,
+              "compiled": compiled, "train_images_per_second": round(config.BATCH_SIZE / seconds, 2),
+              "step_seconds": seconds, "parameters_millions": round(count_parameters(model) / 1e6, 2)}
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return result
+
+
+def batches(loader: torch.utils.data.DataLoader):
+    """The loader's batches, epoch after epoch, without end."""
+    while True:
+        yield from loader
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def combinations(config: Config, device: torch.device, fixed: set[str]) -> list[Config]:
+    """`config` with every supported value of each speed key not in `fixed`."""
+    amps = [config.AMP] if "AMP" in fixed else [amp for amp in ("off", "bf16", "fp16") if supports(device, amp)]
+    flags = {key: [getattr(config, key)] if key in fixed else [False, True] for key in ("CHANNELS_LAST", "COMPILE")}
+    return [dataclasses.replace(config, AMP=amp, CHANNELS_LAST=channels_last, COMPILE=compile_)
+            for compile_, amp, channels_last in itertools.product(flags["COMPILE"], amps, flags["CHANNELS_LAST"])]
+
+
+def supports(device: torch.device, amp: str) -> bool:
+    """Whether AMP `amp` works on `device`."""
+    try:
+        check_amp(device, amp)
+        return True
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__)
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocations, kernel choice)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocations, kernel choice, "
+                                                              "compilation)")
+    parser.add_argument("--compare", action="store_true",
+                        help="time every supported AMP / CHANNELS_LAST / COMPILE combination not fixed by a flag")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be at least 1 and --warmup at least 0")
     config = config_from_args(parser, args)
-    set_seed(config.SEED)
-    device = pick_device(config.DEVICE)
-
-    data = dataset.load_dataset(Path(config.DATA_ROOT), config.IMAGE_SIZE, config.IN_CHANNELS)
+    try:
+        device = pick_device(config.DEVICE)
+        if not args.compare:
+            check_amp(device, config.AMP)
+        data = load_data(config)
+    except (dataset.DatasetError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     indices = list(range(len(data.pairs)))
-    train_loader, _ = make_loaders(data, indices, indices[:1], config)
-    model = build_model(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.LEARNING_RATE)
-    loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT)
+    train_loader, _ = make_loaders(data, indices, indices[:1], config, pin_memory=device.type == "cuda")
 
-    def batches():
-        while True:
-            yield from train_loader
-
-    stream = batches()
-    model.train()
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            start = time.perf_counter()
-        images, masks = next(stream)
-        train_step(model, images.to(device), masks.to(device), loss_fn, optimizer)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    step_seconds = (time.perf_counter() - start) / args.steps
-
+    stream = batches(train_loader)
     start = time.perf_counter()
     for _ in range(args.steps):
         next(stream)
     data_seconds = (time.perf_counter() - start) / args.steps
 
-    print(json.dumps({
+    fixed = {key for key in SPEED_KEYS if hasattr(args, key)}
+    runs = combinations(config, device, fixed) if args.compare else [config]
+    if args.compare:
+        print(f"{'AMP':5} {'channels_last':13} {'compile':12} {'train images/s':>14} {'vs first':>8}")
+    results = []
+    for run in runs:
+        result = time_training(run, train_loader, device, args.steps, args.warmup)
+        result["data_share_of_step"] = round(data_seconds / result.pop("step_seconds"), 4)
+        results.append(result)
+        if args.compare:  # row by row: a grid with compilation takes minutes
+            print(table_row(result, results[0]["train_images_per_second"]), flush=True)
+    report = {
         "device": str(device), "threads": torch.get_num_threads(), "image_size": config.IMAGE_SIZE,
         "in_channels": config.IN_CHANNELS, "base_channels": config.BASE_CHANNELS, "depth": config.DEPTH,
-        "batch_size": config.BATCH_SIZE, "parameters_millions": round(count_parameters(model) / 1e6, 2),
-        "train_images_per_second": round(config.BATCH_SIZE / step_seconds, 2),
-        "data_images_per_second": round(config.BATCH_SIZE / data_seconds, 1),
-        "data_share_of_step": round(data_seconds / step_seconds, 4)}))
+        "batch_size": config.BATCH_SIZE, "cache": config.CACHE, "num_workers": config.NUM_WORKERS,
+        "parameters_millions": results[0]["parameters_millions"],
+        "data_images_per_second": round(config.BATCH_SIZE / data_seconds, 1)}
+    if args.compare:
+        report["results"] = [{k: v for k, v in r.items() if k != "parameters_millions"} for r in results]
+    else:
+        report |= {k: v for k, v in results[0].items() if k != "parameters_millions"}
+    print(json.dumps(report))
     return 0
+
+
+def table_row(result: dict, first: float) -> str:
+    """One compared combination, with its speed relative to the first one timed (all off, unless fixed)."""
+    compile_text = ("yes" if result["compiled"] else "fell back") if result["compile"] else "no"
+    speed = result["train_images_per_second"]
+    return (f"{result['amp']:5} {'yes' if result['channels_last'] else 'no':13} {compile_text:12} "
+            f"{speed:14.2f} {speed / first:7.2f}x")
 
 
 if __name__ == "__main__":

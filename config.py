@@ -42,6 +42,8 @@ class Config:
     SPLIT_GROUP_COLUMN: str = ""  # metadata.csv column kept on one side of the split; "" = random
     FOLDS: int = 0  # K >= 2: validate on fold FOLD of a K-fold split (by group when grouping); 0 = VAL_FRACTION
     FOLD: int = 0  # which fold (0 .. FOLDS-1) is held out when FOLDS >= 2
+    CACHE: str = "memory"  # decoded slices kept in "memory", or on "disk" (memory-mapped, for sets larger than RAM)
+    CACHE_DIR: str = ""  # folder of the disk cache; "" = RUNS_DIR/.cache (the data folder may be read-only)
     # --- model
     MODEL: str = "unet"  # "unet", or "attention_unet" (attention gates on the skip connections)
     BASE_CHANNELS: int = 64  # width of the first U-Net level; doubles per level
@@ -64,6 +66,9 @@ class Config:
     # --- machine
     DEVICE: str = "auto"  # "auto" picks cuda, then mps, then cpu; or name one
     NUM_WORKERS: int = 0  # DataLoader worker processes; 0 loads in the main process
+    AMP: str = "off"  # mixed precision of training steps: "off", "bf16" or "fp16" (fp16 with a gradient scaler)
+    CHANNELS_LAST: bool = False  # channels-last memory format for the model and its batches (faster on GPUs)
+    COMPILE: bool = False  # torch.compile the model (slower first steps); falls back with a warning where it cannot
     # --- outputs
     RUNS_DIR: str = "runs"  # each training run writes RUNS_DIR/<run name>/
     RUN_NAME: str = ""  # name of this run's folder; "" = a timestamp
@@ -99,7 +104,8 @@ class Config:
         ]
         for value, choices in ((self.NORMALIZATION, ("imagenet", "zscore")), (self.IN_CHANNELS, (1, 3)),
                                (self.LR_SCHEDULE, ("constant", "cosine")),
-                               (self.MODEL, ("unet", "attention_unet")), (self.RECIPE, ("", *RECIPES))):
+                               (self.MODEL, ("unet", "attention_unet")), (self.RECIPE, ("", *RECIPES)),
+                               (self.AMP, ("off", "bf16", "fp16")), (self.CACHE, ("memory", "disk"))):
             checks.append((value in choices, f"{value!r} is not one of {choices}"))
         problems = [message for ok, message in checks if not ok]
         if problems:

@@ -6,15 +6,20 @@ whose `image_id` column names those stems (used for grouped splits). Stems
 are compared in Unicode NFC form, so a name typed on macOS (NFD) still pairs.
 
 Every file is decoded once per run: `load_dataset` checks and decodes in a
-single pass and keeps the resized uint8 arrays in memory; augmentation and
-normalisation then run on those arrays each time a sample is drawn.
+single pass and keeps the resized uint8 arrays in memory, or (with a cache
+folder) once per change of the files, into memory-mapped arrays on disk;
+augmentation and normalisation then run on those arrays each time a sample
+is drawn.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 import os
+import shutil
 import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -26,9 +31,12 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.lib.format import open_memmap
 from PIL import Image
 from scipy import ndimage
 from sklearn.model_selection import GroupKFold, GroupShuffleSplit, KFold, ShuffleSplit
+
+from utils import remove_stale_staging, staging_name
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 METADATA_FILE = "metadata.csv"
@@ -62,7 +70,10 @@ class Pair:
 
 @dataclass
 class LoadedDataset:
-    """Every pair decoded and resized: images (N, S, S, C) uint8, masks (N, S, S) uint8 in {0, 1}."""
+    """Every pair decoded and resized: images (N, S, S, C) uint8, masks (N, S, S) uint8 in {0, 1}.
+
+    In memory, or memory-mapped from the disk cache (then index them with few rows at a time).
+    """
 
     pairs: list[Pair]
     images: np.ndarray
@@ -314,19 +325,7 @@ def _scan(root: Path, group_column: str, in_channels: int,
     for stem in sorted(set(masks) - set(images) - unusable_stems):
         problems.append(f"{masks[stem][0]}: orphan mask, no image with stem '{stem}' in {image_dir}")
 
-    metadata_rows: dict[str, dict[str, str]] | None = None
-    if group_column:
-        try:
-            columns, metadata_rows = read_metadata(root)
-            if group_column not in columns:
-                problems.append(f"{root / METADATA_FILE}: no column '{group_column}' to group by "
-                                f"(columns: {', '.join(columns)})")
-                metadata_rows = None
-        except (OSError, ValueError, csv.Error) as error:
-            problems.append(f"{root / METADATA_FILE}: {error}")
-
     pairs: list[Pair] = []
-    groups: list[str] = []
     for stem in sorted(set(images) & set(masks)):
         pair = Pair(stem, images[stem][0], masks[stem][0])
         try:
@@ -346,19 +345,29 @@ def _scan(root: Path, group_column: str, in_channels: int,
             problems.append(f"{pair.image_path}: image is {image.shape[1]}x{image.shape[0]} but its mask "
                             f"{pair.mask_path.name} is {mask.shape[1]}x{mask.shape[0]}")
             continue
-        if metadata_rows is not None:
-            row = metadata_rows.get(stem)
-            if row is None or not row[group_column]:
-                problems.append(f"{pair.image_path}: no '{group_column}' for image_id '{stem}' in "
-                                f"{root / METADATA_FILE}")
-                continue
-            groups.append(row[group_column])
         pairs.append(pair)
         on_pair(pair, image, mask)
 
     if not images and not masks:
         problems.append(f"{root}: no image/mask pairs ({'/'.join(IMAGE_EXTENSIONS)}) found")
-    return pairs, (groups if group_column else None), problems
+    groups, group_problems = group_labels(root, group_column, pairs)
+    return pairs, groups, problems + group_problems
+
+
+def group_labels(root: Path, group_column: str, pairs: Sequence[Pair]) -> tuple[list[str] | None, list[str]]:
+    """Each pair's value in `group_column` of root/metadata.csv, and every problem; (None, []) without a column."""
+    if not group_column:
+        return None, []
+    try:
+        columns, rows = read_metadata(root)
+    except (OSError, ValueError, csv.Error) as error:
+        return None, [f"{root / METADATA_FILE}: {error}"]
+    if group_column not in columns:
+        return None, [f"{root / METADATA_FILE}: no column '{group_column}' to group by (columns: {', '.join(columns)})"]
+    groups = [(rows.get(pair.stem) or {}).get(group_column) or "" for pair in pairs]
+    problems = [f"{pair.image_path}: no '{group_column}' for image_id '{pair.stem}' in {root / METADATA_FILE}"
+                for pair, group in zip(pairs, groups, strict=True) if not group]
+    return groups, problems
 
 
 def verify_dataset(root: Path, group_column: str = "") -> list[str]:
@@ -373,11 +382,21 @@ def verify_dataset(root: Path, group_column: str = "") -> list[str]:
 
 
 def load_dataset(root: Path, image_size: int, in_channels: int, group_column: str = "",
-                 crop: bool = False, crop_margin: float = 0.05) -> LoadedDataset:
+                 crop: bool = False, crop_margin: float = 0.05, cache_dir: Path | None = None) -> LoadedDataset:
     """Verify and decode the dataset in one pass; raise DatasetError listing every problem.
 
     With `crop`, each slice is cut to its head_box (widened by `crop_margin`) before resizing.
+    With `cache_dir`, the slices are memory-mapped from the disk cache there (see `disk_cache`),
+    decoded only when a file or one of these settings has changed since.
     """
+    root = Path(root)
+    if cache_dir is not None:
+        pairs, cached_images, cached_masks = disk_cache(root, image_size, in_channels, crop, crop_margin,
+                                                        Path(cache_dir))
+        groups, problems = group_labels(root, group_column, pairs)
+        if problems:
+            raise DatasetError(root, problems)
+        return LoadedDataset(pairs, cached_images, cached_masks, groups)
     images: list[np.ndarray] = []
     masks: list[np.ndarray] = []
 
@@ -386,10 +405,116 @@ def load_dataset(root: Path, image_size: int, in_channels: int, group_column: st
         images.append(prepared)
         masks.append(prepare_mask(mask, image_size, box))
 
-    pairs, groups, problems = _scan(Path(root), group_column, in_channels, keep)
+    pairs, groups, problems = _scan(root, group_column, in_channels, keep)
     if problems:
-        raise DatasetError(Path(root), problems)
+        raise DatasetError(root, problems)
     return LoadedDataset(pairs, np.stack(images), np.stack(masks), groups)
+
+
+# ----------------------------------------------------------------------------- disk cache
+#
+# CACHE="disk": every slice decoded and resized once into two memory-mapped uint8 .npy files, so a data set
+# larger than memory trains at the speed of reading its slices (64 KB each at 256 px, grayscale). The cache
+# folder is named after a hash of everything that shapes those pixels, so changing a file or a setting builds
+# a new one (and removes the one it replaces); it is built under a staging name and renamed whole.
+
+CACHE_FORMAT = 1  # part of the key: raise it when what a cache holds changes
+CACHE_INDEX = "cache.json"  # pairs and source of a cache folder, written last
+
+
+def cache_key(root: Path, image_size: int, in_channels: int, crop: bool, crop_margin: float) -> str:
+    """Hash of the settings and of every image and mask file's name, size and modification time."""
+    files = []
+    for sub in ("images", "masks"):
+        for path in _image_named(root / sub):
+            info = path.stat() if path.exists() else path.lstat()  # a broken link counts by itself
+            files.append([sub, path.name, info.st_size, info.st_mtime_ns])
+    described = json.dumps([CACHE_FORMAT, image_size, in_channels, crop, crop_margin, files])  # ASCII-escaped
+    return hashlib.sha256(described.encode()).hexdigest()[:32]
+
+
+def disk_cache(root: Path, image_size: int, in_channels: int, crop: bool, crop_margin: float,
+               cache_dir: Path) -> tuple[list[Pair], np.ndarray, np.ndarray]:
+    """The pairs of `root` and their slices memory-mapped (read-only) from cache_dir/<key>/, built first if needed.
+
+    Building checks every file as `load_dataset` does and raises DatasetError
+    listing every problem (leaving no cache). Groups are not cached: metadata
+    is read afresh by the caller.
+    """
+    if not ((root / "images").is_dir() and (root / "masks").is_dir()):
+        raise DatasetError(root, _scan(root, "", in_channels, lambda *_: None)[2])  # nothing to key on
+    folder = cache_dir / cache_key(root, image_size, in_channels, crop, crop_margin)
+    if not (folder / CACHE_INDEX).is_file():
+        shutil.rmtree(folder, ignore_errors=True)  # a folder without its index was damaged by hand
+        _build_cache(root, image_size, in_channels, crop, crop_margin, folder)
+    index = json.loads((folder / CACHE_INDEX).read_text())
+    pairs = [Pair(stem, root / "images" / image, root / "masks" / mask) for stem, image, mask in index["pairs"]]
+    return pairs, np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "masks.npy", mmap_mode="r")
+
+
+def _build_cache(root: Path, image_size: int, in_channels: int, crop: bool, crop_margin: float,
+                 folder: Path) -> None:
+    """Decode every pair of `root` into `folder` (images.npy, masks.npy, cache.json), atomically."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(folder.parent)
+    staging = folder.parent / staging_name(folder.name, "partial")
+    staging.mkdir()
+    try:
+        count = len(set(files_by_stem(root / "images")) & set(files_by_stem(root / "masks")))
+        files = {}
+        for name, shape in (("images", (count, image_size, image_size, in_channels)),
+                            ("masks", (count, image_size, image_size))):
+            # open_memmap writes the .npy header and sizes the file; slices are then written in order through
+            # plain file writes, which keep them out of this process's resident memory while building.
+            offset = open_memmap(staging / f"{name}.npy", mode="w+", dtype=np.uint8, shape=shape).offset
+            files[name] = open(staging / f"{name}.npy", "r+b")
+            files[name].seek(offset)
+
+        def keep(pair: Pair, image: np.ndarray, mask: np.ndarray) -> None:
+            prepared, box = prepare_input(image, image_size, crop, crop_margin)
+            files["images"].write(prepared.tobytes())
+            files["masks"].write(prepare_mask(mask, image_size, box).tobytes())
+
+        try:
+            pairs, _, problems = _scan(root, "", in_channels, keep)
+            for file in files.values():
+                file.flush()
+                os.fsync(file.fileno())  # on disk before the rename makes the folder count as complete
+        finally:
+            for file in files.values():
+                file.close()
+        if problems:
+            raise DatasetError(root, problems)
+        source = {"root": str(root.resolve()), "settings": [image_size, in_channels, crop, crop_margin]}
+        index = {**source, "pairs": [[p.stem, p.image_path.name, p.mask_path.name] for p in pairs]}
+        (staging / CACHE_INDEX).write_text(json.dumps(index))
+        try:
+            os.rename(staging, folder)
+        except OSError:  # another process finished the same cache first: use theirs
+            shutil.rmtree(staging, ignore_errors=True)
+        _remove_replaced_caches(folder, source)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _remove_replaced_caches(folder: Path, source: dict) -> None:
+    """Delete the other caches of the same data folder and settings: files have changed since they were built."""
+    for other in folder.parent.iterdir():
+        try:
+            replaced = other != folder and {k: v for k, v in json.loads((other / CACHE_INDEX).read_text()).items()
+                                            if k != "pairs"} == source
+        except (OSError, ValueError):
+            continue  # not a cache folder, or one being built
+        if replaced:
+            shutil.rmtree(other, ignore_errors=True)  # a run still reading it keeps its open file (POSIX)
+
+
+def mask_share(masks: np.ndarray, indices: Sequence[int]) -> float:
+    """Share of tumour pixels over the masks at `indices`, read a block at a time (a disk cache stays on disk)."""
+    block = 1024
+    total = sum(int(masks[sorted(indices[start:start + block])].sum()) for start in range(0, len(indices), block))
+    return total / (len(indices) * masks[0].size)
 
 
 # ----------------------------------------------------------------------------- split
@@ -513,19 +638,40 @@ def training_augmentation(seed: int, flips: bool = True, affine: bool = False, i
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """Samples from in-memory arrays: (image float32 (C, S, S), mask float32 (1, S, S) in {0, 1})."""
+    """Samples (image float32 (C, S, S), mask float32 (1, S, S) in {0, 1}) from the rows `indices` of the arrays.
+
+    The arrays may be in memory or memory-mapped (the disk cache); `indices`
+    (default: every row) picks rows without copying the arrays.
+    """
 
     def __init__(self, images: np.ndarray, masks: np.ndarray, normalization: str,
-                 transform: A.Compose | None = None):
+                 transform: A.Compose | None = None, indices: Sequence[int] | None = None):
         self.images, self.masks = images, masks
+        self.indices = list(range(len(images)) if indices is None else indices)
         self.normalization = normalization
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.indices)
+
+    def __getstate__(self) -> dict:
+        # A memory-mapped cache travels to workers started by spawn (macOS, Windows) as its file name,
+        # not as a copy of every slice.
+        state = dict(self.__dict__)
+        for name in ("images", "masks"):
+            if isinstance(state[name], np.memmap):
+                state[name] = Path(state[name].filename)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for name in ("images", "masks"):
+            if isinstance(state[name], Path):
+                state[name] = np.load(state[name], mmap_mode="r")
+        self.__dict__.update(state)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.images[index], self.masks[index]
+        row = self.indices[index]
+        image, mask = np.array(self.images[row]), np.array(self.masks[row])  # copies: a memory map stays read-only
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]

@@ -2,6 +2,8 @@
 
     python train.py                                   # config.py as it is
     python train.py --epochs 3 --image-size 128       # any config key as --foo-bar VALUE
+    python train.py --resume runs/<name>              # continue a run from its last.pt
+    torchrun --standalone --nproc_per_node 4 train.py # 4 GPUs of one machine (BATCH_SIZE per process)
 
 Writes RUNS_DIR/<run name>/: config.json, split.json, history.csv,
 summary.json, best.pt, last.pt and TensorBoard event files.
@@ -10,8 +12,11 @@ summary.json, best.pt, last.pt and TensorBoard event files.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -21,20 +26,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import dataset
-from config import Config, parse_config
+from config import Config, build_parser, config_from_args
 from losses import BCEDiceLoss
 from metrics import MetricTracker, dice_per_image
 from inference import native_probabilities
 from model import count_parameters
 from postprocess import DecisionRule, search_rule
-from utils import (OutputError, build_model, load_checkpoint, model_arguments, new_output_dir, pick_device,
-                   remove_stale_staging,
-                   save_checkpoints, save_json, set_seed, write_atomic)
+from utils import (CheckpointError, OutputError, autocast, average_over_processes, build_model, check_amp,
+                   compile_model, from_main_process, gather_objects, init_distributed, is_main_process,
+                   load_checkpoint, model_arguments, new_output_dir, pick_device, random_states, rank_and_world,
+                   remove_stale_staging, restore_random_states, save_checkpoints, save_json, set_seed, write_atomic)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",
                    "val_pixel_accuracy", "val_dice_pooled", "val_iou_pooled", "learning_rate",
@@ -44,30 +52,52 @@ FAST_CPU_HINT = "--recipe cpu trains in about 20 minutes on 2 CPU cores (see REA
 
 
 def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: list[int],
-                 config: Config) -> tuple[DataLoader, DataLoader]:
-    """Shuffled, augmented training loader and a fixed-order validation loader."""
-    augment = dataset.training_augmentation(config.SEED, flips=config.AUGMENT, affine=config.AUG_AFFINE,
+                 config: Config, pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
+    """Shuffled, augmented training loader and a fixed-order validation loader (pinned batches copy faster to a GPU).
+
+    Under torchrun each process loads its own share: a DistributedSampler's
+    for training (call its set_epoch every epoch) and every world-th
+    validation image, so no image is validated twice.
+    """
+    rank, world = rank_and_world()
+    augment = dataset.training_augmentation(config.SEED + rank, flips=config.AUGMENT, affine=config.AUG_AFFINE,
                                             intensity=config.AUG_INTENSITY, elastic=config.AUG_ELASTIC)
-    train_set = dataset.SegmentationDataset(data.images[train_idx], data.masks[train_idx],
-                                            config.NORMALIZATION, augment)
-    val_set = dataset.SegmentationDataset(data.images[val_idx], data.masks[val_idx], config.NORMALIZATION)
-    common = dict(batch_size=config.BATCH_SIZE, num_workers=config.NUM_WORKERS,
-                  persistent_workers=config.NUM_WORKERS > 0, worker_init_fn=dataset.seed_worker)
+    train_set = dataset.SegmentationDataset(data.images, data.masks, config.NORMALIZATION, augment, train_idx)
+    val_set = dataset.SegmentationDataset(data.images, data.masks, config.NORMALIZATION, indices=val_idx)
+    # Workers are started afresh each epoch (not persistent): their augmentation seeds then come from the
+    # loader's generator, which checkpoints save, so a resumed run draws exactly what it would have drawn.
+    common = dict(batch_size=config.BATCH_SIZE, num_workers=config.NUM_WORKERS, worker_init_fn=dataset.seed_worker,
+                  pin_memory=pin_memory)
     generator = torch.Generator().manual_seed(config.SEED)
     # BatchNorm cannot train on a batch of one image: drop such a last batch (its image is
     # drawn again in other epochs, since the order is reshuffled every epoch).
-    drop_last = len(train_set) % config.BATCH_SIZE == 1
-    return (DataLoader(train_set, shuffle=True, generator=generator, drop_last=drop_last, **common),
-            DataLoader(val_set, shuffle=False, **common))
+    drop_last = math.ceil(len(train_set) / world) % config.BATCH_SIZE == 1
+    # DistributedSampler pads the training shares to one length; validation must not count an image twice.
+    train_sampler = DistributedSampler(train_set, seed=config.SEED) if world > 1 else None
+    return (DataLoader(train_set, shuffle=train_sampler is None, sampler=train_sampler, generator=generator,
+                       drop_last=drop_last, **common),
+            DataLoader(val_set, sampler=range(rank, len(val_set), world), **common))
 
 
-def train_step(model, images, masks, loss_fn, optimizer, scheduler=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a batch already on the model's device; returns (loss, logits)."""
-    logits = model(images)
-    loss = loss_fn(logits, masks)
+def train_step(model, images, masks, loss_fn, optimizer, scheduler=None, amp: str = "off",
+               scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch already on the model's device; returns (loss, logits).
+
+    The forward pass runs in the precision `amp` names; the loss is taken in
+    float32. `scaler` (for fp16, whose small gradients would underflow)
+    scales the loss and skips steps whose gradients overflowed.
+    """
+    with autocast(images.device, amp):
+        logits = model(images)
+    loss = loss_fn(logits.float(), masks)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     if scheduler is not None:
         scheduler.step()
     return loss, logits
@@ -78,47 +108,57 @@ class NonFiniteLossError(RuntimeError):
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, threshold, desc,
-                    on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
+                    on_step: Callable[[int, float], None] | None = None, amp: str = "off",
+                    scaler: torch.amp.GradScaler | None = None,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
     """One pass over the training data; returns mean loss, mean batch Dice, speed and data-wait share.
 
     `on_step(steps_done, seconds_so_far)` is called after every step (used for the
-    time estimate). Raises NonFiniteLossError as soon as a loss is NaN or infinite.
+    time estimate); `amp`, `scaler`: see train_step; batches are given
+    `memory_format`. Raises NonFiniteLossError as soon as a loss is NaN or infinite.
     """
     model.train()
     losses, dices, seen, waited = [], [], 0, 0.0
     start = ready = time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process())
     for step, (images, masks) in enumerate(bar, 1):
         waited += time.perf_counter() - ready  # time this step spent waiting for the batch
-        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        loss, logits = train_step(model, images, masks, loss_fn, optimizer, scheduler)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"the training loss became {loss.item()} at step {step} of {desc}")
-        dice = dice_per_image(torch.sigmoid(logits.detach()) > threshold, masks > 0.5).mean().item()
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        masks = masks.to(device, non_blocking=True)
+        loss, logits = train_step(model, images, masks, loss_fn, optimizer, scheduler, amp, scaler)
+        dice = dice_per_image(torch.sigmoid(logits.detach()) > threshold, masks > 0.5).mean()
+        # Averaged over all processes, so a NaN anywhere stops every process at the same step.
+        loss_value, dice_value = average_over_processes(torch.stack([loss.detach().float(), dice])).tolist()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"the training loss became {loss_value} at step {step} of {desc}")
         if on_step is not None:
             on_step(step, time.perf_counter() - start)
-        losses.append(loss.item())
-        dices.append(dice)
+        losses.append(loss_value)
+        dices.append(dice_value)
         seen += len(images)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}", dice=f"{np.mean(dices):.4f}")
         ready = time.perf_counter()
     elapsed = time.perf_counter() - start
     return {"loss": float(np.mean(losses)), "dice": float(np.mean(dices)),
-            "images_per_second": seen / elapsed, "data_wait_share": waited / elapsed}
+            "images_per_second": seen * rank_and_world()[1] / elapsed, "data_wait_share": waited / elapsed}
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fn, device, threshold, desc, keep: int = 0) -> tuple[dict[str, float], torch.Tensor]:
+def evaluate(model, loader, loss_fn, device, threshold, desc, keep: int = 0,
+             memory_format: torch.memory_format = torch.contiguous_format) -> tuple[dict[str, float], torch.Tensor]:
     """Validation loss and metrics (per-image means and pooled), and the probabilities of the first `keep` images.
 
     Only `keep` maps are held (the TensorBoard previews): all of them would
-    cost 123 MB per epoch at 256 px for nothing.
+    cost 123 MB per epoch at 256 px for nothing. Always in float32, whatever
+    AMP trains in, so the scores are those test.py reproduces. Under torchrun
+    each process scores its share and the per-image values of all are
+    gathered, so every process returns the scores of the whole validation set.
     """
     model.eval()
     tracker, total_loss, count, probabilities = MetricTracker(), 0.0, 0, []
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process())
     for images, masks in bar:
-        images, masks = images.to(device), masks.to(device)
+        images, masks = images.to(device, memory_format=memory_format), masks.to(device)
         logits = model(images)
         total_loss += loss_fn(logits, masks).item() * len(images)
         count += len(images)
@@ -129,6 +169,13 @@ def evaluate(model, loader, loss_fn, device, threshold, desc, keep: int = 0) -> 
             probabilities.append(probs[:keep - kept].cpu())
         bar.set_postfix(loss=f"{total_loss / count:.4f}", dice=f"{np.mean(tracker.dice):.4f}")
     kept_maps = torch.cat(probabilities) if probabilities else torch.empty(0)
+    shares = gather_objects((tracker, total_loss, count))
+    if len(shares) > 1:
+        trackers = [share[0] for share in shares]
+        tracker = MetricTracker(dice=[v for t in trackers for v in t.dice], iou=[v for t in trackers for v in t.iou],
+                                pixel_accuracy=[v for t in trackers for v in t.pixel_accuracy],
+                                totals=sum(t.totals for t in trackers))
+        total_loss, count = sum(share[1] for share in shares), sum(share[2] for share in shares)
     return {"loss": total_loss / count, **tracker.summary()}, kept_maps
 
 
@@ -146,19 +193,54 @@ class RunProgress:
     """What a run has finished so far: told to the user when it stops early."""
 
     run_dir: Path
+    resumed: bool = False  # a resumed run's folder is never removed
     epochs_done: int = 0
     best_dice: float = -1.0
     best_epoch: int = 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv, __doc__)
+    try:
+        return run(argv)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(argv: list[str] | None) -> int:
+    """Parse, check, then train in this process (one of several under torchrun); the exit code."""
+    parser = build_parser(__doc__)
+    parser.add_argument("--resume", metavar="RUN_FOLDER",
+                        help="continue the run in RUN_FOLDER from its last.pt, with the settings of its "
+                             "config.json; only --epochs may change (to extend a constant-schedule run)")
+    args = parser.parse_args(argv)
+    resumed = None
+    if args.resume:
+        # Flags given explicitly are the upper-case attributes present (the others are suppressed).
+        flags = {name: value for name, value in vars(args).items() if name.isupper()}
+        try:
+            config, resumed = resume_point(Path(args.resume), flags)
+        except (ValueError, CheckpointError, OSError) as error:
+            return fail(str(error))
+        summary_path = Path(args.resume) / "summary.json"
+        if summary_path.is_file() and stop_reason(config, resumed["epoch"], resumed["best_epoch"],
+                                                  resumed["minutes"]):
+            summary = json.loads(summary_path.read_text())
+            if is_main_process():
+                print(f"{args.resume} has finished ({summary['epochs_run']} epochs, {summary['stop_reason']}): "
+                      "nothing to do" + ("; give a larger --epochs to train it longer"
+                                         if config.LR_SCHEDULE == "constant" and not config.PATIENCE else ""))
+            return 0
+    else:
+        config = config_from_args(parser, args)
 
     # Check the device and the data before anything is written: a bad dataset leaves no run folder.
     try:
-        device = pick_device(config.DEVICE)
-        data = dataset.load_dataset(Path(config.DATA_ROOT), config.IMAGE_SIZE, config.IN_CHANNELS,
-                                    config.SPLIT_GROUP_COLUMN, config.CROP, config.CROP_MARGIN)
+        device = init_distributed(pick_device(config.DEVICE))
+        if not is_main_process():
+            sys.stdout = open(os.devnull, "w")  # one process speaks for all (errors still reach stderr)
+        check_amp(device, config.AMP)
+        data = load_data(config)
         where = {"group_column": config.SPLIT_GROUP_COLUMN, "root": Path(config.DATA_ROOT)}
         if config.FOLDS:
             train_idx, val_idx = dataset.fold_indices(len(data.pairs), config.FOLDS, config.FOLD, config.SEED,
@@ -166,21 +248,31 @@ def main(argv: list[str] | None = None) -> int:
         else:
             train_idx, val_idx = dataset.split_indices(len(data.pairs), config.VAL_FRACTION, config.SEED,
                                                        data.groups, **where)
+        if resumed is not None:
+            check_same_split(Path(args.resume), data, train_idx, val_idx)
     except (dataset.DatasetError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for folder in Path(config.RUNS_DIR).glob("*/"):
-        for stale in remove_stale_staging(folder):
-            print(f"removed {stale}, a temporary file left by an interrupted run")
-    try:
-        run_dir = new_output_dir(Path(config.RUNS_DIR), config.RUN_NAME)
-    except OSError as error:
-        print(f"error: cannot create the run folder: {error}", file=sys.stderr)
-        return 1
+        return fail(str(error))
+    run_dir: Path | str | None = None
+    if is_main_process():
+        folders = [Path(args.resume)] if resumed is not None else Path(config.RUNS_DIR).glob("*/")
+        for folder in folders:
+            for stale in remove_stale_staging(folder):
+                print(f"removed {stale}, a temporary file left by an interrupted run")
+        if resumed is not None:
+            run_dir = Path(args.resume)
+            print(f"resuming {run_dir} after epoch {resumed['epoch']} of {config.EPOCHS}")
+        else:
+            try:
+                run_dir = new_output_dir(Path(config.RUNS_DIR), config.RUN_NAME)
+            except OSError as error:
+                run_dir = f"cannot create the run folder: {error}"
+    run_dir = from_main_process(run_dir)  # the other processes only need to know whether it exists
+    if isinstance(run_dir, str):
+        return fail(run_dir)
 
-    progress = RunProgress(run_dir)
+    progress = RunProgress(run_dir, resumed=resumed is not None)
     try:
-        train(config, data, train_idx, val_idx, device, progress)
+        train(config, data, train_idx, val_idx, device, progress, resumed)
         return 0
     except KeyboardInterrupt:
         return stop_early(progress, f"interrupted (Ctrl-C) during epoch {progress.epochs_done + 1}", 130)
@@ -191,9 +283,34 @@ def main(argv: list[str] | None = None) -> int:
         return stop_early(progress, str(error), 1)
 
 
+def load_data(config: Config) -> dataset.LoadedDataset:
+    """The checked, decoded data set, in memory or from the disk cache (CACHE); raises DatasetError.
+
+    Under torchrun the main process builds a missing disk cache first; the others then open it.
+    """
+    cache_dir = Path(config.CACHE_DIR or Path(config.RUNS_DIR) / ".cache") if config.CACHE == "disk" else None
+    builds_first = cache_dir is not None and dist.is_initialized()
+    if builds_first and not is_main_process():
+        dist.barrier()
+    data = dataset.load_dataset(Path(config.DATA_ROOT), config.IMAGE_SIZE, config.IN_CHANNELS,
+                                config.SPLIT_GROUP_COLUMN, config.CROP, config.CROP_MARGIN, cache_dir)
+    if builds_first and is_main_process():
+        dist.barrier()
+    return data
+
+
+def fail(message: str) -> int:
+    """Print `message` as an error (once, from the main process) and return exit code 1."""
+    if is_main_process():
+        print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
 def stop_early(progress: RunProgress, reason: str, code: int) -> int:
-    """Say why the run stopped and what it kept; remove its folder if no epoch finished."""
-    if progress.epochs_done == 0:
+    """Say why the run stopped and what it kept; remove its folder if no epoch finished (main process only)."""
+    if not is_main_process():
+        return code
+    if progress.epochs_done == 0 and not progress.resumed:
         shutil.rmtree(progress.run_dir, ignore_errors=True)  # created by this run, holds no result
         print(f"\nerror: {reason}\nno epoch had finished: removed the run folder {progress.run_dir}",
               file=sys.stderr)
@@ -201,6 +318,55 @@ def stop_early(progress: RunProgress, reason: str, code: int) -> int:
     print(f"\nerror: {reason}\nkept {progress.run_dir}: best.pt (epoch {progress.best_epoch}, validation Dice "
           f"{progress.best_dice:.4f}) and last.pt (epoch {progress.epochs_done})", file=sys.stderr)
     return code
+
+
+def resume_point(run_dir: Path, flags: dict) -> tuple[Config, dict]:
+    """The config saved in `run_dir` (EPOCHS from `flags` if given) and its last.pt contents.
+
+    Raises ValueError when a flag contradicts the saved config, when --epochs
+    would change a cosine schedule, or when last.pt cannot be resumed.
+    """
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{run_dir}: not a run folder of train.py (no config.json)")
+    saved, _ = Config.from_saved(json.loads(config_path.read_text()))
+    contradicting = [f"--{name.lower().replace('_', '-')} {value} (the run has {getattr(saved, name)})"
+                     for name, value in flags.items() if name != "EPOCHS" and value != getattr(saved, name)]
+    if contradicting:
+        raise ValueError(f"--resume takes every setting from {config_path}; these flags contradict it: "
+                         f"{', '.join(contradicting)}. Only --epochs may change; start a new run to change others")
+    state = load_checkpoint(run_dir / "last.pt").state
+    if "rng" not in state:
+        raise ValueError(f"{run_dir / 'last.pt'}: written by a train.py without resume support "
+                         "(no optimiser schedule or random states saved); start a new run")
+    epochs = flags.get("EPOCHS", saved.EPOCHS)
+    if epochs != saved.EPOCHS and saved.LR_SCHEDULE == "cosine":
+        # T_max is EPOCHS x steps: another EPOCHS would bend the rest of a curve already half followed.
+        raise ValueError(f"--epochs {epochs}: {run_dir} uses the cosine schedule, which decays to 0 over its "
+                         f"{saved.EPOCHS} epochs; it cannot be extended or shortened. Start a new run instead")
+    if epochs < state["epoch"]:
+        raise ValueError(f"--epochs {epochs}: {run_dir} has already run {state['epoch']} epochs")
+    return dataclasses.replace(saved, EPOCHS=epochs), state
+
+
+def check_same_split(run_dir: Path, data: dataset.LoadedDataset, train_idx: list[int], val_idx: list[int]) -> None:
+    """Raise ValueError unless the data gives the split `run_dir` was trained on (its split.json)."""
+    split = json.loads((run_dir / "split.json").read_text())
+    if (split["train"], split["val"]) != ([data.pairs[i].stem for i in train_idx],
+                                          [data.pairs[i].stem for i in val_idx]):
+        raise ValueError(f"the data at {split['data_root']} no longer gives the train/validation split of "
+                         f"{run_dir / 'split.json'} (files added, removed or renamed); start a new run")
+
+
+def stop_reason(config: Config, epoch: int, best_epoch: int, minutes: float) -> str | None:
+    """Why training stops after `epoch`: all epochs done, the time limit or PATIENCE; None to go on."""
+    if epoch >= config.EPOCHS:
+        return f"all {config.EPOCHS} epochs"
+    if config.TIME_LIMIT_MINUTES and minutes >= config.TIME_LIMIT_MINUTES:
+        return f"time limit of {config.TIME_LIMIT_MINUTES} min reached after epoch {epoch}"
+    if config.PATIENCE and epoch - best_epoch >= config.PATIENCE:
+        return f"early stop: no better validation Dice for {config.PATIENCE} epochs (best at epoch {best_epoch})"
+    return None
 
 
 def estimate_minutes(seconds_per_step: float, config: Config, train_steps: int, val_share: float) -> float:
@@ -211,29 +377,51 @@ def estimate_minutes(seconds_per_step: float, config: Config, train_steps: int, 
 
 
 def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val_idx: list[int],
-          device: torch.device, progress: RunProgress) -> None:
-    """The training loop: writes the run folder, records each finished epoch in `progress`."""
+          device: torch.device, progress: RunProgress, resumed: dict | None = None) -> None:
+    """The training loop: writes the run folder, records each finished epoch in `progress`.
+
+    `resumed` (last.pt's contents) continues that run exactly where it stopped.
+    Under torchrun every process trains and validates its share; only the
+    main process writes files.
+    """
     run_dir = progress.run_dir
+    main_process, (rank, world) = is_main_process(), rank_and_world()
     set_seed(config.SEED)
-    save_json(run_dir / "config.json", config.to_dict())
-    save_json(run_dir / "split.json", {
-        "group_column": config.SPLIT_GROUP_COLUMN, "seed": config.SEED, "val_fraction": config.VAL_FRACTION,
-        "folds": config.FOLDS, "fold": config.FOLD,
-        "data_root": str(Path(config.DATA_ROOT).resolve()),
-        "train": [data.pairs[i].stem for i in train_idx], "val": [data.pairs[i].stem for i in val_idx]})
+    if main_process:
+        save_json(run_dir / "config.json", config.to_dict())  # on resume too: EPOCHS may have grown
+    if main_process and resumed is None:
+        save_json(run_dir / "split.json", {
+            "group_column": config.SPLIT_GROUP_COLUMN, "seed": config.SEED, "val_fraction": config.VAL_FRACTION,
+            "folds": config.FOLDS, "fold": config.FOLD,
+            "data_root": str(Path(config.DATA_ROOT).resolve()),
+            "train": [data.pairs[i].stem for i in train_idx], "val": [data.pairs[i].stem for i in val_idx]})
     print(f"data: {len(data.pairs)} pairs from {config.DATA_ROOT}, {len(train_idx)} train / {len(val_idx)} val"
           + (f" (grouped by {config.SPLIT_GROUP_COLUMN})" if config.SPLIT_GROUP_COLUMN else " (random split)"))
 
-    train_loader, val_loader = make_loaders(data, train_idx, val_idx, config)
+    train_loader, val_loader = make_loaders(data, train_idx, val_idx, config, pin_memory=device.type == "cuda")
+    memory_format = torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
     model = build_model(config)
-    model.set_output_prior(float(data.masks[train_idx].mean()))
-    model.to(device)
+    model.set_output_prior(dataset.mask_share(data.masks, train_idx))
+    model.to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.LEARNING_RATE)
     scheduler = None
     if config.LR_SCHEDULE == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.EPOCHS * len(train_loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.AMP == "fp16")  # a pass-through unless fp16
     loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT)
-    print(f"model: {config.MODEL}, {count_parameters(model) / 1e6:.2f} M parameters, on {device}")
+    print(f"model: {config.MODEL}, {count_parameters(model) / 1e6:.2f} M parameters, on {device}"
+          + "".join(f", {name}" for name, on in ((f"AMP {config.AMP}", config.AMP != "off"),
+                                                 ("channels last", config.CHANNELS_LAST),
+                                                 ("compiled", config.COMPILE)) if on))
+    # `model` holds the weights that checkpoints save; `evaluated` runs them (compiled or not) and
+    # `trained` too, wrapped in DDP under torchrun (which averages the gradients of all processes).
+    evaluated = model
+    if config.COMPILE:
+        example = next(iter(val_loader))[0].to(device, memory_format=memory_format)
+        evaluated = compile_model(model, example)
+    trained = evaluated
+    if world > 1:
+        trained = DistributedDataParallel(evaluated, device_ids=[device.index] if device.type == "cuda" else None)
 
     def announce_estimate(step: int, seconds: float) -> None:
         """After the first few steps, say how long the whole run will take (and how to go faster on a CPU)."""
@@ -245,21 +433,51 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
         if device.type == "cpu" and minutes > 60:
             tqdm.write("hint: these settings are slow on a CPU; " + FAST_CPU_HINT)
 
-    writer = SummaryWriter(log_dir=str(run_dir))
-    previews = [val_loader.dataset[i] for i in range(min(config.PREVIEW_IMAGES, len(val_idx)))]
+    previews = [val_loader.dataset[i] for i in list(val_loader.sampler)[:config.PREVIEW_IMAGES]]
     preview_images, preview_masks = map(torch.stack, zip(*previews, strict=True)) if previews else (None, None)
 
     history_path = run_dir / "history.csv"
-    save_csv_row(history_path, HISTORY_COLUMNS)
-    started = time.perf_counter()
+    augmentation = train_loader.dataset.transform
+    minutes_before = 0.0
+    if resumed is None and main_process:
+        save_csv_row(history_path, HISTORY_COLUMNS)
+    elif resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        progress.epochs_done, progress.best_dice = resumed["epoch"], resumed["best_dice"]
+        progress.best_epoch, minutes_before = resumed["best_epoch"], resumed["minutes"]
+        if main_process:
+            keep_history_until(history_path, progress.epochs_done)
+        # Last, after everything that draws random numbers while being built (the model's initial weights).
+        if len(resumed["rng"]) == world:
+            restore_random_states(resumed["rng"][rank], train_loader.generator, augmentation)
+        elif main_process:
+            print(f"warning: the run had {len(resumed['rng'])} process(es), this resume has {world}: it goes on "
+                  "from last.pt, but draws other random batches than the original run would have", file=sys.stderr)
+    # purge_step: a resumed run drops the curves' points after its last checkpoint, so no segment is doubled.
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=progress.epochs_done + 1 if resumed else None) \
+        if main_process else None
+    started = time.perf_counter() - minutes_before * 60  # the time limit counts the time before a resume too
+    reason = stop_reason(config, progress.epochs_done, progress.best_epoch, minutes_before) if resumed else None
     try:
-        for epoch in range(1, config.EPOCHS + 1):
+        epoch = progress.epochs_done
+        while reason is None:
+            epoch += 1
             epoch_start = time.perf_counter()
-            train_metrics = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device,
+            if isinstance(train_loader.sampler, DistributedSampler):
+                train_loader.sampler.set_epoch(epoch)  # another shuffle each epoch, the same in every process
+            train_metrics = train_one_epoch(trained, train_loader, loss_fn, optimizer, scheduler, device,
                                             config.THRESHOLD, f"epoch {epoch}/{config.EPOCHS} train",
-                                            announce_estimate if epoch == 1 else None)
-            val, probs = evaluate(model, val_loader, loss_fn, device, config.THRESHOLD,
-                                  f"epoch {epoch}/{config.EPOCHS} val", keep=len(previews))
+                                            announce_estimate if epoch == 1 else None, config.AMP, scaler,
+                                            memory_format)
+            if world > 1:  # BatchNorm statistics: each process updated its own; validate with the saved ones
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, src=0)
+            val, probs = evaluate(evaluated, val_loader, loss_fn, device, config.THRESHOLD,
+                                  f"epoch {epoch}/{config.EPOCHS} val", len(previews), memory_format)
             lr = optimizer.param_groups[0]["lr"]
             row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_dice": train_metrics["dice"],
                    "val_loss": val["loss"], "val_dice": val["dice"], "val_iou": val["iou"],
@@ -269,53 +487,54 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
                    "data_wait_share": train_metrics["data_wait_share"],
                    "epoch_seconds": time.perf_counter() - epoch_start}
 
-            # Checkpoints first, best.pt before last.pt: once an epoch counts as done, best.pt exists.
-            improved = val["dice"] > progress.best_dice
-            state = {"model_args": model_arguments(config), "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "metrics": {k: float(v) for k, v in val.items()}, "config": config.to_dict()}
-            save_checkpoints([run_dir / "best.pt", run_dir / "last.pt"] if improved else [run_dir / "last.pt"],
-                             state)
-            if improved:
-                progress.best_dice, progress.best_epoch = val["dice"], epoch
-            progress.epochs_done = epoch
-            save_csv_row(history_path, [row[c] for c in HISTORY_COLUMNS], append=True)
+            # Records first, then the checkpoints, best.pt before last.pt: a kill in between leaves records
+            # of an epoch last.pt lacks, which a resume drops (history rows, purge_step); once last.pt holds
+            # an epoch, best.pt exists and every record of it is written.
+            if main_process:
+                save_csv_row(history_path, [row[c] for c in HISTORY_COLUMNS], append=True)
+                for name in ("loss", "dice"):
+                    writer.add_scalar(f"{name}/train", train_metrics[name], epoch)
+                for name in ("loss", "dice", "iou", "pixel_accuracy", "dice_pooled"):
+                    writer.add_scalar(f"{name}/val", val[name], epoch)
+                writer.add_scalar("learning_rate", lr, epoch)
+                if previews:
+                    writer.add_image("val/image_truth_prediction",
+                                     preview_panel(preview_images, preview_masks, probs, config.THRESHOLD), epoch)
+                writer.flush()
 
-            for name in ("loss", "dice"):
-                writer.add_scalar(f"{name}/train", train_metrics[name], epoch)
-            for name in ("loss", "dice", "iou", "pixel_accuracy", "dice_pooled"):
-                writer.add_scalar(f"{name}/val", val[name], epoch)
-            writer.add_scalar("learning_rate", lr, epoch)
-            if previews:
-                writer.add_image("val/image_truth_prediction",
-                                 preview_panel(preview_images, preview_masks, probs, config.THRESHOLD), epoch)
-            writer.flush()
+            improved = val["dice"] > progress.best_dice
+            best_dice, best_epoch = (val["dice"], epoch) if improved else (progress.best_dice, progress.best_epoch)
+            minutes = (time.perf_counter() - started) / 60
+            state = {"model_args": model_arguments(config), "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "scaler": scaler.state_dict(),
+                     "epoch": epoch, "best_dice": best_dice, "best_epoch": best_epoch, "minutes": minutes,
+                     "rng": gather_objects(random_states(train_loader.generator, augmentation)),  # per process
+                     "metrics": {k: float(v) for k, v in val.items()}, "config": config.to_dict()}
+            if main_process:
+                save_checkpoints([run_dir / "best.pt", run_dir / "last.pt"] if improved else [run_dir / "last.pt"],
+                                 state)
+            progress.best_dice, progress.best_epoch, progress.epochs_done = best_dice, best_epoch, epoch
             print(f"epoch {epoch:3d}  train loss {train_metrics['loss']:.4f} dice {train_metrics['dice']:.4f}  |  "
                   f"val loss {val['loss']:.4f} dice {val['dice']:.4f} iou {val['iou']:.4f} "
                   f"acc {val['pixel_accuracy']:.4f}  |  {train_metrics['images_per_second']:.1f} img/s"
                   + ("  * best" if improved else ""), flush=True)
-
-            minutes = (time.perf_counter() - started) / 60
-            if config.TIME_LIMIT_MINUTES and minutes >= config.TIME_LIMIT_MINUTES and epoch < config.EPOCHS:
-                stop_reason = f"time limit of {config.TIME_LIMIT_MINUTES} min reached after epoch {epoch}"
-                print(stop_reason)
-                break
-            if config.PATIENCE and epoch - progress.best_epoch >= config.PATIENCE and epoch < config.EPOCHS:
-                stop_reason = (f"early stop: no better validation Dice for {config.PATIENCE} epochs "
-                               f"(best at epoch {progress.best_epoch})")
-                print(stop_reason)
-                break
-        else:
-            stop_reason = f"all {config.EPOCHS} epochs"
+            reason = from_main_process(stop_reason(config, epoch, best_epoch, minutes))  # clocks differ
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+    if reason != f"all {config.EPOCHS} epochs":
+        print(reason)
     training_minutes = (time.perf_counter() - started) / 60
+    if not main_process:
+        return
 
     rule_summary = choose_decision_rule(run_dir / "best.pt", data, val_idx, config, device) \
         if config.SEARCH_RULE else None
     save_json(run_dir / "summary.json", {
         "best_epoch": progress.best_epoch, "best_val_dice": progress.best_dice, "epochs_run": progress.epochs_done,
-        "stop_reason": stop_reason, "patience": config.PATIENCE, "minutes": training_minutes,
+        "stop_reason": reason, "patience": config.PATIENCE, "minutes": training_minutes,
         "train_images": len(train_idx), "val_images": len(val_idx), "device": str(device),
         "recipe": config.RECIPE, "decision_rule": rule_summary})
     # TensorBoard's HParams tab: this run's settings beside its final scores, to compare runs side by side.
@@ -367,6 +586,14 @@ def format_minutes(minutes: float) -> str:
     if minutes < 1:
         return f"{minutes * 60:.0f} s"
     return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
+def keep_history_until(path: Path, epoch: int) -> None:
+    """Drop history.csv rows after `epoch` (written by an epoch whose checkpoint a kill prevented)."""
+    rows = list(csv.reader(io.StringIO(path.read_text())))
+    kept = io.StringIO()
+    csv.writer(kept).writerows([rows[0], *(row for row in rows[1:] if int(row[0]) <= epoch)])
+    write_atomic(path, kept.getvalue())
 
 
 def save_csv_row(path: Path, values: list, append: bool = False) -> None:

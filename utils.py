@@ -12,6 +12,7 @@ import re
 import secrets
 import shutil
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from config import Config
@@ -47,6 +49,37 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def random_states(loader_generator: torch.Generator, augmentation: Any) -> dict[str, Any]:
+    """Every random stream a training epoch draws from, as plain values a weights_only checkpoint can hold.
+
+    Python, NumPy and torch (CPU and CUDA) global states, the training loader's
+    generator (shuffle order and worker seeds) and the augmentation's own
+    generators: an albumentations Compose and each of its transforms keep a
+    random.Random and a numpy Generator apart from the global ones.
+    """
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {**numpy_state["state"], "key": numpy_state["state"]["key"].tolist()}
+    generators = [augmentation, *augmentation.transforms] if augmentation is not None else []
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "loader": loader_generator.get_state(),
+            "augmentation": [(g.py_random.getstate(), g.random_generator.bit_generator.state) for g in generators]}
+
+
+def restore_random_states(states: dict[str, Any], loader_generator: torch.Generator, augmentation: Any) -> None:
+    """Put back what `random_states` saved, so the next epoch draws exactly what it would have drawn."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+    loader_generator.set_state(states["loader"].cpu())
+    generators = [augmentation, *augmentation.transforms] if augmentation is not None else []
+    for generator, (python_state, numpy_state) in zip(generators, states["augmentation"], strict=True):
+        generator.py_random.setstate(python_state)
+        generator.random_generator.bit_generator.state = numpy_state
+
+
 def pick_device(name: str) -> torch.device:
     """'auto' picks cuda, then mps, then cpu; otherwise the named device, checked to exist here.
 
@@ -72,6 +105,124 @@ def pick_device(name: str) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str) -> torch.autocast:
+    """Mixed precision for forward passes as AMP says ("off", "bf16", "fp16"); a no-op context for "off"."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp != "off")
+
+
+def check_amp(device: torch.device, amp: str) -> None:
+    """Raise ValueError, naming the device, unless AMP `amp` really computes in its precision on `device`.
+
+    torch.autocast switches itself off with only a warning where a dtype is
+    unsupported, so a small convolution is run and its output dtype checked.
+    """
+    if amp == "off":
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # autocast's "not supported, disabling" warning becomes an error
+            with autocast(device, amp):
+                out = torch.nn.functional.conv2d(torch.ones(1, 1, 4, 4, device=device),
+                                                 torch.ones(1, 1, 3, 3, device=device))
+        reason = None if out.dtype == AMP_DTYPES[amp] else f"the convolution ran in {out.dtype}"
+    except (RuntimeError, UserWarning) as error:
+        reason = str(error).strip().splitlines()[0]
+    if reason is not None:
+        raise ValueError(f"AMP {amp!r} is not supported on {device} by this PyTorch ({reason}); "
+                         "use --amp off" + (" or --amp bf16" if amp == "fp16" else ""))
+
+
+def compile_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """torch.compile(model), or `model` itself with a warning where this machine cannot compile it.
+
+    Compilation is lazy, so a missing C++ compiler or Triton would only
+    surface at the first step: one forward pass of `example` in eval mode
+    without gradients (the graph validation needs anyway; running statistics
+    untouched) finds out here.
+    """
+    was_training = model.training
+    try:
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            compiled.eval()(example)
+        return compiled
+    except Exception as error:  # dynamo and inductor raise many kinds; any of them means "cannot compile"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"warning: COMPILE: torch.compile cannot compile the model here ({reason}); "
+              "running it uncompiled", file=sys.stderr)
+        torch._dynamo.reset()  # forget the failed attempt, so the plain model runs eagerly
+        return model
+    finally:
+        model.train(was_training)
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group torchrun set up, if any (NCCL on CUDA, gloo otherwise); this process's device.
+
+    Without torchrun (no WORLD_SIZE, or 1) nothing happens and `device` is
+    kept. Under torchrun each process takes the GPU of its LOCAL_RANK.
+    Raises ValueError for a device that cannot be shared out that way.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.type == "cuda":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if device.index is not None:
+            raise ValueError(f"DEVICE {str(device)!r}: under torchrun each process takes the GPU of its "
+                             "LOCAL_RANK; use --device auto or cuda")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"--nproc_per_node is more than the {torch.cuda.device_count()} GPU(s) here")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"DEVICE {str(device)!r}: torchrun runs on CUDA GPUs or CPUs only")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes: (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main_process() -> bool:
+    """Rank 0, the one process that writes files and prints (the only one without torchrun).
+
+    torchrun's RANK answers before the process group is joined.
+    """
+    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
+
+
+def average_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` over all processes (`values` itself with one process)."""
+    if not dist.is_initialized():
+        return values
+    total = values.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """`value` of every process, in rank order, on every process ([value] with one process)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def from_main_process(value: Any) -> Any:
+    """Rank 0's `value`, on every process: decisions that must agree (stop now? which run folder?)."""
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def model_arguments(config: Config) -> dict[str, Any]:

@@ -10,3 +10,21 @@ def test_bench_reports_throughput_and_data_share(demo_root, capsys):
     assert report["train_images_per_second"] > 0 and report["data_images_per_second"] > 0
     assert 0 < report["data_share_of_step"] < 1
     assert report["image_size"] == 32 and report["base_channels"] == 4
+
+
+def test_compare_times_each_supported_combination_side_by_side(demo_root, capsys):
+    assert bench.main(["--data-root", str(demo_root), "--image-size", "32", "--base-channels", "4", "--depth", "2",
+                       "--batch-size", "4", "--steps", "1", "--warmup", "1", "--compare", "--compile", "false"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    combos = {(r["amp"], r["channels_last"]) for r in report["results"]}
+    assert {("off", False), ("off", True), ("bf16", False), ("bf16", True)} <= combos  # fp16 where supported
+    assert all(not r["compile"] and r["train_images_per_second"] > 0 for r in report["results"])
+    assert lines[0].split()[:3] == ["AMP", "channels_last", "compile"] and len(lines) == len(combos) + 2
+
+
+def test_bench_refuses_bad_step_counts(demo_root, capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        bench.main(["--data-root", str(demo_root), "--steps", "0"])
+    assert "--steps must be at least 1" in capsys.readouterr().err

@@ -364,3 +364,217 @@ def test_attention_unet_and_head_crop_train_and_store_the_rule(demo_root, tmp_pa
     assert rule["rule"] == best.state["decision_rule"]
     assert rule["val_dice_with_rule"] >= rule["val_dice_threshold_only"] - 1e-9
     assert len(rule["candidates"]) == 144
+# ----------------------------------------------------------------------------- resume
+
+def history_rows(run):
+    return list(csv.DictReader(open(run / "history.csv")))
+
+
+def assert_same_training(run_a, run_b):
+    """Two runs trained alike: the same history (but timings) and the same final weights."""
+    rows_a, rows_b = history_rows(run_a), history_rows(run_b)
+    assert [row["epoch"] for row in rows_a] == [row["epoch"] for row in rows_b]
+    for a, b in zip(rows_a, rows_b):
+        for column in ("train_loss", "train_dice", "val_loss", "val_dice", "val_dice_pooled", "learning_rate"):
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-6), (column, a["epoch"])
+    weights_a = load_checkpoint(run_a / "last.pt").state["model"]
+    weights_b = load_checkpoint(run_b / "last.pt").state["model"]
+    for name, value in weights_a.items():
+        assert torch.allclose(value.float(), weights_b[name].float(), atol=1e-6), name
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_run_repeats_the_uninterrupted_one(demo_root, tmp_path, monkeypatch, capsys, workers):
+    """3 epochs in one go == 1 epoch, Ctrl-C in epoch 2, --resume: same history, weights and curves."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--epochs", "3", *TINY,
+            "--learning-rate", "0.01", "--lr-schedule", "cosine", "--aug-intensity", "true",
+            "--num-workers", str(workers)]
+    assert train.main([*args, "--run-name", "whole"]) == 0
+    interrupt_at_epoch(monkeypatch, 2, KeyboardInterrupt())
+    assert train.main([*args, "--run-name", "split"]) == 130
+    monkeypatch.undo()
+    assert len(history_rows(tmp_path / "split")) == 1
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path / "split")]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "decision rule:" in out
+    assert_same_training(tmp_path / "whole", tmp_path / "split")
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary["epochs_run"] == 3 and summary["stop_reason"] == "all 3 epochs"
+    assert "decision_rule" in load_checkpoint(tmp_path / "split" / "best.pt").state
+    events = EventAccumulator(str(tmp_path / "split")).Reload()
+    assert [event.step for event in events.Scalars("dice/val")] == [1, 2, 3]
+
+
+def test_sigkill_mid_epoch_then_resume_finishes_with_every_epoch_once(demo_root, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    run = tmp_path / "k"
+    # 64 px, batches of 2: an epoch lasts long enough to be killed in the middle of it.
+    args = [sys.executable, str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir", str(tmp_path),
+            "--run-name", "k", "--epochs", "3", *TINY, "--image-size", "64", "--batch-size", "2"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:
+        if line.startswith("epoch   1"):
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and len(history_rows(run)) < 3
+    for checkpoint in ("best.pt", "last.pt"):
+        assert load_checkpoint(run / checkpoint)
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(run)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [row["epoch"] for row in history_rows(run)] == ["1", "2", "3"]
+    assert load_checkpoint(run / "last.pt").state["epoch"] == 3 and (run / "summary.json").is_file()
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_refuses_contradicting_flags_and_a_cosine_extension(demo_root, tmp_path, capsys):
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "r",
+                       "--epochs", "1", "--lr-schedule", "cosine", *TINY]) == 0
+    before = (tmp_path / "r" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path / "r"), "--image-size", "64", "--batch-size", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "--image-size 64 (the run has 32)" in err and "batch-size" not in err and "Traceback" not in err
+    assert train.main(["--resume", str(tmp_path / "r"), "--epochs", "2"]) == 1
+    assert "cosine" in capsys.readouterr().err
+    assert train.main(["--resume", str(tmp_path / "nowhere")]) == 1
+    assert "not a run folder" in capsys.readouterr().err
+    assert (tmp_path / "r" / "last.pt").read_bytes() == before
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do_unless_extended(demo_root, tmp_path, capsys):
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "f",
+                       "--epochs", "1", *TINY]) == 0
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path / "f")]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert [row["epoch"] for row in history_rows(tmp_path / "f")] == ["1"]
+    assert train.main(["--resume", str(tmp_path / "f"), "--epochs", "2"]) == 0  # constant schedule: extended
+    assert [row["epoch"] for row in history_rows(tmp_path / "f")] == ["1", "2"]
+    assert json.loads((tmp_path / "f" / "config.json").read_text())["EPOCHS"] == 2
+    assert json.loads((tmp_path / "f" / "summary.json").read_text())["epochs_run"] == 2
+
+
+# ----------------------------------------------------------------------------- precision and speed
+
+@pytest.mark.parametrize("amp, channels_last", [("bf16", False), ("off", True), ("bf16", True), ("fp16", False)])
+def test_a_mixed_precision_or_channels_last_step_lowers_the_loss(demo_root, amp, channels_last):
+    import dataset
+    from losses import BCEDiceLoss
+    from utils import build_model, check_amp, set_seed
+    device = torch.device("cpu")
+    try:
+        check_amp(device, amp)
+    except ValueError as error:  # a PyTorch without this precision on a CPU must say so plainly
+        assert "not supported on cpu" in str(error) and "--amp" in str(error)
+        return
+    set_seed(0)
+    data = dataset.load_dataset(demo_root, 32, 1)
+    images = torch.from_numpy(np.stack([dataset.normalize(i, "zscore") for i in data.images[:8]]))
+    masks = torch.from_numpy(data.masks[:8, None].astype(np.float32))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(Config(IN_CHANNELS=1, BASE_CHANNELS=4, DEPTH=2, IMAGE_SIZE=32)).to(memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if amp == "fp16" else None
+    images = images.to(memory_format=memory_format)
+    losses = [train.train_step(model, images, masks, BCEDiceLoss(), optimizer, amp=amp, scaler=scaler)[0].item()
+              for _ in range(5)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # AMP computes in low precision, keeps fp32
+
+
+def test_training_with_bf16_and_channels_last_writes_a_usable_run(demo_root, tmp_path, capsys):
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "fast",
+                       "--epochs", "1", *TINY, "--amp", "bf16", "--channels-last", "true"]) == 0
+    assert "AMP bf16, channels last" in capsys.readouterr().out
+    loaded = load_checkpoint(tmp_path / "fast" / "best.pt")
+    assert loaded.config.AMP == "bf16" and 0 <= loaded.state["metrics"]["dice"] <= 1
+
+
+def test_unsupported_precision_is_refused_before_any_run_folder(demo_root, tmp_path, monkeypatch, capsys):
+    import utils
+
+    def unsupported(device, amp):
+        raise ValueError(f"AMP {amp!r} is not supported on {device} by this PyTorch (test); use --amp off")
+
+    monkeypatch.setattr(train, "check_amp", unsupported)
+    code = train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "x",
+                       "--epochs", "1", *TINY, "--amp", "fp16"])
+    err = capsys.readouterr().err
+    assert code == 1 and "'fp16' is not supported on cpu" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--amp", "fp8"])
+    assert stop.value.code == 2 and "'fp8' is not one of ('off', 'bf16', 'fp16')" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="use --amp off"):
+        real = utils.autocast  # an autocast that silently stays in float32 is caught by the dtype check
+        monkeypatch.setattr(utils, "autocast", lambda device, amp: real(device, "off"))
+        utils.check_amp(torch.device("cpu"), "bf16")
+
+
+def test_compile_falls_back_to_the_plain_model_with_a_warning(demo_root, tmp_path, monkeypatch, capsys):
+    class Uncompilable(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: Uncompilable())
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "c",
+                       "--epochs", "1", *TINY, "--compile", "true"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: COMPILE" in err and "no working C++ compiler" in err and "Traceback" not in err
+    assert load_checkpoint(tmp_path / "c" / "last.pt").state["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------- several processes
+
+def test_two_gloo_processes_write_one_complete_run_scored_on_every_validation_image(demo_root, tmp_path):
+    """torchrun with 2 CPU processes: one run folder, and its checkpoint's scores are the whole validation set's."""
+    import os
+    import subprocess
+    import sys
+
+    from torch.utils.data import DataLoader
+
+    import dataset
+    from conftest import ROOT
+    from losses import BCEDiceLoss
+    run = tmp_path / "ddp"
+    # 5 validation images: the processes score 3 and 2, none twice.
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir", str(tmp_path),
+                           "--run-name", "ddp", "--epochs", "1", *TINY, "--learning-rate", "0.01",
+                           "--device", "cpu"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder:") == 1 and done.stdout.count("epoch   1") == 1  # one process speaks
+    for name in ("config.json", "split.json", "history.csv", "summary.json", "decision_rule.json", "best.pt",
+                 "last.pt"):
+        assert (run / name).is_file(), name
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1 and len(history_rows(run)) == 1
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+    loaded = load_checkpoint(run / "best.pt")
+    assert len(loaded.state["rng"]) == 2  # each process's random streams, for an exact resume
+    data = dataset.load_dataset(demo_root, 32, 1)
+    val_stems = json.loads((run / "split.json").read_text())["val"]
+    val_idx = [i for i, pair in enumerate(data.pairs) if pair.stem in val_stems]
+    assert len(val_idx) == 5
+    loader = DataLoader(dataset.SegmentationDataset(data.images[val_idx], data.masks[val_idx], "zscore"), batch_size=8)
+    single, _ = train.evaluate(loaded.model, loader, BCEDiceLoss(), "cpu", 0.5, "val")
+    for name in ("loss", "dice", "iou", "pixel_accuracy", "dice_pooled"):
+        assert loaded.state["metrics"][name] == pytest.approx(single[name], abs=1e-6), name
+
+
+def test_disk_cache_defaults_to_the_runs_folder_and_trains_like_memory(demo_root, tmp_path):
+    args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--epochs", "1", *TINY]
+    assert train.main([*args, "--run-name", "mem"]) == 0
+    assert train.main([*args, "--run-name", "disk", "--cache", "disk"]) == 0
+    assert len(list((tmp_path / ".cache").iterdir())) == 1  # the shared data may be read-only: never written there
+    assert_same_training(tmp_path / "mem", tmp_path / "disk")

@@ -129,3 +129,26 @@ def test_checkpoint_from_a_newer_format_is_refused(tmp_path):
     torch.save(state, tmp_path / "new.pt")
     with pytest.raises(CheckpointError, match="newer version"):
         load_checkpoint(tmp_path / "new.pt")
+
+
+def test_random_states_survive_a_weights_only_checkpoint_and_repeat_the_draws(tmp_path):
+    import random
+
+    import numpy as np
+
+    from dataset import training_augmentation
+    from utils import random_states, restore_random_states
+    generator, augmentation = torch.Generator().manual_seed(1), training_augmentation(3, intensity=True)
+    image = np.zeros((8, 8, 1), np.uint8)
+
+    def draws():
+        flips = [augmentation(image=np.arange(64, dtype=np.uint8).reshape(8, 8, 1))["image"].tolist()
+                 for _ in range(4)]
+        return (random.random(), np.random.rand(), torch.rand(1).item(), torch.randperm(9, generator=generator),
+                flips, augmentation(image=image)["image"].sum())
+
+    save_checkpoints([tmp_path / "s.pt"], {"rng": random_states(generator, augmentation)})
+    first = draws()
+    restore_random_states(torch.load(tmp_path / "s.pt", weights_only=True)["rng"], generator, augmentation)
+    second = draws()
+    assert first[:3] == second[:3] and torch.equal(first[3], second[3]) and first[4:] == second[4:]
