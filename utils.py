@@ -52,7 +52,7 @@ def set_seed(seed: int) -> None:
 def random_states(loader_generator: torch.Generator, augmentation: Any) -> dict[str, Any]:
     """Every random stream a training epoch draws from, as plain values a weights_only checkpoint can hold.
 
-    Python, NumPy and torch (CPU and CUDA) global states, the training loader's
+    Python, NumPy and torch (CPU and this process's GPU) global states, the training loader's
     generator (shuffle order and worker seeds) and the augmentation's own
     generators: an albumentations Compose and each of its transforms keep a
     random.Random and a numpy Generator apart from the global ones.
@@ -61,7 +61,7 @@ def random_states(loader_generator: torch.Generator, augmentation: Any) -> dict[
     numpy_state["state"] = {**numpy_state["state"], "key": numpy_state["state"]["key"].tolist()}
     generators = [augmentation, *augmentation.transforms] if augmentation is not None else []
     return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "loader": loader_generator.get_state(),
             "augmentation": [(g.py_random.getstate(), g.random_generator.bit_generator.state) for g in generators]}
 
@@ -71,8 +71,8 @@ def restore_random_states(states: dict[str, Any], loader_generator: torch.Genera
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"].cpu())
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"].cpu())
     loader_generator.set_state(states["loader"].cpu())
     generators = [augmentation, *augmentation.transforms] if augmentation is not None else []
     for generator, (python_state, numpy_state) in zip(generators, states["augmentation"], strict=True):
