@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 import dataset
 from config import Config, build_parser, config_from_args
+from inference import native_probabilities
 from losses import BCEDiceLoss
 from metrics import MetricTracker, dice_per_image
-from inference import native_probabilities
 from model import count_parameters
 from postprocess import DecisionRule, search_rule
 from utils import (CheckpointError, OutputError, autocast, average_over_processes, build_model, check_amp,
