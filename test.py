@@ -55,6 +55,9 @@ from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_writ
 PREDICTION_COLOUR = np.array([255, 40, 40], np.float32)  # red fill, semi-transparent
 TRUTH_COLOUR = np.array([40, 255, 40], np.uint8)  # green outline
 OVERLAY_ALPHA = 0.4
+# The blended colour of each channel level (256, 3), computed once: float32 blending, then rounding, per pixel.
+OVERLAY_BLEND = ((1 - OVERLAY_ALPHA) * np.arange(256, dtype=np.float32)[:, None]
+                 + OVERLAY_ALPHA * PREDICTION_COLOUR).round().astype(np.uint8)
 OUTPUT_FOLDERS = ("masks", "segmented", "overlays")
 # zlib level 1: PNGs stay lossless, a little larger, and encode several times faster than PIL's default 6.
 PNG_COMPRESS_LEVEL = 1
@@ -353,9 +356,8 @@ def decision_rule(loaded: LoadedCheckpoint, args: argparse.Namespace) -> tuple[D
 
 def overlay(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
     """Prediction as a semi-transparent red fill, ground truth (if any) as a green outline."""
-    out = image.copy()  # blended in float32 only where predicted: the same pixels, without a full float copy
-    blended = (1 - OVERLAY_ALPHA) * image[predicted].astype(np.float32) + OVERLAY_ALPHA * PREDICTION_COLOUR
-    out[predicted] = blended.round().astype(np.uint8)
+    blended = np.stack([OVERLAY_BLEND[:, c][image[..., c]] for c in range(3)], axis=-1)  # table look-ups: fast
+    out = np.where(predicted[..., None], blended, image)
     if truth is not None:
         out[outline(truth.astype(bool))] = TRUTH_COLOUR
     return out
