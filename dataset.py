@@ -283,11 +283,21 @@ def restore_probability(probability: np.ndarray | torch.Tensor, box: Box,
     The probability map is resized, not a thresholded mask, so the tumour edge is placed at sub-pixel
     precision; bilinear without align_corners matches the pixel-centre convention of resize_image.
     """
-    values = torch.as_tensor(probability, dtype=torch.float32)
-    top, left, bottom, right = box
-    resized = F.interpolate(values[None, None], size=(bottom - top, right - left), mode="bilinear",
-                            align_corners=False)
-    return paste_back(resized[0, 0].cpu().numpy(), box, native_shape)
+    return restore_probabilities(torch.as_tensor(probability)[None], [box], [native_shape])[0]
+
+
+def restore_probabilities(probabilities: torch.Tensor, boxes: list[Box],
+                          native_shapes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """`restore_probability` of each (S, S) map in (N, S, S), resizing all maps of one box size in one call."""
+    values = probabilities.to(torch.float32)
+    sizes = [(bottom - top, right - left) for top, left, bottom, right in boxes]
+    restored: list[np.ndarray] = [np.empty(0)] * len(boxes)
+    for size in dict.fromkeys(sizes):  # each size once, in order of appearance
+        indices = [i for i, other in enumerate(sizes) if other == size]
+        resized = F.interpolate(values[indices][:, None], size=size, mode="bilinear", align_corners=False)
+        for i, map_ in zip(indices, resized[:, 0].cpu().numpy(), strict=True):
+            restored[i] = paste_back(map_, boxes[i], native_shapes[i])
+    return restored
 
 
 # ----------------------------------------------------------------------------- integrity
