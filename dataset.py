@@ -122,6 +122,11 @@ def read_image(path: Path, in_channels: int) -> np.ndarray:
     16-bit and 32-bit integer images are scaled linearly from their own
     min..max to 0..255. Grayscale is replicated when 3 channels are asked for.
     """
+    return read_image_as(path, [in_channels])[in_channels]
+
+
+def read_image_as(path: Path, channel_counts: list[int]) -> dict[int, np.ndarray]:
+    """`read_image` for each channel count in `channel_counts`, decoding the file once."""
     with Image.open(path) as image:
         image.load()
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -129,9 +134,8 @@ def read_image(path: Path, in_channels: int) -> np.ndarray:
             low, high = values.min(), values.max()
             scaled = (values - low) / (high - low) * 255 if high > low else np.zeros_like(values)
             image = Image.fromarray(scaled.round().astype(np.uint8))
-        target_mode = "L" if in_channels == 1 else "RGB"
-        array = np.asarray(image.convert(target_mode))
-    return array[..., None] if in_channels == 1 else array
+        return {count: np.asarray(image.convert("L"))[..., None] if count == 1 else np.asarray(image.convert("RGB"))
+                for count in channel_counts}
 
 
 def read_mask(path: Path) -> np.ndarray:

@@ -270,8 +270,8 @@ def predict(models: list[LoadedCheckpoint], images: list[Path], masks: dict[str,
 
     for path in tqdm(images, desc="predict", dynamic_ncols=True):
         try:
-            # decoded once per channel count: RGB for display, and as each model was trained
-            decoded = {c: dataset.read_image(path, c) for c in channels}
+            # decoded once, converted per channel count: RGB for display, and as each model was trained
+            decoded = dataset.read_image_as(path, channels)
             mask = None
             key = dataset.stem_key(path)
             if masks is not None and key in masks:
