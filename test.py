@@ -876,3 +876,7 @@ class OrderedJobs:
         while self.pending:
             results.append(self.pending.popleft().result())
         return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())
