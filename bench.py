@@ -2,6 +2,7 @@
 
     python bench.py --data-root ../shared/data/figshare-brain-tumor --image-size 256 --base-channels 64
     python bench.py --data-root ../shared/data/figshare-brain-tumor --recipe cpu --compare
+    python bench.py --data-root ../shared/data/figshare-brain-tumor --recipe cpu --inference 64
 
 Times `--steps` training steps (after `--warmup` untimed ones) on batches
 drawn from the real, augmented training loader, and separately the time the
@@ -11,24 +12,36 @@ loader alone takes to produce those batches. Prints one JSON line.
 this device supports, except keys fixed with a flag (`--compare --compile
 false` leaves compilation out), and prints them side by side before the JSON
 line, so you see what is worth switching on.
+
+`--inference N` instead times test.py's prediction loop (decoding, the model,
+resizing back, the three PNGs per image, per-image scores) on the first N
+images, upscaled to `--native-size` px in a temporary folder, with an
+untrained model of the config's architecture: once writing the way test.py
+did before (inline, PIL's default compression) and once as it does now.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import argparse
 import itertools
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+from PIL import Image
 
 import dataset
+import test as test_script
 from config import Config, build_parser, config_from_args
+from inference import native_probabilities
 from losses import BCEDiceLoss
 from model import count_parameters
 from train import load_data, make_loaders, train_step
-from utils import build_model, check_amp, compile_model, pick_device, set_seed
+from utils import LoadedCheckpoint, build_model, check_amp, compile_model, pick_device, set_seed
 
 SPEED_KEYS = ("AMP", "CHANNELS_LAST", "COMPILE")
 
@@ -68,6 +81,40 @@ def time_training(config: Config, loader: torch.utils.data.DataLoader, device: t
     return result
 
 
+def time_inference(config: Config, device: torch.device, count: int, native_size: int) -> dict:
+    """test.py's prediction-and-writing images/s on `count` images upscaled to `native_size` px, old vs new writing."""
+    set_seed(config.SEED)
+    model = build_model(config).to(device)
+    loaded = LoadedCheckpoint(model=model, config=config, state={}, warnings=[])
+    scoring = test_script.Scoring(group_column="", strata_columns=[], labels={}, spacing=None, spacing_source="",
+                                  class_mix=None)
+    args = argparse.Namespace(postprocess="none", subset="all")
+    settings = {"inline, compress_level 6": (0, 6),
+                f"{test_script.WRITE_THREADS} threads, compress_level {test_script.PNG_COMPRESS_LEVEL}":
+                    (test_script.WRITE_THREADS, test_script.PNG_COMPRESS_LEVEL)}
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder) / "native"
+        images, masks = test_script.find_images(Path(config.DATA_ROOT))
+        for sub, paths, resample in (("images", images[:count], Image.Resampling.BILINEAR),
+                                     ("masks", [masks[dataset.stem_key(path)] for path in images[:count]],
+                                      Image.Resampling.NEAREST)):
+            (root / sub).mkdir(parents=True)
+            for path in paths:
+                Image.open(path).resize((native_size, native_size), resample).save(root / sub / path.name)
+        images, masks = test_script.find_images(root)
+        options = dataclasses.replace(config, DATA_ROOT=str(root))
+        # untimed first pass: the first timed setting should not pay for the model's first-call allocations
+        native_probabilities(model, config, [dataset.read_image(images[0], config.IN_CHANNELS)], device)
+        results = {}
+        for name, (threads, level) in settings.items():
+            staging = test_script.start_staging(Path(folder) / "predictions", "bench", overwrite=False)
+            summary, _ = test_script.predict_and_write([loaded], [Path(folder) / "bench.pt"], images, masks, scoring,
+                                                       staging, device, options, args, time.perf_counter(),
+                                                       write_threads=threads, compress_level=level)
+            results[name] = round(summary["images_per_second"], 2)
+    return results
+
+
 def batches(loader: torch.utils.data.DataLoader):
     """The loader's batches, epoch after epoch, without end."""
     while True:
@@ -104,10 +151,29 @@ def main(argv: list[str] | None = None) -> int:
                                                               "compilation)")
     parser.add_argument("--compare", action="store_true",
                         help="time every supported AMP / CHANNELS_LAST / COMPILE combination not fixed by a flag")
+    parser.add_argument("--inference", type=int, metavar="N",
+                        help="time test.py's prediction and writing on N images instead of training")
+    parser.add_argument("--native-size", type=int, default=512, help="with --inference: the images' side in px")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be at least 1 and --warmup at least 0")
+    if args.inference is not None and (args.inference < 1 or args.native_size < 1):
+        parser.error("--inference and --native-size must be at least 1")
     config = config_from_args(parser, args)
+    if args.inference is not None:
+        try:
+            device = pick_device(config.DEVICE)
+            results = time_inference(config, device, args.inference, args.native_size)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        first = next(iter(results.values()))
+        print(f"{'writing':28} {'images/s':>8} {'vs first':>8}")
+        for name, speed in results.items():
+            print(f"{name:28} {speed:8.2f} {speed / first:7.2f}x")
+        print(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "image_size": config.IMAGE_SIZE,
+                          "native_size": args.native_size, "images": args.inference, "images_per_second": results}))
+        return 0
     try:
         device = pick_device(config.DEVICE)
         if not args.compare:

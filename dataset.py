@@ -122,6 +122,11 @@ def read_image(path: Path, in_channels: int) -> np.ndarray:
     16-bit and 32-bit integer images are scaled linearly from their own
     min..max to 0..255. Grayscale is replicated when 3 channels are asked for.
     """
+    return read_image_as(path, [in_channels])[in_channels]
+
+
+def read_image_as(path: Path, channel_counts: list[int]) -> dict[int, np.ndarray]:
+    """`read_image` for each channel count in `channel_counts`, decoding the file once."""
     with Image.open(path) as image:
         image.load()
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -129,9 +134,8 @@ def read_image(path: Path, in_channels: int) -> np.ndarray:
             low, high = values.min(), values.max()
             scaled = (values - low) / (high - low) * 255 if high > low else np.zeros_like(values)
             image = Image.fromarray(scaled.round().astype(np.uint8))
-        target_mode = "L" if in_channels == 1 else "RGB"
-        array = np.asarray(image.convert(target_mode))
-    return array[..., None] if in_channels == 1 else array
+        return {count: np.asarray(image.convert("L"))[..., None] if count == 1 else np.asarray(image.convert("RGB"))
+                for count in channel_counts}
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -283,11 +287,21 @@ def restore_probability(probability: np.ndarray | torch.Tensor, box: Box,
     The probability map is resized, not a thresholded mask, so the tumour edge is placed at sub-pixel
     precision; bilinear without align_corners matches the pixel-centre convention of resize_image.
     """
-    values = torch.as_tensor(probability, dtype=torch.float32)
-    top, left, bottom, right = box
-    resized = F.interpolate(values[None, None], size=(bottom - top, right - left), mode="bilinear",
-                            align_corners=False)
-    return paste_back(resized[0, 0].cpu().numpy(), box, native_shape)
+    return restore_probabilities(torch.as_tensor(probability)[None], [box], [native_shape])[0]
+
+
+def restore_probabilities(probabilities: torch.Tensor, boxes: list[Box],
+                          native_shapes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """`restore_probability` of each (S, S) map in (N, S, S), resizing all maps of one box size in one call."""
+    values = probabilities.to(torch.float32)
+    sizes = [(bottom - top, right - left) for top, left, bottom, right in boxes]
+    restored: list[np.ndarray] = [np.empty(0)] * len(boxes)
+    for size in dict.fromkeys(sizes):  # each size once, in order of appearance
+        indices = [i for i, other in enumerate(sizes) if other == size]
+        resized = F.interpolate(values[indices][:, None], size=size, mode="bilinear", align_corners=False)
+        for i, map_ in zip(indices, resized[:, 0].cpu().numpy(), strict=True):
+            restored[i] = paste_back(map_, boxes[i], native_shapes[i])
+    return restored
 
 
 # ----------------------------------------------------------------------------- integrity

@@ -55,5 +55,5 @@ def native_probabilities(model: torch.nn.Module, config: Config, images: Sequenc
     prepared = [prepare_image(image, config) for image in images]
     inputs = torch.stack([tensor for tensor, _ in prepared]).to(device)
     outputs = probabilities(model, inputs, tta)
-    return [dataset.restore_probability(output[0], box, image.shape[:2])
-            for output, (_, box), image in zip(outputs, prepared, images, strict=True)]
+    return dataset.restore_probabilities(outputs[:, 0], [box for _, box in prepared],
+                                         [image.shape[:2] for image in images])

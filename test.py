@@ -31,7 +31,9 @@ import shutil
 import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +55,14 @@ from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_writ
 PREDICTION_COLOUR = np.array([255, 40, 40], np.float32)  # red fill, semi-transparent
 TRUTH_COLOUR = np.array([40, 255, 40], np.uint8)  # green outline
 OVERLAY_ALPHA = 0.4
+# The blended colour of each channel level (256, 3), computed once: float32 blending, then rounding, per pixel.
+OVERLAY_BLEND = ((1 - OVERLAY_ALPHA) * np.arange(256, dtype=np.float32)[:, None]
+                 + OVERLAY_ALPHA * PREDICTION_COLOUR).round().astype(np.uint8)
 OUTPUT_FOLDERS = ("masks", "segmented", "overlays")
+# zlib level 1: PNGs stay lossless, a little larger, and encode several times faster than PIL's default 6.
+PNG_COMPRESS_LEVEL = 1
+# Threads writing and scoring finished images while the next batch is decoded and predicted.
+WRITE_THREADS = 3
 # The only config keys inference uses; training keys (size, channels...) come from the checkpoint.
 INFERENCE_KEYS = ("DATA_ROOT", "RUNS_DIR", "PREDICTION_ROOT", "BATCH_SIZE", "DEVICE", "THRESHOLD", "TTA")
 # metrics.csv's numeric columns, in order; those an image lacks (mm without a spacing, uncertainty
@@ -261,8 +270,8 @@ def predict(models: list[LoadedCheckpoint], images: list[Path], masks: dict[str,
 
     for path in tqdm(images, desc="predict", dynamic_ncols=True):
         try:
-            # decoded once per channel count: RGB for display, and as each model was trained
-            decoded = {c: dataset.read_image(path, c) for c in channels}
+            # decoded once, converted per channel count: RGB for display, and as each model was trained
+            decoded = dataset.read_image_as(path, channels)
             mask = None
             key = dataset.stem_key(path)
             if masks is not None and key in masks:
@@ -347,9 +356,8 @@ def decision_rule(loaded: LoadedCheckpoint, args: argparse.Namespace) -> tuple[D
 
 def overlay(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
     """Prediction as a semi-transparent red fill, ground truth (if any) as a green outline."""
-    out = image.astype(np.float32)
-    out[predicted] = (1 - OVERLAY_ALPHA) * out[predicted] + OVERLAY_ALPHA * PREDICTION_COLOUR
-    out = out.round().astype(np.uint8)
+    blended = np.stack([OVERLAY_BLEND[:, c][image[..., c]] for c in range(3)], axis=-1)  # table look-ups: fast
+    out = np.where(predicted[..., None], blended, image)
     if truth is not None:
         out[outline(truth.astype(bool))] = TRUTH_COLOUR
     return out
@@ -618,8 +626,13 @@ def format_number(value: float | None) -> str:
 def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Path], images: list[Path],
                       masks: dict[str, Path] | None, scoring: Scoring, staging: Path,
                       device: torch.device, options: Config, args: argparse.Namespace,
-                      started: float) -> tuple[dict, list[str]]:
-    """Predict every image into `staging` (PNGs, metrics.csv, summary.json); returns (summary, warnings)."""
+                      started: float, write_threads: int = WRITE_THREADS,
+                      compress_level: int = PNG_COMPRESS_LEVEL) -> tuple[dict, list[str]]:
+    """Predict every image into `staging` (PNGs, metrics.csv, summary.json); returns (summary, warnings).
+
+    `write_threads` (0: inline) and `compress_level` change only the speed and PNG file sizes, not
+    the pixels written; bench.py --inference compares them.
+    """
     rule, rule_source = decision_rule(models[0], args)
     with_spread = options.TTA or len(models) > 1  # several views or members: their disagreement is measurable
     if with_spread:
@@ -628,20 +641,13 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
     rows: list[dict] = []
     calibration = CalibrationTracker()
     predict_start = time.perf_counter()
-    for p in predict(models, images, masks, device, options.BATCH_SIZE, options.TTA, with_spread, unreadable):
-        predicted = rule.apply(p.probability)
-        save_png(staging / "masks" / f"{p.stem}.png", predicted.astype(np.uint8) * 255)
-        save_png(staging / "segmented" / f"{p.stem}.png", np.where(predicted[..., None], p.image, 0))
-        save_png(staging / "overlays" / f"{p.stem}.png", overlay(p.image, predicted, p.mask))
-        if p.spread is not None:
-            save_png(staging / "uncertainty" / f"{p.stem}.png", heat_colours(p.spread))
-        if p.mask is not None:
-            spacing = None if scoring.spacing is None else scoring.spacing[p.stem]
-            row = {"image": p.stem, **per_image_report(predicted, p.mask, spacing)}
-            if p.spread is not None:
-                row["uncertainty"] = region_uncertainty(p.spread, p.probability)
-            rows.append(row)
-            calibration.update(np.clip(p.probability, 0, 1), p.mask)  # resizing back may overshoot 1 by a rounding
+    with OrderedJobs(write_threads) as jobs:
+        for p in predict(models, images, masks, device, options.BATCH_SIZE, options.TTA, with_spread, unreadable):
+            if p.mask is not None:
+                calibration.update(np.clip(p.probability, 0, 1), p.mask)  # resizing back may overshoot 1 slightly
+            done = jobs.submit(finish_image, p, rule, scoring, staging, compress_level)
+            rows += [row for row in done if row is not None]
+        rows += [row for row in jobs.finish() if row is not None]
     unscored = [] if masks is None else [f"{options.DATA_ROOT}/masks: no mask for '{p.stem}', not scored"
                                          for p in images if p.stem not in masks]
     failures = unreadable + unscored
@@ -805,12 +811,71 @@ def compare_predictions(first: Path, second: Path) -> int:
     return 0
 
 
-def save_png(path: Path, pixels: np.ndarray) -> None:
+def save_png(path: Path, pixels: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) -> None:
     """Write a uint8 array as PNG; a write error names the file (a full disk says so)."""
     try:
-        Image.fromarray(pixels).save(path)
+        Image.fromarray(pixels).save(path, compress_level=compress_level)
     except OSError as error:
         raise OutputError(describe_write_error(path, error)) from error
+
+
+def finish_image(p: Prediction, rule: DecisionRule, scoring: Scoring, staging: Path,
+                 compress_level: int) -> dict | None:
+    """Threshold one prediction, write its PNGs into `staging` and score it: its metrics.csv row, None unscored."""
+    predicted = rule.apply(p.probability)
+    save_png(staging / "masks" / f"{p.stem}.png", predicted.astype(np.uint8) * 255, compress_level)
+    save_png(staging / "segmented" / f"{p.stem}.png", np.where(predicted[..., None], p.image, 0), compress_level)
+    save_png(staging / "overlays" / f"{p.stem}.png", overlay(p.image, predicted, p.mask), compress_level)
+    if p.spread is not None:
+        save_png(staging / "uncertainty" / f"{p.stem}.png", heat_colours(p.spread), compress_level)
+    if p.mask is None:
+        return None
+    spacing = None if scoring.spacing is None else scoring.spacing[p.stem]
+    row = {"image": p.stem, **per_image_report(predicted, p.mask, spacing)}
+    if p.spread is not None:
+        row["uncertainty"] = region_uncertainty(p.spread, p.probability)
+    return row
+
+
+class OrderedJobs:
+    """Runs jobs on `threads` background threads (inline with 0) and hands their results back in submission order.
+
+    test.py finishes each image (PNG encoding, scoring) here while the main
+    thread decodes and predicts the next ones: zlib, scipy and NumPy release
+    the GIL. A job's exception (an OutputError) is raised from a later `submit`
+    or from `finish`; leaving the `with` block (done, failed or Ctrl-C) waits
+    for the jobs under way and drops queued ones, so no file lands after the
+    staging folder is removed.
+    """
+
+    def __init__(self, threads: int):
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="finish") if threads else None
+        self.limit = 4 * threads  # queued images held in memory at most
+        self.pending: deque[Future] = deque()
+
+    def __enter__(self) -> OrderedJobs:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, job, *args) -> list:
+        """Queue `job(*args)`; returns the results of the jobs finished by now, oldest first."""
+        if self.pool is None:
+            return [job(*args)]
+        self.pending.append(self.pool.submit(job, *args))
+        results = []
+        while self.pending and (len(self.pending) > self.limit or self.pending[0].done()):
+            results.append(self.pending.popleft().result())  # re-raises the job's OutputError here
+        return results
+
+    def finish(self) -> list:
+        """Wait for every queued job; their results, oldest first."""
+        results = []
+        while self.pending:
+            results.append(self.pending.popleft().result())
+        return results
 
 
 if __name__ == "__main__":

@@ -28,3 +28,14 @@ def test_bench_refuses_bad_step_counts(demo_root, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--data-root", str(demo_root), "--steps", "0"])
     assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_inference_mode_times_old_and_new_writing_side_by_side(demo_root, capsys):
+    assert bench.main(["--data-root", str(demo_root), "--image-size", "32", "--base-channels", "4", "--depth", "2",
+                       "--batch-size", "4", "--inference", "6", "--native-size", "96"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert report["native_size"] == 96 and report["images"] == 6
+    speeds = report["images_per_second"]
+    assert len(speeds) == 2 and all(speed > 0 for speed in speeds.values())
+    assert lines[0].split()[0] == "writing" and len(lines) == 4

@@ -1,6 +1,7 @@
 """test.py: outputs at native resolution, metrics against original masks, and every failure mode."""
 
 import csv
+import functools
 import json
 import math
 import os
@@ -109,6 +110,28 @@ def test_tta_run_writes_the_same_outputs(tiny_run, mixed_sizes, tmp_path):
                     "--tta", "true") == 0
     check_outputs_match_metrics(preds / "tiny", mixed_sizes)
     assert json.loads((preds / "tiny" / "summary.json").read_text())["tta"] is True
+
+
+def test_threaded_writing_gives_the_same_outputs_as_a_sequential_run(tiny_run, mixed_sizes, tmp_path, monkeypatch):
+    args = ["--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--tta", "true", "--report", "false"]
+    assert test_script.WRITE_THREADS > 0 and test_script.PNG_COMPRESS_LEVEL != 6
+    assert run_test(*args, "--prediction-root", tmp_path / "threaded") == 0
+    # as test.py wrote before: inline, PIL's default compression
+    monkeypatch.setattr(test_script, "predict_and_write",
+                        functools.partial(test_script.predict_and_write, write_threads=0, compress_level=6))
+    assert run_test(*args, "--prediction-root", tmp_path / "sequential") == 0
+    threaded, sequential = tmp_path / "threaded" / "tiny", tmp_path / "sequential" / "tiny"
+    for sub in (*test_script.OUTPUT_FOLDERS, "uncertainty"):
+        names = sorted(p.name for p in (sequential / sub).iterdir())
+        assert names and names == sorted(p.name for p in (threaded / sub).iterdir())
+        for name in names:
+            assert np.array_equal(np.asarray(Image.open(threaded / sub / name)),
+                                  np.asarray(Image.open(sequential / sub / name))), (sub, name)
+    assert (threaded / "metrics.csv").read_text() == (sequential / "metrics.csv").read_text()
+    timing = {"wall_seconds", "images_per_second"}
+    summaries = [{k: v for k, v in json.loads((out / "summary.json").read_text()).items() if k not in timing}
+                 for out in (threaded, sequential)]
+    assert summaries[0] == summaries[1]
 
 
 def test_predict_only_without_masks(tiny_run, mixed_sizes, tmp_path):
