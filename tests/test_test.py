@@ -680,3 +680,11 @@ def test_class_mix_reweights_the_per_class_means_and_the_tail_share_is_given(tin
     assert "no image here has tumor_class = astrocytoma" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--class-mix", "tumor_class:glioma=-1")
+
+
+@pytest.mark.parametrize("script", ["train.py", "test.py", "bench.py", "prepare_data.py"])
+def test_each_script_runs_from_the_command_line(script):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
