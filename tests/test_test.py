@@ -372,16 +372,23 @@ def test_training_keys_are_refused(tiny_run, mixed_sizes, flag, capsys):
     assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
 
 
+def predict_with_edited_checkpoint(checkpoint: dict, data_root, tmp_path, *flags) -> dict:
+    """Save `checkpoint` as tmp_path/run/best.pt, run test.py on data_root, return its summary.json."""
+    (tmp_path / "run").mkdir(exist_ok=True)
+    torch.save(checkpoint, tmp_path / "run" / "best.pt")
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tmp_path / "run" / "best.pt", "--data-root", data_root,
+                    "--prediction-root", preds, *flags) == 0
+    newest = max(preds.iterdir(), key=lambda p: (p / "summary.json").stat().st_mtime)
+    return json.loads((newest / "summary.json").read_text())
+
+
 def test_threshold_comes_from_the_checkpoint_unless_given(tiny_run, mixed_sizes, tmp_path):
     checkpoint = torch.load(tiny_run / "best.pt", weights_only=True)
     checkpoint["config"]["THRESHOLD"] = 0.8
     del checkpoint["decision_rule"]  # as written with SEARCH_RULE false
-    (tmp_path / "run").mkdir()
-    torch.save(checkpoint, tmp_path / "run" / "best.pt")
     preds = tmp_path / "preds"
-    assert run_test("--checkpoint", tmp_path / "run" / "best.pt", "--data-root", mixed_sizes,
-                    "--prediction-root", preds) == 0
-    summary = json.loads((preds / "run" / "summary.json").read_text())
+    summary = predict_with_edited_checkpoint(checkpoint, mixed_sizes, tmp_path)
     assert (summary["threshold"], summary["decision_rule_source"]) == (0.8, "checkpoint THRESHOLD")
     assert run_test("--checkpoint", tmp_path / "run" / "best.pt", "--data-root", mixed_sizes,
                     "--prediction-root", preds, "--threshold", "0.3") == 0
@@ -397,12 +404,8 @@ def test_the_rule_chosen_on_validation_is_applied_by_default(tiny_run, mixed_siz
     assert json.loads((tiny_run / "decision_rule.json").read_text())["rule"] == stored.to_dict()
     rule = DecisionRule(threshold=0.35, keep_largest=True)
     checkpoint["decision_rule"] = rule.to_dict()
-    (tmp_path / "run").mkdir()
-    torch.save(checkpoint, tmp_path / "run" / "best.pt")
     preds = tmp_path / "preds"
-    assert run_test("--checkpoint", tmp_path / "run" / "best.pt", "--data-root", mixed_sizes,
-                    "--prediction-root", preds) == 0
-    summary = json.loads((preds / "run" / "summary.json").read_text())
+    summary = predict_with_edited_checkpoint(checkpoint, mixed_sizes, tmp_path)
     assert summary["decision_rule"] == rule.to_dict() and summary["decision_rule_source"].startswith("checkpoint")
     for mask_path in (preds / "run" / "masks").iterdir():  # at most one component each
         from scipy import ndimage
