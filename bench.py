@@ -41,7 +41,7 @@ from inference import native_probabilities
 from losses import BCEDiceLoss
 from model import count_parameters
 from train import load_data, make_loaders, train_step
-from utils import LoadedCheckpoint, build_model, check_amp, compile_model, pick_device, set_seed
+from utils import LoadedCheckpoint, build_model, check_amp, compile_model, pick_device, resolve_amp, set_seed
 
 SPEED_KEYS = ("AMP", "CHANNELS_LAST", "COMPILE")
 
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         device = pick_device(config.DEVICE)
+        config = dataclasses.replace(config, AMP=resolve_amp(device, config.AMP))
         if not args.compare:
             check_amp(device, config.AMP)
         data = load_data(config)

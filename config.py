@@ -42,6 +42,7 @@ class Config:
     SPLIT_GROUP_COLUMN: str = ""  # metadata.csv column kept on one side of the split; "" = random
     FOLDS: int = 0  # K >= 2: validate on fold FOLD of a K-fold split (by group when grouping); 0 = VAL_FRACTION
     FOLD: int = 0  # which fold (0 .. FOLDS-1) is held out when FOLDS >= 2
+    SPLIT_SEED: int = 42  # seeds the split and the folds; runs to compare or ensemble share it, whatever their SEED
     CACHE: str = "memory"  # decoded slices kept in "memory", or on "disk" (memory-mapped, for sets larger than RAM)
     CACHE_DIR: str = ""  # folder of the disk cache; "" = RUNS_DIR/.cache (the data folder may be read-only)
     # --- model
@@ -61,12 +62,12 @@ class Config:
     THRESHOLD: float = 0.5  # probability above which a pixel counts as tumour (in training's validation)
     SEARCH_RULE: bool = True  # after training, choose threshold and component rules on validation (test.py uses it)
     TTA: bool = False  # test.py averages each image's 8 flips/90-degree rotations (8x slower)
-    SEED: int = 42  # seeds the split, the weights and the augmentation
+    SEED: int = 42  # seeds the weights, the data order and the augmentation
     RECIPE: str = ""  # named set of values from RECIPES below ("seed", "cpu", "gpu"); explicit flags override it
     # --- machine
     DEVICE: str = "auto"  # "auto" picks cuda, then mps, then cpu; or name one
     NUM_WORKERS: int = 0  # DataLoader worker processes; 0 loads in the main process
-    AMP: str = "off"  # mixed precision of training steps: "off", "bf16" or "fp16" (fp16 with a gradient scaler)
+    AMP: str = "off"  # mixed precision of training: "off", "bf16", "fp16" (scaled) or "auto" (bf16 if native, else off)
     CHANNELS_LAST: bool = False  # channels-last memory format for the model and its batches (faster on GPUs)
     COMPILE: bool = False  # torch.compile the model (slower first steps); falls back with a warning where it cannot
     # --- outputs
@@ -105,7 +106,7 @@ class Config:
         for value, choices in ((self.NORMALIZATION, ("imagenet", "zscore")), (self.IN_CHANNELS, (1, 3)),
                                (self.LR_SCHEDULE, ("constant", "cosine")),
                                (self.MODEL, ("unet", "attention_unet")), (self.RECIPE, ("", *RECIPES)),
-                               (self.AMP, ("off", "bf16", "fp16")), (self.CACHE, ("memory", "disk"))):
+                               (self.AMP, ("off", "bf16", "fp16", "auto")), (self.CACHE, ("memory", "disk"))):
             checks.append((value in choices, f"{value!r} is not one of {choices}"))
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -124,6 +125,8 @@ class Config:
         old behaviour.
         """
         known = {f.name for f in dataclasses.fields(cls)}
+        if "SEED" in values and "SPLIT_SEED" not in values:  # saved before SPLIT_SEED: SEED seeded the split too
+            values = {**values, "SPLIT_SEED": values["SEED"]}
         return cls(**{k: v for k, v in values.items() if k in known}), sorted(set(values) - known)
 
 

@@ -15,6 +15,7 @@ import torch
 
 import dataset
 from config import Config
+from utils import autocast
 
 
 def prepare_image(image: np.ndarray, config: Config) -> tuple[torch.Tensor, dataset.Box]:
@@ -44,16 +45,22 @@ def probabilities(model: torch.nn.Module, inputs: torch.Tensor, tta: bool) -> to
 
 
 def native_probabilities(model: torch.nn.Module, config: Config, images: Sequence[np.ndarray],
-                         device: torch.device, tta: bool = False) -> list[np.ndarray]:
+                         device: torch.device, tta: bool = False, amp: str = "off",
+                         channels_last: bool = False) -> list[np.ndarray]:
     """Probability maps (H, W) float32 at each image's own size, for a batch of native uint8 images.
 
     `images` are (H, W, IN_CHANNELS) as `dataset.read_image(path, config.IN_CHANNELS)` gives;
-    each may have its own size. The model runs at the trained size; its map is
-    resized back (and pasted into the crop box) before any thresholding.
+    each may have its own size. The model runs at the trained size, in the
+    precision `amp` names ("off" or "bf16"/"fp16", already checked on `device`)
+    and, with `channels_last`, on channels-last batches (the model must be
+    converted to match); its map is resized back (and pasted into the crop box)
+    in float32 before any thresholding.
     """
     model.eval()
     prepared = [prepare_image(image, config) for image in images]
-    inputs = torch.stack([tensor for tensor, _ in prepared]).to(device)
-    outputs = probabilities(model, inputs, tta)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = torch.stack([tensor for tensor, _ in prepared]).to(device, memory_format=memory_format)
+    with autocast(device, amp):
+        outputs = probabilities(model, inputs, tta)
     return dataset.restore_probabilities(outputs[:, 0], [box for _, box in prepared],
                                          [image.shape[:2] for image in images])

@@ -49,8 +49,9 @@ from inference import native_probabilities
 from metrics import (FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY, CalibrationTracker, Spacing,
                      auroc, per_image_report, pooled_scores, rank_correlation, region_uncertainty, summarise)
 from postprocess import DecisionRule
-from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, load_checkpoint, pick_device,
-                   remove_stale_staging, save_json, staging_name, tolerant_console, write_atomic)
+from utils import (CheckpointError, LoadedCheckpoint, OutputError, check_amp, describe_write_error, load_checkpoint,
+                   pick_device, remove_stale_staging, resolve_amp, save_json, staging_name, tolerant_console,
+                   write_atomic)
 
 PREDICTION_COLOUR = np.array([255, 40, 40], np.float32)  # red fill, semi-transparent
 TRUTH_COLOUR = np.array([40, 255, 40], np.uint8)  # green outline
@@ -64,7 +65,8 @@ PNG_COMPRESS_LEVEL = 1
 # Threads writing and scoring finished images while the next batch is decoded and predicted.
 WRITE_THREADS = 3
 # The only config keys inference uses; training keys (size, channels...) come from the checkpoint.
-INFERENCE_KEYS = ("DATA_ROOT", "RUNS_DIR", "PREDICTION_ROOT", "BATCH_SIZE", "DEVICE", "THRESHOLD", "TTA")
+INFERENCE_KEYS = ("DATA_ROOT", "RUNS_DIR", "PREDICTION_ROOT", "BATCH_SIZE", "DEVICE", "THRESHOLD", "TTA", "AMP",
+                  "CHANNELS_LAST")
 # metrics.csv's numeric columns, in order; those an image lacks (mm without a spacing, uncertainty
 # without TTA or an ensemble) are left out. Text columns follow: category, tumour_size, metadata.
 NUMBER_COLUMNS = ("dice", "iou", "pixel_accuracy", "precision", "sensitivity", "hd95_px", "assd_px", "hd95_mm",
@@ -238,13 +240,16 @@ class WithSquaredProbability(torch.nn.Module):
 
 
 def predict(models: list[LoadedCheckpoint], images: list[Path], masks: dict[str, Path] | None,
-            device: torch.device, batch_size: int, tta: bool, with_spread: bool,
+            device: torch.device, options: Config, with_spread: bool,
             unreadable: list[str]) -> Iterator[Prediction]:
     """Yield a Prediction per readable image: the mean probability of `models`, each run as it was trained.
 
-    With `with_spread`, also the per-pixel standard deviation over every TTA
-    view of every model. Unreadable files are named in `unreadable` and skipped.
+    `options` gives the batch size, TTA, AMP and CHANNELS_LAST (the models
+    already in that memory format). With `with_spread`, also the per-pixel
+    standard deviation over every TTA view of every model. Unreadable files
+    are named in `unreadable` and skipped.
     """
+    speed = {"tta": options.TTA, "amp": options.AMP, "channels_last": options.CHANNELS_LAST}
     channels = sorted({3, *(loaded.config.IN_CHANNELS for loaded in models)})
     batch: list[tuple[Path, dict[int, np.ndarray], np.ndarray | None]] = []
 
@@ -256,9 +261,9 @@ def predict(models: list[LoadedCheckpoint], images: list[Path], masks: dict[str,
             inputs = [decoded[loaded.config.IN_CHANNELS] for _, decoded, _ in batch]
             if with_spread:
                 maps = native_probabilities(WithSquaredProbability(loaded.model), loaded.config, inputs + inputs,
-                                            device, tta)
+                                            device, **speed)
             else:
-                maps = native_probabilities(loaded.model, loaded.config, inputs, device, tta)
+                maps = native_probabilities(loaded.model, loaded.config, inputs, device, **speed)
             for index, probability in enumerate(maps):
                 (sums if index < count else square_sums)[index % count] += probability
         for index, (path, decoded, mask) in enumerate(batch):
@@ -283,7 +288,7 @@ def predict(models: list[LoadedCheckpoint], images: list[Path], masks: dict[str,
             unreadable.append(f"{path}: skipped, {error}")
             continue
         batch.append((path, decoded, mask))
-        if len(batch) == batch_size:
+        if len(batch) == options.BATCH_SIZE:
             yield from run(batch)
             batch = []
     if batch:
@@ -488,8 +493,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         device = pick_device(options.DEVICE)
+        options = dataclasses.replace(options, AMP=resolve_amp(device, options.AMP))
+        check_amp(device, options.AMP)
         checkpoint_paths = args.checkpoint or [newest_checkpoint(Path(options.RUNS_DIR))]
         models = [load_checkpoint(path, device) for path in checkpoint_paths]
+        if options.CHANNELS_LAST:
+            for loaded in models:
+                loaded.model.to(memory_format=torch.channels_last)
         images, masks = find_images(Path(options.DATA_ROOT))
         if args.subset == "val":
             for path in checkpoint_paths:  # held out by every member of an ensemble
@@ -642,7 +652,7 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
     calibration = CalibrationTracker()
     predict_start = time.perf_counter()
     with OrderedJobs(write_threads) as jobs:
-        for p in predict(models, images, masks, device, options.BATCH_SIZE, options.TTA, with_spread, unreadable):
+        for p in predict(models, images, masks, device, options, with_spread, unreadable):
             if p.mask is not None:
                 calibration.update(np.clip(p.probability, 0, 1), p.mask)  # resizing back may overshoot 1 slightly
             done = jobs.submit(finish_image, p, rule, scoring, staging, compress_level)
@@ -662,6 +672,7 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
     summary = {"count": processed, "scored": len(rows), "subset": args.subset,
                "decision_rule": rule.to_dict(), "decision_rule_text": rule.describe(),
                "decision_rule_source": rule_source, "threshold": rule.threshold, "tta": options.TTA,
+               "amp": options.AMP, "channels_last": options.CHANNELS_LAST,
                "checkpoint": str(checkpoint_paths[0]), "checkpoint_epoch": models[0].state.get("epoch"),
                "image_size": models[0].config.IMAGE_SIZE, "data_root": str(options.DATA_ROOT),
                "ensemble": [{"checkpoint": str(path), "epoch": loaded.state.get("epoch"),

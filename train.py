@@ -42,7 +42,8 @@ from postprocess import DecisionRule, search_rule
 from utils import (CheckpointError, OutputError, autocast, average_over_processes, build_model, check_amp,
                    compile_model, from_main_process, gather_objects, init_distributed, is_main_process,
                    load_checkpoint, model_arguments, new_output_dir, pick_device, random_states, rank_and_world,
-                   remove_stale_staging, restore_random_states, save_checkpoints, save_json, set_seed, write_atomic)
+                   remove_stale_staging, resolve_amp, restore_random_states, save_checkpoints, save_json, set_seed,
+                   write_atomic)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",
                    "val_pixel_accuracy", "val_dice_pooled", "val_iou_pooled", "learning_rate",
@@ -239,14 +240,15 @@ def run(argv: list[str] | None) -> int:
         device = init_distributed(pick_device(config.DEVICE))
         if not is_main_process():
             sys.stdout = open(os.devnull, "w")  # one process speaks for all (errors still reach stderr)
+        config = dataclasses.replace(config, AMP=resolve_amp(device, config.AMP))  # config.json records the result
         check_amp(device, config.AMP)
         data = load_data(config)
         where = {"group_column": config.SPLIT_GROUP_COLUMN, "root": Path(config.DATA_ROOT)}
         if config.FOLDS:
-            train_idx, val_idx = dataset.fold_indices(len(data.pairs), config.FOLDS, config.FOLD, config.SEED,
+            train_idx, val_idx = dataset.fold_indices(len(data.pairs), config.FOLDS, config.FOLD, config.SPLIT_SEED,
                                                       data.groups, **where)
         else:
-            train_idx, val_idx = dataset.split_indices(len(data.pairs), config.VAL_FRACTION, config.SEED,
+            train_idx, val_idx = dataset.split_indices(len(data.pairs), config.VAL_FRACTION, config.SPLIT_SEED,
                                                        data.groups, **where)
         if resumed is not None:
             check_same_split(Path(args.resume), data, train_idx, val_idx)
@@ -391,7 +393,7 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
         save_json(run_dir / "config.json", config.to_dict())  # on resume too: EPOCHS may have grown
     if main_process and resumed is None:
         save_json(run_dir / "split.json", {
-            "group_column": config.SPLIT_GROUP_COLUMN, "seed": config.SEED, "val_fraction": config.VAL_FRACTION,
+            "group_column": config.SPLIT_GROUP_COLUMN, "seed": config.SPLIT_SEED, "val_fraction": config.VAL_FRACTION,
             "folds": config.FOLDS, "fold": config.FOLD,
             "data_root": str(Path(config.DATA_ROOT).resolve()),
             "train": [data.pairs[i].stem for i in train_idx], "val": [data.pairs[i].stem for i in val_idx]})

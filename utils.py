@@ -115,6 +115,28 @@ def autocast(device: torch.device, amp: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp, torch.bfloat16), enabled=amp != "off")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX.
+
+    Elsewhere bf16 works but is emulated, slower than float32 (a 2-core
+    AVX2 CPU trains several times slower), so "auto" must not pick it there.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # Private helpers, present since torch 2.0; a torch without them gets float32, never a crash.
+        probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return any(probe() for probe in probes if probe is not None)
+    return False
+
+
+def resolve_amp(device: torch.device, amp: str) -> str:
+    """AMP as it will run on `device`: "auto" becomes "bf16" where `native_bf16`, else "off"; others unchanged."""
+    if amp != "auto":
+        return amp
+    return "bf16" if native_bf16(device) else "off"
+
+
 def check_amp(device: torch.device, amp: str) -> None:
     """Raise ValueError, naming the device, unless AMP `amp` really computes in its precision on `device`.
 

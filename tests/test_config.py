@@ -68,6 +68,12 @@ def test_round_trip_through_a_saved_dict_ignores_and_lists_unknown_keys():
     assert Config.from_saved({**c.to_dict(), "BOGUS": 1}) == (c, ["BOGUS"])
 
 
+def test_a_config_saved_before_split_seed_keeps_its_split():
+    old = {k: v for k, v in Config(SEED=7).to_dict().items() if k != "SPLIT_SEED"}
+    assert Config.from_saved(old)[0].SPLIT_SEED == 7  # SEED seeded the split then
+    assert Config.from_saved(Config(SEED=7).to_dict())[0].SPLIT_SEED == 42
+
+
 def test_a_parser_limited_to_some_keys_refuses_the_others(capsys):
     parser = build_parser(keys=("THRESHOLD",))
     with pytest.raises(SystemExit):

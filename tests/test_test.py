@@ -19,6 +19,7 @@ from conftest import ROOT, link_subset, load_script
 import dataset
 from dataset import read_mask
 from metrics import dice_per_image, iou_per_image, per_image_report
+from utils import load_checkpoint
 
 test_script = load_script(ROOT / "test.py")
 
@@ -110,6 +111,24 @@ def test_tta_run_writes_the_same_outputs(tiny_run, mixed_sizes, tmp_path):
                     "--tta", "true") == 0
     check_outputs_match_metrics(preds / "tiny", mixed_sizes)
     assert json.loads((preds / "tiny" / "summary.json").read_text())["tta"] is True
+
+
+def test_bf16_channels_last_inference_matches_float32(tiny_run, mixed_sizes, tmp_path):
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
+                    "--amp", "bf16", "--channels-last", "true", "--report", "false") == 0
+    check_outputs_match_metrics(preds / "tiny", mixed_sizes)
+    summary = json.loads((preds / "tiny" / "summary.json").read_text())
+    assert (summary["amp"], summary["channels_last"]) == ("bf16", True)
+    loaded = load_checkpoint(tiny_run / "best.pt")
+    images = [dataset.read_image(p, loaded.config.IN_CHANNELS) for p in sorted((mixed_sizes / "images").iterdir())]
+    plain = inference.native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"))
+    loaded.model.to(memory_format=torch.channels_last)
+    fast = inference.native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"), amp="bf16",
+                                          channels_last=True)
+    for a, b in zip(plain, fast, strict=True):
+        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+        assert np.abs(a - b).max() < 0.05 and not np.array_equal(a, b)  # bf16 really ran, and stays close
 
 
 def test_threaded_writing_gives_the_same_outputs_as_a_sequential_run(tiny_run, mixed_sizes, tmp_path, monkeypatch):

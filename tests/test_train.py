@@ -498,6 +498,16 @@ def test_training_with_bf16_and_channels_last_writes_a_usable_run(demo_root, tmp
     assert loaded.config.AMP == "bf16" and 0 <= loaded.state["metrics"]["dice"] <= 1
 
 
+def test_auto_precision_is_recorded_as_what_ran(demo_root, tmp_path, monkeypatch, capsys):
+    import utils
+
+    monkeypatch.setattr(utils, "native_bf16", lambda device: False)  # e.g. an AVX2-only CPU
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "auto",
+                       "--epochs", "1", *TINY, "--amp", "auto"]) == 0
+    assert "AMP" not in capsys.readouterr().out.split("model:")[1].splitlines()[0]
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["AMP"] == "off"
+
+
 def test_unsupported_precision_is_refused_before_any_run_folder(demo_root, tmp_path, monkeypatch, capsys):
     import utils
 
@@ -512,7 +522,7 @@ def test_unsupported_precision_is_refused_before_any_run_folder(demo_root, tmp_p
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit) as stop:
         train.main(["--amp", "fp8"])
-    assert stop.value.code == 2 and "'fp8' is not one of ('off', 'bf16', 'fp16')" in capsys.readouterr().err
+    assert stop.value.code == 2 and "'fp8' is not one of ('off', 'bf16', 'fp16', 'auto')" in capsys.readouterr().err
     with pytest.raises(ValueError, match="use --amp off"):
         real = utils.autocast  # an autocast that silently stays in float32 is caught by the dtype check
         monkeypatch.setattr(utils, "autocast", lambda device, amp: real(device, "off"))

@@ -89,6 +89,18 @@ def tiny_state(config: Config) -> dict:
             "epoch": 1}
 
 
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert utils.resolve_amp(cpu, "auto") == ("bf16" if native else "off")
+        assert [utils.resolve_amp(cpu, amp) for amp in ("off", "bf16", "fp16")] == ["off", "bf16", "fp16"]
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe: float32
+    assert utils.resolve_amp(cpu, "auto") == "off"
+    assert utils.resolve_amp(torch.device("mps"), "auto") == "off"
+
+
 def test_empty_and_garbage_checkpoints_are_named(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty.pt: the file is empty"):
