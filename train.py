@@ -39,11 +39,11 @@ from losses import BCEDiceLoss
 from metrics import MetricTracker, dice_per_image
 from model import count_parameters
 from postprocess import DecisionRule, search_rule
-from utils import (CheckpointError, OutputError, autocast, average_over_processes, build_model, check_amp,
-                   compile_model, from_main_process, gather_objects, init_distributed, is_main_process,
-                   load_checkpoint, model_arguments, new_output_dir, pick_device, random_states, rank_and_world,
-                   remove_stale_staging, resolve_amp, restore_random_states, save_checkpoints, save_json, set_seed,
-                   write_atomic)
+from utils import (CheckpointError, OutputError, RunFolderBusy, autocast, average_over_processes, build_model,
+                   check_amp, compile_model, from_main_process, gather_objects, init_distributed, is_main_process,
+                   load_checkpoint, lock_run_folder, model_arguments, new_output_dir, pick_device, random_states,
+                   rank_and_world, remove_stale_staging, resolve_amp, restore_random_states, save_checkpoints,
+                   save_json, set_seed, write_atomic)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",
                    "val_pixel_accuracy", "val_dice_pooled", "val_iou_pooled", "learning_rate",
@@ -215,13 +215,15 @@ def run(argv: list[str] | None) -> int:
                         help="continue the run in RUN_FOLDER from its last.pt, with the settings of its "
                              "config.json; only --epochs may change (to extend a constant-schedule run)")
     args = parser.parse_args(argv)
-    resumed = None
+    resumed, lock = None, None  # the lock is held until this function returns
     if args.resume:
         # Flags given explicitly are the upper-case attributes present (the others are suppressed).
         flags = {name: value for name, value in vars(args).items() if name.isupper()}
         try:
+            if is_main_process() and Path(args.resume, "last.pt").is_file():  # taken before last.pt is read
+                lock = lock_run_folder(Path(args.resume))
             config, resumed = resume_point(Path(args.resume), flags)
-        except (ValueError, CheckpointError, OSError) as error:
+        except (ValueError, CheckpointError, OSError, RunFolderBusy) as error:
             return fail(str(error))
         summary_path = Path(args.resume) / "summary.json"
         if summary_path.is_file() and stop_reason(config, resumed["epoch"], resumed["best_epoch"],
@@ -266,6 +268,7 @@ def run(argv: list[str] | None) -> int:
         else:
             try:
                 run_dir = new_output_dir(Path(config.RUNS_DIR), config.RUN_NAME)
+                lock = lock_run_folder(run_dir)  # a --resume of this run while it trains is refused
             except OSError as error:
                 run_dir = f"cannot create the run folder: {error}"
     run_dir = from_main_process(run_dir)  # the other processes only need to know whether it exists
@@ -283,6 +286,9 @@ def run(argv: list[str] | None) -> int:
                                     "and the data", 1)
     except OutputError as error:
         return stop_early(progress, str(error), 1)
+    finally:
+        if lock is not None:
+            lock.close()  # releases the run folder
 
 
 def load_data(config: Config) -> dataset.LoadedDataset:

@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import shutil
 
 import numpy as np
@@ -10,6 +11,12 @@ from PIL import Image
 import train
 from config import Config
 from utils import load_checkpoint
+
+def staging_left(run) -> list:
+    """Hidden files in a run folder other than its lock: staging files an interrupted write left behind."""
+    from utils import RUN_LOCK_NAME
+    return [p for p in run.iterdir() if p.name.startswith(".") and p.name != RUN_LOCK_NAME]
+
 
 TINY = ["--image-size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "8",
         "--in-channels", "1", "--normalization", "zscore"]
@@ -190,7 +197,7 @@ def test_full_disk_names_the_file_and_keeps_earlier_checkpoints(demo_root, tmp_p
     run = tmp_path / "full"
     assert code == 1 and f"no space left on device while writing {run / 'last.pt'}" in err
     assert load_checkpoint(run / "last.pt").state["epoch"] == 1 and load_checkpoint(run / "best.pt")
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no staging file left
+    assert not staging_left(run)
 
 
 def test_time_estimate_and_cpu_hint_after_the_first_steps(demo_root, tmp_path, monkeypatch, capsys):
@@ -431,7 +438,7 @@ def test_sigkill_mid_epoch_then_resume_finishes_with_every_epoch_once(demo_root,
     assert done.returncode == 0, done.stderr
     assert [row["epoch"] for row in history_rows(run)] == ["1", "2", "3"]
     assert load_checkpoint(run / "last.pt").state["epoch"] == 3 and (run / "summary.json").is_file()
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    assert not staging_left(run)
 
 
 def test_resume_refuses_contradicting_flags_and_a_cosine_extension(demo_root, tmp_path, capsys):
@@ -447,6 +454,24 @@ def test_resume_refuses_contradicting_flags_and_a_cosine_extension(demo_root, tm
     assert train.main(["--resume", str(tmp_path / "nowhere")]) == 1
     assert "not a run folder" in capsys.readouterr().err
     assert (tmp_path / "r" / "last.pt").read_bytes() == before
+
+
+def test_a_run_folder_in_use_is_refused_and_freed_when_its_holder_ends(demo_root, tmp_path, capsys):
+    import utils
+
+    args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "r", "--epochs", "1", *TINY]
+    assert train.main(args) == 0
+    run = tmp_path / "r"
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    held = utils.lock_run_folder(run)  # as a run still training there would hold it
+    assert train.main(["--resume", str(run), "--epochs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"is in use by process {os.getpid()}" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files  # nothing touched
+    held.close()
+    assert train.main(["--resume", str(run), "--epochs", "2"]) == 0
+    assert len((run / "history.csv").read_text().splitlines()) == 3  # header and two epochs
 
 
 def test_resume_of_a_finished_run_has_nothing_to_do_unless_extended(demo_root, tmp_path, capsys):
@@ -569,7 +594,7 @@ def test_two_gloo_processes_write_one_complete_run_scored_on_every_validation_im
         assert (run / name).is_file(), name
     writers = {p.name.split(".")[-2] for p in run.glob("events.out.tfevents.*")}  # ...<host>.<pid>.<n>
     assert len(writers) == 1 and len(history_rows(run)) == 1  # one process wrote TensorBoard (curves, HParams)
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    assert not staging_left(run)
 
     loaded = load_checkpoint(run / "best.pt")
     assert len(loaded.state["rng"]) == 2  # each process's random streams, for an exact resume

@@ -1,6 +1,7 @@
 """utils.py: atomic writes, stale staging clean-up, device names, checkpoint loading across versions."""
 
 import errno
+import os
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import utils
+from conftest import ROOT
 from config import Config
 from utils import (CheckpointError, OutputError, load_checkpoint, model_arguments, pick_device,
                    remove_stale_staging, save_checkpoints, staging_name, write_atomic)
@@ -99,6 +101,28 @@ def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe: float32
     assert utils.resolve_amp(cpu, "auto") == "off"
     assert utils.resolve_amp(torch.device("mps"), "auto") == "off"
+
+
+def test_a_run_folder_lock_is_exclusive_until_released(tmp_path):
+    held = utils.lock_run_folder(tmp_path)
+    with pytest.raises(utils.RunFolderBusy, match=f"in use by process {os.getpid()} on "):
+        utils.lock_run_folder(tmp_path)
+    held.close()
+    utils.lock_run_folder(tmp_path).close()
+
+
+def test_a_killed_holder_frees_its_run_folder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, utils; held = utils.lock_run_folder(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(60)", str(tmp_path)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(utils.RunFolderBusy, match=f"process {holder.pid} "):
+            utils.lock_run_folder(tmp_path)
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the operating system drops the lock
+        holder.wait()
+    utils.lock_run_folder(tmp_path).close()
 
 
 def test_empty_and_garbage_checkpoints_are_named(tmp_path):
