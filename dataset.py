@@ -411,18 +411,31 @@ def load_dataset(root: Path, image_size: int, in_channels: int, group_column: st
         if problems:
             raise DatasetError(root, problems)
         return LoadedDataset(pairs, cached_images, cached_masks, groups)
-    images: list[np.ndarray] = []
-    masks: list[np.ndarray] = []
+    # Filled in place: stacking a list of slices would hold every slice twice at the end of loading.
+    count = _pair_count(root)
+    images = np.empty((count, image_size, image_size, in_channels), np.uint8)
+    masks = np.empty((count, image_size, image_size), np.uint8)
+    kept = 0
 
     def keep(pair: Pair, image: np.ndarray, mask: np.ndarray) -> None:
+        nonlocal kept
         prepared, box = prepare_input(image, image_size, crop, crop_margin)
-        images.append(prepared)
-        masks.append(prepare_mask(mask, image_size, box))
+        images[kept] = prepared
+        masks[kept] = prepare_mask(mask, image_size, box)
+        kept += 1
 
     pairs, groups, problems = _scan(root, group_column, in_channels, keep)
     if problems:
         raise DatasetError(root, problems)
-    return LoadedDataset(pairs, np.stack(images), np.stack(masks), groups)
+    return LoadedDataset(pairs, images[:kept], masks[:kept], groups)
+
+
+def _pair_count(root: Path) -> int:
+    """How many stems have both an image and a mask: an upper bound on the slices `_scan` keeps (0 without folders)."""
+    folders = (root / "images", root / "masks")
+    if not all(folder.is_dir() for folder in folders):
+        return 0  # _scan names the missing folder
+    return len(set(files_by_stem(folders[0])) & set(files_by_stem(folders[1])))
 
 
 # ----------------------------------------------------------------------------- disk cache
@@ -474,7 +487,7 @@ def _build_cache(root: Path, image_size: int, in_channels: int, crop: bool, crop
     staging = folder.parent / staging_name(folder.name, "partial")
     staging.mkdir()
     try:
-        count = len(set(files_by_stem(root / "images")) & set(files_by_stem(root / "masks")))
+        count = _pair_count(root)
         files = {}
         for name, shape in (("images", (count, image_size, image_size, in_channels)),
                             ("masks", (count, image_size, image_size))):

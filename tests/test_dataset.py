@@ -485,3 +485,17 @@ def test_a_memory_mapped_dataset_pickles_as_its_file_name(demo_root, tmp_path):
     copy = pickle.loads(pickle.dumps(samples))  # what a worker started by spawn receives
     assert len(pickle.dumps(samples)) < 2000 and isinstance(copy.images, np.memmap)
     assert torch.equal(copy[1][0], samples[1][0]) and len(copy) == 2
+
+
+def test_the_memory_cache_holds_each_slice_once_while_loading(demo_root):
+    import tracemalloc
+
+    tracemalloc.start()  # numpy reports its allocations to tracemalloc
+    try:
+        data = load_dataset(demo_root, image_size=256, in_channels=3)  # 24 slices upsampled: 6.3 MB of arrays
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    arrays = data.images.nbytes + data.masks.nbytes
+    assert data.images.shape == (24, 256, 256, 3) and data.masks.shape == (24, 256, 256)
+    assert peak < 1.5 * arrays  # a list of slices stacked at the end would peak at twice the arrays
