@@ -16,8 +16,9 @@ line, so you see what is worth switching on.
 `--inference N` instead times test.py's prediction loop (decoding, the model,
 resizing back, the three PNGs per image, per-image scores) on the first N
 images, upscaled to `--native-size` px in a temporary folder, with an
-untrained model of the config's architecture: once writing the way test.py
-did before (inline, PIL's default compression) and once as it does now.
+untrained model of the config's architecture: once the way test.py first
+ran (float32, PNGs written inline at PIL's default compression) and once as
+it runs now with the config's AMP and CHANNELS_LAST.
 """
 
 from __future__ import annotations
@@ -82,16 +83,23 @@ def time_training(config: Config, loader: torch.utils.data.DataLoader, device: t
 
 
 def time_inference(config: Config, device: torch.device, count: int, native_size: int) -> dict:
-    """test.py's prediction-and-writing images/s on `count` images upscaled to `native_size` px, old vs new writing."""
+    """test.py's prediction-and-writing images/s on `count` images upscaled to `native_size` px.
+
+    Side by side: test.py as it first was (float32, PNGs written inline at
+    PIL's default compression) and as it runs now with `config`'s AMP and
+    CHANNELS_LAST (AMP already resolved), writing threads and fast compression.
+    """
     set_seed(config.SEED)
     model = build_model(config).to(device)
     loaded = LoadedCheckpoint(model=model, config=config, state={}, warnings=[])
     scoring = test_script.Scoring(group_column="", strata_columns=[], labels={}, spacing=None, spacing_source="",
                                   class_mix=None)
     args = argparse.Namespace(postprocess="none", subset="all")
-    settings = {"inline, compress_level 6": (0, 6),
-                f"{test_script.WRITE_THREADS} threads, compress_level {test_script.PNG_COMPRESS_LEVEL}":
-                    (test_script.WRITE_THREADS, test_script.PNG_COMPRESS_LEVEL)}
+    network = f"{'float32' if config.AMP == 'off' else config.AMP}{', channels last' if config.CHANNELS_LAST else ''}"
+    settings = {"float32, inline, compress_level 6": (dataclasses.replace(config, AMP="off", CHANNELS_LAST=False),
+                                                      0, 6),
+                f"{network}, {test_script.WRITE_THREADS} threads, compress_level {test_script.PNG_COMPRESS_LEVEL}":
+                    (config, test_script.WRITE_THREADS, test_script.PNG_COMPRESS_LEVEL)}
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "native"
         images, masks = test_script.find_images(Path(config.DATA_ROOT))
@@ -102,11 +110,13 @@ def time_inference(config: Config, device: torch.device, count: int, native_size
             for path in paths:
                 Image.open(path).resize((native_size, native_size), resample).save(root / sub / path.name)
         images, masks = test_script.find_images(root)
-        options = dataclasses.replace(config, DATA_ROOT=str(root))
-        # untimed first pass: the first timed setting should not pay for the model's first-call allocations
-        native_probabilities(model, config, [dataset.read_image(images[0], config.IN_CHANNELS)], device)
+        first = [dataset.read_image(images[0], config.IN_CHANNELS)]
         results = {}
-        for name, (threads, level) in settings.items():
+        for name, (options, threads, level) in settings.items():
+            options = dataclasses.replace(options, DATA_ROOT=str(root))
+            model.to(memory_format=torch.channels_last if options.CHANNELS_LAST else torch.contiguous_format)
+            # untimed first pass: a timed setting should not pay for its first-call allocations
+            native_probabilities(model, config, first, device, amp=options.AMP, channels_last=options.CHANNELS_LAST)
             staging = test_script.start_staging(Path(folder) / "predictions", "bench", overwrite=False)
             summary, _ = test_script.predict_and_write([loaded], [Path(folder) / "bench.pt"], images, masks, scoring,
                                                        staging, device, options, args, time.perf_counter(),
@@ -163,14 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.inference is not None:
         try:
             device = pick_device(config.DEVICE)
+            config = dataclasses.replace(config, AMP=resolve_amp(device, config.AMP))
+            check_amp(device, config.AMP)
             results = time_inference(config, device, args.inference, args.native_size)
         except (FileNotFoundError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
         first = next(iter(results.values()))
-        print(f"{'writing':28} {'images/s':>8} {'vs first':>8}")
+        width = max(len(name) for name in results)
+        print(f"{'network, writing':{width}} {'images/s':>8} {'vs first':>8}")
         for name, speed in results.items():
-            print(f"{name:28} {speed:8.2f} {speed / first:7.2f}x")
+            print(f"{name:{width}} {speed:8.2f} {speed / first:7.2f}x")
         print(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "image_size": config.IMAGE_SIZE,
                           "native_size": args.native_size, "images": args.inference, "images_per_second": results}))
         return 0

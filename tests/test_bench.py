@@ -38,4 +38,13 @@ def test_inference_mode_times_old_and_new_writing_side_by_side(demo_root, capsys
     assert report["native_size"] == 96 and report["images"] == 6
     speeds = report["images_per_second"]
     assert len(speeds) == 2 and all(speed > 0 for speed in speeds.values())
-    assert lines[0].split()[0] == "writing" and len(lines) == 4
+    assert lines[0].startswith("network, writing") and len(lines) == 4
+    assert list(speeds)[0] == "float32, inline, compress_level 6"  # test.py as it first ran
+
+
+def test_inference_mode_runs_the_network_as_the_speed_keys_say(demo_root, capsys):
+    assert bench.main(["--data-root", str(demo_root), "--image-size", "32", "--base-channels", "4", "--depth", "2",
+                       "--batch-size", "4", "--inference", "4", "--native-size", "64", "--amp", "bf16",
+                       "--channels-last", "true"]) == 0
+    speeds = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images_per_second"]
+    assert list(speeds)[1].startswith("bf16, channels last, ")

@@ -347,6 +347,7 @@ def test_recipe_values_are_recorded_and_flags_override_them(demo_root, tmp_path)
     config = json.loads((tmp_path / "rc" / "config.json").read_text())
     assert config["RECIPE"] == "cpu" and config["CROP"] is True and config["AUG_ELASTIC"] is True
     assert (config["EPOCHS"], config["IMAGE_SIZE"], config["LR_SCHEDULE"]) == (1, 32, "cosine")
+    assert config["AMP"] in ("bf16", "off") and config["CHANNELS_LAST"] is True  # "auto" is recorded as it ran
 
 
 def test_group_folds_validate_every_group_once(demo_root, tmp_path):
