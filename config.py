@@ -67,8 +67,8 @@ class Config:
     # --- machine
     DEVICE: str = "auto"  # "auto" picks cuda, then mps, then cpu; or name one
     NUM_WORKERS: int = 0  # DataLoader worker processes; 0 loads in the main process
-    AMP: str = "off"  # mixed precision of training: "off", "bf16", "fp16" (scaled) or "auto" (bf16 if native, else off)
-    CHANNELS_LAST: bool = False  # channels-last memory format for the model and its batches (faster on GPUs)
+    AMP: str = "off"  # precision of the network: "off", "bf16", "fp16" (loss-scaled) or "auto" (bf16 if native, else off)
+    CHANNELS_LAST: bool = False  # channels-last memory format for the model and its batches (bench.py --compare: faster?)
     COMPILE: bool = False  # torch.compile the model (slower first steps); falls back with a warning where it cannot
     # --- outputs
     RUNS_DIR: str = "runs"  # each training run writes RUNS_DIR/<run name>/
