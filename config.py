@@ -136,7 +136,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "seed": {"IMAGE_SIZE": 256, "IN_CHANNELS": 3, "NORMALIZATION": "imagenet", "BASE_CHANNELS": 64, "DEPTH": 4,
              "LEARNING_RATE": 1e-3, "BATCH_SIZE": 16, "EPOCHS": 50, "LR_SCHEDULE": "constant", "AUGMENT": True,
              "SEARCH_RULE": False},
-    # 2 CPU cores in 12 minutes with bf16 instructions (AVX512-BF16 or AMX), about 20 without: small, grayscale,
+    # 2 CPU cores in 12 minutes with bf16 instructions (AVX512-BF16 or AMX), about 22 without: small, grayscale,
     # five levels (context for locating the tumour), cosine, head crop and every augmentation (the best of the
     # ablation in README "Results").
     "cpu": {"IMAGE_SIZE": 128, "IN_CHANNELS": 1, "NORMALIZATION": "zscore", "BASE_CHANNELS": 16, "DEPTH": 5,
