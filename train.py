@@ -49,7 +49,7 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", 
                    "val_pixel_accuracy", "val_dice_pooled", "val_iou_pooled", "learning_rate",
                    "train_images_per_second", "data_wait_share", "epoch_seconds"]
 ESTIMATE_AFTER_STEPS = 5  # steps timed before the whole run's duration is estimated
-FAST_CPU_HINT = "--recipe cpu trains in 12 to 20 minutes on 2 CPU cores (see README, Recipes)"
+FAST_CPU_HINT = "--recipe cpu trains in 12 to 22 minutes on 2 CPU cores (see README, Recipes)"
 
 
 def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: list[int],
