@@ -52,6 +52,7 @@ class Config:
     BILINEAR: bool = False  # bilinear up-sampling instead of transposed convolutions
     # --- optimisation
     BATCH_SIZE: int = 16  # images per step
+    HARD_SAMPLING: float = 0.0  # share of each epoch drawn in proportion to each slice's latest loss; 0 = plain shuffle
     LEARNING_RATE: float = 1e-3  # Adam step size
     LR_SCHEDULE: str = "constant"  # "constant", or "cosine" decay to 0 over EPOCHS (per step)
     EPOCHS: int = 50  # upper bound on training epochs
@@ -93,6 +94,7 @@ class Config:
             (min(self.NUM_WORKERS, self.PREVIEW_IMAGES, self.TIME_LIMIT_MINUTES, self.PATIENCE) >= 0,
              "NUM_WORKERS, PREVIEW_IMAGES, TIME_LIMIT_MINUTES and PATIENCE must not be negative"),
             (0 <= self.CROP_MARGIN <= 1, "CROP_MARGIN must lie between 0 and 1"),
+            (0 <= self.HARD_SAMPLING <= 1, "HARD_SAMPLING must lie between 0 and 1"),
             (self.FOLDS == 0 or (self.FOLDS >= 2 and 0 <= self.FOLD < self.FOLDS),
              f"FOLDS must be 0 or at least 2, and FOLD between 0 and FOLDS-1 (got FOLDS={self.FOLDS}, "
              f"FOLD={self.FOLD})"),

@@ -711,3 +711,62 @@ def seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     if info is not None and info.dataset.transform is not None:
         info.dataset.transform.set_random_seed(info.seed % 2**32)
+
+
+class HardExampleSampler(torch.utils.data.Sampler[int]):
+    """Draws an epoch of `count` positions with replacement, favouring the slices training finds hard.
+
+    Each position's probability is (1 - hard_share) / count plus hard_share
+    times its share of the summed latest training losses, so a slice whose
+    loss is three times the average is drawn about (1 + 2 * hard_share)
+    times as often and a solved one about (1 - hard_share) times. A slice
+    not yet trained on counts as the average of those that were (the first
+    epoch draws uniformly). The DataLoader takes batches of `batch_size`
+    from `order` in sequence, so batch b holds order[b * batch_size:][:batch_size];
+    `record(b, losses)` stores their losses.
+
+    Args:
+        count: number of training slices (dataset positions 0 .. count-1).
+        hard_share: 0 (uniform with replacement) to 1 (in proportion to the loss alone).
+        batch_size: the DataLoader's batch size.
+        generator: the loader's generator, so a resumed run draws the same epochs.
+    """
+
+    def __init__(self, count: int, hard_share: float, batch_size: int, generator: torch.Generator):
+        if count < 1 or not 0 <= hard_share <= 1 or batch_size < 1:
+            raise ValueError(f"HardExampleSampler needs count >= 1, 0 <= hard_share <= 1 and batch_size >= 1, "
+                             f"got {count}, {hard_share}, {batch_size}")
+        self.count, self.hard_share, self.batch_size, self.generator = count, hard_share, batch_size, generator
+        self.losses = torch.full((count,), float("nan"))  # latest training loss of each position
+        self.order = torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def probabilities(self) -> torch.Tensor:
+        """Each position's chance per draw (sums to 1)."""
+        known = ~torch.isnan(self.losses)
+        losses = torch.where(known, self.losses, self.losses[known].mean() if known.any() else 1.0).clamp(min=0)
+        total = losses.sum()
+        loss_share = losses / total if total > 0 else torch.full_like(losses, 1 / self.count)
+        return (1 - self.hard_share) / self.count + self.hard_share * loss_share
+
+    def __iter__(self) -> Iterator[int]:
+        self.order = torch.multinomial(self.probabilities(), self.count, replacement=True, generator=self.generator)
+        return iter(self.order.tolist())
+
+    def record(self, batch: int, losses: torch.Tensor) -> None:
+        """Store the training losses of batch number `batch` (0-based) of the current epoch."""
+        positions = self.order[batch * self.batch_size:][:len(losses)]
+        if len(positions) != len(losses):
+            raise ValueError(f"batch {batch} holds {len(positions)} positions of this epoch, got {len(losses)} losses")
+        self.losses[positions] = losses.detach().float().cpu()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The latest losses: with the loader's generator, all a resumed run needs to draw the same epochs."""
+        return {"losses": self.losses.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["losses"].shape != self.losses.shape:
+            raise ValueError(f"saved sampler losses cover {len(state['losses'])} slices, this split has {self.count}")
+        self.losses = state["losses"].clone().float()

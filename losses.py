@@ -6,9 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+REDUCTIONS = ("mean", "none")
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Mean over images of 1 - (2 sum(p t) + smooth) / (sum p + sum t + smooth), p = sigmoid(logits).
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
+                   reduction: str = "mean") -> torch.Tensor:
+    """1 - (2 sum(p t) + smooth) / (sum p + sum t + smooth) per image, p = sigmoid(logits).
 
     Computed per image so a small tumour weighs as much as a large one.
     `smooth` (1.0, in pixels) keeps the ratio defined on slices whose mask
@@ -19,12 +22,20 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
         logits: raw network output, shape (N, 1, H, W) or (N, H, W).
         target: {0, 1} mask of the same shape.
         smooth: additive smoothing in numerator and denominator.
+        reduction: "mean" over the images (a scalar) or "none" (one value per image, shape (N,)).
     """
     probs = torch.sigmoid(logits).flatten(1)
     target = target.flatten(1).to(probs.dtype)
     intersection = (probs * target).sum(dim=1)
     total = probs.sum(dim=1) + target.sum(dim=1)
-    return (1 - (2 * intersection + smooth) / (total + smooth)).mean()
+    return _reduce(1 - (2 * intersection + smooth) / (total + smooth), reduction)
+
+
+def _reduce(per_image: torch.Tensor, reduction: str) -> torch.Tensor:
+    """`per_image` as it is ("none") or its mean ("mean")."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return per_image.mean() if reduction == "mean" else per_image
 
 
 class BCEDiceLoss(nn.Module):
@@ -32,17 +43,24 @@ class BCEDiceLoss(nn.Module):
 
     BCE is taken on logits (log-sum-exp form), so it is stable for large
     logits; on an empty mask it still pushes every pixel towards background.
+    Both terms are per-image means first, so "mean" over a batch of
+    equal-sized images is the plain pixel mean of BCE.
 
     Args:
         bce_weight: weight of the pixel-wise binary cross-entropy term.
         dice_weight: weight of the soft Dice term.
         smooth: Dice smoothing, in pixels.
+        reduction: "mean" over the images, or "none" for one loss per image (hard-example sampling uses them).
     """
 
-    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0):
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
+                 reduction: str = "mean"):
         super().__init__()
-        self.bce_weight, self.dice_weight, self.smooth = bce_weight, dice_weight, smooth
+        _reduce(torch.zeros(1), reduction)  # refuse an unknown reduction at construction
+        self.bce_weight, self.dice_weight, self.smooth, self.reduction = bce_weight, dice_weight, smooth, reduction
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        bce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
-        return self.bce_weight * bce + self.dice_weight * soft_dice_loss(logits, target, self.smooth)
+        bce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none").flatten(1)
+        per_image = (self.bce_weight * bce.mean(dim=1)
+                     + self.dice_weight * soft_dice_loss(logits, target, self.smooth, reduction="none"))
+        return _reduce(per_image, self.reduction)

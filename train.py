@@ -58,7 +58,9 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
 
     Under torchrun each process loads its own share: a DistributedSampler's
     for training (call its set_epoch every epoch) and every world-th
-    validation image, so no image is validated twice.
+    validation image, so no image is validated twice. HARD_SAMPLING > 0
+    draws training batches with a dataset.HardExampleSampler (one process
+    only, see check_sampling), which train_one_epoch feeds the losses.
     """
     rank, world = rank_and_world()
     augment = dataset.training_augmentation(config.SEED + rank, flips=config.AUGMENT, affine=config.AUG_AFFINE,
@@ -75,22 +77,36 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     drop_last = math.ceil(len(train_set) / world) % config.BATCH_SIZE == 1
     # DistributedSampler pads the training shares to one length; validation must not count an image twice.
     train_sampler = DistributedSampler(train_set, seed=config.SEED) if world > 1 else None
+    if config.HARD_SAMPLING:
+        check_sampling(config, world)
+        train_sampler = dataset.HardExampleSampler(len(train_set), config.HARD_SAMPLING, config.BATCH_SIZE,
+                                                   generator)
     return (DataLoader(train_set, shuffle=train_sampler is None, sampler=train_sampler, generator=generator,
                        drop_last=drop_last, **common),
             DataLoader(val_set, sampler=range(rank, len(val_set), world), **common))
 
 
+def check_sampling(config: Config, world: int) -> None:
+    """Raise ValueError if HARD_SAMPLING is asked of `world` > 1 processes (each would need every process's losses)."""
+    if config.HARD_SAMPLING and world > 1:
+        raise ValueError("HARD_SAMPLING works in one process only (each process would need the losses of "
+                         "all); use --hard-sampling 0 under torchrun")
+
+
 def train_step(model, images, masks, loss_fn, optimizer, scheduler=None, amp: str = "off",
                scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step on a batch already on the model's device; returns (loss, logits).
+    """One optimisation step on a batch already on the model's device; returns (losses, logits).
 
-    The forward pass runs in the precision `amp` names; the loss is taken in
-    float32. `scaler` (for fp16, whose small gradients would underflow)
-    scales the loss and skips steps whose gradients overflowed.
+    `loss_fn` gives one loss per image (reduction "none") or their mean; the
+    step minimises the mean and returns what `loss_fn` gave. The forward
+    pass runs in the precision `amp` names; the loss is taken in float32.
+    `scaler` (for fp16, whose small gradients would underflow) scales the
+    loss and skips steps whose gradients overflowed.
     """
     with autocast(images.device, amp):
         logits = model(images)
-    loss = loss_fn(logits.float(), masks)
+    losses = loss_fn(logits.float(), masks)
+    loss = losses.mean()
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -101,7 +117,7 @@ def train_step(model, images, masks, loss_fn, optimizer, scheduler=None, amp: st
         scaler.update()
     if scheduler is not None:
         scheduler.step()
-    return loss, logits
+    return losses, logits
 
 
 class NonFiniteLossError(RuntimeError):
@@ -126,7 +142,10 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, thresh
         waited += time.perf_counter() - ready  # time this step spent waiting for the batch
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         masks = masks.to(device, non_blocking=True)
-        loss, logits = train_step(model, images, masks, loss_fn, optimizer, scheduler, amp, scaler)
+        image_losses, logits = train_step(model, images, masks, loss_fn, optimizer, scheduler, amp, scaler)
+        if isinstance(loader.sampler, dataset.HardExampleSampler):
+            loader.sampler.record(step - 1, image_losses)
+        loss = image_losses.mean()
         dice = dice_per_image(torch.sigmoid(logits.detach()) > threshold, masks > 0.5).mean()
         # Averaged over all processes, so a NaN anywhere stops every process at the same step.
         loss_value, dice_value = average_over_processes(torch.stack([loss.detach().float(), dice])).tolist()
@@ -161,7 +180,7 @@ def evaluate(model, loader, loss_fn, device, threshold, desc, keep: int = 0,
     for images, masks in bar:
         images, masks = images.to(device, memory_format=memory_format), masks.to(device)
         logits = model(images)
-        total_loss += loss_fn(logits, masks).item() * len(images)
+        total_loss += loss_fn(logits, masks).mean().item() * len(images)
         count += len(images)
         probs = torch.sigmoid(logits)
         tracker.update(probs > threshold, masks > 0.5)
@@ -244,6 +263,7 @@ def run(argv: list[str] | None) -> int:
             sys.stdout = open(os.devnull, "w")  # one process speaks for all (errors still reach stderr)
         config = dataclasses.replace(config, AMP=resolve_amp(device, config.AMP))  # config.json records the result
         check_amp(device, config.AMP)
+        check_sampling(config, rank_and_world()[1])
         data = load_data(config)
         where = {"group_column": config.SPLIT_GROUP_COLUMN, "root": Path(config.DATA_ROOT)}
         if config.FOLDS:
@@ -416,7 +436,7 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
     if config.LR_SCHEDULE == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.EPOCHS * len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=config.AMP == "fp16")  # a pass-through unless fp16
-    loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT)
+    loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT, reduction="none")  # per image: HARD_SAMPLING
     print(f"model: {config.MODEL}, {count_parameters(model) / 1e6:.2f} M parameters, on {device}"
           + "".join(f", {name}" for name, on in ((f"AMP {config.AMP}", config.AMP != "off"),
                                                  ("channels last", config.CHANNELS_LAST),
@@ -455,6 +475,8 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
         if scheduler is not None:
             scheduler.load_state_dict(resumed["scheduler"])
         scaler.load_state_dict(resumed["scaler"])
+        if isinstance(train_loader.sampler, dataset.HardExampleSampler):
+            train_loader.sampler.load_state_dict(resumed["sampler"])
         progress.epochs_done, progress.best_dice = resumed["epoch"], resumed["best_dice"]
         progress.best_epoch, minutes_before = resumed["best_epoch"], resumed["minutes"]
         if main_process:
@@ -517,6 +539,8 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
                      "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict() if scheduler is not None else None,
                      "scaler": scaler.state_dict(),
+                     "sampler": train_loader.sampler.state_dict()
+                     if isinstance(train_loader.sampler, dataset.HardExampleSampler) else None,
                      "epoch": epoch, "best_dice": best_dice, "best_epoch": best_epoch, "minutes": minutes,
                      "rng": gather_objects(random_states(train_loader.generator, augmentation)),  # per process
                      "metrics": {k: float(v) for k, v in val.items()}, "config": config.to_dict()}

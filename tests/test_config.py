@@ -27,6 +27,7 @@ def test_command_line_overrides_each_type():
     (["--augment", "maybe"], "expected true or false"),
     (["--normalization", "minmax"], "not one of"),
     (["--val-fraction", "1.5"], "VAL_FRACTION"),
+    (["--hard-sampling", "1.2"], "HARD_SAMPLING must lie between 0 and 1"),
     (["--learning-rate", "nan"], "LEARNING_RATE must be a finite number, got nan"),
     (["--val-fraction", "nan"], "VAL_FRACTION must be a finite number"),
     (["--threshold", "nan"], "THRESHOLD must be a finite number"),
@@ -97,3 +98,12 @@ def test_help_shows_each_keys_comment_from_config_py_and_its_default(monkeypatch
         comment, _, default = helps[field.name].rpartition(" (default: ")
         assert comment.strip(), f"{field.name} has no comment in config.py"
         assert default == f"{field.default!r})"
+
+
+def test_readme_lists_every_config_key_with_its_default_and_comment():
+    from conftest import ROOT
+    from config import field_comments
+    readme = (ROOT / "README.md").read_text()
+    for field in dataclasses.fields(Config):
+        row = f"| `{field.name}` | `{field.default!r}` | {field_comments()[field.name]} |"
+        assert row in readme, f"README's config table is out of date for {field.name}: {row}"

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from losses import BCEDiceLoss, soft_dice_loss
@@ -45,3 +46,19 @@ def test_dice_is_averaged_per_image():
     logits[0, :, :2, :2] = 60.0
     expected = (0.0 + (1 - 1 / 5)) / 2
     assert abs(soft_dice_loss(logits, target).item() - expected) < 1e-6
+
+
+def test_reduction_none_gives_each_images_loss_and_its_mean_is_the_batch_loss():
+    torch.manual_seed(0)
+    target = (torch.rand(3, 1, 8, 8) > 0.7).float()
+    logits = torch.randn(3, 1, 8, 8)
+    per_image = BCEDiceLoss(reduction="none")(logits, target)
+    assert per_image.shape == (3,)
+    assert torch.isclose(per_image.mean(), BCEDiceLoss()(logits, target))
+    for i in range(3):  # each value is the loss of that image alone
+        assert torch.isclose(per_image[i], BCEDiceLoss()(logits[i:i + 1], target[i:i + 1]))
+
+
+def test_an_unknown_reduction_is_refused():
+    with pytest.raises(ValueError, match="reduction"):
+        BCEDiceLoss(reduction="sum")

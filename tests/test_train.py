@@ -391,13 +391,13 @@ def assert_same_training(run_a, run_b):
         assert torch.allclose(value.float(), weights_b[name].float(), atol=1e-6), name
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resumed_run_repeats_the_uninterrupted_one(demo_root, tmp_path, monkeypatch, capsys, workers):
+@pytest.mark.parametrize("workers, hard_sampling", [(0, 0.0), (2, 0.0), (2, 0.5)])
+def test_resumed_run_repeats_the_uninterrupted_one(demo_root, tmp_path, monkeypatch, capsys, workers, hard_sampling):
     """3 epochs in one go == 1 epoch, Ctrl-C in epoch 2, --resume: same history, weights and curves."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--epochs", "3", *TINY,
             "--learning-rate", "0.01", "--lr-schedule", "cosine", "--aug-intensity", "true",
-            "--num-workers", str(workers)]
+            "--num-workers", str(workers), "--hard-sampling", str(hard_sampling)]
     assert train.main([*args, "--run-name", "whole"]) == 0
     interrupt_at_epoch(monkeypatch, 2, KeyboardInterrupt())
     assert train.main([*args, "--run-name", "split"]) == 130
@@ -413,6 +413,28 @@ def test_resumed_run_repeats_the_uninterrupted_one(demo_root, tmp_path, monkeypa
     assert "decision_rule" in load_checkpoint(tmp_path / "split" / "best.pt").state
     events = EventAccumulator(str(tmp_path / "split")).Reload()
     assert [event.step for event in events.Scalars("dice/val")] == [1, 2, 3]
+
+
+def test_hard_sampling_records_each_drawn_slices_loss_and_is_refused_under_torchrun(demo_root, tmp_path,
+                                                                                     monkeypatch, capsys):
+    args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--epochs", "2", *TINY,
+            "--learning-rate", "0.01", "--hard-sampling", "0.8"]
+    assert train.main([*args, "--run-name", "hard"]) == 0
+    state = load_checkpoint(tmp_path / "hard" / "last.pt").state
+    losses = state["sampler"]["losses"]
+    train_count = len(json.loads((tmp_path / "hard" / "split.json").read_text())["train"])
+    assert losses.shape == (train_count,)
+    seen = losses[~torch.isnan(losses)]
+    assert len(seen) > train_count // 2 and (seen > 0).all()  # drawn with replacement: most, not all, slices
+    assert json.loads((tmp_path / "hard" / "config.json").read_text())["HARD_SAMPLING"] == 0.8
+    assert load_checkpoint(tmp_path / "hard" / "best.pt").state["config"]["HARD_SAMPLING"] == 0.8
+
+    monkeypatch.setattr(train, "rank_and_world", lambda: (0, 2))  # as if started by torchrun with 2 processes
+    capsys.readouterr()
+    assert train.main([*args, "--run-name", "hard2"]) == 1
+    err = capsys.readouterr().err
+    assert "HARD_SAMPLING works in one process only" in err and "Traceback" not in err
+    assert not (tmp_path / "hard2").exists()
 
 
 def test_sigkill_mid_epoch_then_resume_finishes_with_every_epoch_once(demo_root, tmp_path):
