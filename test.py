@@ -49,9 +49,9 @@ from inference import native_probabilities
 from metrics import (FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY, CalibrationTracker, Spacing,
                      auroc, per_image_report, pooled_scores, rank_correlation, region_uncertainty, summarise)
 from postprocess import DecisionRule
-from utils import (CheckpointError, LoadedCheckpoint, OutputError, check_amp, describe_write_error, load_checkpoint,
-                   pick_device, remove_stale_staging, resolve_amp, save_json, staging_name, tolerant_console,
-                   write_atomic)
+from utils import (CheckpointError, LoadedCheckpoint, OutputError, check_amp, describe_write_error, interruption,
+                   load_checkpoint, pick_device, remove_stale_staging, resolve_amp, save_json, sigterm_as_interrupt,
+                   staging_name, tolerant_console, write_atomic)
 
 PREDICTION_COLOUR = np.array([255, 40, 40], np.float32)  # red fill, semi-transparent
 TRUTH_COLOUR = np.array([40, 255, 40], np.uint8)  # green outline
@@ -452,6 +452,12 @@ def count_training_images(stems: list[str], checkpoint_paths: list[Path],
 
 
 def main(argv: list[str] | None = None) -> int:
+    with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C
+        return predict_and_publish(argv)
+
+
+def predict_and_publish(argv: list[str] | None) -> int:
+    """Parse, check, predict into a staging folder, publish it; the exit code."""
     tolerant_console()
     parser = build_parser(__doc__, keys=INFERENCE_KEYS)
     parser.add_argument("--checkpoint", type=Path, nargs="+",
@@ -535,10 +541,11 @@ def main(argv: list[str] | None = None) -> int:
             report.write_report(staging)
             report_seconds = time.perf_counter() - report_started
         out_dir = publish(staging, Path(options.PREDICTION_ROOT), name, args.overwrite)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (utils.Terminated)
         shutil.rmtree(staging, ignore_errors=True)
-        print("\ninterrupted (Ctrl-C): nothing was written; earlier predictions are untouched", file=sys.stderr)
-        return 130
+        cause, code = interruption(error)
+        print(f"\ninterrupted ({cause}): nothing was written; earlier predictions are untouched", file=sys.stderr)
+        return code
     except (OutputError, OSError) as error:
         shutil.rmtree(staging, ignore_errors=True)
         reason = str(error) if isinstance(error, OutputError) else describe_write_error(staging, error)

@@ -40,10 +40,10 @@ from metrics import MetricTracker, dice_per_image
 from model import count_parameters
 from postprocess import DecisionRule, search_rule
 from utils import (CheckpointError, OutputError, RunFolderBusy, autocast, average_over_processes, build_model,
-                   check_amp, compile_model, from_main_process, gather_objects, init_distributed, is_main_process,
-                   load_checkpoint, lock_run_folder, model_arguments, new_output_dir, pick_device, random_states,
-                   rank_and_world, remove_stale_staging, resolve_amp, restore_random_states, save_checkpoints,
-                   save_json, set_seed, write_atomic)
+                   check_amp, compile_model, from_main_process, gather_objects, init_distributed, interruption,
+                   is_main_process, load_checkpoint, lock_run_folder, model_arguments, new_output_dir, pick_device,
+                   random_states, rank_and_world, remove_stale_staging, resolve_amp, restore_random_states,
+                   save_checkpoints, save_json, set_seed, sigterm_as_interrupt, write_atomic)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",
                    "val_pixel_accuracy", "val_dice_pooled", "val_iou_pooled", "learning_rate",
@@ -221,7 +221,8 @@ class RunProgress:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run(argv)
+        with sigterm_as_interrupt():
+            return run(argv)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -299,8 +300,9 @@ def run(argv: list[str] | None) -> int:
     try:
         train(config, data, train_idx, val_idx, device, progress, resumed)
         return 0
-    except KeyboardInterrupt:
-        return stop_early(progress, f"interrupted (Ctrl-C) during epoch {progress.epochs_done + 1}", 130)
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (utils.Terminated)
+        cause, code = interruption(error)
+        return stop_early(progress, f"interrupted ({cause}) during epoch {progress.epochs_done + 1}", code)
     except NonFiniteLossError as error:
         return stop_early(progress, f"{error}; stopped. Lower --learning-rate, check the loss weights "
                                     "and the data", 1)

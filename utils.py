@@ -11,10 +11,13 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -46,6 +49,38 @@ def tolerant_console() -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a batch scheduler's stop, a container's shutdown) raised like Ctrl-C, so its clean-up runs."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block, SIGTERM raises Terminated in the main thread; the previous handler comes back after.
+
+    Every `except KeyboardInterrupt` of the scripts then also catches a
+    polite stop: half-written outputs are removed and what was kept is
+    said, instead of the process vanishing mid-write. Outside the main
+    thread (where signal handlers cannot be set) the block changes nothing.
+    """
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interruption(error: KeyboardInterrupt) -> tuple[str, int]:
+    """What stopped the process and its shell exit code: ("Ctrl-C", 130) or ("SIGTERM", 143)."""
+    return ("SIGTERM", 128 + signal.SIGTERM) if isinstance(error, Terminated) else ("Ctrl-C", 130)
 
 
 def set_seed(seed: int) -> None:

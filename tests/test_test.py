@@ -383,6 +383,28 @@ def test_ctrl_c_leaves_no_partial_output(tiny_run, mixed_sizes, tmp_path, monkey
     assert "interrupted" in capsys.readouterr().err and list(preds.iterdir()) == []
 
 
+def test_sigterm_mid_output_cleans_up_like_ctrl_c(tiny_run, mixed_sizes, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    real_predict = test_script.predict
+
+    def terminated_after_the_first_batch(*args, **kwargs):
+        for number, result in enumerate(real_predict(*args, **kwargs)):
+            if number == 1:  # the first batch's files are being written: a real SIGTERM to this process
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield result
+
+    monkeypatch.setattr(test_script, "predict", terminated_after_the_first_batch)
+    preds = tmp_path / "preds"
+    handler_before = signal.getsignal(signal.SIGTERM)
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
+                    "--batch-size", "1") == 143
+    err = capsys.readouterr().err
+    assert "interrupted (SIGTERM): nothing was written" in err and "Traceback" not in err
+    assert list(preds.iterdir()) == []  # no staging folder, no half output
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the previous handler is back
+
+
 @pytest.mark.parametrize("flag", [["--image-size", "512"], ["--epochs", "3"], ["--in-channels", "3"],
                                   ["--learning-rate", "0.1"]])
 def test_training_keys_are_refused(tiny_run, mixed_sizes, flag, capsys):

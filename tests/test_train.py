@@ -156,6 +156,30 @@ def test_ctrl_c_later_keeps_the_finished_epochs(demo_root, tmp_path, monkeypatch
     assert len(list(csv.DictReader(open(tmp_path / "c2" / "history.csv")))) == 2
 
 
+def test_sigterm_stops_like_ctrl_c_keeping_the_finished_epochs_and_the_run_resumes(demo_root, tmp_path,
+                                                                                     monkeypatch, capsys):
+    import os
+    import signal
+    real = train.train_one_epoch
+    calls = []
+
+    def terminated_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # a real SIGTERM, as a batch scheduler sends before it kills a job
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", terminated_in_epoch_2)
+    args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--epochs", "3", *TINY]
+    assert train.main([*args, "--run-name", "term"]) == 143
+    err = capsys.readouterr().err
+    assert "interrupted (SIGTERM) during epoch 2" in err and "last.pt (epoch 1)" in err and "Traceback" not in err
+    assert not staging_left(tmp_path / "term")
+    monkeypatch.undo()
+    assert train.main(["--resume", str(tmp_path / "term")]) == 0
+    assert len(history_rows(tmp_path / "term")) == 3
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo_root, tmp_path, monkeypatch,
                                                                           capsys):
     real_forward = train.BCEDiceLoss.forward

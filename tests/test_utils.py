@@ -188,3 +188,27 @@ def test_random_states_survive_a_weights_only_checkpoint_and_repeat_the_draws(tm
     restore_random_states(torch.load(tmp_path / "s.pt", weights_only=True)["rng"], generator, augmentation)
     second = draws()
     assert first[:3] == second[:3] and torch.equal(first[3], second[3]) and first[4:] == second[4:]
+
+
+def test_sigterm_raises_terminated_inside_the_block_only_and_maps_to_exit_code_143():
+    import signal
+    import threading
+
+    from utils import Terminated, interruption, sigterm_as_interrupt
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10**6):  # the handler runs between bytecodes; this loop is never finished
+            pass
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert interruption(Terminated()) == ("SIGTERM", 143) and interruption(KeyboardInterrupt()) == ("Ctrl-C", 130)
+    outcome = []
+
+    def in_a_thread():  # handlers can only be set in the main thread: the block must still run
+        with sigterm_as_interrupt():
+            outcome.append("ran")
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert outcome == ["ran"] and signal.getsignal(signal.SIGTERM) is before
