@@ -500,7 +500,9 @@ def predict_and_publish(argv: list[str] | None) -> int:
     try:
         device = pick_device(options.DEVICE)
         options = dataclasses.replace(options, AMP=resolve_amp(device, options.AMP))
-        check_amp(device, options.AMP)
+        slow_precision = check_amp(device, options.AMP)
+        if slow_precision:
+            print(f"warning: {slow_precision}", file=sys.stderr)
         checkpoint_paths = args.checkpoint or [newest_checkpoint(Path(options.RUNS_DIR))]
         models = [load_checkpoint(path, device) for path in checkpoint_paths]
         if options.CHANNELS_LAST:

@@ -263,7 +263,9 @@ def run(argv: list[str] | None) -> int:
         if not is_main_process():
             sys.stdout = open(os.devnull, "w")  # one process speaks for all (errors still reach stderr)
         config = dataclasses.replace(config, AMP=resolve_amp(device, config.AMP))  # config.json records the result
-        check_amp(device, config.AMP)
+        slow_precision = check_amp(device, config.AMP)
+        if slow_precision and is_main_process():
+            print(f"warning: {slow_precision}", file=sys.stderr)
         check_sampling(config, rank_and_world()[1])
         data = load_data(config)
         where = {"group_column": config.SPLIT_GROUP_COLUMN, "root": Path(config.DATA_ROOT)}

@@ -178,14 +178,17 @@ def resolve_amp(device: torch.device, amp: str) -> str:
     return "bf16" if native_bf16(device) else "off"
 
 
-def check_amp(device: torch.device, amp: str) -> None:
+def check_amp(device: torch.device, amp: str) -> str | None:
     """Raise ValueError, naming the device, unless AMP `amp` really computes in its precision on `device`.
 
     torch.autocast switches itself off with only a warning where a dtype is
     unsupported, so a small convolution is run and its output dtype checked.
+    Returns a warning to show when the precision works but is emulated on
+    `device`, so it runs slower than float32 (fp16 on a CPU; bf16 on a CPU
+    without bf16 instructions); None otherwise.
     """
     if amp == "off":
-        return
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # autocast's "not supported, disabling" warning becomes an error
@@ -198,6 +201,13 @@ def check_amp(device: torch.device, amp: str) -> None:
     if reason is not None:
         raise ValueError(f"AMP {amp!r} is not supported on {device} by this PyTorch ({reason}); "
                          "use --amp off" + (" or --amp bf16" if amp == "fp16" else ""))
+    if device.type == "cpu" and amp == "fp16":
+        return ("AMP 'fp16' is emulated on a CPU and runs many times slower than float32 (bench.py --compare "
+                "measures it); use --amp auto, which picks bf16 where the CPU computes it and float32 elsewhere")
+    if device.type == "cpu" and amp == "bf16" and not native_bf16(device):
+        return ("AMP 'bf16' is emulated on this CPU (no AVX512-BF16 or AMX) and runs slower than float32; "
+                "use --amp auto, which picks float32 here")
+    return None
 
 
 def compile_model(model: nn.Module, example: torch.Tensor) -> nn.Module:

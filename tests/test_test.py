@@ -113,10 +113,14 @@ def test_tta_run_writes_the_same_outputs(tiny_run, mixed_sizes, tmp_path):
     assert json.loads((preds / "tiny" / "summary.json").read_text())["tta"] is True
 
 
-def test_bf16_channels_last_inference_matches_float32(tiny_run, mixed_sizes, tmp_path):
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_channels_last_inference_matches_float32(tiny_run, mixed_sizes, tmp_path, monkeypatch, capsys, native):
+    import utils
+    monkeypatch.setattr(utils, "native_bf16", lambda device: native)  # a CPU with or without bf16 instructions
     preds = tmp_path / "preds"
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
                     "--amp", "bf16", "--channels-last", "true", "--report", "false") == 0
+    assert ("warning: AMP 'bf16' is emulated on this CPU" in capsys.readouterr().err) is not native
     check_outputs_match_metrics(preds / "tiny", mixed_sizes)
     summary = json.loads((preds / "tiny" / "summary.json").read_text())
     assert (summary["amp"], summary["channels_last"]) == ("bf16", True)

@@ -601,6 +601,26 @@ def test_unsupported_precision_is_refused_before_any_run_folder(demo_root, tmp_p
         utils.check_amp(torch.device("cpu"), "bf16")
 
 
+def test_emulated_precision_trains_with_a_warning_and_native_or_off_without(demo_root, tmp_path, monkeypatch,
+                                                                              capsys):
+    import utils
+    cpu = torch.device("cpu")
+    assert utils.check_amp(cpu, "off") is None
+    monkeypatch.setattr(utils, "native_bf16", lambda device: True)  # e.g. AVX512-BF16
+    assert utils.check_amp(cpu, "bf16") is None
+    monkeypatch.setattr(utils, "native_bf16", lambda device: False)  # e.g. an AVX2-only CPU
+    assert "emulated on this CPU" in utils.check_amp(cpu, "bf16")
+    try:
+        assert "emulated on a CPU" in utils.check_amp(cpu, "fp16")
+    except ValueError as error:  # a PyTorch without fp16 on a CPU refuses it instead
+        assert "not supported on cpu" in str(error)
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "slow",
+                       "--epochs", "1", *TINY, "--amp", "bf16"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: AMP 'bf16' is emulated on this CPU" in err and "--amp auto" in err
+    assert json.loads((tmp_path / "slow" / "config.json").read_text())["AMP"] == "bf16"  # warned, not changed
+
+
 def test_compile_falls_back_to_the_plain_model_with_a_warning(demo_root, tmp_path, monkeypatch, capsys):
     class Uncompilable(torch.nn.Module):
         def forward(self, x):
