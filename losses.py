@@ -31,10 +31,15 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     return _reduce(1 - (2 * intersection + smooth) / (total + smooth), reduction)
 
 
-def _reduce(per_image: torch.Tensor, reduction: str) -> torch.Tensor:
-    """`per_image` as it is ("none") or its mean ("mean")."""
+def _check_reduction(reduction: str) -> None:
+    """Raise ValueError unless `reduction` is one of REDUCTIONS."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _reduce(per_image: torch.Tensor, reduction: str) -> torch.Tensor:
+    """`per_image` as it is ("none") or its mean ("mean")."""
+    _check_reduction(reduction)
     return per_image.mean() if reduction == "mean" else per_image
 
 
@@ -56,7 +61,7 @@ class BCEDiceLoss(nn.Module):
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
                  reduction: str = "mean"):
         super().__init__()
-        _reduce(torch.zeros(1), reduction)  # refuse an unknown reduction at construction
+        _check_reduction(reduction)  # at construction, not at the first batch
         self.bce_weight, self.dice_weight, self.smooth, self.reduction = bce_weight, dice_weight, smooth, reduction
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
