@@ -39,7 +39,7 @@ class Config:
     AUG_INTENSITY: bool = False  # also brightness/contrast (15 %) and gamma (0.8-1.2), training only
     AUG_ELASTIC: bool = False  # also a mild grid distortion, training only
     VAL_FRACTION: float = 0.2  # share held out for validation (of groups when grouping)
-    SPLIT_GROUP_COLUMN: str = ""  # metadata.csv column kept on one side of the split; "" = random
+    SPLIT_GROUP_COLUMN: str = "auto"  # metadata column kept on one side of every split; "auto" = patient_id if present; "none" = random
     FOLDS: int = 0  # K >= 2: validate on fold FOLD of a K-fold split (by group when grouping); 0 = VAL_FRACTION
     FOLD: int = 0  # which fold (0 .. FOLDS-1) is held out when FOLDS >= 2
     SPLIT_SEED: int = 42  # seeds the split and the folds; runs to compare or ensemble share it, whatever their SEED
@@ -101,6 +101,7 @@ class Config:
             (min(self.BCE_WEIGHT, self.DICE_WEIGHT) >= 0, "BCE_WEIGHT and DICE_WEIGHT must not be negative"),
             (self.BCE_WEIGHT + self.DICE_WEIGHT > 0,
              "BCE_WEIGHT and DICE_WEIGHT must not both be 0 (the loss would not depend on the model)"),
+            (self.SPLIT_GROUP_COLUMN != "", 'SPLIT_GROUP_COLUMN must name a column, "auto" or "none" (random slices)'),
             (not self.RUN_NAME or _is_plain_folder_name(self.RUN_NAME),
              f"RUN_NAME {self.RUN_NAME!r} must be a plain folder name inside RUNS_DIR "
              "(no '/', '\\', drive or leading '.')"),
@@ -129,6 +130,8 @@ class Config:
         known = {f.name for f in dataclasses.fields(cls)}
         if "SEED" in values and "SPLIT_SEED" not in values:  # saved before SPLIT_SEED: SEED seeded the split too
             values = {**values, "SPLIT_SEED": values["SEED"]}
+        if values.get("SPLIT_GROUP_COLUMN") == "":  # saved when "" meant a random split
+            values = {**values, "SPLIT_GROUP_COLUMN": "none"}
         return cls(**{k: v for k, v in values.items() if k in known}), sorted(set(values) - known)
 
 

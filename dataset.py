@@ -41,6 +41,7 @@ from utils import remove_stale_staging, staging_name
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 METADATA_FILE = "metadata.csv"
 METADATA_ID_COLUMN = "image_id"
+PATIENT_COLUMN = "patient_id"  # the column SPLIT_GROUP_COLUMN "auto" splits by
 # ImageNet statistics (RGB), as the seed used them; grayscale input uses their mean.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -366,6 +367,28 @@ def _scan(root: Path, group_column: str, in_channels: int,
         problems.append(f"{root}: no image/mask pairs ({'/'.join(IMAGE_EXTENSIONS)}) found")
     groups, group_problems = group_labels(root, group_column, pairs)
     return pairs, groups, problems + group_problems
+
+
+def resolve_split_column(root: Path, requested: str) -> tuple[str, str]:
+    """The column a split groups by ("" = random slices) for SPLIT_GROUP_COLUMN `requested`, and a note saying why.
+
+    "auto" takes PATIENT_COLUMN when root/metadata.csv has it; "none" (or
+    "auto" without such a column) splits by random slice, and the note warns
+    that scores are then inflated wherever a patient has several slices.
+    """
+    inflated = ("scores are inflated when a patient has several slices (slices of one patient land on both "
+                "sides); name the patient column with --split-group-column")
+    if requested == "none":
+        return "", f"split by random slice (--split-group-column none): {inflated}"
+    if requested != "auto":
+        return requested, f"split by '{requested}' of {root / METADATA_FILE}"
+    try:
+        columns = read_metadata(Path(root))[0] if (Path(root) / METADATA_FILE).is_file() else []
+    except (OSError, ValueError, csv.Error):
+        columns = []  # the integrity check names an unreadable metadata.csv when a column is asked of it
+    if PATIENT_COLUMN in columns:
+        return PATIENT_COLUMN, f"split by patient ('{PATIENT_COLUMN}' of {root / METADATA_FILE})"
+    return "", f"split by random slice (no '{PATIENT_COLUMN}' column in {root / METADATA_FILE}): {inflated}"
 
 
 def group_labels(root: Path, group_column: str, pairs: Sequence[Pair]) -> tuple[list[str] | None, list[str]]:

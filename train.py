@@ -267,8 +267,13 @@ def run(argv: list[str] | None) -> int:
         if slow_precision and is_main_process():
             print(f"warning: {slow_precision}", file=sys.stderr)
         check_sampling(config, rank_and_world()[1])
+        group_column, split_note = dataset.resolve_split_column(Path(config.DATA_ROOT), config.SPLIT_GROUP_COLUMN)
+        config = dataclasses.replace(config, SPLIT_GROUP_COLUMN=group_column or "none")  # config.json: the result
+        if is_main_process():
+            print(("warning: " if not group_column else "") + split_note,
+                  file=sys.stderr if not group_column else sys.stdout)
         data = load_data(config)
-        where = {"group_column": config.SPLIT_GROUP_COLUMN, "root": Path(config.DATA_ROOT)}
+        where = {"group_column": group_column, "root": Path(config.DATA_ROOT)}
         if config.FOLDS:
             train_idx, val_idx = dataset.fold_indices(len(data.pairs), config.FOLDS, config.FOLD, config.SPLIT_SEED,
                                                       data.groups, **where)
@@ -325,10 +330,15 @@ def load_data(config: Config) -> dataset.LoadedDataset:
     if builds_first and not is_main_process():
         dist.barrier()
     data = dataset.load_dataset(Path(config.DATA_ROOT), config.IMAGE_SIZE, config.IN_CHANNELS,
-                                config.SPLIT_GROUP_COLUMN, config.CROP, config.CROP_MARGIN, cache_dir)
+                                split_column(config), config.CROP, config.CROP_MARGIN, cache_dir)
     if builds_first and is_main_process():
         dist.barrier()
     return data
+
+
+def split_column(config: Config) -> str:
+    """The metadata column `config` splits by ("auto" resolved); "" for a random split."""
+    return dataset.resolve_split_column(Path(config.DATA_ROOT), config.SPLIT_GROUP_COLUMN)[0]
 
 
 def fail(message: str) -> int:
@@ -423,12 +433,12 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
         save_json(run_dir / "config.json", config.to_dict())  # on resume too: EPOCHS may have grown
     if main_process and resumed is None:
         save_json(run_dir / "split.json", {
-            "group_column": config.SPLIT_GROUP_COLUMN, "seed": config.SPLIT_SEED, "val_fraction": config.VAL_FRACTION,
+            "group_column": split_column(config), "seed": config.SPLIT_SEED, "val_fraction": config.VAL_FRACTION,
             "folds": config.FOLDS, "fold": config.FOLD,
             "data_root": str(Path(config.DATA_ROOT).resolve()),
             "train": [data.pairs[i].stem for i in train_idx], "val": [data.pairs[i].stem for i in val_idx]})
     print(f"data: {len(data.pairs)} pairs from {config.DATA_ROOT}, {len(train_idx)} train / {len(val_idx)} val"
-          + (f" (grouped by {config.SPLIT_GROUP_COLUMN})" if config.SPLIT_GROUP_COLUMN else " (random split)"))
+          + (f" (grouped by {split_column(config)})" if split_column(config) else " (random split)"))
 
     train_loader, val_loader = make_loaders(data, train_idx, val_idx, config, pin_memory=device.type == "cuda")
     memory_format = torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format

@@ -76,7 +76,7 @@ def spread_stems(source: Path, every_nth_group: int, per_group: int) -> list[str
         rows = list(csv.DictReader(f))
     by_group: dict[str, list[str]] = {}
     for row in rows:
-        by_group.setdefault(row["approx_patient"], []).append(row["image_id"])
+        by_group.setdefault(row["patient_id"], []).append(row["image_id"])
     stems = []
     for group in sorted(by_group)[::every_nth_group]:
         ids = by_group[group]

@@ -9,14 +9,14 @@ def test_defaults_are_the_seed_pipeline():
     c = Config()
     assert (c.IMAGE_SIZE, c.IN_CHANNELS, c.NORMALIZATION, c.AUGMENT) == (256, 3, "imagenet", True)
     assert (c.BATCH_SIZE, c.LEARNING_RATE, c.EPOCHS, c.THRESHOLD, c.VAL_FRACTION) == (16, 1e-3, 50, 0.5, 0.2)
-    assert (c.BASE_CHANNELS, c.DEPTH, c.DEVICE, c.SPLIT_GROUP_COLUMN) == (64, 4, "auto", "")
+    assert (c.BASE_CHANNELS, c.DEPTH, c.DEVICE, c.SPLIT_GROUP_COLUMN) == (64, 4, "auto", "auto")
 
 
 def test_command_line_overrides_each_type():
     c = parse_config(["--epochs", "3", "--image-size", "128", "--augment", "false",
-                      "--learning-rate", "3e-4", "--split-group-column", "approx_patient"])
+                      "--learning-rate", "3e-4", "--split-group-column", "patient_id"])
     assert (c.EPOCHS, c.IMAGE_SIZE, c.AUGMENT, c.LEARNING_RATE) == (3, 128, False, 3e-4)
-    assert c.SPLIT_GROUP_COLUMN == "approx_patient"
+    assert c.SPLIT_GROUP_COLUMN == "patient_id"
     assert c.BATCH_SIZE == Config().BATCH_SIZE  # untouched keys keep config.py values
 
 

@@ -399,8 +399,8 @@ def test_a_short_metadata_row_is_a_missing_group_not_a_crash(demo_copy):
 
 
 def test_real_data_passes_integrity_and_splits_by_patient(real_root):
-    assert verify_dataset(real_root, "approx_patient") == []
-    data = load_dataset(real_root, image_size=64, in_channels=1, group_column="approx_patient")
+    assert verify_dataset(real_root, "patient_id") == []
+    data = load_dataset(real_root, image_size=64, in_channels=1, group_column="patient_id")
     assert len(data.pairs) == len(list((real_root / "images").iterdir()))
     train, val = split_indices(len(data.pairs), 0.2, seed=42, groups=data.groups)
     assert not {data.groups[i] for i in train} & {data.groups[i] for i in val}

@@ -53,7 +53,7 @@ def real_predictions(real_root, tmp_path_factory) -> Path:
     assert train.main(["--data-root", str(data), "--runs-dir", str(tmp / "runs"), "--run-name", "r",
                        "--epochs", "12", "--learning-rate", "0.01", "--batch-size", "8", "--image-size", "32",
                        "--base-channels", "4", "--depth", "2", "--in-channels", "1", "--normalization", "zscore",
-                       "--split-group-column", "approx_patient", "--search-rule", "false"]) == 0
+                       "--split-group-column", "patient_id", "--search-rule", "false"]) == 0
     assert test_script.main(["--checkpoint", str(tmp / "runs/r/best.pt"), "--data-root", str(data),
                              "--prediction-root", str(tmp / "preds"), "--tta", "true",
                              "--pixel-spacing-mm", "0.98", "--strata", "tumor_class"]) == 0
@@ -86,7 +86,7 @@ def test_report_is_self_contained_and_shows_every_part(real_predictions):
         assert f"overlays/{stem}.png" in local and f"uncertainty/{stem}.png" in local
     for title in ("Dice histogram", "HD95 histogram", "Reliability diagram", "Uncertainty against Dice"):
         assert f'alt="{title}" src="data:image/png;base64,' in page
-    assert "Per approx_patient" in page and "By tumor class" in page and "By tumour size" in page
+    assert "Per patient_id" in page and "By tumor class" in page and "By tumour size" in page
     for rule in summary["failure_rules"]:
         assert f">{html.escape(rule['category'])}</a>" in page and html.escape(rule["rule"]) in page
     assert "HD95 (mm)" in page and summary["metrics"]["hd95_mm"]["count"] > 0

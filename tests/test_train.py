@@ -88,13 +88,13 @@ def test_broken_real_data_halts_naming_every_problem_and_leaves_no_run(real_root
 def test_short_cpu_run_on_real_slices_learns(real_subset, tmp_path):
     """~240 real slices, grouped split: validation Dice well above the ~0.03 of 'tumour everywhere'."""
     code = train.main(["--data-root", str(real_subset), "--runs-dir", str(tmp_path), "--run-name", "real",
-                       "--split-group-column", "approx_patient", "--image-size", "64", "--base-channels", "8",
+                       "--split-group-column", "patient_id", "--image-size", "64", "--base-channels", "8",
                        "--in-channels", "1", "--normalization", "zscore", "--epochs", "12",
                        "--lr-schedule", "cosine"])
     assert code == 0
     summary = json.loads((tmp_path / "real" / "summary.json").read_text())
     split = json.loads((tmp_path / "real" / "split.json").read_text())
-    groups = {row["image_id"]: row["approx_patient"] for row in csv.DictReader(open(real_subset / "metadata.csv"))}
+    groups = {row["image_id"]: row["patient_id"] for row in csv.DictReader(open(real_subset / "metadata.csv"))}
     assert not {groups[s] for s in split["train"]} & {groups[s] for s in split["val"]}
     assert summary["best_val_dice"] >= 0.2, summary
 
@@ -117,7 +117,7 @@ def test_unusable_device_stops_before_any_run_folder(demo_root, tmp_path, capsys
 def test_last_batch_of_one_image_is_dropped(demo_root, tmp_path):
     # Random split of 24: 19 train images; batch 9 would leave a batch of 1, which BatchNorm cannot train on.
     code = train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "b1",
-                       "--epochs", "1", *TINY, "--batch-size", "9"])
+                       "--epochs", "1", *TINY, "--batch-size", "9", "--split-group-column", "none"])
     assert code == 0
     assert len(json.loads((tmp_path / "b1" / "split.json").read_text())["train"]) % 9 == 1
 
@@ -652,7 +652,7 @@ def test_two_gloo_processes_write_one_complete_run_scored_on_every_validation_im
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir", str(tmp_path),
                            "--run-name", "ddp", "--epochs", "1", *TINY, "--learning-rate", "0.01",
-                           "--device", "cpu"],
+                           "--device", "cpu", "--split-group-column", "none"],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run folder:") == 1 and done.stdout.count("epoch   1") == 1  # one process speaks
@@ -681,3 +681,25 @@ def test_disk_cache_defaults_to_the_runs_folder_and_trains_like_memory(demo_root
     assert train.main([*args, "--run-name", "disk", "--cache", "disk"]) == 0
     assert len(list((tmp_path / ".cache").iterdir())) == 1  # the shared data may be read-only: never written there
     assert_same_training(tmp_path / "mem", tmp_path / "disk")
+
+
+# ----------------------------------------------------------------------------- patient split by default
+
+def test_split_defaults_to_patient_id_and_random_split_warns(demo_root, tmp_path, capsys):
+    """Without --split-group-column, metadata.csv's patient_id groups the split; 'none' splits by slice, warned."""
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "auto",
+                       "--epochs", "1", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "split by patient ('patient_id'" in out
+    assert json.loads((tmp_path / "auto" / "split.json").read_text())["group_column"] == "patient_id"
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["SPLIT_GROUP_COLUMN"] == "patient_id"
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "random",
+                       "--epochs", "1", "--split-group-column", "none", *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "split by random slice (--split-group-column none)" in err and "inflated" in err
+    assert json.loads((tmp_path / "random" / "split.json").read_text())["group_column"] == ""
+
+
+def test_old_configs_with_an_empty_split_column_read_as_random():
+    config, _ = Config.from_saved({"SPLIT_GROUP_COLUMN": ""})
+    assert config.SPLIT_GROUP_COLUMN == "none"
