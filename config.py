@@ -38,10 +38,12 @@ class Config:
     AUG_AFFINE: bool = False  # also small scale (0.9-1.1), rotation (15 deg) and shift (6 %), training only
     AUG_INTENSITY: bool = False  # also brightness/contrast (15 %) and gamma (0.8-1.2), training only
     AUG_ELASTIC: bool = False  # also a mild grid distortion, training only
-    VAL_FRACTION: float = 0.2  # share held out for validation (of groups when grouping)
+    TEST_FRACTION: float = 0.2  # share of patients held out for test.py --subset test (they choose nothing); 0 = none
+    VAL_FRACTION: float = 0.2  # share of the other patients that validate: choose the epoch and decision rule
     SPLIT_GROUP_COLUMN: str = "auto"  # metadata column kept on one side of every split; "auto" = patient_id if present; "none" = random
-    FOLDS: int = 0  # K >= 2: validate on fold FOLD of a K-fold split (by group when grouping); 0 = VAL_FRACTION
-    FOLD: int = 0  # which fold (0 .. FOLDS-1) is held out when FOLDS >= 2
+    FOLDS: int = 0  # K >= 2: hold out fold FOLD of a K-fold split by patient instead of TEST_FRACTION; 0 = off
+    FOLD: int = 0  # which fold (0 .. FOLDS-1, or of FOLD_COLUMN's values in order) is held out
+    FOLD_COLUMN: str = ""  # metadata column whose values are the folds (e.g. the release's `fold`); "" = none
     SPLIT_SEED: int = 42  # seeds the split and the folds; runs to compare or ensemble share it, whatever their SEED
     CACHE: str = "memory"  # decoded slices kept in "memory", or on "disk" (memory-mapped, for sets larger than RAM)
     CACHE_DIR: str = ""  # folder of the disk cache; "" = RUNS_DIR/.cache (the data folder may be read-only)
@@ -87,6 +89,9 @@ class Config:
         checks = [
             (self.IMAGE_SIZE >= 2**self.DEPTH, f"IMAGE_SIZE must be at least 2**DEPTH = {2**self.DEPTH}"),
             (0 < self.VAL_FRACTION < 1, "VAL_FRACTION must lie strictly between 0 and 1"),
+            (0 <= self.TEST_FRACTION < 1, "TEST_FRACTION must lie from 0 to below 1"),
+            (not (self.FOLDS and self.FOLD_COLUMN), "give FOLDS or FOLD_COLUMN, not both (the column sets the folds)"),
+            (self.FOLD_COLUMN == "" or self.FOLD >= 0, "FOLD must not be negative"),
             (0 < self.THRESHOLD < 1, "THRESHOLD must lie strictly between 0 and 1"),
             (min(self.BATCH_SIZE, self.EPOCHS, self.BASE_CHANNELS, self.DEPTH) >= 1,
              "BATCH_SIZE, EPOCHS, BASE_CHANNELS and DEPTH must be at least 1"),
@@ -132,6 +137,8 @@ class Config:
             values = {**values, "SPLIT_SEED": values["SEED"]}
         if values.get("SPLIT_GROUP_COLUMN") == "":  # saved when "" meant a random split
             values = {**values, "SPLIT_GROUP_COLUMN": "none"}
+        if "TEST_FRACTION" not in values:  # saved before held-out patients: the split had two sides
+            values = {**values, "TEST_FRACTION": 0.0}
         return cls(**{k: v for k, v in values.items() if k in known}), sorted(set(values) - known)
 
 

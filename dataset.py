@@ -400,7 +400,7 @@ def group_labels(root: Path, group_column: str, pairs: Sequence[Pair]) -> tuple[
     except (OSError, ValueError, csv.Error) as error:
         return None, [f"{root / METADATA_FILE}: {error}"]
     if group_column not in columns:
-        return None, [f"{root / METADATA_FILE}: no column '{group_column}' to group by (columns: {', '.join(columns)})"]
+        return None, [f"{root / METADATA_FILE}: no column '{group_column}' (columns: {', '.join(columns)})"]
     groups = [(rows.get(pair.stem) or {}).get(group_column) or "" for pair in pairs]
     problems = [f"{pair.image_path}: no '{group_column}' for image_id '{pair.stem}' in {root / METADATA_FILE}"
                 for pair, group in zip(pairs, groups, strict=True) if not group]
@@ -570,14 +570,14 @@ def mask_share(masks: np.ndarray, indices: Sequence[int]) -> float:
 # ----------------------------------------------------------------------------- split
 
 
-def _check_split_sizes(count: int, val_fraction: float, groups: Sequence[str] | None = None,
-                      group_column: str = "", root: Path | None = None) -> None:
+def _check_split_sizes(count: int, fraction: float, groups: Sequence[str] | None = None,
+                      group_column: str = "", root: Path | None = None, name: str = "VAL_FRACTION") -> None:
     """Raise ValueError in plain words unless both sides of the split get at least one image or group.
 
-    `group_column` and `root` only name the items in the message.
+    `group_column` and `root` only name the items in the message; `name` is the setting `fraction` came from.
     """
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"VAL_FRACTION must lie strictly between 0 and 1, got {val_fraction}")
+    if not 0 < fraction < 1:
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {fraction}")
     if groups is None:
         units, unit, where = count, "image", f" in {root}" if root else ""
     else:
@@ -587,25 +587,27 @@ def _check_split_sizes(count: int, val_fraction: float, groups: Sequence[str] | 
     if units < 2:
         kind = "grouped split" if groups is not None else "train/validation split"
         raise ValueError(f"{kind} needs at least 2 {unit}s{where}, found {units}")
-    # scikit-learn's sizes: ceil(fraction * n) for validation, >= 1 as 0 < fraction; the rest for training.
-    if math.ceil(val_fraction * units) >= units:
-        needed = max(2, int(1 / (1 - val_fraction)) - 1)  # at or just below the answer despite float rounding
-        while math.ceil(val_fraction * needed) >= needed:
+    # scikit-learn's sizes: ceil(fraction * n) for the split-off side, >= 1 as 0 < fraction; the rest stays.
+    if math.ceil(fraction * units) >= units:
+        needed = max(2, int(1 / (1 - fraction)) - 1)  # at or just below the answer despite float rounding
+        while math.ceil(fraction * needed) >= needed:
             needed += 1
-        raise ValueError(f"VAL_FRACTION {val_fraction} of {units} {unit}s{where} puts all of them in validation "
-                         f"and leaves no training {unit}; use at least {needed} {unit}s or a smaller VAL_FRACTION")
+        side = "held out" if name == "TEST_FRACTION" else "in validation"
+        raise ValueError(f"{name} {fraction} of {units} {unit}s{where} puts all of them {side} "
+                         f"and leaves no training {unit}; use at least {needed} {unit}s or a smaller {name}")
 
 
 def split_indices(count: int, val_fraction: float, seed: int, groups: Sequence[str] | None = None,
-                  group_column: str = "", root: Path | None = None) -> tuple[list[int], list[int]]:
-    """Train and validation indices, reproducible from `seed`.
+                  group_column: str = "", root: Path | None = None,
+                  name: str = "VAL_FRACTION") -> tuple[list[int], list[int]]:
+    """Kept and split-off indices (`val_fraction` of them), reproducible from `seed`.
 
     With `groups`, whole groups go to one side (GroupShuffleSplit: `val_fraction`
     is then the share of groups, not of images); without, a random split.
     A split that would leave a side empty raises ValueError before scikit-learn is called,
-    naming `group_column` and the metadata file or folder under `root`.
+    naming `name`, `group_column` and the metadata file or folder under `root`.
     """
-    _check_split_sizes(count, val_fraction, groups, group_column, root)
+    _check_split_sizes(count, val_fraction, groups, group_column, root, name)
     placeholder = np.zeros(count)
     if groups is not None:
         splitter = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
@@ -618,11 +620,11 @@ def split_indices(count: int, val_fraction: float, seed: int, groups: Sequence[s
 
 def fold_indices(count: int, folds: int, fold: int, seed: int, groups: Sequence[str] | None = None,
                  group_column: str = "", root: Path | None = None) -> tuple[list[int], list[int]]:
-    """Train and validation indices of fold `fold` (0-based) of a `folds`-fold split, reproducible from `seed`.
+    """Kept and held-out indices of fold `fold` (0-based) of a `folds`-fold split, reproducible from `seed`.
 
     With `groups`, whole groups form the folds (GroupKFold, groups shuffled by
     `seed`); without, images are shuffled into folds (KFold). Every image is
-    validated in exactly one fold. Too few images or groups raise ValueError.
+    held out in exactly one fold. Too few images or groups raise ValueError.
     """
     units = count if groups is None else len(set(groups))
     if units < folds:
@@ -636,6 +638,78 @@ def fold_indices(count: int, folds: int, fold: int, seed: int, groups: Sequence[
     else:
         train, val = list(KFold(n_splits=folds, shuffle=True, random_state=seed).split(placeholder))[fold]
     return sorted(train.tolist()), sorted(val.tolist())
+
+
+def fold_values(labels: Sequence[str]) -> list[str]:
+    """The distinct fold labels in order: numerically where all are integers ("2" before "10"), else by text."""
+    values = set(labels)
+    numeric = all(value.lstrip("-").isdigit() for value in values)
+    return sorted(values, key=int) if numeric else sorted(values)
+
+
+def column_fold_indices(labels: Sequence[str], fold: int, groups: Sequence[str] | None = None,
+                        column: str = "", root: Path | None = None) -> tuple[list[int], list[int]]:
+    """Kept and held-out indices where the held-out images are those whose label is the `fold`-th of `fold_values`.
+
+    Raises ValueError naming every group (patient) whose images carry more
+    than one label, since a patient in two folds sits on both sides of
+    the split, and when `fold` is out of range.
+    """
+    where = f"column '{column}' of {Path(root) / METADATA_FILE}" if root else f"column '{column}'"
+    values = fold_values(labels)
+    if len(values) < 2:
+        raise ValueError(f"{where} holds {len(values)} fold value(s); folds need at least 2")
+    if not 0 <= fold < len(values):
+        raise ValueError(f"FOLD {fold}: {where} has {len(values)} folds ({', '.join(values)}): "
+                         f"choose FOLD 0 to {len(values) - 1}")
+    if groups is not None:
+        folds_of: dict[str, set[str]] = defaultdict(set)
+        for group, label in zip(groups, labels, strict=True):
+            folds_of[group].add(label)
+        crossing = sorted(group for group, found in folds_of.items() if len(found) > 1)
+        if crossing:
+            shown = "; ".join(f"{group} in folds {', '.join(fold_values(list(folds_of[group])))}"
+                              for group in crossing)
+            raise ValueError(f"{where}: {len(crossing)} group(s) have images in two or more folds, so they would "
+                             f"sit on both sides of the split: {shown}. Fix the fold column, or let train.py "
+                             "make the folds by group with --folds K and no --fold-column")
+    held_out = values[fold]
+    return ([i for i, label in enumerate(labels) if label != held_out],
+            [i for i, label in enumerate(labels) if label == held_out])
+
+
+@dataclass
+class Split:
+    """Indices of a run's three disjoint sets of images (whole groups each, when grouping)."""
+
+    train: list[int]  # fit the weights
+    val: list[int]  # inner validation: chooses the epoch and the decision rule
+    test: list[int]  # held out: chooses nothing; only test.py --subset test scores it
+
+
+def three_way_split(count: int, val_fraction: float, test_fraction: float, seed: int, folds: int = 0,
+                    fold: int = 0, groups: Sequence[str] | None = None, fold_labels: Sequence[str] | None = None,
+                    group_column: str = "", fold_column: str = "", root: Path | None = None) -> Split:
+    """Training, inner validation and held-out indices, reproducible from `seed`.
+
+    The held-out images are, in order of precedence: the `fold`-th value of
+    `fold_labels` (a metadata fold column), fold `fold` of a `folds`-fold
+    split, or `test_fraction` of the groups (none when 0). The inner
+    validation set is `val_fraction` of the remaining groups only, so the
+    held-out patients never take part in a choice. Raises ValueError when a
+    side would be empty or a group crosses folds.
+    """
+    if fold_labels is not None:
+        kept, test = column_fold_indices(fold_labels, fold, groups, fold_column, root)
+    elif folds:
+        kept, test = fold_indices(count, folds, fold, seed, groups, group_column, root)
+    elif test_fraction:
+        kept, test = split_indices(count, test_fraction, seed, groups, group_column, root, name="TEST_FRACTION")
+    else:
+        kept, test = list(range(count)), []
+    kept_groups = None if groups is None else [groups[i] for i in kept]
+    train, val = split_indices(len(kept), val_fraction, seed, kept_groups, group_column, root)
+    return Split([kept[i] for i in train], [kept[i] for i in val], test)
 
 
 # ----------------------------------------------------------------------------- torch dataset

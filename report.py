@@ -152,6 +152,10 @@ def number(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+SUBSET_WORDS = {"test": "the run's held-out patients, which chose nothing",
+                "val": "the run's inner validation patients, which chose its epoch and rule: optimistic"}
+
+
 def overview(summary: dict, unit: str) -> str:
     """What was scored, with which checkpoint and rule, and the main scores, as a definition list."""
     models = summary["ensemble"]
@@ -159,7 +163,7 @@ def overview(summary: dict, unit: str) -> str:
     views = "8 flips and rotations (TTA)" if summary["tta"] else "one"
     items = {
         "data": f"{summary['data_root']} ("
-                + ("the run's held-out validation images)" if summary["subset"] == "val" else "all images)"),
+                + SUBSET_WORDS.get(summary["subset"], "all images") + ")",
         "images": f"{summary['scored']} scored of {summary['count']} predicted",
         "checkpoint" + ("s (ensemble)" if len(models) > 1 else ""): checkpoints,
         "views per image": views,

@@ -2,7 +2,7 @@
 
     python test.py                                        # best.pt of the newest run, on DATA_ROOT
     python test.py --checkpoint runs/x/best.pt --data-root path/to/folder --threshold 0.4
-    python test.py --data-root DATA --subset val          # only the patients the run held out
+    python test.py --data-root DATA --subset test         # only the patients the run held out
     python test.py --data-root DATA --group-by tumor_class  # also scores per metadata.csv value
     python test.py --data-root DATA --pixel-spacing-mm 0.98 --strata tumor_class --tta true
     python test.py --compare predictions/a predictions/b  # paired per-image Dice differences
@@ -128,15 +128,28 @@ def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
     return images, {stem: files[0] for stem, files in dataset.files_by_stem(mask_dir).items()}
 
 
-def validation_images(images: list[Path], split_path: Path) -> list[Path]:
-    """The images whose stems the run's split.json put on the validation side."""
+SUBSET_NOTES = {
+    "val": "the run's inner validation patients chose its epoch and decision rule: their scores are optimistic, "
+           "not a held-out figure; use --subset test",
+}
+
+
+def subset_images(images: list[Path], split_path: Path, subset: str) -> list[Path]:
+    """The images whose stems the run's split.json lists under `subset` (a role: "train", "val" or "test")."""
     try:
-        val = set(json.loads(Path(split_path).read_text())["val"])
-    except (OSError, ValueError, KeyError) as error:
-        raise FileNotFoundError(f"{split_path}: cannot read the run's validation split ({error})") from error
-    chosen = [p for p in images if dataset.stem_key(p) in val]
+        split = json.loads(Path(split_path).read_text())
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"{split_path}: cannot read the run's split ({error})") from error
+    if subset == "test" and "test" not in split:
+        raise ValueError(f"{split_path}: this run has no held-out patients (it was trained before train.py kept "
+                         "them apart, so its validation patients also chose its epoch and rule); retrain it, "
+                         "or use --subset val knowing that its scores are optimistic")
+    if not split.get(subset):
+        raise ValueError(f"{split_path}: the run holds no '{subset}' images (TEST_FRACTION 0 holds none out)")
+    wanted = set(split[subset])
+    chosen = [p for p in images if dataset.stem_key(p) in wanted]
     if not chosen:
-        raise ValueError(f"{split_path}: none of its {len(val)} validation images is in this folder")
+        raise ValueError(f"{split_path}: none of its {len(wanted)} '{subset}' images is in this folder")
     return chosen
 
 
@@ -466,8 +479,9 @@ def predict_and_publish(argv: list[str] | None) -> int:
     parser.add_argument("--postprocess", choices=("checkpoint", "none"), default="checkpoint",
                         help="'checkpoint': the threshold and component rules train.py chose on validation; "
                              "'none': threshold only")
-    parser.add_argument("--subset", choices=("all", "val"), default="all",
-                        help="'val': only the images the checkpoint's run held out (its split.json)")
+    parser.add_argument("--subset", choices=("all", "test", "val"), default="all",
+                        help="'test': only the patients the checkpoint's run held out, which chose nothing (its "
+                             "split.json); 'val': its inner validation patients, which chose the epoch and rule")
     parser.add_argument("--group-by", metavar="COLUMN",
                         help="scores per value of this metadata.csv column, e.g. per patient (default: the column "
                              "the run's split grouped by, where DATA_ROOT's metadata.csv has it; '' for none)")
@@ -509,9 +523,9 @@ def predict_and_publish(argv: list[str] | None) -> int:
             for loaded in models:
                 loaded.model.to(memory_format=torch.channels_last)
         images, masks = find_images(Path(options.DATA_ROOT))
-        if args.subset == "val":
-            for path in checkpoint_paths:  # held out by every member of an ensemble
-                images = validation_images(images, path.resolve().parent / "split.json")
+        if args.subset != "all":
+            for path in checkpoint_paths:  # in that subset for every member of an ensemble
+                images = subset_images(images, path.resolve().parent / "split.json", args.subset)
         scoring, notes = settle_scoring(Path(options.DATA_ROOT), images, checkpoint_paths[0], args)
         name = output_name(checkpoint_paths[0])
         if len(models) > 1:
@@ -533,6 +547,8 @@ def predict_and_publish(argv: list[str] | None) -> int:
     print(f"images:     {len(images)} from {options.DATA_ROOT}" + ("" if masks is not None else " (predict only)"))
     for note in notes:
         print(f"note: {note}")
+    if args.subset in SUBSET_NOTES:
+        print(f"warning: {SUBSET_NOTES[args.subset]}", file=sys.stderr)
 
     try:
         summary, failures = predict_and_write(models, checkpoint_paths, images, masks, scoring, staging, device,
@@ -675,7 +691,7 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
                                                    checkpoint_paths, Path(options.DATA_ROOT))
     if seen_in_training:
         note = (f"{seen_in_training} of the {len(rows)} scored images were training images of this run: "
-                "their scores flatter the model; use --subset val for a held-out figure")
+                "their scores flatter the model; use --subset test for a held-out figure")
     if note and rows:
         failures.append(note)
     summary = {"count": processed, "scored": len(rows), "subset": args.subset,

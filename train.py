@@ -48,6 +48,9 @@ from utils import (CheckpointError, OutputError, RunFolderBusy, autocast, averag
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",
                    "val_pixel_accuracy", "val_dice_pooled", "val_iou_pooled", "learning_rate",
                    "train_images_per_second", "data_wait_share", "epoch_seconds"]
+# split.json's lists: what each set of images does in a run.
+SPLIT_ROLES = {"train": "fits the weights", "val": "chooses the epoch and the decision rule (inner validation)",
+               "test": "held out: chooses nothing; test.py --subset test scores it"}
 ESTIMATE_AFTER_STEPS = 5  # steps timed before the whole run's duration is estimated
 FAST_CPU_HINT = "--recipe cpu trains in 12 to 22 minutes on 2 CPU cores (see README, Recipes)"
 
@@ -273,15 +276,9 @@ def run(argv: list[str] | None) -> int:
             print(("warning: " if not group_column else "") + split_note,
                   file=sys.stderr if not group_column else sys.stdout)
         data = load_data(config)
-        where = {"group_column": group_column, "root": Path(config.DATA_ROOT)}
-        if config.FOLDS:
-            train_idx, val_idx = dataset.fold_indices(len(data.pairs), config.FOLDS, config.FOLD, config.SPLIT_SEED,
-                                                      data.groups, **where)
-        else:
-            train_idx, val_idx = dataset.split_indices(len(data.pairs), config.VAL_FRACTION, config.SPLIT_SEED,
-                                                       data.groups, **where)
+        split = split_run(config, data)
         if resumed is not None:
-            check_same_split(Path(args.resume), data, train_idx, val_idx)
+            check_same_split(Path(args.resume), data, split)
     except (dataset.DatasetError, ValueError) as error:
         return fail(str(error))
     run_dir: Path | str | None = None
@@ -305,7 +302,7 @@ def run(argv: list[str] | None) -> int:
 
     progress = RunProgress(run_dir, resumed=resumed is not None)
     try:
-        train(config, data, train_idx, val_idx, device, progress, resumed)
+        train(config, data, split, device, progress, resumed)
         return 0
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (utils.Terminated)
         cause, code = interruption(error)
@@ -334,6 +331,28 @@ def load_data(config: Config) -> dataset.LoadedDataset:
     if builds_first and is_main_process():
         dist.barrier()
     return data
+
+
+def split_run(config: Config, data: dataset.LoadedDataset) -> dataset.Split:
+    """The run's training, inner validation and held-out images (see dataset.three_way_split); raises ValueError."""
+    root = Path(config.DATA_ROOT)
+    fold_labels = None
+    if config.FOLD_COLUMN:
+        fold_labels, problems = dataset.group_labels(root, config.FOLD_COLUMN, data.pairs)
+        if problems:
+            raise dataset.DatasetError(root, problems)
+    return dataset.three_way_split(len(data.pairs), config.VAL_FRACTION, config.TEST_FRACTION, config.SPLIT_SEED,
+                                   config.FOLDS, config.FOLD, data.groups, fold_labels, split_column(config),
+                                   config.FOLD_COLUMN, root)
+
+
+def split_record(config: Config, data: dataset.LoadedDataset, split: dataset.Split) -> dict:
+    """split.json: how the split was made and every image's role (train, val or test)."""
+    stems = {role: [data.pairs[i].stem for i in getattr(split, role)] for role in SPLIT_ROLES}
+    return {"group_column": split_column(config), "seed": config.SPLIT_SEED, "val_fraction": config.VAL_FRACTION,
+            "test_fraction": 0.0 if config.FOLDS or config.FOLD_COLUMN else config.TEST_FRACTION,
+            "folds": config.FOLDS, "fold": config.FOLD, "fold_column": config.FOLD_COLUMN,
+            "data_root": str(Path(config.DATA_ROOT).resolve()), "roles": SPLIT_ROLES, **stems}
 
 
 def split_column(config: Config) -> str:
@@ -391,12 +410,11 @@ def resume_point(run_dir: Path, flags: dict) -> tuple[Config, dict]:
     return dataclasses.replace(saved, EPOCHS=epochs), state
 
 
-def check_same_split(run_dir: Path, data: dataset.LoadedDataset, train_idx: list[int], val_idx: list[int]) -> None:
+def check_same_split(run_dir: Path, data: dataset.LoadedDataset, split: dataset.Split) -> None:
     """Raise ValueError unless the data gives the split `run_dir` was trained on (its split.json)."""
-    split = json.loads((run_dir / "split.json").read_text())
-    if (split["train"], split["val"]) != ([data.pairs[i].stem for i in train_idx],
-                                          [data.pairs[i].stem for i in val_idx]):
-        raise ValueError(f"the data at {split['data_root']} no longer gives the train/validation split of "
+    saved = json.loads((run_dir / "split.json").read_text())
+    if any(saved.get(role, []) != [data.pairs[i].stem for i in getattr(split, role)] for role in SPLIT_ROLES):
+        raise ValueError(f"the data at {saved['data_root']} no longer gives the split of "
                          f"{run_dir / 'split.json'} (files added, removed or renamed); start a new run")
 
 
@@ -418,8 +436,8 @@ def estimate_minutes(seconds_per_step: float, config: Config, train_steps: int, 
     return min(minutes, config.TIME_LIMIT_MINUTES) if config.TIME_LIMIT_MINUTES else minutes
 
 
-def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val_idx: list[int],
-          device: torch.device, progress: RunProgress, resumed: dict | None = None) -> None:
+def train(config: Config, data: dataset.LoadedDataset, split: dataset.Split, device: torch.device,
+          progress: RunProgress, resumed: dict | None = None) -> None:
     """The training loop: writes the run folder, records each finished epoch in `progress`.
 
     `resumed` (last.pt's contents) continues that run exactly where it stopped.
@@ -427,18 +445,16 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
     main process writes files.
     """
     run_dir = progress.run_dir
+    train_idx, val_idx = split.train, split.val  # split.test is never read here: it chooses nothing
     main_process, (rank, world) = is_main_process(), rank_and_world()
     set_seed(config.SEED)
     if main_process:
         save_json(run_dir / "config.json", config.to_dict())  # on resume too: EPOCHS may have grown
     if main_process and resumed is None:
-        save_json(run_dir / "split.json", {
-            "group_column": split_column(config), "seed": config.SPLIT_SEED, "val_fraction": config.VAL_FRACTION,
-            "folds": config.FOLDS, "fold": config.FOLD,
-            "data_root": str(Path(config.DATA_ROOT).resolve()),
-            "train": [data.pairs[i].stem for i in train_idx], "val": [data.pairs[i].stem for i in val_idx]})
-    print(f"data: {len(data.pairs)} pairs from {config.DATA_ROOT}, {len(train_idx)} train / {len(val_idx)} val"
-          + (f" (grouped by {split_column(config)})" if split_column(config) else " (random split)"))
+        save_json(run_dir / "split.json", split_record(config, data, split))
+    print(f"data: {len(data.pairs)} pairs from {config.DATA_ROOT}: {len(train_idx)} train, {len(val_idx)} "
+          f"validation (choose the epoch and rule), {len(split.test)} held out (test.py --subset test)"
+          + (f", grouped by {split_column(config)}" if split_column(config) else ", random by slice"))
 
     train_loader, val_loader = make_loaders(data, train_idx, val_idx, config, pin_memory=device.type == "cuda")
     memory_format = torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
@@ -581,7 +597,8 @@ def train(config: Config, data: dataset.LoadedDataset, train_idx: list[int], val
     save_json(run_dir / "summary.json", {
         "best_epoch": progress.best_epoch, "best_val_dice": progress.best_dice, "epochs_run": progress.epochs_done,
         "stop_reason": reason, "patience": config.PATIENCE, "minutes": training_minutes,
-        "train_images": len(train_idx), "val_images": len(val_idx), "device": str(device),
+        "train_images": len(train_idx), "val_images": len(val_idx), "test_images": len(split.test),
+        "device": str(device),
         "recipe": config.RECIPE, "decision_rule": rule_summary})
     # TensorBoard's HParams tab: this run's settings beside its final scores, to compare runs side by side.
     final_scores = {"hparam/best_val_dice": progress.best_dice, "hparam/best_epoch": progress.best_epoch,

@@ -14,7 +14,8 @@ import dataset
 from conftest import spread_stems
 from dataset import (DatasetError, SegmentationDataset, crop_to_box, head_box, load_dataset, normalize, paste_back,
                      prepare_input, prepare_mask, read_image, read_mask, resize_image, resize_mask,
-                     restore_probability, split_indices, training_augmentation, verify_dataset)
+                     restore_probability, split_indices, three_way_split, training_augmentation,
+                     verify_dataset)
 
 
 @pytest.fixture
@@ -398,13 +399,26 @@ def test_a_short_metadata_row_is_a_missing_group_not_a_crash(demo_copy):
     assert len(problems) == 1 and "no 'patient_id' for image_id 'demo_0000'" in problems[0]
 
 
+def assert_patients_apart(split: dataset.Split, groups: list[str]) -> None:
+    """No patient in two of training, inner validation and held-out; every image in one of them."""
+    sets = [{groups[i] for i in indices} for indices in (split.train, split.val, split.test)]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert sorted(split.train + split.val + split.test) == list(range(len(groups)))
+
+
 def test_real_data_passes_integrity_and_splits_by_patient(real_root):
     assert verify_dataset(real_root, "patient_id") == []
     data = load_dataset(real_root, image_size=64, in_channels=1, group_column="patient_id")
     assert len(data.pairs) == len(list((real_root / "images").iterdir()))
-    train, val = split_indices(len(data.pairs), 0.2, seed=42, groups=data.groups)
-    assert not {data.groups[i] for i in train} & {data.groups[i] for i in val}
-    assert 0.1 < len(val) / len(data.pairs) < 0.3
+    single = three_way_split(len(data.pairs), 0.2, 0.2, seed=42, groups=data.groups)
+    assert_patients_apart(single, data.groups)
+    assert 0.1 < len(single.test) / len(data.pairs) < 0.3 and 0.1 < len(single.val) / len(data.pairs) < 0.3
+    held_out = []
+    for fold in range(5):
+        split = three_way_split(len(data.pairs), 0.2, 0.0, seed=42, folds=5, fold=fold, groups=data.groups)
+        assert_patients_apart(split, data.groups)
+        held_out += split.test
+    assert sorted(held_out) == list(range(len(data.pairs)))  # every slice held out exactly once over the folds
     # Tumours are small: mean foreground share is a few percent at most.
     assert 0.002 < data.masks.mean() < 0.05
 
@@ -548,3 +562,46 @@ def test_hard_sampler_repeats_its_epochs_from_the_same_generator_state_and_refus
         first.load_state_dict({"losses": torch.ones(3)})
     with pytest.raises(ValueError, match="hard_share"):
         dataset.HardExampleSampler(5, 1.5, 2, torch.Generator())
+
+
+def test_three_way_split_draws_validation_from_the_other_folds_only():
+    groups = [f"p{i // 4}" for i in range(80)]
+    for fold in range(4):
+        split = three_way_split(80, 0.25, 0.0, seed=1, folds=4, fold=fold, groups=groups)
+        assert_patients_apart(split, groups)
+        assert len({groups[i] for i in split.test}) == 5 and len({groups[i] for i in split.val}) == 4
+    plain = three_way_split(80, 0.25, 0.2, seed=1, groups=groups)
+    assert_patients_apart(plain, groups)
+    assert len({groups[i] for i in plain.test}) == 4 and plain == three_way_split(80, 0.25, 0.2, 1, groups=groups)
+    assert three_way_split(80, 0.25, 0.0, seed=1, groups=groups).test == []
+    with pytest.raises(ValueError, match="TEST_FRACTION 0.99"):
+        three_way_split(80, 0.25, 0.99, seed=1, groups=groups)
+
+
+def test_fold_column_serves_as_the_folds_and_names_a_patient_in_two_folds():
+    groups = [f"p{i // 4}" for i in range(40)]
+    labels = [str(1 + (i // 4) % 5) for i in range(40)]  # patients 0, 5 in fold 1; 1, 6 in fold 2 ...
+    split = three_way_split(40, 0.25, 0.0, seed=0, fold=1, groups=groups, fold_labels=labels, fold_column="fold")
+    assert {labels[i] for i in split.test} == {"2"}
+    assert_patients_apart(split, groups)
+    labels[5] = "4"  # patient p1's second slice moves to fold 4
+    with pytest.raises(ValueError, match=r"1 group\(s\) have images in two or more folds.*p1 in folds 2, 4"):
+        three_way_split(40, 0.25, 0.0, seed=0, fold=0, groups=groups, fold_labels=labels, fold_column="fold")
+    with pytest.raises(ValueError, match="choose FOLD 0 to 4"):
+        three_way_split(40, 0.25, 0.0, seed=0, fold=5, fold_labels=[str(1 + i % 5) for i in range(40)])
+
+
+def test_the_release_folds_put_patients_in_two_folds_and_are_refused(real_root):
+    """The shared set's `fold` column (the release's own) counts repeat studies apart: refused, patients named."""
+    data = load_dataset(real_root, image_size=16, in_channels=1, group_column="patient_id")
+    labels, problems = dataset.group_labels(real_root, "fold", data.pairs)
+    assert problems == []
+    folds_of: dict[str, set[str]] = {}
+    for group, label in zip(data.groups, labels, strict=True):
+        folds_of.setdefault(group, set()).add(label)
+    crossing = sorted(group for group, found in folds_of.items() if len(found) > 1)
+    assert len(crossing) >= 10  # 15 of the release's 209 patients; those of them in the shared subset
+    with pytest.raises(ValueError, match=rf"{len(crossing)} group\(s\) have images in two or more folds") as error:
+        three_way_split(len(data.pairs), 0.2, 0.0, 42, fold=0, groups=data.groups, fold_labels=labels,
+                        fold_column="fold")
+    assert all(f"{group} in folds " in str(error.value) for group in crossing)

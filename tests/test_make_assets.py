@@ -16,7 +16,7 @@ def test_pictures_from_a_real_run(real_root, tmp_path):
                        "--epochs", "2", "--image-size", "32", "--base-channels", "4", "--depth", "2",
                        "--in-channels", "1", "--normalization", "zscore"]) == 0
     assert test_script.main(["--checkpoint", str(tmp_path / "runs/r/best.pt"), "--data-root", str(data),
-                             "--prediction-root", str(tmp_path / "preds"), "--subset", "val"]) == 0
+                             "--prediction-root", str(tmp_path / "preds"), "--subset", "test"]) == 0
     out = tmp_path / "assets"
     assert make_assets.main(["--data-root", str(data), "--run", str(tmp_path / "runs/r"),
                              "--predictions", str(tmp_path / "preds/r"), "--out-dir", str(out)]) == 0

@@ -176,20 +176,37 @@ def test_newest_run_is_the_default_and_reruns_never_mix(tiny_run, mixed_sizes, t
     assert not (preds / "tiny" / "stale.txt").exists() and (preds / "tiny" / "metrics.csv").exists()
 
 
-def test_subset_val_scores_only_the_held_out_images(tiny_run, demo_root, tmp_path, capsys):
+def test_subset_test_scores_only_the_held_out_images(tiny_run, demo_root, tmp_path, capsys):
     preds = tmp_path / "preds"
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
-                    "--subset", "val") == 0
-    val = json.loads((tiny_run / "split.json").read_text())["val"]
-    assert sorted(r["image"] for r in csv.DictReader(open(preds / "tiny" / "metrics.csv"))) == sorted(val)
+                    "--subset", "test") == 0
+    split = json.loads((tiny_run / "split.json").read_text())
+    assert sorted(r["image"] for r in csv.DictReader(open(preds / "tiny" / "metrics.csv"))) == sorted(split["test"])
+    assert "optimistic" not in capsys.readouterr().err
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
+                    "--subset", "val") == 0  # the inner validation patients: scored, with a warning
+    assert sorted(r["image"] for r in csv.DictReader(open(preds / "tiny-2" / "metrics.csv"))) == sorted(split["val"])
+    assert "chose its epoch and decision rule" in capsys.readouterr().err
     training_only = tmp_path / "training_only"  # an existing folder holding none of the validation images
     for sub in ("images", "masks"):
         (training_only / sub).mkdir(parents=True)
         for stem in json.loads((tiny_run / "split.json").read_text())["train"][:3]:
             shutil.copy(demo_root / sub / f"{stem}.png", training_only / sub / f"{stem}.png")
-    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", training_only, "--subset", "val",
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", training_only, "--subset", "test",
                     "--prediction-root", preds) == 1
-    assert "validation images is in this folder" in capsys.readouterr().err
+    assert "'test' images is in this folder" in capsys.readouterr().err
+
+
+def test_subset_test_of_a_run_without_held_out_patients_is_refused(tiny_run, demo_root, tmp_path, capsys):
+    """A run folder from before held-out patients (split.json without 'test'): refused, with what to do."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    split = json.loads((old / "split.json").read_text())
+    del split["test"]
+    (old / "split.json").write_text(json.dumps(split))
+    assert run_test("--checkpoint", old / "best.pt", "--data-root", demo_root, "--prediction-root",
+                    tmp_path / "preds", "--subset", "test") == 1
+    assert "no held-out patients" in capsys.readouterr().err and not (tmp_path / "preds").exists()
 
 
 def test_scores_per_metadata_group(tiny_run, demo_root, tmp_path, capsys):
@@ -480,7 +497,7 @@ def test_scoring_training_images_is_counted_and_said(tiny_run, demo_root, tmp_pa
     assert summary["training_images_scored"] == len(train_stems) > 0
     assert f"{len(train_stems)} of the 24 scored images were training images" in capsys.readouterr().err
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
-                    "--subset", "val") == 0
+                    "--subset", "test") == 0
     assert json.loads((preds / "tiny-2" / "summary.json").read_text())["training_images_scored"] == 0
 
 

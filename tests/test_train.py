@@ -95,7 +95,8 @@ def test_short_cpu_run_on_real_slices_learns(real_subset, tmp_path):
     summary = json.loads((tmp_path / "real" / "summary.json").read_text())
     split = json.loads((tmp_path / "real" / "split.json").read_text())
     groups = {row["image_id"]: row["patient_id"] for row in csv.DictReader(open(real_subset / "metadata.csv"))}
-    assert not {groups[s] for s in split["train"]} & {groups[s] for s in split["val"]}
+    patients = [{groups[s] for s in split[role]} for role in ("train", "val", "test")]
+    assert all(patients) and not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
     assert summary["best_val_dice"] >= 0.2, summary
 
 
@@ -703,3 +704,30 @@ def test_split_defaults_to_patient_id_and_random_split_warns(demo_root, tmp_path
 def test_old_configs_with_an_empty_split_column_read_as_random():
     config, _ = Config.from_saved({"SPLIT_GROUP_COLUMN": ""})
     assert config.SPLIT_GROUP_COLUMN == "none"
+
+
+def test_held_out_masks_choose_nothing(demo_root, tmp_path):
+    """Blank masks for the held-out patients: same chosen epoch, same decision rule, same weights."""
+    blanked = tmp_path / "blanked"
+    shutil.copytree(demo_root, blanked)
+    args = ["--runs-dir", str(tmp_path / "runs"), "--epochs", "4", "--learning-rate", "0.01", *TINY]
+    assert train.main(["--data-root", str(demo_root), "--run-name", "original", *args]) == 0
+    held_out = json.loads((tmp_path / "runs" / "original" / "split.json").read_text())["test"]
+    assert held_out
+    for stem in held_out:
+        mask = blanked / "masks" / f"{stem}.png"
+        assert np.asarray(Image.open(mask)).any()  # the change is real: these masks had tumour
+        Image.fromarray(np.zeros_like(np.asarray(Image.open(mask)))).save(mask)
+    assert train.main(["--data-root", str(blanked), "--run-name", "blanked", *args]) == 0
+    runs = [tmp_path / "runs" / name for name in ("original", "blanked")]
+    summaries = [json.loads((run / "summary.json").read_text()) for run in runs]
+    assert summaries[0]["best_epoch"] == summaries[1]["best_epoch"]
+    assert summaries[0]["decision_rule"]["rule"] == summaries[1]["decision_rule"]["rule"]
+    scores = [[(row["train_loss"], row["val_loss"], row["val_dice"]) for row in history_rows(run)] for run in runs]
+    assert scores[0] == scores[1]
+    weights = [load_checkpoint(run / "best.pt").state["model"] for run in runs]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    split = json.loads((runs[0] / "split.json").read_text())
+    assert set(split["roles"]) == {"train", "val", "test"}
+    every_image = sorted(p.stem for p in (demo_root / "images").iterdir())
+    assert sorted(split["train"] + split["val"] + split["test"]) == every_image
