@@ -627,3 +627,39 @@ def summarise(values: Sequence[float]) -> dict[str, float | int]:
         "count": int(defined.size),
         "count_undefined": int(array.size - defined.size),
     }
+
+
+def paired_comparison(differences: Sequence[float]) -> dict[str, float | int | None]:
+    """Summary of paired differences (B minus A, one per image or patient) with a two-sided Wilcoxon signed-rank test.
+
+    Zero differences are left out of the test, as in Wilcoxon's original
+    test; when every difference is zero (a model compared with itself),
+    `wilcoxon_p` is 1.0 and `wilcoxon_w` None: there is nothing to test.
+
+    Args:
+        differences: B's score minus A's for each paired unit; NaN is not allowed.
+    """
+    from scipy import stats  # here, not at the top: only comparisons need it
+
+    array = np.asarray(differences, dtype=np.float64)
+    if array.size == 0 or np.isnan(array).any():
+        raise ValueError("paired_comparison needs at least one difference and no NaN")
+    improved, worsened = int((array > 0).sum()), int((array < 0).sum())
+    result: dict[str, float | int | None] = {
+        "count": int(array.size), "mean_difference": float(array.mean()),
+        "median_difference": float(np.median(array)), "b_better": improved, "b_worse": worsened,
+        "equal": int(array.size) - improved - worsened, "wilcoxon_w": None, "wilcoxon_p": 1.0}
+    if improved + worsened:
+        test = stats.wilcoxon(array, zero_method="wilcox")
+        result.update(wilcoxon_w=float(test.statistic), wilcoxon_p=float(test.pvalue))
+    return result
+
+
+def describe_paired_comparison(result: dict) -> str:
+    """paired_comparison's result in two lines of words."""
+    text = (f"mean difference {result['mean_difference']:+.4f} (median {result['median_difference']:+.4f}); "
+            f"B better on {result['b_better']}, worse on {result['b_worse']}, equal on {result['equal']}\n")
+    if result["wilcoxon_w"] is None:
+        return text + "Wilcoxon signed-rank test: not applicable, every difference is 0"
+    return text + (f"Wilcoxon signed-rank test (paired, two-sided): W = {result['wilcoxon_w']:.1f}, "
+                   f"p = {result['wilcoxon_p']:.4g}")

@@ -47,7 +47,8 @@ import report
 from config import Config, parse_bool, build_parser, config_from_args
 from inference import native_probabilities
 from metrics import (FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY, CalibrationTracker, Spacing,
-                     auroc, per_image_report, pooled_scores, rank_correlation, region_uncertainty, summarise)
+                     auroc, describe_paired_comparison, paired_comparison, per_image_report, pooled_scores,
+                     rank_correlation, region_uncertainty, summarise)
 from postprocess import DecisionRule
 from utils import (CheckpointError, LoadedCheckpoint, OutputError, check_amp, describe_write_error, interruption,
                    load_checkpoint, pick_device, remove_stale_staging, resolve_amp, save_json, sigterm_as_interrupt,
@@ -814,8 +815,6 @@ def compare_predictions(first: Path, second: Path) -> int:
     Only images scored in both folders are compared. Returns the exit code: 1
     when a folder has no readable metrics.csv or they share no image.
     """
-    from scipy import stats  # here, not at the top: only --compare needs it
-
     try:
         dice_a, dice_b = dice_by_image(first), dice_by_image(second)
     except (FileNotFoundError, ValueError) as error:
@@ -833,17 +832,10 @@ def compare_predictions(first: Path, second: Path) -> int:
     for index in np.argsort(differences, kind="stable"):
         name = shared[index]
         print(f"  {name:<{width}}{dice_a[name]:>8.4f}{dice_b[name]:>8.4f}{differences[index]:>+9.4f}")
-    improved, worsened = int((differences > 0).sum()), int((differences < 0).sum())
     only_a, only_b = len(set(dice_a) - set(dice_b)), len(set(dice_b) - set(dice_a))
     print(f"\n{len(shared)} images in both" + (f" ({only_a} only in A, {only_b} only in B: left out)"
                                               if only_a or only_b else ""))
-    print(f"mean difference {differences.mean():+.4f} (median {np.median(differences):+.4f}); B better on "
-          f"{improved}, worse on {worsened}, equal on {len(shared) - improved - worsened}")
-    if improved + worsened == 0:
-        print("Wilcoxon signed-rank test: not applicable, every shared image has the same Dice")
-    else:  # zero differences are left out, as in Wilcoxon's original test
-        test = stats.wilcoxon(differences, zero_method="wilcox")
-        print(f"Wilcoxon signed-rank test (paired, two-sided): W = {test.statistic:.1f}, p = {test.pvalue:.4g}")
+    print(describe_paired_comparison(paired_comparison(differences)))
     return 0
 
 

@@ -290,3 +290,14 @@ def test_region_uncertainty_averages_where_any_view_sees_tumour():
     spread = np.array([[0.0, 0.04, 0.2, 0.1]])
     assert region_uncertainty(spread, probability) == pytest.approx(0.15)  # the last two pixels
     assert region_uncertainty(spread, np.zeros_like(probability)) == 0.0  # all agree: nothing there
+
+
+def test_paired_comparison_of_a_model_with_itself_is_no_difference():
+    from metrics import describe_paired_comparison, paired_comparison
+    same = paired_comparison([0.0] * 7)
+    assert same["mean_difference"] == 0 and same["wilcoxon_p"] == 1.0 and same["wilcoxon_w"] is None
+    assert same["equal"] == 7 and "not applicable" in describe_paired_comparison(same)
+    better = paired_comparison([0.1, 0.2, 0.15, 0.05, 0.3, 0.12, 0.08, 0.2, 0.11, 0.09])
+    assert better["b_better"] == 10 and better["wilcoxon_p"] < 0.01
+    with pytest.raises(ValueError):
+        paired_comparison([0.1, float("nan")])
