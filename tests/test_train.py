@@ -731,3 +731,27 @@ def test_held_out_masks_choose_nothing(demo_root, tmp_path):
     assert set(split["roles"]) == {"train", "val", "test"}
     every_image = sorted(p.stem for p in (demo_root / "images").iterdir())
     assert sorted(split["train"] + split["val"] + split["test"]) == every_image
+
+
+def test_fold_column_holds_out_that_fold_and_a_patient_in_two_folds_is_refused(demo_root, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    rows = list(csv.DictReader(open(data / "metadata.csv")))
+    for row in rows:
+        row["fold"] = str(int(row["patient_id"][1:]) % 3 + 1)  # patients p000..p005 in folds 1, 2, 3
+    def write(rows):
+        with open(data / "metadata.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    write(rows)
+    args = ["--data-root", str(data), "--runs-dir", str(tmp_path / "runs"), "--fold-column", "fold", *TINY,
+            "--epochs", "1"]
+    assert train.main([*args, "--fold", "1", "--run-name", "f1"]) == 0
+    split = json.loads((tmp_path / "runs" / "f1" / "split.json").read_text())
+    assert sorted(split["test"]) == sorted(r["image_id"] for r in rows if r["fold"] == "2")
+    rows[0]["fold"] = "3"  # p000's first slice moves to another fold than its other slices
+    write(rows)
+    assert train.main([*args, "--fold", "0", "--run-name", "crossing"]) == 1
+    err = capsys.readouterr().err
+    assert "p000 in folds 1, 3" in err and not (tmp_path / "runs" / "crossing").exists()
