@@ -36,7 +36,8 @@ def test_short_run_writes_every_artefact(demo_root, tmp_path, capsys):
     assert set(train.HISTORY_COLUMNS) == set(history[0])
     assert json.loads((run / "config.json").read_text())["IMAGE_SIZE"] == 32
     split = json.loads((run / "split.json").read_text())
-    assert len(split["train"]) + len(split["val"]) == 24 and not set(split["train"]) & set(split["val"])
+    roles = [set(split[role]) for role in ("train", "val", "test")]
+    assert sum(map(len, roles)) == 24 and len(set.union(*roles)) == 24  # disjoint, every image placed
     last = load_checkpoint(run / "last.pt")
     assert last.state["epoch"] == 2 and last.config.BASE_CHANNELS == 4 and "optimizer" in last.state
     assert last.warnings == []
@@ -118,7 +119,8 @@ def test_unusable_device_stops_before_any_run_folder(demo_root, tmp_path, capsys
 def test_last_batch_of_one_image_is_dropped(demo_root, tmp_path):
     # Random split of 24: 19 train images; batch 9 would leave a batch of 1, which BatchNorm cannot train on.
     code = train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "b1",
-                       "--epochs", "1", *TINY, "--batch-size", "9", "--split-group-column", "none"])
+                       "--epochs", "1", *TINY, "--batch-size", "9", "--split-group-column", "none",
+                       "--test-fraction", "0"])
     assert code == 0
     assert len(json.loads((tmp_path / "b1" / "split.json").read_text())["train"]) % 9 == 1
 
@@ -375,15 +377,16 @@ def test_recipe_values_are_recorded_and_flags_override_them(demo_root, tmp_path)
     assert config["AMP"] in ("bf16", "off") and config["CHANNELS_LAST"] is True  # "auto" is recorded as it ran
 
 
-def test_group_folds_validate_every_group_once(demo_root, tmp_path):
+def test_group_folds_hold_out_every_group_once(demo_root, tmp_path):
     seen = []
     for fold in range(3):
         assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", f"f{fold}",
                            "--split-group-column", "patient_id", "--folds", "3", "--fold", str(fold),
                            "--epochs", "1", "--search-rule", "false", *TINY]) == 0
         split = json.loads((tmp_path / f"f{fold}" / "split.json").read_text())
-        assert (split["folds"], split["fold"]) == (3, fold) and not set(split["train"]) & set(split["val"])
-        seen += split["val"]
+        assert (split["folds"], split["fold"]) == (3, fold)
+        assert not (set(split["train"]) & set(split["val"]) or set(split["test"]) & set(split["train"] + split["val"]))
+        seen += split["test"]
     assert sorted(seen) == sorted(p.stem for p in (demo_root / "images").iterdir())
 
 
@@ -653,7 +656,7 @@ def test_two_gloo_processes_write_one_complete_run_scored_on_every_validation_im
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir", str(tmp_path),
                            "--run-name", "ddp", "--epochs", "1", *TINY, "--learning-rate", "0.01",
-                           "--device", "cpu", "--split-group-column", "none"],
+                           "--device", "cpu", "--split-group-column", "none", "--test-fraction", "0"],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run folder:") == 1 and done.stdout.count("epoch   1") == 1  # one process speaks
