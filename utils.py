@@ -157,13 +157,14 @@ def autocast(device: torch.device, amp: str) -> torch.autocast:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX.
+    """Whether `device` computes bf16 in hardware: a CUDA GPU from Ampere on, or a CPU with AVX512-BF16 or AMX.
 
     Elsewhere bf16 works but is emulated, slower than float32 (a 2-core
     AVX2 CPU trains several times slower), so "auto" must not pick it there.
     """
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # Without the argument, emulation counts: a T4 or V100 would get bf16 slower than float32.
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         # Private helpers, present since torch 2.0; a torch without them gets float32, never a crash.
         probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))

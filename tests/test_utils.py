@@ -103,6 +103,15 @@ def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch)
     assert utils.resolve_amp(torch.device("mps"), "auto") == "off"
 
 
+def test_auto_precision_on_a_gpu_that_only_emulates_bf16_is_float32(monkeypatch):
+    cuda = torch.device("cuda")  # only named: the probe below answers for the GPU
+    emulating = lambda including_emulation=True: including_emulation  # noqa: E731  (a T4 or V100)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulating)
+    assert utils.resolve_amp(cuda, "auto") == "off"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert utils.resolve_amp(cuda, "auto") == "bf16"
+
+
 def test_a_run_folder_lock_is_exclusive_until_released(tmp_path):
     held = utils.lock_run_folder(tmp_path)
     with pytest.raises(utils.RunFolderBusy, match=f"in use by process {os.getpid()} on "):
