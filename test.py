@@ -658,10 +658,10 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
             rows += [row for row in done if row is not None]
         rows += [row for row in jobs.finish() if row is not None]
     unscored = [] if masks is None else [f"{options.DATA_ROOT}/masks: no mask for '{p.stem}', not scored"
-                                         for p in images if p.stem not in masks]
+                                         for p in images if dataset.stem_key(p) not in masks]
     failures = unreadable + unscored
     processed = len(images) - len(unreadable)
-    seen_in_training, note = count_training_images([dataset.stem_key(Path(r["image"])) for r in rows],
+    seen_in_training, note = count_training_images([dataset.name_key(r["image"]) for r in rows],
                                                    checkpoint_paths, Path(options.DATA_ROOT))
     if seen_in_training:
         note = (f"{seen_in_training} of the {len(rows)} scored images were training images of this run: "

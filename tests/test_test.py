@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import shutil
+import unicodedata
 
 import numpy as np
 import pytest
@@ -483,6 +484,27 @@ def test_scoring_training_images_is_counted_and_said(tiny_run, demo_root, tmp_pa
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
                     "--subset", "val") == 0
     assert json.loads((preds / "tiny-2" / "summary.json").read_text())["training_images_scored"] == 0
+
+
+def test_training_images_and_unscored_ones_are_told_by_the_stems_the_run_paired(tiny_run, mixed_sizes, tmp_path,
+                                                                                  capsys):
+    nfd = unicodedata.normalize("NFD", "tumeur_é")  # 'é' as two code points, as macOS names files
+    for sub in ("images", "masks"):
+        os.rename(mixed_sizes / sub / "demo_0000.png", mixed_sizes / sub / "case.01.png")  # a dot in the stem
+        os.rename(mixed_sizes / sub / "demo_0001.png", mixed_sizes / sub / f"{nfd}.png")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_run / "best.pt", run / "best.pt")
+    (run / "split.json").write_text(json.dumps({  # as train.py writes it: stems in NFC
+        "train": ["case.01", unicodedata.normalize("NFC", nfd)], "val": ["demo_0002"],
+        "data_root": str(mixed_sizes.resolve())}))
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
+                    "--report", "false") == 0
+    summary = json.loads((preds / "run" / "summary.json").read_text())
+    assert summary["scored"] == 3 and summary["training_images_scored"] == 2
+    assert not any("not scored" in problem for problem in summary["problems"])
+    assert "2 of the 3 scored images were training images" in capsys.readouterr().err
 
 
 def test_other_data_than_the_training_folder_is_noted(tiny_run, mixed_sizes, tmp_path):
