@@ -21,7 +21,7 @@ import dataset
 from dataset import read_mask
 from metrics import dice_per_image, iou_per_image, per_image_report
 from config import Config
-from utils import LoadedCheckpoint, load_checkpoint
+from utils import LoadedCheckpoint, load_checkpoint, staging_host
 
 test_script = load_script(ROOT / "test.py")
 
@@ -350,7 +350,7 @@ def test_two_writers_of_one_run_name_each_publish_their_own_folder(tmp_path):
 
 def test_a_live_runs_staging_folder_is_left_alone(tiny_run, mixed_sizes, tmp_path):
     preds = tmp_path / "preds"
-    live = preds / ".tiny.1.0123abcd.partial"  # pid 1 always runs: another test.py still writing
+    live = preds / f".tiny.{staging_host()}.1.0123abcd.partial"  # pid 1 always runs: another test.py still writing
     (live / "masks").mkdir(parents=True)
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds) == 0
     assert live.exists()

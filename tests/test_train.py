@@ -10,7 +10,7 @@ from PIL import Image
 
 import train
 from config import Config
-from utils import load_checkpoint
+from utils import load_checkpoint, staging_host
 
 def staging_left(run) -> list:
     """Hidden files in a run folder other than its lock: staging files an interrupted write left behind."""
@@ -257,7 +257,7 @@ def test_kill_9_at_any_moment_leaves_loadable_checkpoints_and_the_next_start_cle
     finished = len(list(csv.DictReader(open(run / "history.csv"))))
     assert finished >= 2
     assert load_checkpoint(run / "best.pt") and load_checkpoint(run / "last.pt").state["epoch"] >= finished
-    staging = run / f".last.pt.{process.pid}.0123abcd.tmp"  # what a kill mid-write would leave
+    staging = run / f".last.pt.{staging_host()}.{process.pid}.0123abcd.tmp"  # what a kill mid-write would leave
     staging.write_bytes(b"half a checkpoint")
     assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "k2",
                        "--epochs", "1", *TINY]) == 0
