@@ -503,6 +503,31 @@ def test_resume_refuses_contradicting_flags_and_a_cosine_extension(demo_root, tm
     assert (tmp_path / "r" / "last.pt").read_bytes() == before
 
 
+def test_resume_with_amp_auto_is_accepted_where_auto_gives_the_runs_precision(demo_root, tmp_path, monkeypatch,
+                                                                                capsys):
+    import utils
+
+    monkeypatch.setattr(utils, "native_bf16", lambda device: True)  # a CPU with bf16 instructions
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "a",
+                       "--epochs", "1", *TINY, "--amp", "auto"]) == 0
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["AMP"] == "bf16"  # what auto resolved to
+    assert train.main(["--resume", str(tmp_path / "a"), "--amp", "auto", "--epochs", "2"]) == 0
+    assert [row["epoch"] for row in history_rows(tmp_path / "a")] == ["1", "2"]
+    monkeypatch.setattr(utils, "native_bf16", lambda device: False)  # here auto would train in float32
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path / "a"), "--amp", "auto", "--epochs", "3"]) == 1
+    assert "--amp auto (the run has bf16)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["--tta", "true"], ["--prediction-root", "elsewhere"]])
+def test_test_py_settings_are_refused_by_name(tmp_path, flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--data-root", str(tmp_path / "none"), "--runs-dir", str(tmp_path), *flag])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"error: {flag[0]} is a test.py setting; train.py does not use it" in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_run_folder_in_use_is_refused_and_freed_when_its_holder_ends(demo_root, tmp_path, capsys):
     import utils
 
