@@ -195,23 +195,37 @@ def field_comments() -> dict[str, str]:
             for node in class_body if isinstance(node, ast.AnnAssign)}
 
 
-def build_parser(description: str = "", keys: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+class _Refused(argparse.Action):
+    """A config key the script does not take: parsing stops with the parser's `refusal` message."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.error(self.const.format(option=option_string))
+
+
+def build_parser(description: str = "", keys: tuple[str, ...] | None = None,
+                 refusal: str = "") -> argparse.ArgumentParser:
     """Argument parser with one `--foo-bar` option per config key (or per key in `keys`), typed like its default.
 
     Scripts may add options of their own before parsing. Abbreviations are
     off, so a mistyped key is an error rather than a silent match; a key not
-    in `keys` is refused as unknown.
+    in `keys` is refused as unknown, or with `refusal` (its `{option}` filled
+    in) where given, e.g. to say which script takes it.
     """
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("config overrides (defaults from config.py)")
     comments = field_comments()
     for field in dataclasses.fields(Config):
+        option = "--" + field.name.lower().replace("_", "-")
         if keys is not None and field.name not in keys:
+            if refusal:
+                group.add_argument(option, action=_Refused, const=refusal, default=argparse.SUPPRESS,
+                                   help=argparse.SUPPRESS)
             continue
         kind = type(field.default)
         group.add_argument(
-            "--" + field.name.lower().replace("_", "-"),
+            option,
             dest=field.name,
             type=_PARSERS[kind],
             default=argparse.SUPPRESS,  # absent means "keep the config.py value"

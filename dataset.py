@@ -87,7 +87,12 @@ class LoadedDataset:
 
 def stem_key(path: Path) -> str:
     """The stem that pairs files and metadata rows: NFC, so 'é' as one or as two code points match."""
-    return unicodedata.normalize("NFC", Path(path).stem)
+    return name_key(Path(path).stem)
+
+
+def name_key(stem: str) -> str:
+    """`stem_key` of a stem already taken from its file name (a Path of it would lose 'case.01''s '.01')."""
+    return unicodedata.normalize("NFC", stem)
 
 
 def _image_named(folder: Path) -> Iterator[Path]:

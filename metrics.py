@@ -33,7 +33,7 @@ Spacing = tuple[float, float]  # pixel size along H then W, e.g. in mm
 
 @dataclass
 class Counts:
-    """Pixel counts per image, each a float64 tensor of shape (N,)."""
+    """Pixel counts per image, each a tensor of shape (N,) (int64 from `confusion_counts`)."""
 
     tp: torch.Tensor
     fp: torch.Tensor
@@ -52,15 +52,23 @@ def confusion_counts(pred: ArrayLike, target: ArrayLike) -> Counts:
     target = torch.as_tensor(target).flatten(1).bool()
     if pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    tp = (pred & target).sum(1).double()
-    fp = (pred & ~target).sum(1).double()
-    fn = (~pred & target).sum(1).double()
-    tn = (~pred & ~target).sum(1).double()
-    return Counts(tp, fp, fn, tn)
+    # int64, not float64: exact, and MPS (Apple GPUs, where training computes Dice every step) has no float64.
+    return Counts((pred & target).sum(1), (pred & ~target).sum(1), (~pred & target).sum(1), (~pred & ~target).sum(1))
+
+
+def ratio_dtype(device: torch.device) -> torch.dtype:
+    """The float type ratios of counts are taken in: float64, or float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _real(values: torch.Tensor) -> torch.Tensor:
+    """Counts (or sums of them) as floats of `ratio_dtype`, for dividing."""
+    return values.to(ratio_dtype(values.device))
 
 
 def _ratio_or_one(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """numerator / denominator, and 1.0 where the denominator is 0 (both masks empty)."""
+    numerator, denominator = _real(numerator), _real(denominator)
     return torch.where(denominator > 0, numerator / denominator.clamp(min=1), torch.ones_like(numerator))
 
 
@@ -76,7 +84,7 @@ def iou_from_counts(c: Counts) -> torch.Tensor:
 
 def pixel_accuracy_from_counts(c: Counts) -> torch.Tensor:
     """(TP + TN) / all pixels."""
-    return (c.tp + c.tn) / (c.tp + c.fp + c.fn + c.tn)
+    return _real(c.tp + c.tn) / _real(c.tp + c.fp + c.fn + c.tn)
 
 
 def _ratio_one_if_both_empty(numerator: torch.Tensor, denominator: torch.Tensor, c: Counts) -> torch.Tensor:
@@ -86,6 +94,7 @@ def _ratio_one_if_both_empty(numerator: torch.Tensor, denominator: torch.Tensor,
     find; only when both masks are empty is the answer known (nothing to find,
     nothing claimed), which matches Dice's convention.
     """
+    numerator, denominator = _real(numerator), _real(denominator)
     both_empty = (c.tp + c.fp + c.fn) == 0
     undefined = torch.where(both_empty, 1.0, float("nan")).to(numerator.dtype)
     return torch.where(denominator > 0, numerator / denominator.clamp(min=1), undefined)

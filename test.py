@@ -45,7 +45,7 @@ from tqdm import tqdm
 import dataset
 import report
 from config import Config, parse_bool, build_parser, config_from_args
-from inference import native_probabilities
+from inference import native_probabilities, native_probabilities_and_spreads
 from metrics import (FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY, CalibrationTracker, Spacing,
                      auroc, describe_paired_comparison, paired_comparison, per_image_report, pooled_scores,
                      rank_correlation, region_uncertainty, summarise)
@@ -234,23 +234,17 @@ def positive_number(text: str) -> float:
     return value
 
 
-class WithSquaredProbability(torch.nn.Module):
-    """Wraps a model so that one pass of `inference.probabilities` also yields the mean of p squared.
+def combined_spread(means: list[np.ndarray], spreads: list[np.ndarray]) -> np.ndarray:
+    """Standard deviation over every view of every member, from each member's views' mean and deviation.
 
-    Given the batch [x, x] it runs the model on x once and returns its logits
-    for the first half and logit(p**2) for the second. `probabilities` then
-    averages sigmoid(output) over the TTA views as it always does: E[p] for
-    the first half, E[p**2] for the second, so the views' standard deviation
-    sqrt(E[p**2] - E[p]**2) comes from the one loop over views in inference.py.
+    Members (each with as many views) are compared at the image's size, where
+    their maps meet: total variance = mean within-member variance + variance
+    of the members' means. Two copies of one model add exactly nothing.
     """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        logits = self.model(batch[:len(batch) // 2])
-        return torch.cat([logits, torch.logit(torch.sigmoid(logits) ** 2)])
+    mean = sum(means) / len(means)
+    within = sum(spread ** 2 for spread in spreads) / len(spreads)
+    between = sum((member - mean) ** 2 for member in means) / len(means)
+    return np.sqrt(within + between)
 
 
 def predict(models: list[LoadedCheckpoint], images: list[Path], masks: dict[str, Path] | None,
@@ -268,24 +262,20 @@ def predict(models: list[LoadedCheckpoint], images: list[Path], masks: dict[str,
     batch: list[tuple[Path, dict[int, np.ndarray], np.ndarray | None]] = []
 
     def run(batch):
-        count = len(batch)
-        sums = [np.zeros(decoded[3].shape[:2], np.float32) for _, decoded, _ in batch]
-        square_sums = [np.zeros_like(total) for total in sums] if with_spread else []
+        maps, spreads = [], []  # per member: a map per image
         for loaded in models:
             inputs = [decoded[loaded.config.IN_CHANNELS] for _, decoded, _ in batch]
             if with_spread:
-                maps = native_probabilities(WithSquaredProbability(loaded.model), loaded.config, inputs + inputs,
-                                            device, **speed)
+                member_maps, member_spreads = native_probabilities_and_spreads(loaded.model, loaded.config, inputs,
+                                                                               device, **speed)
+                spreads.append(member_spreads)
             else:
-                maps = native_probabilities(loaded.model, loaded.config, inputs, device, **speed)
-            for index, probability in enumerate(maps):
-                (sums if index < count else square_sums)[index % count] += probability
+                member_maps = native_probabilities(loaded.model, loaded.config, inputs, device, **speed)
+            maps.append(member_maps)
         for index, (path, decoded, mask) in enumerate(batch):
-            mean = sums[index] / len(models)
-            spread = None
-            if with_spread:  # std over all views of all models; clipped: rounding can dip below 0
-                spread = np.sqrt(np.maximum(square_sums[index] / len(models) - mean ** 2, 0))
-            yield Prediction(path.stem, decoded[3], mean, mask, spread)
+            means = [member[index] for member in maps]
+            spread = combined_spread(means, [member[index] for member in spreads]) if with_spread else None
+            yield Prediction(path.stem, decoded[3], sum(means) / len(models), mask, spread)
 
     for path in tqdm(images, desc="predict", dynamic_ncols=True):
         try:
@@ -685,10 +675,10 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
             rows += [row for row in done if row is not None]
         rows += [row for row in jobs.finish() if row is not None]
     unscored = [] if masks is None else [f"{options.DATA_ROOT}/masks: no mask for '{p.stem}', not scored"
-                                         for p in images if p.stem not in masks]
+                                         for p in images if dataset.stem_key(p) not in masks]
     failures = unreadable + unscored
     processed = len(images) - len(unreadable)
-    seen_in_training, note = count_training_images([dataset.stem_key(Path(r["image"])) for r in rows],
+    seen_in_training, note = count_training_images([dataset.name_key(r["image"]) for r in rows],
                                                    checkpoint_paths, Path(options.DATA_ROOT))
     if seen_in_training:
         note = (f"{seen_in_training} of the {len(rows)} scored images were training images of this run: "

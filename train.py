@@ -53,6 +53,8 @@ SPLIT_ROLES = {"train": "fits the weights", "val": "chooses the epoch and the de
                "test": "held out: chooses nothing; test.py --subset test scores it"}
 ESTIMATE_AFTER_STEPS = 5  # steps timed before the whole run's duration is estimated
 FAST_CPU_HINT = "--recipe cpu trains in 12 to 22 minutes on 2 CPU cores (see README, Recipes)"
+# Every config key but test.py's own: those are refused by name rather than silently ignored.
+TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("TTA", "PREDICTION_ROOT"))
 
 
 def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: list[int],
@@ -233,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str] | None) -> int:
     """Parse, check, then train in this process (one of several under torchrun); the exit code."""
-    parser = build_parser(__doc__)
+    parser = build_parser(__doc__, keys=TRAINING_KEYS,
+                          refusal="{option} is a test.py setting; train.py does not use it")
     parser.add_argument("--resume", metavar="RUN_FOLDER",
                         help="continue the run in RUN_FOLDER from its last.pt, with the settings of its "
                              "config.json; only --epochs may change (to extend a constant-schedule run)")
@@ -392,7 +395,7 @@ def resume_point(run_dir: Path, flags: dict) -> tuple[Config, dict]:
         raise ValueError(f"{run_dir}: not a run folder of train.py (no config.json)")
     saved, _ = Config.from_saved(json.loads(config_path.read_text()))
     contradicting = [f"--{name.lower().replace('_', '-')} {value} (the run has {getattr(saved, name)})"
-                     for name, value in flags.items() if name != "EPOCHS" and value != getattr(saved, name)]
+                     for name, value in flags.items() if name != "EPOCHS" and not flag_matches(name, value, saved)]
     if contradicting:
         raise ValueError(f"--resume takes every setting from {config_path}; these flags contradict it: "
                          f"{', '.join(contradicting)}. Only --epochs may change; start a new run to change others")
@@ -408,6 +411,16 @@ def resume_point(run_dir: Path, flags: dict) -> tuple[Config, dict]:
     if epochs < state["epoch"]:
         raise ValueError(f"--epochs {epochs}: {run_dir} has already run {state['epoch']} epochs")
     return dataclasses.replace(saved, EPOCHS=epochs), state
+
+
+def flag_matches(name: str, value: object, saved: Config) -> bool:
+    """Whether flag `name` asks for what the run's `saved` config holds; "auto" values as they resolve now."""
+    # config.json records what auto resolved to: AMP e.g. bf16 on this device, the split column e.g. patient_id
+    if name == "AMP" and value == "auto":
+        value = resolve_amp(pick_device(saved.DEVICE), value)
+    if name == "SPLIT_GROUP_COLUMN" and value == "auto":
+        value = dataset.resolve_split_column(Path(saved.DATA_ROOT), value)[0] or "none"
+    return value == getattr(saved, name)
 
 
 def check_same_split(run_dir: Path, data: dataset.LoadedDataset, split: dataset.Split) -> None:

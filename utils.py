@@ -157,13 +157,14 @@ def autocast(device: torch.device, amp: str) -> torch.autocast:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX.
+    """Whether `device` computes bf16 in hardware: a CUDA GPU from Ampere on, or a CPU with AVX512-BF16 or AMX.
 
     Elsewhere bf16 works but is emulated, slower than float32 (a 2-core
     AVX2 CPU trains several times slower), so "auto" must not pick it there.
     """
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # Without the argument, emulation counts: a T4 or V100 would get bf16 slower than float32.
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         # Private helpers, present since torch 2.0; a torch without them gets float32, never a crash.
         probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -330,20 +331,32 @@ def new_output_dir(parent: Path, name: str) -> Path:
     return folder
 
 
-STAGING_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.(?:tmp|partial|old)$")
+# The host has no '.' (see staging_host), so the last four dot-separated fields are unambiguous.
+STAGING_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}"
+                             r"\.(?:tmp|partial|old)$")
 
 
 class OutputError(Exception):
     """An output could not be written (disk full, no permission...); its message names the file."""
 
 
+def staging_host() -> str:
+    """This machine's name as staging names carry it: every character but letters, digits and '-' as '_'.
+
+    Host names are letters, digits, '-' and '.', so only the dots change and
+    two machines still differ.
+    """
+    return re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())
+
+
 def staging_name(final_name: str, kind: str = "tmp") -> str:
-    """A hidden name unique to this process for staging `final_name`: '.<name>.<pid>.<random>.<kind>'.
+    """A hidden name unique to this process for staging `final_name`: '.<name>.<host>.<pid>.<random>.<kind>'.
 
     Unique per process so two writers never share (or delete) each other's
-    staging file; the pid lets a later start tell a dead writer's leftovers.
+    staging file; host and pid let a later start tell a dead writer's
+    leftovers, also where several machines share the folder (NFS).
     """
-    return f".{final_name}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
+    return f".{final_name}.{staging_host()}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
 
 
 def describe_write_error(path: Path, error: OSError) -> str:
@@ -376,19 +389,22 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 
 def remove_stale_staging(folder: Path) -> list[Path]:
-    """Delete staging files and folders in `folder` left by writers that are no longer running.
+    """Delete staging files and folders in `folder` left by writers on this machine that are no longer running.
 
     Only names this project's `staging_name` makes are touched, and only when
-    their process id is gone, so another live run's staging is never removed.
+    they name this machine and their process id is gone here, so another live
+    run's staging is never removed; another machine's process ids mean
+    nothing here, so its staging files (on a shared folder) are left alone.
     """
     removed = []
     try:
         entries = list(Path(folder).iterdir())
     except OSError:
         return removed
+    host = staging_host()
     for entry in entries:
         match = STAGING_PATTERN.match(entry.name)
-        if match is None or process_alive(int(match["pid"])):
+        if match is None or match["host"] != host or process_alive(int(match["pid"])):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

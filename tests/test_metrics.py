@@ -9,7 +9,8 @@ from metrics import (FAILURE_RULES, FRAGMENTED_MAX_DICE, FRAGMENTED_MIN_COMPONEN
                      average_surface_distance, calibration_bins, component_count, confusion_counts,
                      dice_per_image, failure_category, hausdorff95, iou_per_image, mask_border,
                      per_image_report, pixel_accuracy_per_image, pooled_scores, precision_per_image,
-                     rank_correlation, region_uncertainty, sensitivity_per_image, summarise, surface_distances)
+                     rank_correlation, ratio_dtype, region_uncertainty, sensitivity_per_image, summarise,
+                     surface_distances)
 
 
 def square(top: int, left: int, side: int, shape: tuple[int, int] = (32, 32)) -> np.ndarray:
@@ -28,6 +29,22 @@ def test_hand_computed_values_on_one_image():
     assert dice_per_image(pred, target).item() == pytest.approx(8 / 10)
     assert iou_per_image(pred, target).item() == pytest.approx(4 / 6)
     assert pixel_accuracy_per_image(pred, target).item() == pytest.approx(14 / 16)
+
+
+def test_counts_and_ratios_need_no_float64_which_mps_lacks():
+    target = np.zeros((2, 4, 4), bool)
+    target[:, :2, :2] = True          # 4 tumour pixels each
+    pred = np.zeros((2, 4, 4), bool)
+    pred[0, :2, :3] = True            # 6 predicted, 4 of them right; nothing predicted on the second
+    c = confusion_counts(pred, target)
+    assert [t.dtype for t in (c.tp, c.fp, c.fn, c.tn)] == [torch.int64] * 4  # Dice runs every step on the device
+    assert [t.tolist() for t in (c.tp, c.fp, c.fn, c.tn)] == [[4, 0], [2, 0], [0, 4], [10, 12]]
+    assert ratio_dtype(torch.device("mps")) == torch.float32 and ratio_dtype(torch.device("cpu")) == torch.float64
+    # elsewhere the ratios are float64 of exact counts, as before
+    assert dice_per_image(pred, target).tolist() == [8 / 10, 0.0] and iou_per_image(pred, target)[0] == 4 / 6
+    assert pixel_accuracy_per_image(pred, target).tolist() == [14 / 16, 12 / 16]
+    assert precision_per_image(pred, target)[0] == 4 / 6 and math.isnan(precision_per_image(pred, target)[1])
+    assert sensitivity_per_image(pred, target).tolist() == [1.0, 0.0]
 
 
 def test_empty_cases():

@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import shutil
+import unicodedata
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from conftest import ROOT, link_subset, load_script
 import dataset
 from dataset import read_mask
 from metrics import dice_per_image, iou_per_image, per_image_report
-from utils import load_checkpoint
+from config import Config
+from utils import LoadedCheckpoint, load_checkpoint, staging_host
 
 test_script = load_script(ROOT / "test.py")
 
@@ -365,7 +367,7 @@ def test_two_writers_of_one_run_name_each_publish_their_own_folder(tmp_path):
 
 def test_a_live_runs_staging_folder_is_left_alone(tiny_run, mixed_sizes, tmp_path):
     preds = tmp_path / "preds"
-    live = preds / ".tiny.1.0123abcd.partial"  # pid 1 always runs: another test.py still writing
+    live = preds / f".tiny.{staging_host()}.1.0123abcd.partial"  # pid 1 always runs: another test.py still writing
     (live / "masks").mkdir(parents=True)
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds) == 0
     assert live.exists()
@@ -499,6 +501,27 @@ def test_scoring_training_images_is_counted_and_said(tiny_run, demo_root, tmp_pa
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
                     "--subset", "test") == 0
     assert json.loads((preds / "tiny-2" / "summary.json").read_text())["training_images_scored"] == 0
+
+
+def test_training_images_and_unscored_ones_are_told_by_the_stems_the_run_paired(tiny_run, mixed_sizes, tmp_path,
+                                                                                  capsys):
+    nfd = unicodedata.normalize("NFD", "tumeur_é")  # 'é' as two code points, as macOS names files
+    for sub in ("images", "masks"):
+        os.rename(mixed_sizes / sub / "demo_0000.png", mixed_sizes / sub / "case.01.png")  # a dot in the stem
+        os.rename(mixed_sizes / sub / "demo_0001.png", mixed_sizes / sub / f"{nfd}.png")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_run / "best.pt", run / "best.pt")
+    (run / "split.json").write_text(json.dumps({  # as train.py writes it: stems in NFC
+        "train": ["case.01", unicodedata.normalize("NFC", nfd)], "val": ["demo_0002"],
+        "data_root": str(mixed_sizes.resolve())}))
+    preds = tmp_path / "preds"
+    assert run_test("--checkpoint", run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
+                    "--report", "false") == 0
+    summary = json.loads((preds / "run" / "summary.json").read_text())
+    assert summary["scored"] == 3 and summary["training_images_scored"] == 2
+    assert not any("not scored" in problem for problem in summary["problems"])
+    assert "2 of the 3 scored images were training images" in capsys.readouterr().err
 
 
 def test_other_data_than_the_training_folder_is_noted(tiny_run, mixed_sizes, tmp_path):
@@ -648,17 +671,54 @@ def test_scores_per_patient_by_default_and_per_stratum(tiny_run, demo_root, tmp_
 
 
 def test_spread_over_tta_views_is_their_standard_deviation():
-    inputs = torch.randn(2, 1, 8, 8)
+    images = [np.random.default_rng(0).integers(0, 256, (8, 8, 1), dtype=np.uint8) for _ in range(2)]
+    config = Config(IMAGE_SIZE=8, IN_CHANNELS=1, NORMALIZATION="zscore", DEPTH=1)  # the images' own size
     ramp = torch.arange(8.0).expand(1, 1, 8, 8) / 4
-    biased = lambda x: x + ramp  # noqa: E731  (each view sees the ramp differently)
-    moments = inference.probabilities(test_script.WithSquaredProbability(biased), torch.cat([inputs, inputs]),
-                                      tta=True)
+
+    class Biased(torch.nn.Module):
+        def forward(self, x):
+            return x + ramp  # each view sees the ramp differently
+
+    biased = Biased()
+    inputs = torch.stack([inference.prepare_image(image, config)[0] for image in images])
     views = torch.stack([torch.sigmoid(inputs + torch.rot90(r, -k, (2, 3)))
                          for k in range(4) for r in (ramp, ramp.flip(3))])
-    mean, square = moments[:2], moments[2:]
-    assert torch.allclose(mean, inference.probabilities(biased, inputs, tta=True))
-    assert torch.allclose(mean, views.mean(0), atol=1e-6)
-    assert torch.allclose((square - mean ** 2).clamp(min=0).sqrt(), views.std(0, correction=0), atol=1e-3)
+    means, spreads = inference.native_probabilities_and_spreads(biased, config, images, torch.device("cpu"), tta=True)
+    assert np.allclose(np.stack(means), views.mean(0)[:, 0], atol=1e-6)
+    assert np.allclose(np.stack(spreads), views.std(0, correction=0)[:, 0], atol=1e-6)
+    assert np.stack(spreads).max() > 0.05  # the views do disagree
+
+
+def test_members_spread_adds_their_disagreement_to_their_views_spread():
+    members = [np.array([0.2, 0.5], np.float32), np.array([0.4, 0.5], np.float32)]
+    views_spread = [np.array([0.0, 0.1], np.float32), np.array([0.0, 0.3], np.float32)]
+    # two members of two views each: views 0.2 0.2 0.4 0.4, and 0.4 0.6 0.2 0.8
+    expected = [np.std([0.2, 0.2, 0.4, 0.4]), np.std([0.4, 0.6, 0.2, 0.8])]
+    assert np.allclose(test_script.combined_spread(members, views_spread), expected, atol=1e-6)
+
+
+def dihedral_invariant_model() -> torch.nn.Module:
+    """A 1x1 convolution: each pixel's output depends on that pixel alone, so every flip and turn gives the same map."""
+    model = torch.nn.Conv2d(1, 1, 1)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.bias.fill_(-1.0)
+    return model
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_views_that_agree_have_no_uncertainty_at_any_image_size(mixed_sizes, amp):
+    config = Config(IMAGE_SIZE=32, IN_CHANNELS=1, NORMALIZATION="zscore", DEPTH=1)  # the images: 200x240, 512
+    member = LoadedCheckpoint(dihedral_invariant_model(), config, {}, [])
+    images, masks = test_script.find_images(mixed_sizes)
+    options = Config(TTA=True, AMP=amp, BATCH_SIZE=2)
+    for models in ([member], [member, member]):  # TTA alone, and an ensemble of one model twice
+        predictions = list(test_script.predict(models, images, masks, torch.device("cpu"), options, True, []))
+        assert len(predictions) == 3
+        for p in predictions:
+            assert p.spread.shape == p.probability.shape and p.spread.dtype == np.float32
+            assert p.spread.max() < 1e-6, (p.stem, p.spread.max())
+            assert p.probability.max() - p.probability.min() > 0.5  # the map changes: edges are there to light up
 
 
 def test_tta_writes_uncertainty_maps_and_scores(tiny_run, mixed_sizes, tmp_path):
@@ -680,14 +740,20 @@ def test_tta_writes_uncertainty_maps_and_scores(tiny_run, mixed_sizes, tmp_path)
     assert not (preds / "tiny-2" / "report.html").exists()
 
 
-def test_an_ensemble_of_one_model_twice_is_certain(tiny_run, mixed_sizes, tmp_path):
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_an_ensemble_of_one_model_twice_is_certain(tiny_run, mixed_sizes, tmp_path, amp):
     preds = tmp_path / "preds"
     best = tiny_run / "best.pt"
     assert run_test("--checkpoint", best, best, "--data-root", mixed_sizes, "--prediction-root", preds,
-                    "--threshold", "0.001", "--report", "false") == 0
-    assert all(float(r["uncertainty"]) < 1e-3 for r in metrics_rows(preds / "tiny-ensemble2"))
+                    "--threshold", "0.001", "--report", "false", "--amp", amp) == 0
+    assert all(float(r["uncertainty"]) < 1e-6 for r in metrics_rows(preds / "tiny-ensemble2"))
     for path in (preds / "tiny-ensemble2" / "uncertainty").iterdir():
-        assert np.asarray(Image.open(path)).max() <= 1
+        assert np.asarray(Image.open(path)).max() == 0
+    loaded = load_checkpoint(best)  # the maps themselves, finer than the PNGs' 256 levels
+    images, masks = test_script.find_images(mixed_sizes)
+    options = Config(AMP=amp, BATCH_SIZE=2)
+    for p in test_script.predict([loaded, loaded], images, masks, torch.device("cpu"), options, True, []):
+        assert p.spread.max() < 1e-6, (p.stem, p.spread.max())
 
 
 def test_compare_two_prediction_folders(tiny_run, mixed_sizes, tmp_path, capsys):

@@ -10,7 +10,7 @@ from PIL import Image
 
 import train
 from config import Config
-from utils import load_checkpoint
+from utils import load_checkpoint, staging_host
 
 def staging_left(run) -> list:
     """Hidden files in a run folder other than its lock: staging files an interrupted write left behind."""
@@ -260,7 +260,7 @@ def test_kill_9_at_any_moment_leaves_loadable_checkpoints_and_the_next_start_cle
     finished = len(list(csv.DictReader(open(run / "history.csv"))))
     assert finished >= 2
     assert load_checkpoint(run / "best.pt") and load_checkpoint(run / "last.pt").state["epoch"] >= finished
-    staging = run / f".last.pt.{process.pid}.0123abcd.tmp"  # what a kill mid-write would leave
+    staging = run / f".last.pt.{staging_host()}.{process.pid}.0123abcd.tmp"  # what a kill mid-write would leave
     staging.write_bytes(b"half a checkpoint")
     assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "k2",
                        "--epochs", "1", *TINY]) == 0
@@ -507,6 +507,39 @@ def test_resume_refuses_contradicting_flags_and_a_cosine_extension(demo_root, tm
     assert (tmp_path / "r" / "last.pt").read_bytes() == before
 
 
+def test_resume_with_amp_auto_is_accepted_where_auto_gives_the_runs_precision(demo_root, tmp_path, monkeypatch,
+                                                                                capsys):
+    import utils
+
+    monkeypatch.setattr(utils, "native_bf16", lambda device: True)  # a CPU with bf16 instructions
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "a",
+                       "--epochs", "1", *TINY, "--amp", "auto"]) == 0
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["AMP"] == "bf16"  # what auto resolved to
+    assert train.main(["--resume", str(tmp_path / "a"), "--amp", "auto", "--epochs", "2"]) == 0
+    assert [row["epoch"] for row in history_rows(tmp_path / "a")] == ["1", "2"]
+    monkeypatch.setattr(utils, "native_bf16", lambda device: False)  # here auto would train in float32
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path / "a"), "--amp", "auto", "--epochs", "3"]) == 1
+    assert "--amp auto (the run has bf16)" in capsys.readouterr().err
+
+
+def test_resume_with_split_group_column_auto_is_accepted(demo_root, tmp_path):
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "a",
+                       "--epochs", "1", *TINY]) == 0
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["SPLIT_GROUP_COLUMN"] == "patient_id"
+    assert train.main(["--resume", str(tmp_path / "a"), "--split-group-column", "auto", "--epochs", "2"]) == 0
+    assert train.main(["--resume", str(tmp_path / "a"), "--split-group-column", "none", "--epochs", "3"]) == 1
+
+
+@pytest.mark.parametrize("flag", [["--tta", "true"], ["--prediction-root", "elsewhere"]])
+def test_test_py_settings_are_refused_by_name(tmp_path, flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--data-root", str(tmp_path / "none"), "--runs-dir", str(tmp_path), *flag])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"error: {flag[0]} is a test.py setting; train.py does not use it" in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_run_folder_in_use_is_refused_and_freed_when_its_holder_ends(demo_root, tmp_path, capsys):
     import utils
 
@@ -550,7 +583,7 @@ def test_a_mixed_precision_or_channels_last_step_lowers_the_loss(demo_root, amp,
         check_amp(device, amp)
     except ValueError as error:  # a PyTorch without this precision on a CPU must say so plainly
         assert "not supported on cpu" in str(error) and "--amp" in str(error)
-        return
+        pytest.skip(f"check_amp refuses {amp} here: {error}")
     set_seed(0)
     data = dataset.load_dataset(demo_root, 32, 1)
     images = torch.from_numpy(np.stack([dataset.normalize(i, "zscore") for i in data.images[:8]]))

@@ -4,6 +4,7 @@ import errno
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,9 +55,10 @@ def test_full_disk_is_named_keeps_the_old_file_and_removes_the_staging_file(tmp_
 
 
 def test_stale_staging_of_dead_writers_goes_and_live_or_foreign_files_stay(tmp_path):
-    dead = tmp_path / f".last.pt.{dead_pid()}.0123abcd.tmp"
-    dead_folder = tmp_path / f".run.{dead_pid()}.0123abcd.partial"
-    alive = tmp_path / f".last.pt.{1}.0123abcd.tmp"  # pid 1 always runs
+    host = utils.staging_host()
+    dead = tmp_path / f".last.pt.{host}.{dead_pid()}.0123abcd.tmp"
+    dead_folder = tmp_path / f".run.{host}.{dead_pid()}.0123abcd.partial"
+    alive = tmp_path / f".last.pt.{host}.{1}.0123abcd.tmp"  # pid 1 always runs
     mine = tmp_path / staging_name("best.pt")
     foreign = tmp_path / "notes.tmp"
     for path in (dead, alive, mine, foreign):
@@ -66,6 +68,24 @@ def test_stale_staging_of_dead_writers_goes_and_live_or_foreign_files_stay(tmp_p
     removed = remove_stale_staging(tmp_path)
     assert sorted(removed) == sorted([dead, dead_folder])
     assert alive.exists() and mine.exists() and foreign.exists()
+
+
+def test_staging_of_another_machine_on_a_shared_folder_is_never_removed(tmp_path, monkeypatch):
+    pid = dead_pid()  # gone here; on the other machine it may be writing right now
+
+    def staged_on(host: str) -> Path:
+        monkeypatch.setattr(utils.socket, "gethostname", lambda: host)
+        path = tmp_path / staging_name("last.pt").replace(f".{os.getpid()}.", f".{pid}.")
+        path.write_text("x")
+        return path
+
+    theirs = staged_on("node-b.cluster")
+    assert theirs.name.startswith(f".last.pt.node-b_cluster.{pid}.")  # the host's dots would blur the fields
+    older = tmp_path / f".best.pt.{pid}.0123abcd.tmp"  # named before staging names held the host: host unknown
+    older.write_text("x")
+    ours = staged_on("node-a.cluster")
+    assert remove_stale_staging(tmp_path) == [ours]
+    assert theirs.exists() and older.exists()
 
 
 @pytest.mark.parametrize("name, message", [
@@ -101,6 +121,15 @@ def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe: float32
     assert utils.resolve_amp(cpu, "auto") == "off"
     assert utils.resolve_amp(torch.device("mps"), "auto") == "off"
+
+
+def test_auto_precision_on_a_gpu_that_only_emulates_bf16_is_float32(monkeypatch):
+    cuda = torch.device("cuda")  # only named: the probe below answers for the GPU
+    emulating = lambda including_emulation=True: including_emulation  # noqa: E731  (a T4 or V100)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulating)
+    assert utils.resolve_amp(cuda, "auto") == "off"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert utils.resolve_amp(cuda, "auto") == "bf16"
 
 
 def test_a_run_folder_lock_is_exclusive_until_released(tmp_path):
