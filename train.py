@@ -72,9 +72,7 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     common = dict(batch_size=config.BATCH_SIZE, num_workers=config.NUM_WORKERS, worker_init_fn=dataset.seed_worker,
                   pin_memory=pin_memory)
     generator = torch.Generator().manual_seed(config.SEED)
-    # BatchNorm cannot train on a batch of one image: drop such a last batch (its image is
-    # drawn again in other epochs, since the order is reshuffled every epoch).
-    drop_last = math.ceil(len(train_set) / world) % config.BATCH_SIZE == 1
+    drop_last = drops_last_batch(len(train_set), config.BATCH_SIZE, world)
     # DistributedSampler pads the training shares to one length; validation must not count an image twice.
     train_sampler = DistributedSampler(train_set, seed=config.SEED) if world > 1 else None
     if config.HARD_SAMPLING:
@@ -84,6 +82,32 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     return (DataLoader(train_set, shuffle=train_sampler is None, sampler=train_sampler, generator=generator,
                        drop_last=drop_last, **common),
             DataLoader(val_set, sampler=range(rank, len(val_set), world), **common))
+
+
+def drops_last_batch(train_images: int, batch_size: int, world: int) -> bool:
+    """Whether each process's last training batch would hold a single image, and is therefore dropped."""
+    # BatchNorm cannot train on a batch of one image (at a 1x1 bottleneck it raises; elsewhere it normalises
+    # by that image alone): drop such a last batch (its image is drawn again in other epochs, since the order
+    # is reshuffled every epoch).
+    return math.ceil(train_images / world) % batch_size == 1
+
+
+def steps_per_epoch(train_images: int, batch_size: int, world: int) -> int:
+    """Optimiser steps in one epoch: the batches of each process's share, less a dropped last batch of one."""
+    share = math.ceil(train_images / world)  # DistributedSampler pads the shares to one length
+    return math.ceil(share / batch_size) - drops_last_batch(train_images, batch_size, world)
+
+
+def check_steps(train_images: int, config: Config, world: int) -> None:
+    """Raise ValueError when an epoch would make no optimiser step (a run that never trains must not start)."""
+    if steps_per_epoch(train_images, config.BATCH_SIZE, world) > 0:
+        return
+    per_process = f" shared by {world} processes" if world > 1 else ""
+    raise ValueError(f"the training split has {train_images} image(s){per_process}, too few for one optimiser "
+                     f"step of BATCH_SIZE {config.BATCH_SIZE}: its only batch would hold 1 image, and a batch of "
+                     "one image is dropped (BatchNorm needs more than one). Add images to "
+                     f"{config.DATA_ROOT}, or hold fewer out for validation (--val-fraction, --folds), so that "
+                     f"training gets at least {world + 1}")
 
 
 def check_sampling(config: Config, world: int) -> None:
@@ -124,6 +148,10 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the weights of that step are not to be trusted."""
 
 
+class NoStepError(RuntimeError):
+    """An epoch ended without a single optimiser step: its loss and Dice would be NaN, its weights untrained."""
+
+
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, threshold, desc,
                     on_step: Callable[[int, float], None] | None = None, amp: str = "off",
                     scaler: torch.amp.GradScaler | None = None,
@@ -132,7 +160,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, thresh
 
     `on_step(steps_done, seconds_so_far)` is called after every step (used for the
     time estimate); `amp`, `scaler`: see train_step; batches are given
-    `memory_format`. Raises NonFiniteLossError as soon as a loss is NaN or infinite.
+    `memory_format`. Raises NonFiniteLossError as soon as a loss is NaN or infinite,
+    and NoStepError when the loader gave no batch.
     """
     model.train()
     losses, dices, seen, waited = [], [], 0, 0.0
@@ -158,6 +187,10 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, thresh
         seen += len(images)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}", dice=f"{np.mean(dices):.4f}")
         ready = time.perf_counter()
+    if not losses:  # check_steps refuses such runs up front; this guards every other caller
+        raise NoStepError(f"{desc}: the training loader gave no batch, so no optimiser step was made "
+                          f"({len(loader.dataset)} training image(s), batch size {loader.batch_size}, "
+                          f"last batch {'dropped' if loader.drop_last else 'kept'})")
     elapsed = time.perf_counter() - start
     return {"loss": float(np.mean(losses)), "dice": float(np.mean(dices)),
             "images_per_second": seen * rank_and_world()[1] / elapsed, "data_wait_share": waited / elapsed}
@@ -280,6 +313,7 @@ def run(argv: list[str] | None) -> int:
         else:
             train_idx, val_idx = dataset.split_indices(len(data.pairs), config.VAL_FRACTION, config.SPLIT_SEED,
                                                        data.groups, **where)
+        check_steps(len(train_idx), config, rank_and_world()[1])
         if resumed is not None:
             check_same_split(Path(args.resume), data, train_idx, val_idx)
     except (dataset.DatasetError, ValueError) as error:
@@ -313,6 +347,8 @@ def run(argv: list[str] | None) -> int:
     except NonFiniteLossError as error:
         return stop_early(progress, f"{error}; stopped. Lower --learning-rate, check the loss weights "
                                     "and the data", 1)
+    except NoStepError as error:
+        return stop_early(progress, str(error), 1)
     except OutputError as error:
         return stop_early(progress, str(error), 1)
     finally:

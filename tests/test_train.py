@@ -122,6 +122,49 @@ def test_last_batch_of_one_image_is_dropped(demo_root, tmp_path):
     assert len(json.loads((tmp_path / "b1" / "split.json").read_text())["train"]) % 9 == 1
 
 
+@pytest.mark.parametrize("images, batch, world, steps", [(19, 9, 1, 2), (18, 9, 1, 2), (20, 9, 1, 3), (1, 4, 1, 0),
+                                                         (1, 1, 1, 1), (2, 4, 2, 0), (3, 2, 2, 1)])
+def test_steps_per_epoch_leave_out_a_dropped_batch_of_one(images, batch, world, steps):
+    assert train.steps_per_epoch(images, batch, world) == steps
+
+
+def test_a_run_that_could_make_no_optimiser_step_is_refused_before_any_run_folder(tmp_path, capsys):
+    from prepare_data import make_demo_dataset
+    data = make_demo_dataset(tmp_path / "two", count=2, size=64, seed=1)  # 1 train / 1 val image
+    runs = tmp_path / "runs"
+    code = train.main(["--data-root", str(data), "--runs-dir", str(runs), "--run-name", "never",
+                       "--epochs", "1", *TINY, "--batch-size", "4", "--split-group-column", "none"])
+    captured = capsys.readouterr()
+    assert code == 1, captured.out
+    assert "the training split has 1 image(s), too few for one optimiser step of BATCH_SIZE 4" in captured.err
+    assert "Traceback" not in captured.err and "nan" not in captured.out
+    assert not runs.exists()
+
+
+def test_an_epoch_without_a_step_stops_the_run_and_removes_its_folder(tmp_path, monkeypatch, capsys):
+    from prepare_data import make_demo_dataset
+    data = make_demo_dataset(tmp_path / "two", count=2, size=64, seed=1)
+    monkeypatch.setattr(train, "check_steps", lambda *args: None)  # as if the up-front check had missed it
+    code = train.main(["--data-root", str(data), "--runs-dir", str(tmp_path / "runs"), "--run-name", "never",
+                       "--epochs", "1", *TINY, "--batch-size", "4", "--split-group-column", "none"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no optimiser step was made" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "never").exists()
+
+
+def test_an_epoch_without_a_step_raises_instead_of_reporting_nan():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from losses import BCEDiceLoss
+    from utils import build_model
+    model = build_model(Config(IMAGE_SIZE=32, BASE_CHANNELS=4, DEPTH=2, IN_CHANNELS=1))
+    one_image = TensorDataset(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32))
+    loader = DataLoader(one_image, batch_size=4, drop_last=True)  # gives no batch
+    with pytest.raises(RuntimeError, match="no optimiser step was made"):
+        train.train_one_epoch(model, loader, BCEDiceLoss(reduction="none"), torch.optim.Adam(model.parameters()),
+                              None, torch.device("cpu"), 0.5, "epoch 1/1 train")
+
+
 def interrupt_at_epoch(monkeypatch, epoch, error):
     """Make train_one_epoch raise `error` when it starts epoch `epoch`."""
     real = train.train_one_epoch
