@@ -116,10 +116,32 @@ def test_unusable_device_stops_before_any_run_folder(demo_root, tmp_path, capsys
 
 def test_last_batch_of_one_image_is_dropped(demo_root, tmp_path):
     # Random split of 24: 19 train images; batch 9 would leave a batch of 1, which BatchNorm cannot train on.
+    # 4 px with DEPTH 2: a 1x1 bottleneck, where BatchNorm raises on a batch of one (larger ones would not).
     code = train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "b1",
-                       "--epochs", "1", *TINY, "--batch-size", "9", "--split-group-column", "none"])
+                       "--epochs", "1", *TINY, "--image-size", "4", "--batch-size", "9",
+                       "--split-group-column", "none"])
     assert code == 0
     assert len(json.loads((tmp_path / "b1" / "split.json").read_text())["train"]) % 9 == 1
+
+
+@pytest.mark.parametrize("size, depth", [(16, 4), (4, 2)])
+def test_a_batch_of_one_at_a_1x1_bottleneck_is_refused_before_any_run_folder(demo_root, tmp_path, capsys, size,
+                                                                                depth):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", *TINY,
+                    "--image-size", str(size), "--depth", str(depth), "--batch-size", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"BATCH_SIZE 1 cannot train at IMAGE_SIZE {size} with DEPTH {depth}: the bottleneck is 1x1" in err
+    assert f"an IMAGE_SIZE above 2**DEPTH = {2 ** depth}" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_batch_of_one_trains_where_the_bottleneck_is_larger(demo_root, tmp_path):
+    # 17 px is padded to 32 (a multiple of 2**DEPTH): a 2x2 bottleneck, where one image per batch is fine.
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "one",
+                       "--epochs", "1", *TINY, "--image-size", "17", "--depth", "4", "--batch-size", "1"]) == 0
+    assert (tmp_path / "one" / "summary.json").is_file()
 
 
 @pytest.mark.parametrize("images, batch, world, steps", [(19, 9, 1, 2), (18, 9, 1, 2), (20, 9, 1, 3), (1, 4, 1, 0),
