@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -50,8 +51,8 @@ from metrics import (FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILIT
                      auroc, per_image_report, pooled_scores, rank_correlation, region_uncertainty, summarise)
 from postprocess import DecisionRule
 from utils import (CheckpointError, LoadedCheckpoint, OutputError, check_amp, describe_write_error, interruption,
-                   load_checkpoint, pick_device, remove_stale_staging, resolve_amp, save_json, sigterm_as_interrupt,
-                   staging_name, tolerant_console, write_atomic)
+                   is_unfinished_run, load_checkpoint, pick_device, remove_stale_staging, resolve_amp, run_progress,
+                   save_json, sigterm_as_interrupt, staging_name, tolerant_console, write_atomic)
 
 PREDICTION_COLOUR = np.array([255, 40, 40], np.float32)  # red fill, semi-transparent
 TRUTH_COLOUR = np.array([40, 255, 40], np.uint8)  # green outline
@@ -108,6 +109,20 @@ def newest_checkpoint(runs_dir: Path) -> Path:
     if not candidates:
         raise CheckpointError(f"{runs_dir}: no run with a best.pt; train first or pass --checkpoint")
     return candidates[-1]
+
+
+def unfinished_run_warning(checkpoint_path: Path) -> str | None:
+    """A warning when the checkpoint's run folder holds a train.py run that has not finished; None otherwise."""
+    folder = Path(checkpoint_path).parent
+    if not is_unfinished_run(folder):
+        return None
+    progress = run_progress(folder)
+    if progress is None:  # best.pt but no loadable last.pt: killed between the two writes of its first epoch
+        return (f"{folder} is an unfinished run (no summary.json, no loadable last.pt): {checkpoint_path.name} is "
+                "its best epoch so far; pass --checkpoint to use another")
+    return (f"{folder} is an unfinished run (epoch {progress[0]} of {progress[1]}, no summary.json): "
+            f"{checkpoint_path.name} is its best epoch so far; continue it with "
+            f"`python train.py --resume {shlex.quote(str(folder))}`, or pass --checkpoint to use another")
 
 
 def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
@@ -504,6 +519,8 @@ def predict_and_publish(argv: list[str] | None) -> int:
         if slow_precision:
             print(f"warning: {slow_precision}", file=sys.stderr)
         checkpoint_paths = args.checkpoint or [newest_checkpoint(Path(options.RUNS_DIR))]
+        # Chosen for the user: say so when that run never finished (a kill leaves best.pt without summary.json).
+        unfinished = None if args.checkpoint else unfinished_run_warning(checkpoint_paths[0])
         models = [load_checkpoint(path, device) for path in checkpoint_paths]
         if options.CHANNELS_LAST:
             for loaded in models:
@@ -523,6 +540,8 @@ def predict_and_publish(argv: list[str] | None) -> int:
     except OSError as error:
         print(f"error: cannot write predictions under {options.PREDICTION_ROOT}: {error}", file=sys.stderr)
         return 1
+    if unfinished:
+        print(f"warning: {unfinished}", file=sys.stderr)
     for path, loaded in zip(checkpoint_paths, models, strict=True):
         for warning in loaded.warnings:
             print(f"warning: {warning}", file=sys.stderr)

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -41,9 +42,10 @@ from model import count_parameters
 from postprocess import DecisionRule, search_rule
 from utils import (CheckpointError, OutputError, RunFolderBusy, autocast, average_over_processes, build_model,
                    check_amp, compile_model, from_main_process, gather_objects, init_distributed, interruption,
-                   is_main_process, load_checkpoint, lock_run_folder, model_arguments, new_output_dir, pick_device,
-                   random_states, rank_and_world, remove_stale_staging, resolve_amp, restore_random_states,
-                   save_checkpoints, save_json, set_seed, sigterm_as_interrupt, write_atomic)
+                   is_main_process, is_unfinished_run, load_checkpoint, lock_run_folder, model_arguments,
+                   new_output_dir, pick_device, random_states, rank_and_world, remove_stale_staging, resolve_amp,
+                   restore_random_states, run_progress, save_checkpoints, save_json, set_seed, sigterm_as_interrupt,
+                   write_atomic)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",
                    "val_pixel_accuracy", "val_dice_pooled", "val_iou_pooled", "learning_rate",
@@ -332,7 +334,7 @@ def run(argv: list[str] | None) -> int:
                 run_dir = new_output_dir(Path(config.RUNS_DIR), config.RUN_NAME)
                 lock = lock_run_folder(run_dir)  # a --resume of this run while it trains is refused
             except OSError as error:
-                run_dir = f"cannot create the run folder: {error}"
+                run_dir = run_folder_refusal(Path(config.RUNS_DIR) / config.RUN_NAME, error)
     run_dir = from_main_process(run_dir)  # the other processes only need to know whether it exists
     if isinstance(run_dir, str):
         return fail(run_dir)
@@ -354,6 +356,18 @@ def run(argv: list[str] | None) -> int:
     finally:
         if lock is not None:
             lock.close()  # releases the run folder
+
+
+def run_folder_refusal(folder: Path, error: OSError) -> str:
+    """Why the run folder cannot be created; for an unfinished run already there, the command that continues it."""
+    progress = run_progress(folder) if isinstance(error, FileExistsError) and is_unfinished_run(folder) else None
+    if progress is None:
+        return f"cannot create the run folder: {error}"
+    done, epochs = progress
+    return (f"cannot create the run folder: {folder} already exists and holds an unfinished train.py run "
+            f"(epoch {done} of {epochs} in last.pt, no summary.json: it was stopped or killed, or is still "
+            f"training). Continue it with\n    python train.py --resume {shlex.quote(str(folder))}\n"
+            "or choose another --run-name (or remove the folder) to start afresh")
 
 
 def load_data(config: Config) -> dataset.LoadedDataset:

@@ -176,6 +176,26 @@ def test_newest_run_is_the_default_and_reruns_never_mix(tiny_run, mixed_sizes, t
     assert not (preds / "tiny" / "stale.txt").exists() and (preds / "tiny" / "metrics.csv").exists()
 
 
+def test_the_newest_run_if_unfinished_is_used_with_a_warning_and_the_resume_command(tiny_run, mixed_sizes, tmp_path,
+                                                                                     capsys):
+    runs = tmp_path / "runs"
+    killed = runs / "killed"
+    shutil.copytree(tiny_run, killed)
+    (killed / "summary.json").unlink()  # as a kill -9 leaves it: best.pt and last.pt of epoch 2 of 6
+    last = torch.load(killed / "last.pt", weights_only=True)
+    last["epoch"], last["config"]["EPOCHS"] = 2, 6
+    torch.save(last, killed / "last.pt")
+    preds = tmp_path / "preds"
+    assert run_test("--runs-dir", runs, "--data-root", mixed_sizes, "--prediction-root", preds) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {killed} is an unfinished run (epoch 2 of 6, no summary.json)" in err, err
+    assert f"`python train.py --resume {killed}`" in err and "pass --checkpoint" in err
+    assert run_test("--checkpoint", killed / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds) == 0
+    assert "unfinished" not in capsys.readouterr().err  # a checkpoint chosen by name: no warning
+    assert run_test("--runs-dir", tiny_run.parent, "--data-root", mixed_sizes, "--prediction-root", preds) == 0
+    assert "unfinished" not in capsys.readouterr().err  # a finished run
+
+
 def test_subset_val_scores_only_the_held_out_images(tiny_run, demo_root, tmp_path, capsys):
     preds = tmp_path / "preds"
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,

@@ -221,6 +221,27 @@ def test_ctrl_c_later_keeps_the_finished_epochs(demo_root, tmp_path, monkeypatch
     assert len(list(csv.DictReader(open(tmp_path / "c2" / "history.csv")))) == 2
 
 
+def test_rerunning_the_command_of_an_unfinished_run_gives_the_resume_command(demo_root, tmp_path, monkeypatch,
+                                                                            capsys):
+    args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "killed", "--epochs", "6",
+            *TINY]
+    interrupt_at_epoch(monkeypatch, 3, KeyboardInterrupt())  # stopped after epoch 2 of 6, as a kill would leave it
+    assert train.main(args) == 130
+    run = tmp_path / "killed"
+    monkeypatch.undo()
+    capsys.readouterr()
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert train.main(args) == 1
+    err = capsys.readouterr().err
+    assert "holds an unfinished train.py run (epoch 2 of 6 in last.pt, no summary.json" in err, err
+    assert f"python train.py --resume {run}\n" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files  # nothing touched
+    assert train.main(["--resume", str(run)]) == 0 and (run / "summary.json").is_file()  # the command given works
+    assert train.main(args) == 1  # a finished run: no resume advice
+    err = capsys.readouterr().err
+    assert "already exists; choose another name or remove it" in err and "--resume" not in err
+
+
 def test_sigterm_stops_like_ctrl_c_keeping_the_finished_epochs_and_the_run_resumes(demo_root, tmp_path,
                                                                                      monkeypatch, capsys):
     import os
