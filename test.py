@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +132,8 @@ def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
         raise FileNotFoundError(f"{image_dir}: folder of images to predict is missing")
     by_stem = dataset.files_by_stem(image_dir)
     if not by_stem:
-        raise FileNotFoundError(f"{image_dir}: no {'/'.join(dataset.IMAGE_EXTENSIONS)} images")
+        unusable = "".join(f"; {path.name}: {reason}" for path, reason in dataset.unusable_entries(image_dir).items())
+        raise FileNotFoundError(f"{image_dir}: no {'/'.join(dataset.IMAGE_EXTENSIONS)} images{unusable}")
     shared = sorted(stem for stem, files in by_stem.items() if len(files) > 1)
     if shared:  # their outputs would overwrite each other
         raise ValueError(f"{image_dir}: several images share the stem(s) {', '.join(shared)}")
@@ -143,12 +144,17 @@ def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
     return images, {stem: files[0] for stem, files in dataset.files_by_stem(mask_dir).items()}
 
 
-def validation_images(images: list[Path], split_path: Path) -> list[Path]:
-    """The images whose stems the run's split.json put on the validation side."""
+def validation_stems(split_path: Path) -> set[str]:
+    """The stems the run's split.json put on the validation side; FileNotFoundError naming it if unreadable."""
     try:
-        val = set(json.loads(Path(split_path).read_text())["val"])
+        return set(json.loads(Path(split_path).read_text())["val"])
     except (OSError, ValueError, KeyError) as error:
         raise FileNotFoundError(f"{split_path}: cannot read the run's validation split ({error})") from error
+
+
+def validation_images(images: list[Path], split_path: Path) -> list[Path]:
+    """The images whose stems the run's split.json put on the validation side."""
+    val = validation_stems(split_path)
     chosen = [p for p in images if dataset.stem_key(p) in val]
     if not chosen:
         raise ValueError(f"{split_path}: none of its {len(val)} validation images is in this folder")
@@ -526,9 +532,14 @@ def predict_and_publish(argv: list[str] | None) -> int:
             for loaded in models:
                 loaded.model.to(memory_format=torch.channels_last)
         images, masks = find_images(Path(options.DATA_ROOT))
+        # find_images lists regular files (or links to them) only: the rest would vanish without a word.
+        skipped = dataset.unusable_entries(Path(options.DATA_ROOT) / "images")
         if args.subset == "val":
             for path in checkpoint_paths:  # held out by every member of an ensemble
-                images = validation_images(images, path.resolve().parent / "split.json")
+                split = path.resolve().parent / "split.json"
+                images = validation_images(images, split)
+                val = validation_stems(split)
+                skipped = {entry: why for entry, why in skipped.items() if dataset.stem_key(entry) in val}
         scoring, notes = settle_scoring(Path(options.DATA_ROOT), images, checkpoint_paths[0], args)
         name = output_name(checkpoint_paths[0])
         if len(models) > 1:
@@ -549,13 +560,15 @@ def predict_and_publish(argv: list[str] | None) -> int:
         print(f"checkpoint: {path} (epoch {loaded.state.get('epoch')}, {trained.MODEL} trained at "
               f"{trained.IMAGE_SIZE} px{', head crop' if trained.CROP else ''}, {trained.IN_CHANNELS} channel(s), "
               f"{trained.NORMALIZATION})")
-    print(f"images:     {len(images)} from {options.DATA_ROOT}" + ("" if masks is not None else " (predict only)"))
+    print(f"images:     {len(images)} from {options.DATA_ROOT}" + ("" if masks is not None else " (predict only)")
+          + (f", {len(skipped)} more skipped (named below)" if skipped else ""))
     for note in notes:
         print(f"note: {note}")
 
     try:
         summary, failures = predict_and_write(models, checkpoint_paths, images, masks, scoring, staging, device,
-                                              options, args, started)
+                                              options, args, started,
+                                              skipped=[f"{entry}: skipped, {why}" for entry, why in skipped.items()])
         report_seconds = None
         if args.report and summary["scored"]:
             report_started = time.perf_counter()
@@ -579,7 +592,7 @@ def predict_and_publish(argv: list[str] | None) -> int:
     print(f"{'images/s':<18}{summary['images_per_second']:.1f}\n{'outputs':<18}{out_dir}")
     for failure in failures:
         print(f"warning: {failure}", file=sys.stderr)
-    return 2 if summary["count"] < len(images) else 0
+    return 2 if summary["count"] < len(images) or skipped else 0
 
 
 def settle_scoring(data_root: Path, images: list[Path], checkpoint_path: Path,
@@ -665,11 +678,12 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
                       masks: dict[str, Path] | None, scoring: Scoring, staging: Path,
                       device: torch.device, options: Config, args: argparse.Namespace,
                       started: float, write_threads: int = WRITE_THREADS,
-                      compress_level: int = PNG_COMPRESS_LEVEL) -> tuple[dict, list[str]]:
+                      compress_level: int = PNG_COMPRESS_LEVEL, skipped: Sequence[str] = ()) -> tuple[dict, list[str]]:
     """Predict every image into `staging` (PNGs, metrics.csv, summary.json); returns (summary, warnings).
 
     `write_threads` (0: inline) and `compress_level` change only the speed and PNG file sizes, not
-    the pixels written; bench.py --inference compares them.
+    the pixels written; bench.py --inference compares them. `skipped` names inputs left out before
+    predicting (broken links...): they lead the warnings and summary.json's problems.
     """
     rule, rule_source = decision_rule(models[0], args)
     with_spread = options.TTA or len(models) > 1  # several views or members: their disagreement is measurable
@@ -688,7 +702,7 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
         rows += [row for row in jobs.finish() if row is not None]
     unscored = [] if masks is None else [f"{options.DATA_ROOT}/masks: no mask for '{p.stem}', not scored"
                                          for p in images if p.stem not in masks]
-    failures = unreadable + unscored
+    failures = [*skipped, *unreadable, *unscored]
     processed = len(images) - len(unreadable)
     seen_in_training, note = count_training_images([dataset.stem_key(Path(r["image"])) for r in rows],
                                                    checkpoint_paths, Path(options.DATA_ROOT))
