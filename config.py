@@ -88,6 +88,12 @@ class Config:
             raise ValueError("invalid config: " + "; ".join(non_finite))
         checks = [
             (self.IMAGE_SIZE >= 2**self.DEPTH, f"IMAGE_SIZE must be at least 2**DEPTH = {2**self.DEPTH}"),
+            # A batch of one image at a 1x1 bottleneck gives BatchNorm a single value per channel: it raises. The
+            # input is padded to a multiple of 2**DEPTH, so the bottleneck is 1x1 exactly at IMAGE_SIZE = 2**DEPTH.
+            (self.BATCH_SIZE != 1 or self.IMAGE_SIZE != 2**self.DEPTH,
+             f"BATCH_SIZE 1 cannot train at IMAGE_SIZE {self.IMAGE_SIZE} with DEPTH {self.DEPTH}: the bottleneck "
+             f"is 1x1 (IMAGE_SIZE = 2**DEPTH), where BatchNorm needs at least 2 images per batch; use "
+             f"BATCH_SIZE >= 2, an IMAGE_SIZE above 2**DEPTH = {2**self.DEPTH} or a smaller DEPTH"),
             (0 < self.VAL_FRACTION < 1, "VAL_FRACTION must lie strictly between 0 and 1"),
             (0 <= self.TEST_FRACTION < 1, "TEST_FRACTION must lie from 0 to below 1"),
             (not (self.FOLDS and self.FOLD_COLUMN), "give FOLDS or FOLD_COLUMN, not both (the column sets the folds)"),

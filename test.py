@@ -27,12 +27,13 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import statistics
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,8 @@ from metrics import (FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILIT
                      rank_correlation, region_uncertainty, summarise)
 from postprocess import DecisionRule
 from utils import (CheckpointError, LoadedCheckpoint, OutputError, check_amp, describe_write_error, interruption,
-                   load_checkpoint, pick_device, remove_stale_staging, resolve_amp, save_json, sigterm_as_interrupt,
-                   staging_name, tolerant_console, write_atomic)
+                   is_unfinished_run, load_checkpoint, pick_device, remove_stale_staging, resolve_amp, run_progress,
+                   save_json, sigterm_as_interrupt, staging_name, tolerant_console, write_atomic)
 
 PREDICTION_COLOUR = np.array([255, 40, 40], np.float32)  # red fill, semi-transparent
 TRUTH_COLOUR = np.array([40, 255, 40], np.uint8)  # green outline
@@ -111,6 +112,20 @@ def newest_checkpoint(runs_dir: Path) -> Path:
     return candidates[-1]
 
 
+def unfinished_run_warning(checkpoint_path: Path) -> str | None:
+    """A warning when the checkpoint's run folder holds a train.py run that has not finished; None otherwise."""
+    folder = Path(checkpoint_path).parent
+    if not is_unfinished_run(folder):
+        return None
+    progress = run_progress(folder)
+    if progress is None:  # best.pt but no loadable last.pt: killed between the two writes of its first epoch
+        return (f"{folder} is an unfinished run (no summary.json, no loadable last.pt): {checkpoint_path.name} is "
+                "its best epoch so far; pass --checkpoint to use another")
+    return (f"{folder} is an unfinished run (epoch {progress[0]} of {progress[1]}, no summary.json): "
+            f"{checkpoint_path.name} is its best epoch so far; continue it with "
+            f"`python train.py --resume {shlex.quote(str(folder))}`, or pass --checkpoint to use another")
+
+
 def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
     """Images under data_root/images, and masks by stem when data_root/masks exists."""
     image_dir = Path(data_root) / "images"
@@ -118,7 +133,8 @@ def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
         raise FileNotFoundError(f"{image_dir}: folder of images to predict is missing")
     by_stem = dataset.files_by_stem(image_dir)
     if not by_stem:
-        raise FileNotFoundError(f"{image_dir}: no {'/'.join(dataset.IMAGE_EXTENSIONS)} images")
+        unusable = "".join(f"; {path.name}: {reason}" for path, reason in dataset.unusable_entries(image_dir).items())
+        raise FileNotFoundError(f"{image_dir}: no {'/'.join(dataset.IMAGE_EXTENSIONS)} images{unusable}")
     shared = sorted(stem for stem, files in by_stem.items() if len(files) > 1)
     if shared:  # their outputs would overwrite each other
         raise ValueError(f"{image_dir}: several images share the stem(s) {', '.join(shared)}")
@@ -135,8 +151,8 @@ SUBSET_NOTES = {
 }
 
 
-def subset_images(images: list[Path], split_path: Path, subset: str) -> list[Path]:
-    """The images whose stems the run's split.json lists under `subset` (a role: "train", "val" or "test")."""
+def subset_stems(split_path: Path, subset: str) -> set[str]:
+    """The stems the run's split.json lists under `subset` (a role: "train", "val" or "test"); errors name the file."""
     try:
         split = json.loads(Path(split_path).read_text())
     except (OSError, ValueError) as error:
@@ -147,7 +163,12 @@ def subset_images(images: list[Path], split_path: Path, subset: str) -> list[Pat
                          "or use --subset val knowing that its scores are optimistic")
     if not split.get(subset):
         raise ValueError(f"{split_path}: the run holds no '{subset}' images (TEST_FRACTION 0 holds none out)")
-    wanted = set(split[subset])
+    return set(split[subset])
+
+
+def subset_images(images: list[Path], split_path: Path, subset: str) -> list[Path]:
+    """The images whose stems the run's split.json lists under `subset`."""
+    wanted = subset_stems(split_path, subset)
     chosen = [p for p in images if dataset.stem_key(p) in wanted]
     if not chosen:
         raise ValueError(f"{split_path}: none of its {len(wanted)} '{subset}' images is in this folder")
@@ -509,14 +530,21 @@ def predict_and_publish(argv: list[str] | None) -> int:
         if slow_precision:
             print(f"warning: {slow_precision}", file=sys.stderr)
         checkpoint_paths = args.checkpoint or [newest_checkpoint(Path(options.RUNS_DIR))]
+        # Chosen for the user: say so when that run never finished (a kill leaves best.pt without summary.json).
+        unfinished = None if args.checkpoint else unfinished_run_warning(checkpoint_paths[0])
         models = [load_checkpoint(path, device) for path in checkpoint_paths]
         if options.CHANNELS_LAST:
             for loaded in models:
                 loaded.model.to(memory_format=torch.channels_last)
         images, masks = find_images(Path(options.DATA_ROOT))
+        # find_images lists regular files (or links to them) only: the rest would vanish without a word.
+        skipped = dataset.unusable_entries(Path(options.DATA_ROOT) / "images")
         if args.subset != "all":
             for path in checkpoint_paths:  # in that subset for every member of an ensemble
-                images = subset_images(images, path.resolve().parent / "split.json", args.subset)
+                split = path.resolve().parent / "split.json"
+                images = subset_images(images, split, args.subset)
+                wanted = subset_stems(split, args.subset)
+                skipped = {entry: why for entry, why in skipped.items() if dataset.stem_key(entry) in wanted}
         scoring, notes = settle_scoring(Path(options.DATA_ROOT), images, checkpoint_paths[0], args)
         name = output_name(checkpoint_paths[0])
         if len(models) > 1:
@@ -528,6 +556,8 @@ def predict_and_publish(argv: list[str] | None) -> int:
     except OSError as error:
         print(f"error: cannot write predictions under {options.PREDICTION_ROOT}: {error}", file=sys.stderr)
         return 1
+    if unfinished:
+        print(f"warning: {unfinished}", file=sys.stderr)
     for path, loaded in zip(checkpoint_paths, models, strict=True):
         for warning in loaded.warnings:
             print(f"warning: {warning}", file=sys.stderr)
@@ -535,7 +565,8 @@ def predict_and_publish(argv: list[str] | None) -> int:
         print(f"checkpoint: {path} (epoch {loaded.state.get('epoch')}, {trained.MODEL} trained at "
               f"{trained.IMAGE_SIZE} px{', head crop' if trained.CROP else ''}, {trained.IN_CHANNELS} channel(s), "
               f"{trained.NORMALIZATION})")
-    print(f"images:     {len(images)} from {options.DATA_ROOT}" + ("" if masks is not None else " (predict only)"))
+    print(f"images:     {len(images)} from {options.DATA_ROOT}" + ("" if masks is not None else " (predict only)")
+          + (f", {len(skipped)} more skipped (named below)" if skipped else ""))
     for note in notes:
         print(f"note: {note}")
     if args.subset in SUBSET_NOTES:
@@ -543,7 +574,8 @@ def predict_and_publish(argv: list[str] | None) -> int:
 
     try:
         summary, failures = predict_and_write(models, checkpoint_paths, images, masks, scoring, staging, device,
-                                              options, args, started)
+                                              options, args, started,
+                                              skipped=[f"{entry}: skipped, {why}" for entry, why in skipped.items()])
         report_seconds = None
         if args.report and summary["scored"]:
             report_started = time.perf_counter()
@@ -567,7 +599,7 @@ def predict_and_publish(argv: list[str] | None) -> int:
     print(f"{'images/s':<18}{summary['images_per_second']:.1f}\n{'outputs':<18}{out_dir}")
     for failure in failures:
         print(f"warning: {failure}", file=sys.stderr)
-    return 2 if summary["count"] < len(images) else 0
+    return 2 if summary["count"] < len(images) or skipped else 0
 
 
 def settle_scoring(data_root: Path, images: list[Path], checkpoint_path: Path,
@@ -653,11 +685,12 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
                       masks: dict[str, Path] | None, scoring: Scoring, staging: Path,
                       device: torch.device, options: Config, args: argparse.Namespace,
                       started: float, write_threads: int = WRITE_THREADS,
-                      compress_level: int = PNG_COMPRESS_LEVEL) -> tuple[dict, list[str]]:
+                      compress_level: int = PNG_COMPRESS_LEVEL, skipped: Sequence[str] = ()) -> tuple[dict, list[str]]:
     """Predict every image into `staging` (PNGs, metrics.csv, summary.json); returns (summary, warnings).
 
     `write_threads` (0: inline) and `compress_level` change only the speed and PNG file sizes, not
-    the pixels written; bench.py --inference compares them.
+    the pixels written; bench.py --inference compares them. `skipped` names inputs left out before
+    predicting (broken links...): they lead the warnings and summary.json's problems.
     """
     rule, rule_source = decision_rule(models[0], args)
     with_spread = options.TTA or len(models) > 1  # several views or members: their disagreement is measurable
@@ -676,7 +709,7 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
         rows += [row for row in jobs.finish() if row is not None]
     unscored = [] if masks is None else [f"{options.DATA_ROOT}/masks: no mask for '{p.stem}', not scored"
                                          for p in images if dataset.stem_key(p) not in masks]
-    failures = unreadable + unscored
+    failures = [*skipped, *unreadable, *unscored]
     processed = len(images) - len(unreadable)
     seen_in_training, note = count_training_images([dataset.name_key(r["image"]) for r in rows],
                                                    checkpoint_paths, Path(options.DATA_ROOT))

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -41,9 +42,10 @@ from model import count_parameters
 from postprocess import DecisionRule, search_rule
 from utils import (CheckpointError, OutputError, RunFolderBusy, autocast, average_over_processes, build_model,
                    check_amp, compile_model, from_main_process, gather_objects, init_distributed, interruption,
-                   is_main_process, load_checkpoint, lock_run_folder, model_arguments, new_output_dir, pick_device,
-                   random_states, rank_and_world, remove_stale_staging, resolve_amp, restore_random_states,
-                   save_checkpoints, save_json, set_seed, sigterm_as_interrupt, write_atomic)
+                   is_main_process, is_unfinished_run, load_checkpoint, lock_run_folder, model_arguments,
+                   new_output_dir, pick_device, random_states, rank_and_world, remove_stale_staging, resolve_amp,
+                   restore_random_states, run_progress, save_checkpoints, save_json, set_seed, sigterm_as_interrupt,
+                   write_atomic)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",
                    "val_pixel_accuracy", "val_dice_pooled", "val_iou_pooled", "learning_rate",
@@ -77,9 +79,7 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     common = dict(batch_size=config.BATCH_SIZE, num_workers=config.NUM_WORKERS, worker_init_fn=dataset.seed_worker,
                   pin_memory=pin_memory)
     generator = torch.Generator().manual_seed(config.SEED)
-    # BatchNorm cannot train on a batch of one image: drop such a last batch (its image is
-    # drawn again in other epochs, since the order is reshuffled every epoch).
-    drop_last = math.ceil(len(train_set) / world) % config.BATCH_SIZE == 1
+    drop_last = drops_last_batch(len(train_set), config.BATCH_SIZE, world)
     # DistributedSampler pads the training shares to one length; validation must not count an image twice.
     train_sampler = DistributedSampler(train_set, seed=config.SEED) if world > 1 else None
     if config.HARD_SAMPLING:
@@ -89,6 +89,32 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     return (DataLoader(train_set, shuffle=train_sampler is None, sampler=train_sampler, generator=generator,
                        drop_last=drop_last, **common),
             DataLoader(val_set, sampler=range(rank, len(val_set), world), **common))
+
+
+def drops_last_batch(train_images: int, batch_size: int, world: int) -> bool:
+    """Whether each process's last training batch would hold a single image, and is therefore dropped."""
+    # BatchNorm cannot train on a batch of one image (at a 1x1 bottleneck it raises; elsewhere it normalises
+    # by that image alone): drop such a last batch (its image is drawn again in other epochs, since the order
+    # is reshuffled every epoch).
+    return math.ceil(train_images / world) % batch_size == 1
+
+
+def steps_per_epoch(train_images: int, batch_size: int, world: int) -> int:
+    """Optimiser steps in one epoch: the batches of each process's share, less a dropped last batch of one."""
+    share = math.ceil(train_images / world)  # DistributedSampler pads the shares to one length
+    return math.ceil(share / batch_size) - drops_last_batch(train_images, batch_size, world)
+
+
+def check_steps(train_images: int, config: Config, world: int) -> None:
+    """Raise ValueError when an epoch would make no optimiser step (a run that never trains must not start)."""
+    if steps_per_epoch(train_images, config.BATCH_SIZE, world) > 0:
+        return
+    per_process = f" shared by {world} processes" if world > 1 else ""
+    raise ValueError(f"the training split has {train_images} image(s){per_process}, too few for one optimiser "
+                     f"step of BATCH_SIZE {config.BATCH_SIZE}: its only batch would hold 1 image, and a batch of "
+                     "one image is dropped (BatchNorm needs more than one). Add images to "
+                     f"{config.DATA_ROOT}, or hold fewer out (--val-fraction, --test-fraction, --folds), so that "
+                     f"training gets at least {world + 1}")
 
 
 def check_sampling(config: Config, world: int) -> None:
@@ -129,6 +155,10 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the weights of that step are not to be trusted."""
 
 
+class NoStepError(RuntimeError):
+    """An epoch ended without a single optimiser step: its loss and Dice would be NaN, its weights untrained."""
+
+
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, threshold, desc,
                     on_step: Callable[[int, float], None] | None = None, amp: str = "off",
                     scaler: torch.amp.GradScaler | None = None,
@@ -137,7 +167,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, thresh
 
     `on_step(steps_done, seconds_so_far)` is called after every step (used for the
     time estimate); `amp`, `scaler`: see train_step; batches are given
-    `memory_format`. Raises NonFiniteLossError as soon as a loss is NaN or infinite.
+    `memory_format`. Raises NonFiniteLossError as soon as a loss is NaN or infinite,
+    and NoStepError when the loader gave no batch.
     """
     model.train()
     losses, dices, seen, waited = [], [], 0, 0.0
@@ -163,6 +194,10 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, thresh
         seen += len(images)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}", dice=f"{np.mean(dices):.4f}")
         ready = time.perf_counter()
+    if not losses:  # check_steps refuses such runs up front; this guards every other caller
+        raise NoStepError(f"{desc}: the training loader gave no batch, so no optimiser step was made "
+                          f"({len(loader.dataset)} training image(s), batch size {loader.batch_size}, "
+                          f"last batch {'dropped' if loader.drop_last else 'kept'})")
     elapsed = time.perf_counter() - start
     return {"loss": float(np.mean(losses)), "dice": float(np.mean(dices)),
             "images_per_second": seen * rank_and_world()[1] / elapsed, "data_wait_share": waited / elapsed}
@@ -280,6 +315,7 @@ def run(argv: list[str] | None) -> int:
                   file=sys.stderr if not group_column else sys.stdout)
         data = load_data(config)
         split = split_run(config, data)
+        check_steps(len(split.train), config, rank_and_world()[1])
         if resumed is not None:
             check_same_split(Path(args.resume), data, split)
     except (dataset.DatasetError, ValueError) as error:
@@ -298,7 +334,7 @@ def run(argv: list[str] | None) -> int:
                 run_dir = new_output_dir(Path(config.RUNS_DIR), config.RUN_NAME)
                 lock = lock_run_folder(run_dir)  # a --resume of this run while it trains is refused
             except OSError as error:
-                run_dir = f"cannot create the run folder: {error}"
+                run_dir = run_folder_refusal(Path(config.RUNS_DIR) / config.RUN_NAME, error)
     run_dir = from_main_process(run_dir)  # the other processes only need to know whether it exists
     if isinstance(run_dir, str):
         return fail(run_dir)
@@ -313,11 +349,25 @@ def run(argv: list[str] | None) -> int:
     except NonFiniteLossError as error:
         return stop_early(progress, f"{error}; stopped. Lower --learning-rate, check the loss weights "
                                     "and the data", 1)
+    except NoStepError as error:
+        return stop_early(progress, str(error), 1)
     except OutputError as error:
         return stop_early(progress, str(error), 1)
     finally:
         if lock is not None:
             lock.close()  # releases the run folder
+
+
+def run_folder_refusal(folder: Path, error: OSError) -> str:
+    """Why the run folder cannot be created; for an unfinished run already there, the command that continues it."""
+    progress = run_progress(folder) if isinstance(error, FileExistsError) and is_unfinished_run(folder) else None
+    if progress is None:
+        return f"cannot create the run folder: {error}"
+    done, epochs = progress
+    return (f"cannot create the run folder: {folder} already exists and holds an unfinished train.py run "
+            f"(epoch {done} of {epochs} in last.pt, no summary.json: it was stopped or killed, or is still "
+            f"training). Continue it with\n    python train.py --resume {shlex.quote(str(folder))}\n"
+            "or choose another --run-name (or remove the folder) to start afresh")
 
 
 def load_data(config: Config) -> dataset.LoadedDataset:

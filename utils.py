@@ -331,6 +331,21 @@ def new_output_dir(parent: Path, name: str) -> Path:
     return folder
 
 
+def is_unfinished_run(folder: Path) -> bool:
+    """Whether `folder` is a train.py run folder (config.json) without the summary.json a finished run writes last."""
+    return (Path(folder) / "config.json").is_file() and not (Path(folder) / "summary.json").exists()
+
+
+def run_progress(folder: Path) -> tuple[int, int] | None:
+    """(epochs done, EPOCHS) from the run's last.pt; None when it has none that loads (nothing to resume)."""
+    try:
+        # mmap: only the two numbers are read, not a checkpoint's hundreds of MB of weights.
+        state = torch.load(Path(folder) / "last.pt", map_location="cpu", weights_only=True, mmap=True)
+        return int(state["epoch"]), int(state["config"]["EPOCHS"])
+    except Exception:  # missing, truncated or foreign: any of them means no resumable progress
+        return None
+
+
 # The host has no '.' (see staging_host), so the last four dot-separated fields are unambiguous.
 STAGING_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}"
                              r"\.(?:tmp|partial|old)$")

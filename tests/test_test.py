@@ -178,6 +178,26 @@ def test_newest_run_is_the_default_and_reruns_never_mix(tiny_run, mixed_sizes, t
     assert not (preds / "tiny" / "stale.txt").exists() and (preds / "tiny" / "metrics.csv").exists()
 
 
+def test_the_newest_run_if_unfinished_is_used_with_a_warning_and_the_resume_command(tiny_run, mixed_sizes, tmp_path,
+                                                                                     capsys):
+    runs = tmp_path / "runs"
+    killed = runs / "killed"
+    shutil.copytree(tiny_run, killed)
+    (killed / "summary.json").unlink()  # as a kill -9 leaves it: best.pt and last.pt of epoch 2 of 6
+    last = torch.load(killed / "last.pt", weights_only=True)
+    last["epoch"], last["config"]["EPOCHS"] = 2, 6
+    torch.save(last, killed / "last.pt")
+    preds = tmp_path / "preds"
+    assert run_test("--runs-dir", runs, "--data-root", mixed_sizes, "--prediction-root", preds) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {killed} is an unfinished run (epoch 2 of 6, no summary.json)" in err, err
+    assert f"`python train.py --resume {killed}`" in err and "pass --checkpoint" in err
+    assert run_test("--checkpoint", killed / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds) == 0
+    assert "unfinished" not in capsys.readouterr().err  # a checkpoint chosen by name: no warning
+    assert run_test("--runs-dir", tiny_run.parent, "--data-root", mixed_sizes, "--prediction-root", preds) == 0
+    assert "unfinished" not in capsys.readouterr().err  # a finished run
+
+
 def test_subset_test_scores_only_the_held_out_images(tiny_run, demo_root, tmp_path, capsys):
     preds = tmp_path / "preds"
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
@@ -237,6 +257,41 @@ def test_unreadable_image_is_skipped_by_name_and_exit_code_says_so(tiny_run, mix
     assert code == 2
     assert "demo_0002.png" in capsys.readouterr().err
     assert sorted(p.name for p in (preds / "tiny" / "masks").iterdir()) == ["demo_0000.png", "demo_0001.png"]
+
+
+def test_a_broken_link_among_the_images_is_named_and_exit_code_says_so(tiny_run, mixed_sizes, tmp_path, capsys):
+    link = mixed_sizes / "images" / "demo_0002.png"
+    link.unlink()
+    link.symlink_to(tmp_path / "gone.png")
+    preds = tmp_path / "preds"
+    code = run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds)
+    captured = capsys.readouterr()
+    assert code == 2
+    assert f"warning: {link}: skipped, broken link (target missing: {tmp_path / 'gone.png'})" in captured.err
+    assert f"images:     2 from {mixed_sizes}, 1 more skipped (named below)" in captured.out
+    summary = json.loads((preds / "tiny" / "summary.json").read_text())
+    assert summary["count"] == 2 and any("demo_0002.png: skipped, broken link" in p for p in summary["problems"])
+    assert sorted(p.name for p in (preds / "tiny" / "masks").iterdir()) == ["demo_0000.png", "demo_0001.png"]
+    only_links = tmp_path / "only_links"
+    (only_links / "images").mkdir(parents=True)
+    (only_links / "images" / "a.png").symlink_to(tmp_path / "gone.png")
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", only_links,
+                    "--prediction-root", preds) == 1
+    assert "no .png/.jpg/.jpeg images; a.png: broken link" in capsys.readouterr().err
+
+
+def test_a_broken_link_outside_the_subset_is_not_counted_against_it(tiny_run, demo_root, tmp_path, capsys):
+    split = json.loads((tiny_run / "split.json").read_text())
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    for stem in (split["train"][0], split["test"][0]):
+        (data / "images" / f"{stem}.png").unlink()
+        (data / "images" / f"{stem}.png").symlink_to(tmp_path / "gone.png")
+    code = run_test("--checkpoint", tiny_run / "best.pt", "--data-root", data, "--subset", "test",
+                    "--prediction-root", tmp_path / "preds")
+    err = capsys.readouterr().err
+    assert code == 2 and f"{split['test'][0]}.png: skipped, broken link" in err
+    assert f"{split['train'][0]}.png" not in err
 
 
 def test_image_without_mask_is_predicted_but_not_scored(tiny_run, mixed_sizes, tmp_path, capsys):

@@ -118,11 +118,77 @@ def test_unusable_device_stops_before_any_run_folder(demo_root, tmp_path, capsys
 
 def test_last_batch_of_one_image_is_dropped(demo_root, tmp_path):
     # Random split of 24: 19 train images; batch 9 would leave a batch of 1, which BatchNorm cannot train on.
+    # 4 px with DEPTH 2: a 1x1 bottleneck, where BatchNorm raises on a batch of one (larger ones would not).
     code = train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "b1",
-                       "--epochs", "1", *TINY, "--batch-size", "9", "--split-group-column", "none",
-                       "--test-fraction", "0"])
+                       "--epochs", "1", *TINY, "--image-size", "4", "--batch-size", "9",
+                       "--split-group-column", "none", "--test-fraction", "0"])
     assert code == 0
     assert len(json.loads((tmp_path / "b1" / "split.json").read_text())["train"]) % 9 == 1
+
+
+@pytest.mark.parametrize("size, depth", [(16, 4), (4, 2)])
+def test_a_batch_of_one_at_a_1x1_bottleneck_is_refused_before_any_run_folder(demo_root, tmp_path, capsys, size,
+                                                                                depth):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", *TINY,
+                    "--image-size", str(size), "--depth", str(depth), "--batch-size", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"BATCH_SIZE 1 cannot train at IMAGE_SIZE {size} with DEPTH {depth}: the bottleneck is 1x1" in err
+    assert f"an IMAGE_SIZE above 2**DEPTH = {2 ** depth}" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_batch_of_one_trains_where_the_bottleneck_is_larger(demo_root, tmp_path):
+    # 17 px is padded to 32 (a multiple of 2**DEPTH): a 2x2 bottleneck, where one image per batch is fine.
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "one",
+                       "--epochs", "1", *TINY, "--image-size", "17", "--depth", "4", "--batch-size", "1"]) == 0
+    assert (tmp_path / "one" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("images, batch, world, steps", [(19, 9, 1, 2), (18, 9, 1, 2), (20, 9, 1, 3), (1, 4, 1, 0),
+                                                         (1, 1, 1, 1), (2, 4, 2, 0), (3, 2, 2, 1)])
+def test_steps_per_epoch_leave_out_a_dropped_batch_of_one(images, batch, world, steps):
+    assert train.steps_per_epoch(images, batch, world) == steps
+
+
+def test_a_run_that_could_make_no_optimiser_step_is_refused_before_any_run_folder(tmp_path, capsys):
+    from prepare_data import make_demo_dataset
+    data = make_demo_dataset(tmp_path / "two", count=2, size=64, seed=1)  # 1 train / 1 val image
+    runs = tmp_path / "runs"
+    code = train.main(["--data-root", str(data), "--runs-dir", str(runs), "--run-name", "never",
+                       "--epochs", "1", *TINY, "--batch-size", "4", "--split-group-column", "none",
+                       "--test-fraction", "0"])
+    captured = capsys.readouterr()
+    assert code == 1, captured.out
+    assert "the training split has 1 image(s), too few for one optimiser step of BATCH_SIZE 4" in captured.err
+    assert "Traceback" not in captured.err and "nan" not in captured.out
+    assert not runs.exists()
+
+
+def test_an_epoch_without_a_step_stops_the_run_and_removes_its_folder(tmp_path, monkeypatch, capsys):
+    from prepare_data import make_demo_dataset
+    data = make_demo_dataset(tmp_path / "two", count=2, size=64, seed=1)
+    monkeypatch.setattr(train, "check_steps", lambda *args: None)  # as if the up-front check had missed it
+    code = train.main(["--data-root", str(data), "--runs-dir", str(tmp_path / "runs"), "--run-name", "never",
+                       "--epochs", "1", *TINY, "--batch-size", "4", "--split-group-column", "none",
+                       "--test-fraction", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no optimiser step was made" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "never").exists()
+
+
+def test_an_epoch_without_a_step_raises_instead_of_reporting_nan():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from losses import BCEDiceLoss
+    from utils import build_model
+    model = build_model(Config(IMAGE_SIZE=32, BASE_CHANNELS=4, DEPTH=2, IN_CHANNELS=1))
+    one_image = TensorDataset(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32))
+    loader = DataLoader(one_image, batch_size=4, drop_last=True)  # gives no batch
+    with pytest.raises(RuntimeError, match="no optimiser step was made"):
+        train.train_one_epoch(model, loader, BCEDiceLoss(reduction="none"), torch.optim.Adam(model.parameters()),
+                              None, torch.device("cpu"), 0.5, "epoch 1/1 train")
 
 
 def interrupt_at_epoch(monkeypatch, epoch, error):
@@ -157,6 +223,27 @@ def test_ctrl_c_later_keeps_the_finished_epochs(demo_root, tmp_path, monkeypatch
     assert load_checkpoint(tmp_path / "c2" / "last.pt").state["epoch"] == 2
     assert load_checkpoint(tmp_path / "c2" / "best.pt").state["epoch"] <= 2
     assert len(list(csv.DictReader(open(tmp_path / "c2" / "history.csv")))) == 2
+
+
+def test_rerunning_the_command_of_an_unfinished_run_gives_the_resume_command(demo_root, tmp_path, monkeypatch,
+                                                                            capsys):
+    args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "killed", "--epochs", "6",
+            *TINY]
+    interrupt_at_epoch(monkeypatch, 3, KeyboardInterrupt())  # stopped after epoch 2 of 6, as a kill would leave it
+    assert train.main(args) == 130
+    run = tmp_path / "killed"
+    monkeypatch.undo()
+    capsys.readouterr()
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert train.main(args) == 1
+    err = capsys.readouterr().err
+    assert "holds an unfinished train.py run (epoch 2 of 6 in last.pt, no summary.json" in err, err
+    assert f"python train.py --resume {run}\n" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files  # nothing touched
+    assert train.main(["--resume", str(run)]) == 0 and (run / "summary.json").is_file()  # the command given works
+    assert train.main(args) == 1  # a finished run: no resume advice
+    err = capsys.readouterr().err
+    assert "already exists; choose another name or remove it" in err and "--resume" not in err
 
 
 def test_sigterm_stops_like_ctrl_c_keeping_the_finished_epochs_and_the_run_resumes(demo_root, tmp_path,
