@@ -122,7 +122,10 @@ FOLDS_FILE = "cvind.mat"  # variable `cvind`: the fold (1-5) of slice N at index
 # Each slice's raw intensities map linearly from these percentiles to 0..255, clipped
 # outside, so a few very bright pixels (vessels, fat) do not darken the whole slice.
 INTENSITY_PERCENTILES = (0.5, 99.5)
-METADATA_COLUMNS = ["image_id", "patient_id", "tumor_class", "height", "width", "fold"]
+METADATA_COLUMNS = ["image_id", "patient_id", "release_pid", "tumor_class", "height", "width", "fold"]
+# A release PID with letters after its digits (MR024780B beside MR024780) is a repeat study of the same person:
+# such IDs always share the tumour class, so patient_id drops the letters and a split keeps the person whole.
+REPEAT_STUDY_SUFFIX = re.compile(r"(?<=\d)[A-Za-z]+$")
 API_PAGE_SIZE = 100
 DOWNLOAD_ATTEMPTS = 3  # per file and run; each attempt resumes where the previous one stopped
 HTTP_TIMEOUT_S = 60
@@ -390,8 +393,8 @@ def convert_slice(number: int, mat: MatFile, staging: Path, size: int | None) ->
     image, mask = slice_pngs(figshare_slice, size)
     Image.fromarray(image).save(staging / "images" / f"{number}.png")
     Image.fromarray(mask).save(staging / "masks" / f"{number}.png")
-    return {"image_id": number, "patient_id": figshare_slice.patient_id,
-            "tumor_class": figshare_slice.tumor_class, "height": image.shape[0], "width": image.shape[1]}
+    return {"image_id": number, "patient_id": REPEAT_STUDY_SUFFIX.sub("", figshare_slice.patient_id),
+            "release_pid": figshare_slice.patient_id, "tumor_class": figshare_slice.tumor_class, "height": image.shape[0], "width": image.shape[1]}
 
 
 def convert_figshare(sources: list[Path], out: Path, size: int | None) -> int:

@@ -5,7 +5,7 @@
 
 Writes assets/dataset_example.png (slices with their expert masks),
 assets/curves.png (loss and Dice per epoch from history.csv) and
-assets/overlays.png (validation predictions over the image, ground truth
+assets/overlays.png (predictions of the held-out patients over the image, ground truth
 outlined, chosen at the 10th, 50th and 90th percentile of Dice and more).
 """
 
@@ -59,11 +59,11 @@ def curves(run: Path, out: Path) -> None:
     best = json.loads((run / "summary.json").read_text())["best_epoch"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     left.plot(epochs, column("train_loss"), label="train")
-    left.plot(epochs, column("val_loss"), label="validation")
+    left.plot(epochs, column("val_loss"), label="inner validation")
     left.set(title="BCE + Dice loss", xlabel="epoch")
     right.plot(epochs, column("train_dice"), label="train (augmented batches)")
-    right.plot(epochs, column("val_dice"), label="validation, mean per image")
-    right.plot(epochs, column("val_dice_pooled"), label="validation, pooled", linestyle="--")
+    right.plot(epochs, column("val_dice"), label="inner validation, mean per image")
+    right.plot(epochs, column("val_dice_pooled"), label="inner validation, pooled", linestyle="--")
     right.axvline(best, color="gray", linestyle=":", label=f"best epoch ({best})")
     right.set(title="Dice", xlabel="epoch", ylim=(0, 1))
     for axis in (left, right):
@@ -85,7 +85,7 @@ def overlays(predictions: Path, out: Path, count: int = 6) -> None:
         axis.imshow(Image.open(predictions / "overlays" / f"{row['image']}.png"))
         axis.set_title(f"slice {row['image']}: Dice {float(row['dice']):.2f}", fontsize=9)
         axis.axis("off")
-    fig.suptitle("red: prediction, green: expert outline (validation patients); " + CREDIT, fontsize=8)
+    fig.suptitle("red: prediction, green: expert outline (held-out patients, which chose nothing); " + CREDIT, fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     plt.close(fig)

@@ -96,11 +96,13 @@ SLICES = {  # N: (image, mask, label, PID)
 }
 FOLDS = [3, 1, 1, 5]
 EXPECTED_ROWS = [
-    {"image_id": "1", "patient_id": "MR040237H", "tumor_class": "meningioma", "height": "256", "width": "256",
+    {"image_id": "1", "patient_id": "MR040237", "release_pid": "MR040237H", "tumor_class": "meningioma", "height": "256", "width": "256",
      "fold": "3"},
-    {"image_id": "2", "patient_id": "100360", "tumor_class": "glioma", "height": "40", "width": "24", "fold": "1"},
-    {"image_id": "3", "patient_id": "100360", "tumor_class": "pituitary", "height": "40", "width": "24", "fold": "1"},
-    {"image_id": "4", "patient_id": "MR040237H", "tumor_class": "meningioma", "height": "24", "width": "40",
+    {"image_id": "2", "patient_id": "100360", "release_pid": "100360", "tumor_class": "glioma", "height": "40",
+     "width": "24", "fold": "1"},
+    {"image_id": "3", "patient_id": "100360", "release_pid": "100360", "tumor_class": "pituitary", "height": "40",
+     "width": "24", "fold": "1"},
+    {"image_id": "4", "patient_id": "MR040237", "release_pid": "MR040237H", "tumor_class": "meningioma", "height": "24", "width": "40",
      "fold": "5"},
 ]
 ZIP_A, ZIP_B = "brainTumorDataPublic_1-2.zip", "brainTumorDataPublic_3-4.zip"
