@@ -13,9 +13,10 @@ same command again continues where it stopped. Within each fold the inner
 validation patients choose the epoch and the decision rule; the held-out
 patients choose nothing.
 
-`compare A B` pairs the two cross-validations' held-out patients (the same
-folds: same SPLIT_SEED, data and fold count) and tests the per-patient mean
-Dice of B minus A with a Wilcoxon signed-rank test, overall and per tumour class.
+`compare A B` pairs the two cross-validations' held-out patients on the folds
+both have scored (the same folds: same SPLIT_SEED, data and fold count) and
+tests the per-patient mean Dice of B minus A with a Wilcoxon signed-rank
+test, overall and per tumour class.
 """
 
 from __future__ import annotations
@@ -269,12 +270,14 @@ def json_ready(value):
 # ----------------------------------------------------------------------------- paired comparison
 
 
-def patient_means(cv_dir: Path) -> tuple[dict[str, float], dict[str, str], dict[str, list[str]]]:
-    """Each held-out patient's mean Dice, its tumour class ("" if unknown), and each fold's held-out slices."""
+def patient_means(cv_dir: Path, folds: set[int]) -> tuple[dict[str, float], dict[str, str], dict[int, list[str]]]:
+    """Each held-out patient's mean Dice in `folds`, its tumour class ("" if unknown), and each fold's slices."""
     dice: dict[str, list[float]] = {}
     classes: dict[str, str] = {}
     slices = {}
     for fold, (rows, column) in held_out_rows(cv_dir).items():
+        if fold not in folds:
+            continue
         if not column or column not in rows[0]:
             raise ValueError(f"{cv_dir}: fold {fold} was not split by patient (or its metrics.csv lacks the "
                              "patient column), so its patients cannot be paired")
@@ -286,10 +289,13 @@ def patient_means(cv_dir: Path) -> tuple[dict[str, float], dict[str, str], dict[
 
 
 def compare(first: Path, second: Path) -> int:
-    """Print the paired per-patient comparison of two cross-validations (B minus A); the exit code."""
+    """Print the paired per-patient comparison of two cross-validations (B minus A) on the folds both scored."""
     try:
-        means_a, classes, slices_a = patient_means(first)
-        means_b, _, slices_b = patient_means(second)
+        common = set(held_out_rows(first)) & set(held_out_rows(second))
+        if not common:
+            raise ValueError(f"{first} and {second} have no scored fold in common")
+        means_a, classes, slices_a = patient_means(first, common)
+        means_b, _, slices_b = patient_means(second, common)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -298,8 +304,8 @@ def compare(first: Path, second: Path) -> int:
               "SPLIT_SEED, data or fold count?), so their patients cannot be paired fold by fold", file=sys.stderr)
         return 1
     patients = sorted(means_a)
-    print(f"A = {first}\nB = {second}\n{len(patients)} held-out patients, each scored by the mean Dice of its "
-          "slices, B minus A:")
+    print(f"A = {first}\nB = {second}\nfolds scored in both: {', '.join(map(str, sorted(common)))}\n"
+          f"{len(patients)} held-out patients, each scored by the mean Dice of its slices, B minus A:")
     groups = {"all patients": patients}
     for name in sorted(set(classes.values()) - {""}):
         groups[name] = [p for p in patients if classes[p] == name]
