@@ -602,7 +602,8 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
 
     1.0: every positive scores above every negative; 0.5: no better than
     chance. Images whose score is NaN are left out; NaN when the remaining
-    labels are all of one class.
+    labels are all of one class, or every score is the same (nothing ranks:
+    e.g. the zero uncertainty of a model ensembled with itself).
 
     Args:
         scores: one value per image; higher should mean "more likely positive".
@@ -611,7 +612,7 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     from sklearn.metrics import roc_auc_score  # here, not at the top: it adds about 1 s to `import metrics`
 
     scores, labels = _defined_pairs(scores, labels)
-    if labels.size == 0 or np.all(labels == labels[0]):
+    if labels.size == 0 or np.all(labels == labels[0]) or np.all(scores == scores[0]):
         return math.nan
     return float(roc_auc_score(labels.astype(bool), scores))
 

@@ -285,6 +285,7 @@ def test_rank_correlation_and_auroc():
     assert math.isnan(rank_correlation([1, 1, 1], [1, 2, 3]))
     assert auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == pytest.approx(0.75)
     assert math.isnan(auroc([0.1, 0.2], [True, True]))
+    assert math.isnan(auroc([0.0, 0.0, 0.0], [True, False, True]))  # a self-ensemble's zero uncertainty ranks nothing
 
 
 def test_summarise_leaves_out_undefined_values():
