@@ -36,9 +36,11 @@ import torch
 from PIL import Image
 
 import dataset
-import test as test_script
 from config import Config, build_parser, config_from_args
-from inference import native_probabilities
+import outputs
+from evaluation import predict_and_write
+from inference import find_images, native_probabilities
+from scoring import Scoring
 from losses import BCEDiceLoss
 from model import count_parameters
 from train import load_data, make_loaders, train_step
@@ -92,24 +94,23 @@ def time_inference(config: Config, device: torch.device, count: int, native_size
     set_seed(config.SEED)
     model = build_model(config).to(device)
     loaded = LoadedCheckpoint(model=model, config=config, state={}, warnings=[])
-    scoring = test_script.Scoring(group_column="", strata_columns=[], labels={}, spacing=None, spacing_source="",
-                                  class_mix=None)
+    scoring = Scoring(group_column="", strata_columns=[], labels={}, spacing=None, spacing_source="", class_mix=None)
     args = argparse.Namespace(postprocess="none", subset="all")
     network = f"{'float32' if config.AMP == 'off' else config.AMP}{', channels last' if config.CHANNELS_LAST else ''}"
     settings = {"float32, inline, compress_level 6": (dataclasses.replace(config, AMP="off", CHANNELS_LAST=False),
                                                       0, 6),
-                f"{network}, {test_script.WRITE_THREADS} threads, compress_level {test_script.PNG_COMPRESS_LEVEL}":
-                    (config, test_script.WRITE_THREADS, test_script.PNG_COMPRESS_LEVEL)}
+                f"{network}, {outputs.WRITE_THREADS} threads, compress_level {outputs.PNG_COMPRESS_LEVEL}":
+                    (config, outputs.WRITE_THREADS, outputs.PNG_COMPRESS_LEVEL)}
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "native"
-        images, masks = test_script.find_images(Path(config.DATA_ROOT))
+        images, masks = find_images(Path(config.DATA_ROOT))
         for sub, paths, resample in (("images", images[:count], Image.Resampling.BILINEAR),
                                      ("masks", [masks[dataset.stem_key(path)] for path in images[:count]],
                                       Image.Resampling.NEAREST)):
             (root / sub).mkdir(parents=True)
             for path in paths:
                 Image.open(path).resize((native_size, native_size), resample).save(root / sub / path.name)
-        images, masks = test_script.find_images(root)
+        images, masks = find_images(root)
         first = [dataset.read_image(images[0], config.IN_CHANNELS)]
         results = {}
         for name, (options, threads, level) in settings.items():
@@ -117,8 +118,8 @@ def time_inference(config: Config, device: torch.device, count: int, native_size
             model.to(memory_format=torch.channels_last if options.CHANNELS_LAST else torch.contiguous_format)
             # untimed first pass: a timed setting should not pay for its first-call allocations
             native_probabilities(model, config, first, device, amp=options.AMP, channels_last=options.CHANNELS_LAST)
-            staging = test_script.start_staging(Path(folder) / "predictions", "bench", overwrite=False)
-            summary, _ = test_script.predict_and_write([loaded], [Path(folder) / "bench.pt"], images, masks, scoring,
+            staging = outputs.start_staging(Path(folder) / "predictions", "bench", overwrite=False)
+            summary, _ = predict_and_write([loaded], [Path(folder) / "bench.pt"], images, masks, scoring,
                                                        staging, device, options, args, time.perf_counter(),
                                                        write_threads=threads, compress_level=level)
             results[name] = round(summary["images_per_second"], 2)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 import os
 import shlex
@@ -40,11 +39,12 @@ from losses import BCEDiceLoss
 from metrics import MetricTracker, dice_per_image
 from model import count_parameters
 from postprocess import DecisionRule, search_rule
+from runfolder import SUMMARY_FILE, is_unfinished_run, read_saved_config, read_split, read_summary, run_progress
 from utils import (CheckpointError, OutputError, RunFolderBusy, autocast, average_over_processes, build_model,
                    check_amp, compile_model, from_main_process, gather_objects, init_distributed, interruption,
-                   is_main_process, is_unfinished_run, load_checkpoint, lock_run_folder, model_arguments,
+                   is_main_process, load_checkpoint, lock_run_folder, model_arguments,
                    new_output_dir, pick_device, random_states, rank_and_world, remove_stale_staging, resolve_amp,
-                   restore_random_states, run_progress, save_checkpoints, save_json, set_seed, sigterm_as_interrupt,
+                   restore_random_states, save_checkpoints, save_json, set_seed, sigterm_as_interrupt,
                    write_atomic)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",
@@ -286,10 +286,9 @@ def run(argv: list[str] | None) -> int:
             config, resumed = resume_point(Path(args.resume), flags)
         except (ValueError, CheckpointError, OSError, RunFolderBusy) as error:
             return fail(str(error))
-        summary_path = Path(args.resume) / "summary.json"
-        if summary_path.is_file() and stop_reason(config, resumed["epoch"], resumed["best_epoch"],
+        if (Path(args.resume) / SUMMARY_FILE).is_file() and stop_reason(config, resumed["epoch"], resumed["best_epoch"],
                                                   resumed["minutes"]):
-            summary = json.loads(summary_path.read_text())
+            summary = read_summary(Path(args.resume))
             if is_main_process():
                 print(f"{args.resume} has finished ({summary['epochs_run']} epochs, {summary['stop_reason']}): "
                       "nothing to do" + ("; give a larger --epochs to train it longer"
@@ -443,7 +442,7 @@ def resume_point(run_dir: Path, flags: dict) -> tuple[Config, dict]:
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{run_dir}: not a run folder of train.py (no config.json)")
-    saved, _ = Config.from_saved(json.loads(config_path.read_text()))
+    saved, _ = Config.from_saved(read_saved_config(run_dir))
     contradicting = [f"--{name.lower().replace('_', '-')} {value} (the run has {getattr(saved, name)})"
                      for name, value in flags.items() if name != "EPOCHS" and not flag_matches(name, value, saved)]
     if contradicting:
@@ -475,7 +474,7 @@ def flag_matches(name: str, value: object, saved: Config) -> bool:
 
 def check_same_split(run_dir: Path, data: dataset.LoadedDataset, split: dataset.Split) -> None:
     """Raise ValueError unless the data gives the split `run_dir` was trained on (its split.json)."""
-    saved = json.loads((run_dir / "split.json").read_text())
+    saved = read_split(run_dir)
     if any(saved.get(role, []) != [data.pairs[i].stem for i in getattr(split, role)] for role in SPLIT_ROLES):
         raise ValueError(f"the data at {saved['data_root']} no longer gives the split of "
                          f"{run_dir / 'split.json'} (files added, removed or renamed); start a new run")
