@@ -30,6 +30,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -124,7 +125,7 @@ def time_inference(config: Config, device: torch.device, count: int, native_size
     return results
 
 
-def batches(loader: torch.utils.data.DataLoader):
+def batches(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The loader's batches, epoch after epoch, without end."""
     while True:
         yield from loader
@@ -154,6 +155,7 @@ def supports(device: torch.device, amp: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """bench.py's command line; prints the timings, returns the exit code."""
     parser = build_parser(__doc__)
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocations, kernel choice, "

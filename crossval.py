@@ -319,6 +319,7 @@ def fold_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """crossval.py's command line (run, table, compare); the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)

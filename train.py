@@ -29,7 +29,9 @@ from typing import IO
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -126,7 +128,8 @@ def check_sampling(config: Config, world: int) -> None:
                          "all); use --hard-sampling 0 under torchrun")
 
 
-def train_step(model, images, masks, loss_fn, optimizer, scheduler=None, amp: str = "off",
+def train_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, loss_fn: nn.Module,
+               optimizer: torch.optim.Optimizer, scheduler: LRScheduler | None = None, amp: str = "off",
                scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch already on the model's device; returns (losses, logits).
 
@@ -161,7 +164,8 @@ class NoStepError(RuntimeError):
     """An epoch ended without a single optimiser step: its loss and Dice would be NaN, its weights untrained."""
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, threshold, desc,
+def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: LRScheduler | None, device: torch.device, threshold: float, desc: str,
                     on_step: Callable[[int, float], None] | None = None, amp: str = "off",
                     scaler: torch.amp.GradScaler | None = None,
                     memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
@@ -206,7 +210,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, thresh
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fn, device, threshold, desc, keep: int = 0,
+def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device | str, threshold: float,
+             desc: str, keep: int = 0,
              memory_format: torch.memory_format = torch.contiguous_format) -> tuple[dict[str, float], torch.Tensor]:
     """Validation loss and metrics (per-image means and pooled), and the probabilities of the first `keep` images.
 
@@ -262,6 +267,7 @@ class RunProgress:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """train.py's command line; the exit code (the process group is left on the way out)."""
     try:
         with sigterm_as_interrupt():
             return run(argv)
@@ -538,7 +544,7 @@ class Optimisation:
     """What a training step uses besides the model: built by `build_optimisation` for train.py and bench.py alike."""
 
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scheduler: LRScheduler | None
     scaler: torch.amp.GradScaler  # a pass-through unless AMP is fp16
     loss_fn: BCEDiceLoss
 
@@ -635,6 +641,7 @@ def estimate_announcer(config: Config, device: torch.device, train_steps: int,
                        val_share: float) -> Callable[[int, float], None]:
     """An on_step callback that, after the first few steps, says how long the run will take (and how to go faster)."""
     def announce_estimate(step: int, seconds: float) -> None:
+        """Called after each of the first epoch's steps; speaks once."""
         if step != min(ESTIMATE_AFTER_STEPS, train_steps):
             return
         minutes = estimate_minutes(seconds / step, config, train_steps, val_share)
