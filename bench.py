@@ -16,9 +16,9 @@ line, so you see what is worth switching on.
 `--inference N` instead times test.py's prediction loop (decoding, the model,
 resizing back, the three PNGs per image, per-image scores) on the first N
 images, upscaled to `--native-size` px in a temporary folder, with an
-untrained model of the config's architecture: once the way test.py first
-ran (float32, PNGs written inline at PIL's default compression) and once as
-it runs now with the config's AMP and CHANNELS_LAST.
+untrained model of the config's architecture: once plainly (float32, PNGs
+written inline at PIL's default compression) and once as test.py runs with
+the config's AMP and CHANNELS_LAST, writing threads and fast compression.
 """
 
 from __future__ import annotations
@@ -30,19 +30,21 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 import dataset
-import test as test_script
 from config import Config, build_parser, config_from_args
-from inference import native_probabilities
-from losses import BCEDiceLoss
+import outputs
+from evaluation import predict_and_write
+from inference import find_images, native_probabilities
+from scoring import Scoring
 from model import count_parameters
-from train import load_data, make_loaders, train_step
-from utils import LoadedCheckpoint, build_model, check_amp, compile_model, pick_device, resolve_amp, set_seed
+from train import build_optimisation, load_data, make_loaders, train_step
+from utils import LoadedCheckpoint, build_model, check_amp, compile_model, memory_format_for, set_seed, setup_runtime
 
 SPEED_KEYS = ("AMP", "CHANNELS_LAST", "COMPILE")
 
@@ -52,11 +54,9 @@ def time_training(config: Config, loader: torch.utils.data.DataLoader, device: t
     """Training images/s of `config`'s model, precision and memory format on batches from `loader`."""
     set_seed(config.SEED)
     torch._dynamo.reset()  # each combination compiles afresh, not against the previous model's guards
-    memory_format = torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
+    memory_format = memory_format_for(config.CHANNELS_LAST)
     model = build_model(config).to(device, memory_format=memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.LEARNING_RATE)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.AMP == "fp16")
-    loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT)
+    optimisation = build_optimisation(model, config, device, len(loader))  # what train.py steps with
     stream = batches(loader)
     net, compiled = model, False
     if config.COMPILE:
@@ -71,7 +71,8 @@ def time_training(config: Config, loader: torch.utils.data.DataLoader, device: t
             start = time.perf_counter()
         images, masks = next(stream)
         train_step(net, images.to(device, non_blocking=True, memory_format=memory_format),
-                   masks.to(device, non_blocking=True), loss_fn, optimizer, amp=config.AMP, scaler=scaler)
+                   masks.to(device, non_blocking=True), optimisation.loss_fn, optimisation.optimizer,
+                   optimisation.scheduler, amp=config.AMP, scaler=optimisation.scaler)
     synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     result = {"amp": config.AMP, "channels_last": config.CHANNELS_LAST, "compile": config.COMPILE,
@@ -85,47 +86,46 @@ def time_training(config: Config, loader: torch.utils.data.DataLoader, device: t
 def time_inference(config: Config, device: torch.device, count: int, native_size: int) -> dict:
     """test.py's prediction-and-writing images/s on `count` images upscaled to `native_size` px.
 
-    Side by side: test.py as it first was (float32, PNGs written inline at
-    PIL's default compression) and as it runs now with `config`'s AMP and
+    Side by side: a plain baseline (float32, PNGs written inline at PIL's
+    default compression) and test.py's way with `config`'s AMP and
     CHANNELS_LAST (AMP already resolved), writing threads and fast compression.
     """
     set_seed(config.SEED)
     model = build_model(config).to(device)
     loaded = LoadedCheckpoint(model=model, config=config, state={}, warnings=[])
-    scoring = test_script.Scoring(group_column="", strata_columns=[], labels={}, spacing=None, spacing_source="",
-                                  class_mix=None)
+    scoring = Scoring(group_column="", strata_columns=[], labels={}, spacing=None, spacing_source="", class_mix=None)
     args = argparse.Namespace(postprocess="none", subset="all")
     network = f"{'float32' if config.AMP == 'off' else config.AMP}{', channels last' if config.CHANNELS_LAST else ''}"
     settings = {"float32, inline, compress_level 6": (dataclasses.replace(config, AMP="off", CHANNELS_LAST=False),
                                                       0, 6),
-                f"{network}, {test_script.WRITE_THREADS} threads, compress_level {test_script.PNG_COMPRESS_LEVEL}":
-                    (config, test_script.WRITE_THREADS, test_script.PNG_COMPRESS_LEVEL)}
+                f"{network}, {outputs.WRITE_THREADS} threads, compress_level {outputs.PNG_COMPRESS_LEVEL}":
+                    (config, outputs.WRITE_THREADS, outputs.PNG_COMPRESS_LEVEL)}
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "native"
-        images, masks = test_script.find_images(Path(config.DATA_ROOT))
+        images, masks = find_images(Path(config.DATA_ROOT))
         for sub, paths, resample in (("images", images[:count], Image.Resampling.BILINEAR),
                                      ("masks", [masks[dataset.stem_key(path)] for path in images[:count]],
                                       Image.Resampling.NEAREST)):
             (root / sub).mkdir(parents=True)
             for path in paths:
                 Image.open(path).resize((native_size, native_size), resample).save(root / sub / path.name)
-        images, masks = test_script.find_images(root)
+        images, masks = find_images(root)
         first = [dataset.read_image(images[0], config.IN_CHANNELS)]
         results = {}
         for name, (options, threads, level) in settings.items():
             options = dataclasses.replace(options, DATA_ROOT=str(root))
-            model.to(memory_format=torch.channels_last if options.CHANNELS_LAST else torch.contiguous_format)
+            model.to(memory_format=memory_format_for(options.CHANNELS_LAST))
             # untimed first pass: a timed setting should not pay for its first-call allocations
             native_probabilities(model, config, first, device, amp=options.AMP, channels_last=options.CHANNELS_LAST)
-            staging = test_script.start_staging(Path(folder) / "predictions", "bench", overwrite=False)
-            summary, _ = test_script.predict_and_write([loaded], [Path(folder) / "bench.pt"], images, masks, scoring,
+            staging = outputs.start_staging(Path(folder) / "predictions", "bench", overwrite=False)
+            summary, _ = predict_and_write([loaded], [Path(folder) / "bench.pt"], images, masks, scoring,
                                                        staging, device, options, args, time.perf_counter(),
                                                        write_threads=threads, compress_level=level)
             results[name] = round(summary["images_per_second"], 2)
     return results
 
 
-def batches(loader: torch.utils.data.DataLoader):
+def batches(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The loader's batches, epoch after epoch, without end."""
     while True:
         yield from loader
@@ -155,6 +155,7 @@ def supports(device: torch.device, amp: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """bench.py's command line; prints the timings, returns the exit code."""
     parser = build_parser(__doc__)
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocations, kernel choice, "
@@ -171,27 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--inference and --native-size must be at least 1")
     config = config_from_args(parser, args)
     if args.inference is not None:
-        try:
-            device = pick_device(config.DEVICE)
-            config = dataclasses.replace(config, AMP=resolve_amp(device, config.AMP))
-            check_amp(device, config.AMP)
-            results = time_inference(config, device, args.inference, args.native_size)
-        except (FileNotFoundError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        first = next(iter(results.values()))
-        width = max(len(name) for name in results)
-        print(f"{'network, writing':{width}} {'images/s':>8} {'vs first':>8}")
-        for name, speed in results.items():
-            print(f"{name:{width}} {speed:8.2f} {speed / first:7.2f}x")
-        print(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "image_size": config.IMAGE_SIZE,
-                          "native_size": args.native_size, "images": args.inference, "images_per_second": results}))
-        return 0
+        return bench_inference(config, args.inference, args.native_size)
     try:
-        device = pick_device(config.DEVICE)
-        config = dataclasses.replace(config, AMP=resolve_amp(device, config.AMP))
-        if not args.compare:
-            check_amp(device, config.AMP)
+        device, config = setup_runtime(config, check=not args.compare)  # --compare checks each combination
         data = load_data(config)
     except (dataset.DatasetError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -227,6 +210,24 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report |= {k: v for k, v in results[0].items() if k != "parameters_millions"}
     print(json.dumps(report))
+    return 0
+
+
+def bench_inference(config: Config, count: int, native_size: int) -> int:
+    """bench.py --inference: time test.py's prediction loop both ways and print the table and JSON line."""
+    try:
+        device, config = setup_runtime(config)
+        results = time_inference(config, device, count, native_size)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    first = next(iter(results.values()))
+    width = max(len(name) for name in results)
+    print(f"{'network, writing':{width}} {'images/s':>8} {'vs first':>8}")
+    for name, speed in results.items():
+        print(f"{name:{width}} {speed:8.2f} {speed / first:7.2f}x")
+    print(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "image_size": config.IMAGE_SIZE,
+                      "native_size": native_size, "images": count, "images_per_second": results}))
     return 0
 
 

@@ -257,9 +257,3 @@ def with_recipe(base: Config, overrides: dict[str, Any]) -> Config:
     if recipe and recipe not in RECIPES:
         raise ValueError(f"invalid config: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     return dataclasses.replace(base, **{**RECIPES.get(recipe, {}), **overrides})
-
-
-def parse_config(argv: list[str] | None = None, description: str = "") -> Config:
-    """Parse a command line made only of config overrides; bad ones exit with a message."""
-    parser = build_parser(description)
-    return config_from_args(parser, parser.parse_args(argv))

@@ -33,7 +33,8 @@ import numpy as np
 
 from metrics import describe_paired_comparison, paired_comparison
 from report import read_metrics
-from utils import write_atomic
+from runfolder import read_split, read_summary
+from utils import json_ready, write_atomic
 
 HERE = Path(__file__).resolve().parent
 TAIL_DICE = 0.3  # the table's "share of slices below" this Dice, as in test.py's summary
@@ -146,8 +147,7 @@ def held_out_rows(cv_dir: Path) -> dict[int, tuple[list[dict[str, str]], str]]:
     for run_dir in fold_dirs(cv_dir):
         path = cv_dir / "heldout" / run_dir.name / "metrics.csv"
         if path.is_file():
-            split = json.loads((run_dir / "split.json").read_text())
-            found[int(run_dir.name[4:])] = (read_metrics(path), split.get("group_column") or "")
+            found[int(run_dir.name[4:])] = (read_metrics(path), read_split(run_dir).get("group_column") or "")
     if not found:
         raise FileNotFoundError(f"{cv_dir}: no scored fold (heldout/fold<k>/metrics.csv); run crossval.py run first")
     return found
@@ -198,7 +198,7 @@ def collect(cv_dir: Path, class_mix: dict[str, float] | None) -> dict:
         if key not in ("slices", "patients") and values:
             over_folds[key] = {"mean": float(np.mean(values)),
                                "sd": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan}
-    minutes = {int(d.name[4:]): json.loads((d / "summary.json").read_text()).get("minutes")
+    minutes = {int(d.name[4:]): read_summary(d).get("minutes")
                for d in fold_dirs(cv_dir) if (d / "summary.json").is_file()}
     return {"cv_dir": str(cv_dir), "folds": folds, "pooled": pooled, "over_folds": over_folds,
             "training_minutes": minutes, "class_mix": class_mix, "dice_below": TAIL_DICE}
@@ -254,17 +254,6 @@ def write_table(cv_dir: Path, class_mix: dict[str, float] | None) -> int:
     write_atomic(Path(cv_dir) / "crossval.md", table)
     print(table + f"\nwritten: {Path(cv_dir) / 'crossval.md'} and crossval.json")
     return 0
-
-
-def json_ready(value):
-    """`value` with NaN as None and int keys as text, so crossval.json is strict JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {str(key): json_ready(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [json_ready(item) for item in value]
-    return value
 
 
 # ----------------------------------------------------------------------------- paired comparison
@@ -336,6 +325,7 @@ def fold_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """crossval.py's command line (run, table, compare); the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)

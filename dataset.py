@@ -869,6 +869,7 @@ class HardExampleSampler(torch.utils.data.Sampler[int]):
         return {"losses": self.losses.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the losses a checkpoint saved (refused when they cover another number of slices)."""
         if state["losses"].shape != self.losses.shape:
             raise ValueError(f"saved sampler losses cover {len(state['losses'])} slices, this split has {self.count}")
         self.losses = state["losses"].clone().float()

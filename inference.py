@@ -1,21 +1,25 @@
-"""Running a trained model on whole images: the preprocessing training used, TTA, probabilities at native size.
+"""Running trained models on whole images: the preprocessing training used, TTA, ensembles, native-size maps.
 
 One path serves train.py (choosing the decision rule on validation images)
-and test.py, so an image is prepared exactly as the model saw images in
+and test.py (`predict`: a folder's images, batched, through one model or an
+ensemble), so an image is prepared exactly as the model saw images in
 training: decoded with `dataset.read_image`, cropped and resized with
 `dataset.prepare_input`, normalised with `dataset.normalize`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import dataset
 from config import Config
-from utils import autocast
+from utils import LoadedCheckpoint, autocast, memory_format_for
 
 
 def prepare_image(image: np.ndarray, config: Config) -> tuple[torch.Tensor, dataset.Box]:
@@ -95,8 +99,111 @@ def model_views(model: torch.nn.Module, config: Config, images: Sequence[np.ndar
     """`view_probabilities` (N, 1, S, S) of a batch of native images as the model was trained, and their crop boxes."""
     model.eval()
     prepared = [prepare_image(image, config) for image in images]
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    inputs = torch.stack([tensor for tensor, _ in prepared]).to(device, memory_format=memory_format)
+    inputs = torch.stack([tensor for tensor, _ in prepared])
+    inputs = inputs.to(device, memory_format=memory_format_for(channels_last))
     with autocast(device, amp):
         views = view_probabilities(model, inputs, tta)
     return views, [box for _, box in prepared]
+
+
+@dataclass
+class Prediction:
+    """One image's probability map at its own resolution, with the decoded image and optional mask."""
+
+    stem: str
+    image: np.ndarray  # uint8 (H, W, 3) for display
+    probability: np.ndarray  # float32 (H, W)
+    mask: np.ndarray | None  # uint8 {0, 1} (H, W), None without ground truth
+    spread: np.ndarray | None  # float32 (H, W) std of the views'/members' probabilities; None with one view
+
+
+def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
+    """Images under data_root/images, and masks by stem when data_root/masks exists."""
+    image_dir = Path(data_root) / "images"
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{image_dir}: folder of images to predict is missing")
+    by_stem = dataset.files_by_stem(image_dir)
+    if not by_stem:
+        unusable = "".join(f"; {path.name}: {reason}" for path, reason in dataset.unusable_entries(image_dir).items())
+        raise FileNotFoundError(f"{image_dir}: no {'/'.join(dataset.IMAGE_EXTENSIONS)} images{unusable}")
+    shared = sorted(stem for stem, files in by_stem.items() if len(files) > 1)
+    if shared:  # their outputs would overwrite each other
+        raise ValueError(f"{image_dir}: several images share the stem(s) {', '.join(shared)}")
+    images = [files[0] for _, files in sorted(by_stem.items())]
+    mask_dir = Path(data_root) / "masks"
+    if not mask_dir.is_dir():
+        return images, None
+    return images, {stem: files[0] for stem, files in dataset.files_by_stem(mask_dir).items()}
+
+
+def combined_spread(means: list[np.ndarray], spreads: list[np.ndarray]) -> np.ndarray:
+    """Standard deviation over every view of every member, from each member's views' mean and deviation.
+
+    Members (each with as many views) are compared at the image's size, where
+    their maps meet: total variance = mean within-member variance + variance
+    of the members' means. Two copies of one model add exactly nothing.
+    """
+    mean = sum(means) / len(means)
+    within = sum(spread ** 2 for spread in spreads) / len(spreads)
+    between = sum((member - mean) ** 2 for member in means) / len(means)
+    return np.sqrt(within + between)
+
+
+def read_input(path: Path, channels: list[int],
+               masks: dict[str, Path] | None) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
+    """An image decoded once per channel count, and its mask (None without one); raises on a bad file."""
+    decoded = dataset.read_image_as(path, channels)  # RGB for display, and as each model was trained
+    key = dataset.stem_key(path)
+    if masks is None or key not in masks:
+        return decoded, None
+    mask = dataset.read_mask(masks[key])
+    if mask.shape != decoded[3].shape[:2]:
+        raise ValueError(f"mask {masks[key].name} is {mask.shape[1]}x{mask.shape[0]}, "
+                         f"image is {decoded[3].shape[1]}x{decoded[3].shape[0]}")
+    return decoded, mask
+
+
+def predict_batch(models: list[LoadedCheckpoint], batch: list[tuple[Path, dict[int, np.ndarray], np.ndarray | None]],
+                  device: torch.device, options: Config, with_spread: bool) -> Iterator[Prediction]:
+    """The Predictions of one batch of decoded images: the members' mean map, and their spread when asked."""
+    speed = {"tta": options.TTA, "amp": options.AMP, "channels_last": options.CHANNELS_LAST}
+    maps, spreads = [], []  # per member: a map per image
+    for loaded in models:
+        inputs = [decoded[loaded.config.IN_CHANNELS] for _, decoded, _ in batch]
+        if with_spread:
+            member_maps, member_spreads = native_probabilities_and_spreads(loaded.model, loaded.config, inputs,
+                                                                           device, **speed)
+            spreads.append(member_spreads)
+        else:
+            member_maps = native_probabilities(loaded.model, loaded.config, inputs, device, **speed)
+        maps.append(member_maps)
+    for index, (path, decoded, mask) in enumerate(batch):
+        means = [member[index] for member in maps]
+        spread = combined_spread(means, [member[index] for member in spreads]) if with_spread else None
+        yield Prediction(path.stem, decoded[3], sum(means) / len(models), mask, spread)
+
+
+def predict(models: list[LoadedCheckpoint], images: list[Path], masks: dict[str, Path] | None,
+            device: torch.device, options: Config, with_spread: bool,
+            unreadable: list[str]) -> Iterator[Prediction]:
+    """Yield a Prediction per readable image: the mean probability of `models`, each run as it was trained.
+
+    `options` gives the batch size, TTA, AMP and CHANNELS_LAST (the models
+    already in that memory format). With `with_spread`, also the per-pixel
+    standard deviation over every TTA view of every model. Unreadable files
+    are named in `unreadable` and skipped.
+    """
+    channels = sorted({3, *(loaded.config.IN_CHANNELS for loaded in models)})
+    batch: list[tuple[Path, dict[int, np.ndarray], np.ndarray | None]] = []
+    for path in tqdm(images, desc="predict", dynamic_ncols=True):
+        try:
+            decoded, mask = read_input(path, channels, masks)
+        except Exception as error:  # any decoder error: report the file, keep going
+            unreadable.append(f"{path}: skipped, {error}")
+            continue
+        batch.append((path, decoded, mask))
+        if len(batch) == options.BATCH_SIZE:
+            yield from predict_batch(models, batch, device, options, with_spread)
+            batch = []
+    if batch:
+        yield from predict_batch(models, batch, device, options, with_spread)

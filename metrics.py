@@ -556,20 +556,6 @@ class CalibrationTracker:
         }
 
 
-def calibration_bins(probabilities: np.ndarray, targets: np.ndarray,
-                     bins: int = 10) -> dict[str, float | list[float] | list[int]]:
-    """`CalibrationTracker.summary` of all pixels at once; use the tracker to add images one by one.
-
-    Args:
-        probabilities: predicted tumour probabilities in [0, 1], any shape.
-        targets: ground truth of the same shape; nonzero = tumour.
-        bins: number of equal-width probability bins.
-    """
-    tracker = CalibrationTracker(bins)
-    tracker.update(probabilities, targets)
-    return tracker.summary()
-
-
 def _defined_pairs(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """x and y as float arrays without the pairs in which either is NaN."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)

@@ -534,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """prepare_data.py's command line; the exit code."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":

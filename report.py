@@ -448,6 +448,7 @@ def readme_tables() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """report.py's command line: (re)write a prediction folder's report.html; the exit code."""
     tolerant_console()
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["--readme"]:

@@ -11,10 +11,10 @@ summary.json, best.pt, last.pt and TensorBoard event files.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import io
-import json
 import math
 import os
 import shlex
@@ -24,28 +24,32 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import dataset
+from checkpoints import restore_random_draws, restore_training_state, training_state
 from config import Config, build_parser, config_from_args
 from inference import native_probabilities
 from losses import BCEDiceLoss
 from metrics import MetricTracker, dice_per_image
 from model import count_parameters
 from postprocess import DecisionRule, search_rule
+from runfolder import SUMMARY_FILE, is_unfinished_run, read_saved_config, read_split, read_summary, run_progress
 from utils import (CheckpointError, OutputError, RunFolderBusy, autocast, average_over_processes, build_model,
-                   check_amp, compile_model, from_main_process, gather_objects, init_distributed, interruption,
-                   is_main_process, is_unfinished_run, load_checkpoint, lock_run_folder, model_arguments,
-                   new_output_dir, pick_device, random_states, rank_and_world, remove_stale_staging, resolve_amp,
-                   restore_random_states, run_progress, save_checkpoints, save_json, set_seed, sigterm_as_interrupt,
-                   write_atomic)
+                   compile_model, from_main_process, gather_objects, interruption, is_main_process, load_checkpoint,
+                   lock_run_folder, memory_format_for, new_output_dir, pick_device, rank_and_world,
+                   remove_stale_staging, resolve_amp, save_checkpoints, save_json, set_seed, setup_runtime,
+                   sigterm_as_interrupt, write_atomic)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",
                    "val_pixel_accuracy", "val_dice_pooled", "val_iou_pooled", "learning_rate",
@@ -54,7 +58,7 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", 
 SPLIT_ROLES = {"train": "fits the weights", "val": "chooses the epoch and the decision rule (inner validation)",
                "test": "held out: chooses nothing; test.py --subset test scores it"}
 ESTIMATE_AFTER_STEPS = 5  # steps timed before the whole run's duration is estimated
-FAST_CPU_HINT = "--recipe cpu trains in 12 to 22 minutes on 2 CPU cores (see README, Recipes)"
+FAST_CPU_HINT = "--recipe cpu is made for a CPU (see README, Recipes, for its time)"
 # Every config key but test.py's own: those are refused by name rather than silently ignored.
 TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("TTA", "PREDICTION_ROOT"))
 
@@ -67,7 +71,8 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     for training (call its set_epoch every epoch) and every world-th
     validation image, so no image is validated twice. HARD_SAMPLING > 0
     draws training batches with a dataset.HardExampleSampler (one process
-    only, see check_sampling), which train_one_epoch feeds the losses.
+    only: run refuses it under torchrun, see check_sampling), which train_one_epoch
+    feeds the losses.
     """
     rank, world = rank_and_world()
     augment = dataset.training_augmentation(config.SEED + rank, flips=config.AUGMENT, affine=config.AUG_AFFINE,
@@ -83,7 +88,6 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     # DistributedSampler pads the training shares to one length; validation must not count an image twice.
     train_sampler = DistributedSampler(train_set, seed=config.SEED) if world > 1 else None
     if config.HARD_SAMPLING:
-        check_sampling(config, world)
         train_sampler = dataset.HardExampleSampler(len(train_set), config.HARD_SAMPLING, config.BATCH_SIZE,
                                                    generator)
     return (DataLoader(train_set, shuffle=train_sampler is None, sampler=train_sampler, generator=generator,
@@ -124,7 +128,8 @@ def check_sampling(config: Config, world: int) -> None:
                          "all); use --hard-sampling 0 under torchrun")
 
 
-def train_step(model, images, masks, loss_fn, optimizer, scheduler=None, amp: str = "off",
+def train_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, loss_fn: nn.Module,
+               optimizer: torch.optim.Optimizer, scheduler: LRScheduler | None = None, amp: str = "off",
                scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch already on the model's device; returns (losses, logits).
 
@@ -159,7 +164,8 @@ class NoStepError(RuntimeError):
     """An epoch ended without a single optimiser step: its loss and Dice would be NaN, its weights untrained."""
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, threshold, desc,
+def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: LRScheduler | None, device: torch.device, threshold: float, desc: str,
                     on_step: Callable[[int, float], None] | None = None, amp: str = "off",
                     scaler: torch.amp.GradScaler | None = None,
                     memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
@@ -204,7 +210,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, thresh
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fn, device, threshold, desc, keep: int = 0,
+def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: torch.device | str, threshold: float,
+             desc: str, keep: int = 0,
              memory_format: torch.memory_format = torch.contiguous_format) -> tuple[dict[str, float], torch.Tensor]:
     """Validation loss and metrics (per-image means and pooled), and the probabilities of the first `keep` images.
 
@@ -260,6 +267,7 @@ class RunProgress:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """train.py's command line; the exit code (the process group is left on the way out)."""
     try:
         with sigterm_as_interrupt():
             return run(argv)
@@ -277,69 +285,106 @@ def run(argv: list[str] | None) -> int:
                              "config.json; only --epochs may change (to extend a constant-schedule run)")
     args = parser.parse_args(argv)
     resumed, lock = None, None  # the lock is held until this function returns
-    if args.resume:
-        # Flags given explicitly are the upper-case attributes present (the others are suppressed).
-        flags = {name: value for name, value in vars(args).items() if name.isupper()}
-        try:
-            if is_main_process() and Path(args.resume, "last.pt").is_file():  # taken before last.pt is read
-                lock = lock_run_folder(Path(args.resume))
-            config, resumed = resume_point(Path(args.resume), flags)
-        except (ValueError, CheckpointError, OSError, RunFolderBusy) as error:
-            return fail(str(error))
-        summary_path = Path(args.resume) / "summary.json"
-        if summary_path.is_file() and stop_reason(config, resumed["epoch"], resumed["best_epoch"],
-                                                  resumed["minutes"]):
-            summary = json.loads(summary_path.read_text())
-            if is_main_process():
-                print(f"{args.resume} has finished ({summary['epochs_run']} epochs, {summary['stop_reason']}): "
-                      "nothing to do" + ("; give a larger --epochs to train it longer"
-                                         if config.LR_SCHEDULE == "constant" and not config.PATIENCE else ""))
-            return 0
-    else:
-        config = config_from_args(parser, args)
-
-    # Check the device and the data before anything is written: a bad dataset leaves no run folder.
     try:
-        device = init_distributed(pick_device(config.DEVICE))
-        if not is_main_process():
-            sys.stdout = open(os.devnull, "w")  # one process speaks for all (errors still reach stderr)
-        config = dataclasses.replace(config, AMP=resolve_amp(device, config.AMP))  # config.json records the result
-        slow_precision = check_amp(device, config.AMP)
-        if slow_precision and is_main_process():
-            print(f"warning: {slow_precision}", file=sys.stderr)
-        check_sampling(config, rank_and_world()[1])
-        group_column, split_note = dataset.resolve_split_column(Path(config.DATA_ROOT), config.SPLIT_GROUP_COLUMN)
-        config = dataclasses.replace(config, SPLIT_GROUP_COLUMN=group_column or "none")  # config.json: the result
-        if is_main_process():
-            print(("warning: " if not group_column else "") + split_note,
-                  file=sys.stderr if not group_column else sys.stdout)
-        data = load_data(config)
-        split = split_run(config, data)
-        check_steps(len(split.train), config, rank_and_world()[1])
-        if resumed is not None:
-            check_same_split(Path(args.resume), data, split)
-    except (dataset.DatasetError, ValueError) as error:
-        return fail(str(error))
-    run_dir: Path | str | None = None
+        if args.resume:
+            try:
+                config, resumed, lock = resume_settings(args)
+            except (ValueError, CheckpointError, OSError, RunFolderBusy) as error:
+                return fail(str(error))
+            if finished_already(Path(args.resume), config, resumed):
+                return 0
+        else:
+            config = config_from_args(parser, args)
+        # Check the device and the data before anything is written: a bad dataset leaves no run folder.
+        try:
+            config, device, data, split = check_run(config, args.resume if resumed is not None else None)
+        except (dataset.DatasetError, ValueError) as error:
+            return fail(str(error))
+        run_dir, new_lock = open_run_folder(config, Path(args.resume) if resumed is not None else None)
+        lock = lock or new_lock
+        if isinstance(run_dir, str):
+            return fail(run_dir)
+        return train_and_report(config, data, split, device, RunProgress(run_dir, resumed=resumed is not None),
+                                resumed)
+    finally:
+        if lock is not None:
+            lock.close()  # releases the run folder
+
+
+def resume_settings(args: argparse.Namespace) -> tuple[Config, dict, IO[str] | None]:
+    """--resume: the run's config, its last.pt contents, and the run folder's lock (main process)."""
+    # Flags given explicitly are the upper-case attributes present (the others are suppressed).
+    flags = {name: value for name, value in vars(args).items() if name.isupper()}
+    lock = None
+    if is_main_process() and Path(args.resume, "last.pt").is_file():  # taken before last.pt is read
+        lock = lock_run_folder(Path(args.resume))
+    try:
+        config, resumed = resume_point(Path(args.resume), flags)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return config, resumed, lock
+
+
+def finished_already(run_dir: Path, config: Config, resumed: dict) -> bool:
+    """Whether a resumed run has nothing left to do (said so on the console)."""
+    if not ((run_dir / SUMMARY_FILE).is_file()
+            and stop_reason(config, resumed["epoch"], resumed["best_epoch"], resumed["minutes"])):
+        return False
+    summary = read_summary(run_dir)
     if is_main_process():
-        folders = [Path(args.resume)] if resumed is not None else Path(config.RUNS_DIR).glob("*/")
+        print(f"{run_dir} has finished ({summary['epochs_run']} epochs, {summary['stop_reason']}): "
+              "nothing to do" + ("; give a larger --epochs to train it longer"
+                                 if config.LR_SCHEDULE == "constant" and not config.PATIENCE else ""))
+    return True
+
+
+def check_run(config: Config, resume_dir: str | None) -> tuple[Config, torch.device, dataset.LoadedDataset,
+                                                                dataset.Split]:
+    """Device, precision, split column, data and split, checked; raises DatasetError or ValueError."""
+    device, config = setup_runtime(config, distributed=True)  # config.json records the resolved AMP
+    if not is_main_process():
+        sys.stdout = open(os.devnull, "w")  # one process speaks for all (errors still reach stderr)
+    check_sampling(config, rank_and_world()[1])
+    group_column, split_note = dataset.resolve_split_column(Path(config.DATA_ROOT), config.SPLIT_GROUP_COLUMN)
+    config = dataclasses.replace(config, SPLIT_GROUP_COLUMN=group_column or "none")  # config.json: the result
+    if is_main_process():
+        print(("warning: " if not group_column else "") + split_note,
+              file=sys.stderr if not group_column else sys.stdout)
+    data = load_data(config)
+    split = split_run(config, data)
+    check_steps(len(split.train), config, rank_and_world()[1])
+    if resume_dir is not None:
+        check_same_split(Path(resume_dir), data, split)
+    return config, device, data, split
+
+
+def open_run_folder(config: Config, resume_dir: Path | None) -> tuple[Path | str, IO[str] | None]:
+    """The run folder (a new one, locked, or the resumed one) on every process, and its lock; a str says why not."""
+    run_dir: Path | str | None = None
+    lock = None
+    if is_main_process():
+        folders = [resume_dir] if resume_dir is not None else Path(config.RUNS_DIR).glob("*/")
         for folder in folders:
             for stale in remove_stale_staging(folder):
                 print(f"removed {stale}, a temporary file left by an interrupted run")
-        if resumed is not None:
-            run_dir = Path(args.resume)
-            print(f"resuming {run_dir} after epoch {resumed['epoch']} of {config.EPOCHS}")
+        if resume_dir is not None:
+            run_dir = resume_dir
         else:
             try:
                 run_dir = new_output_dir(Path(config.RUNS_DIR), config.RUN_NAME)
                 lock = lock_run_folder(run_dir)  # a --resume of this run while it trains is refused
             except OSError as error:
                 run_dir = run_folder_refusal(Path(config.RUNS_DIR) / config.RUN_NAME, error)
-    run_dir = from_main_process(run_dir)  # the other processes only need to know whether it exists
-    if isinstance(run_dir, str):
-        return fail(run_dir)
+    return from_main_process(run_dir), lock  # the other processes only need to know whether it exists
 
-    progress = RunProgress(run_dir, resumed=resumed is not None)
+
+def train_and_report(config: Config, data: dataset.LoadedDataset, split: dataset.Split, device: torch.device,
+                     progress: RunProgress, resumed: dict | None) -> int:
+    """Train; on an interruption or failure, say what was kept. The exit code."""
+    if resumed is not None and is_main_process():
+        print(f"resuming {progress.run_dir} after epoch {resumed['epoch']} of {config.EPOCHS}")
     try:
         train(config, data, split, device, progress, resumed)
         return 0
@@ -349,13 +394,8 @@ def run(argv: list[str] | None) -> int:
     except NonFiniteLossError as error:
         return stop_early(progress, f"{error}; stopped. Lower --learning-rate, check the loss weights "
                                     "and the data", 1)
-    except NoStepError as error:
+    except (NoStepError, OutputError) as error:
         return stop_early(progress, str(error), 1)
-    except OutputError as error:
-        return stop_early(progress, str(error), 1)
-    finally:
-        if lock is not None:
-            lock.close()  # releases the run folder
 
 
 def run_folder_refusal(folder: Path, error: OSError) -> str:
@@ -443,7 +483,7 @@ def resume_point(run_dir: Path, flags: dict) -> tuple[Config, dict]:
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{run_dir}: not a run folder of train.py (no config.json)")
-    saved, _ = Config.from_saved(json.loads(config_path.read_text()))
+    saved, _ = Config.from_saved(read_saved_config(run_dir))
     contradicting = [f"--{name.lower().replace('_', '-')} {value} (the run has {getattr(saved, name)})"
                      for name, value in flags.items() if name != "EPOCHS" and not flag_matches(name, value, saved)]
     if contradicting:
@@ -475,7 +515,7 @@ def flag_matches(name: str, value: object, saved: Config) -> bool:
 
 def check_same_split(run_dir: Path, data: dataset.LoadedDataset, split: dataset.Split) -> None:
     """Raise ValueError unless the data gives the split `run_dir` was trained on (its split.json)."""
-    saved = json.loads((run_dir / "split.json").read_text())
+    saved = read_split(run_dir)
     if any(saved.get(role, []) != [data.pairs[i].stem for i in getattr(split, role)] for role in SPLIT_ROLES):
         raise ValueError(f"the data at {saved['data_root']} no longer gives the split of "
                          f"{run_dir / 'split.json'} (files added, removed or renamed); start a new run")
@@ -499,169 +539,236 @@ def estimate_minutes(seconds_per_step: float, config: Config, train_steps: int, 
     return min(minutes, config.TIME_LIMIT_MINUTES) if config.TIME_LIMIT_MINUTES else minutes
 
 
+@dataclass
+class Optimisation:
+    """What a training step uses besides the model: built by `build_optimisation` for train.py and bench.py alike."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler | None
+    scaler: torch.amp.GradScaler  # a pass-through unless AMP is fp16
+    loss_fn: BCEDiceLoss
+
+
+def build_optimisation(model: torch.nn.Module, config: Config, device: torch.device,
+                       steps_per_epoch: int) -> Optimisation:
+    """Adam, the learning-rate schedule over the whole run, the fp16 loss scaler and the loss, as `config` says."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.LEARNING_RATE)
+    scheduler = None
+    if config.LR_SCHEDULE == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.EPOCHS * steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.AMP == "fp16")
+    loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT, reduction="none")  # per image: HARD_SAMPLING
+    return Optimisation(optimizer, scheduler, scaler, loss_fn)
+
+
+@dataclass
+class Trainer:
+    """One run's training objects, built by `setup_training`."""
+
+    config: Config
+    device: torch.device
+    model: torch.nn.Module  # holds the weights that checkpoints save
+    evaluated: torch.nn.Module  # runs them: compiled or not
+    trained: torch.nn.Module  # `evaluated`, wrapped in DDP under torchrun (which averages the gradients)
+    optimisation: Optimisation
+    train_loader: DataLoader
+    val_loader: DataLoader
+    previews: tuple[torch.Tensor, torch.Tensor] | None  # the TensorBoard panel's validation images and masks
+    memory_format: torch.memory_format
+    announce_estimate: Callable[[int, float], None]
+
+
 def train(config: Config, data: dataset.LoadedDataset, split: dataset.Split, device: torch.device,
           progress: RunProgress, resumed: dict | None = None) -> None:
-    """The training loop: writes the run folder, records each finished epoch in `progress`.
+    """The training run: writes the run folder, records each finished epoch in `progress`.
 
     `resumed` (last.pt's contents) continues that run exactly where it stopped.
     Under torchrun every process trains and validates its share; only the
     main process writes files.
     """
-    run_dir = progress.run_dir
-    train_idx, val_idx = split.train, split.val  # split.test is never read here: it chooses nothing
-    main_process, (rank, world) = is_main_process(), rank_and_world()
     set_seed(config.SEED)
-    if main_process:
-        save_json(run_dir / "config.json", config.to_dict())  # on resume too: EPOCHS may have grown
-    if main_process and resumed is None:
-        save_json(run_dir / "split.json", split_record(config, data, split))
-    print(f"data: {len(data.pairs)} pairs from {config.DATA_ROOT}: {len(train_idx)} train, {len(val_idx)} "
+    write_run_records(config, data, split, progress.run_dir, resumed is None)
+    trainer = setup_training(config, data, split, device)
+    minutes_before = start_or_restore(trainer, progress, resumed)
+    reason, training_minutes = epoch_loop(trainer, progress, resumed is not None, minutes_before)
+    if reason != f"all {config.EPOCHS} epochs":
+        print(reason)
+    if is_main_process():
+        finish_run(trainer, data, split, progress, reason, training_minutes)
+
+
+def write_run_records(config: Config, data: dataset.LoadedDataset, split: dataset.Split, run_dir: Path,
+                      new_run: bool) -> None:
+    """config.json (on resume too: EPOCHS may have grown), split.json of a new run, and the data's line."""
+    if is_main_process():
+        save_json(run_dir / "config.json", config.to_dict())
+        if new_run:
+            save_json(run_dir / "split.json", split_record(config, data, split))
+    # split.test is never trained or validated on: it chooses nothing
+    print(f"data: {len(data.pairs)} pairs from {config.DATA_ROOT}: {len(split.train)} train, {len(split.val)} "
           f"validation (choose the epoch and rule), {len(split.test)} held out (test.py --subset test)"
           + (f", grouped by {split_column(config)}" if split_column(config) else ", random by slice"))
 
-    train_loader, val_loader = make_loaders(data, train_idx, val_idx, config, pin_memory=device.type == "cuda")
-    memory_format = torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
+
+def setup_training(config: Config, data: dataset.LoadedDataset, split: dataset.Split,
+                   device: torch.device) -> Trainer:
+    """Loaders, model (on the device, compiled, DDP-wrapped as asked), optimisation and preview images."""
+    train_loader, val_loader = make_loaders(data, split.train, split.val, config, pin_memory=device.type == "cuda")
+    memory_format = memory_format_for(config.CHANNELS_LAST)
     model = build_model(config)
-    model.set_output_prior(dataset.mask_share(data.masks, train_idx))
+    model.set_output_prior(dataset.mask_share(data.masks, split.train))
     model.to(device, memory_format=memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.LEARNING_RATE)
-    scheduler = None
-    if config.LR_SCHEDULE == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.EPOCHS * len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=config.AMP == "fp16")  # a pass-through unless fp16
-    loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT, reduction="none")  # per image: HARD_SAMPLING
+    optimisation = build_optimisation(model, config, device, len(train_loader))
     print(f"model: {config.MODEL}, {count_parameters(model) / 1e6:.2f} M parameters, on {device}"
           + "".join(f", {name}" for name, on in ((f"AMP {config.AMP}", config.AMP != "off"),
                                                  ("channels last", config.CHANNELS_LAST),
                                                  ("compiled", config.COMPILE)) if on))
-    # `model` holds the weights that checkpoints save; `evaluated` runs them (compiled or not) and
-    # `trained` too, wrapped in DDP under torchrun (which averages the gradients of all processes).
     evaluated = model
     if config.COMPILE:
         example = next(iter(val_loader))[0].to(device, memory_format=memory_format)
         evaluated = compile_model(model, example)
     trained = evaluated
-    if world > 1:
+    if rank_and_world()[1] > 1:
         trained = DistributedDataParallel(evaluated, device_ids=[device.index] if device.type == "cuda" else None)
+    shown = [val_loader.dataset[i] for i in list(val_loader.sampler)[:config.PREVIEW_IMAGES]]
+    previews = tuple(map(torch.stack, zip(*shown, strict=True))) if shown else None
+    announce = estimate_announcer(config, device, len(train_loader), len(split.val) / len(split.train))
+    return Trainer(config, device, model, evaluated, trained, optimisation, train_loader, val_loader, previews,
+                   memory_format, announce)
 
+
+def estimate_announcer(config: Config, device: torch.device, train_steps: int,
+                       val_share: float) -> Callable[[int, float], None]:
+    """An on_step callback that, after the first few steps, says how long the run will take (and how to go faster)."""
     def announce_estimate(step: int, seconds: float) -> None:
-        """After the first few steps, say how long the whole run will take (and how to go faster on a CPU)."""
-        if step != min(ESTIMATE_AFTER_STEPS, len(train_loader)):
+        """Called after each of the first epoch's steps; speaks once."""
+        if step != min(ESTIMATE_AFTER_STEPS, train_steps):
             return
-        minutes = estimate_minutes(seconds / step, config, len(train_loader), len(val_idx) / len(train_idx))
+        minutes = estimate_minutes(seconds / step, config, train_steps, val_share)
         tqdm.write(f"estimated time: {format_minutes(minutes)} for {config.EPOCHS} epochs "
                    f"(from the speed of the first {step} steps)")
         if device.type == "cpu" and minutes > 60:
             tqdm.write("hint: these settings are slow on a CPU; " + FAST_CPU_HINT)
+    return announce_estimate
 
-    previews = [val_loader.dataset[i] for i in list(val_loader.sampler)[:config.PREVIEW_IMAGES]]
-    preview_images, preview_masks = map(torch.stack, zip(*previews, strict=True)) if previews else (None, None)
 
-    history_path = run_dir / "history.csv"
-    augmentation = train_loader.dataset.transform
-    minutes_before = 0.0
-    if resumed is None and main_process:
-        save_csv_row(history_path, HISTORY_COLUMNS)
-    elif resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
-        if isinstance(train_loader.sampler, dataset.HardExampleSampler):
-            train_loader.sampler.load_state_dict(resumed["sampler"])
-        progress.epochs_done, progress.best_dice = resumed["epoch"], resumed["best_dice"]
-        progress.best_epoch, minutes_before = resumed["best_epoch"], resumed["minutes"]
-        if main_process:
-            keep_history_until(history_path, progress.epochs_done)
-        # Last, after everything that draws random numbers while being built (the model's initial weights).
-        if len(resumed["rng"]) == world:
-            restore_random_states(resumed["rng"][rank], train_loader.generator, augmentation)
-        elif main_process:
-            print(f"warning: the run had {len(resumed['rng'])} process(es), this resume has {world}: it goes on "
-                  "from last.pt, but draws other random batches than the original run would have", file=sys.stderr)
+def start_or_restore(trainer: Trainer, progress: RunProgress, resumed: dict | None) -> float:
+    """A new run's history.csv header, or a resumed run's state put back; the minutes trained before."""
+    history_path = progress.run_dir / "history.csv"
+    if resumed is None:
+        if is_main_process():
+            save_csv_row(history_path, HISTORY_COLUMNS)
+        return 0.0
+    o = trainer.optimisation
+    restore_training_state(resumed, trainer.model, o.optimizer, o.scheduler, o.scaler, trainer.train_loader)
+    progress.epochs_done, progress.best_dice = resumed["epoch"], resumed["best_dice"]
+    progress.best_epoch = resumed["best_epoch"]
+    if is_main_process():
+        keep_history_until(history_path, progress.epochs_done)
+    rank, world = rank_and_world()
+    restore_random_draws(resumed, trainer.train_loader, rank, world, speak=is_main_process())
+    return resumed["minutes"]
+
+
+def epoch_loop(trainer: Trainer, progress: RunProgress, resumed: bool, minutes_before: float) -> tuple[str, float]:
+    """Train epoch after epoch until `stop_reason` says stop; the reason, and the minutes trained in all."""
+    config, run_dir = trainer.config, progress.run_dir
     # purge_step: a resumed run drops the curves' points after its last checkpoint, so no segment is doubled.
     writer = SummaryWriter(log_dir=str(run_dir), purge_step=progress.epochs_done + 1 if resumed else None) \
-        if main_process else None
+        if is_main_process() else None
     started = time.perf_counter() - minutes_before * 60  # the time limit counts the time before a resume too
     reason = stop_reason(config, progress.epochs_done, progress.best_epoch, minutes_before) if resumed else None
     try:
         epoch = progress.epochs_done
         while reason is None:
             epoch += 1
-            epoch_start = time.perf_counter()
-            if isinstance(train_loader.sampler, DistributedSampler):
-                train_loader.sampler.set_epoch(epoch)  # another shuffle each epoch, the same in every process
-            train_metrics = train_one_epoch(trained, train_loader, loss_fn, optimizer, scheduler, device,
-                                            config.THRESHOLD, f"epoch {epoch}/{config.EPOCHS} train",
-                                            announce_estimate if epoch == 1 else None, config.AMP, scaler,
-                                            memory_format)
-            if world > 1:  # BatchNorm statistics: each process updated its own; validate with the saved ones
-                for buffer in model.buffers():
-                    dist.broadcast(buffer, src=0)
-            val, probs = evaluate(evaluated, val_loader, loss_fn, device, config.THRESHOLD,
-                                  f"epoch {epoch}/{config.EPOCHS} val", len(previews), memory_format)
-            lr = optimizer.param_groups[0]["lr"]
-            row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_dice": train_metrics["dice"],
-                   "val_loss": val["loss"], "val_dice": val["dice"], "val_iou": val["iou"],
-                   "val_pixel_accuracy": val["pixel_accuracy"], "val_dice_pooled": val["dice_pooled"],
-                   "val_iou_pooled": val["iou_pooled"], "learning_rate": lr,
-                   "train_images_per_second": train_metrics["images_per_second"],
-                   "data_wait_share": train_metrics["data_wait_share"],
-                   "epoch_seconds": time.perf_counter() - epoch_start}
-
+            train_metrics, val, probs, row = run_epoch(trainer, epoch)
             # Records first, then the checkpoints, best.pt before last.pt: a kill in between leaves records
             # of an epoch last.pt lacks, which a resume drops (history rows, purge_step); once last.pt holds
             # an epoch, best.pt exists and every record of it is written.
-            if main_process:
-                save_csv_row(history_path, [row[c] for c in HISTORY_COLUMNS], append=True)
-                for name in ("loss", "dice"):
-                    writer.add_scalar(f"{name}/train", train_metrics[name], epoch)
-                for name in ("loss", "dice", "iou", "pixel_accuracy", "dice_pooled"):
-                    writer.add_scalar(f"{name}/val", val[name], epoch)
-                writer.add_scalar("learning_rate", lr, epoch)
-                if previews:
-                    writer.add_image("val/image_truth_prediction",
-                                     preview_panel(preview_images, preview_masks, probs, config.THRESHOLD), epoch)
-                writer.flush()
-
-            improved = val["dice"] > progress.best_dice
-            best_dice, best_epoch = (val["dice"], epoch) if improved else (progress.best_dice, progress.best_epoch)
+            if writer is not None:
+                record_epoch(writer, run_dir / "history.csv", trainer, row, train_metrics, val, probs)
             minutes = (time.perf_counter() - started) / 60
-            state = {"model_args": model_arguments(config), "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                     "scaler": scaler.state_dict(),
-                     "sampler": train_loader.sampler.state_dict()
-                     if isinstance(train_loader.sampler, dataset.HardExampleSampler) else None,
-                     "epoch": epoch, "best_dice": best_dice, "best_epoch": best_epoch, "minutes": minutes,
-                     "rng": gather_objects(random_states(train_loader.generator, augmentation)),  # per process
-                     "metrics": {k: float(v) for k, v in val.items()}, "config": config.to_dict()}
-            if main_process:
-                save_checkpoints([run_dir / "best.pt", run_dir / "last.pt"] if improved else [run_dir / "last.pt"],
-                                 state)
-            progress.best_dice, progress.best_epoch, progress.epochs_done = best_dice, best_epoch, epoch
+            improved = save_epoch(trainer, progress, epoch, val, minutes)
             print(f"epoch {epoch:3d}  train loss {train_metrics['loss']:.4f} dice {train_metrics['dice']:.4f}  |  "
                   f"val loss {val['loss']:.4f} dice {val['dice']:.4f} iou {val['iou']:.4f} "
                   f"acc {val['pixel_accuracy']:.4f}  |  {train_metrics['images_per_second']:.1f} img/s"
                   + ("  * best" if improved else ""), flush=True)
-            reason = from_main_process(stop_reason(config, epoch, best_epoch, minutes))  # clocks differ
+            reason = from_main_process(stop_reason(config, epoch, progress.best_epoch, minutes))  # clocks differ
     finally:
         if writer is not None:
             writer.close()
-    if reason != f"all {config.EPOCHS} epochs":
-        print(reason)
-    training_minutes = (time.perf_counter() - started) / 60
-    if not main_process:
-        return
+    return reason, (time.perf_counter() - started) / 60
 
-    rule_summary = choose_decision_rule(run_dir / "best.pt", data, val_idx, config, device) \
+
+def run_epoch(trainer: Trainer, epoch: int) -> tuple[dict[str, float], dict[str, float], torch.Tensor, dict]:
+    """Train one epoch and validate: training metrics, validation metrics, preview maps and the history row."""
+    t, o, config = trainer, trainer.optimisation, trainer.config
+    epoch_start = time.perf_counter()
+    if isinstance(t.train_loader.sampler, DistributedSampler):
+        t.train_loader.sampler.set_epoch(epoch)  # another shuffle each epoch, the same in every process
+    train_metrics = train_one_epoch(t.trained, t.train_loader, o.loss_fn, o.optimizer, o.scheduler, t.device,
+                                    config.THRESHOLD, f"epoch {epoch}/{config.EPOCHS} train",
+                                    t.announce_estimate if epoch == 1 else None, config.AMP, o.scaler,
+                                    t.memory_format)
+    if rank_and_world()[1] > 1:  # BatchNorm statistics: each process updated its own; validate with the saved ones
+        for buffer in t.model.buffers():
+            dist.broadcast(buffer, src=0)
+    val, probs = evaluate(t.evaluated, t.val_loader, o.loss_fn, t.device, config.THRESHOLD,
+                          f"epoch {epoch}/{config.EPOCHS} val", 0 if t.previews is None else len(t.previews[0]),
+                          t.memory_format)
+    row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_dice": train_metrics["dice"],
+           "val_loss": val["loss"], "val_dice": val["dice"], "val_iou": val["iou"],
+           "val_pixel_accuracy": val["pixel_accuracy"], "val_dice_pooled": val["dice_pooled"],
+           "val_iou_pooled": val["iou_pooled"], "learning_rate": o.optimizer.param_groups[0]["lr"],
+           "train_images_per_second": train_metrics["images_per_second"],
+           "data_wait_share": train_metrics["data_wait_share"],
+           "epoch_seconds": time.perf_counter() - epoch_start}
+    return train_metrics, val, probs, row
+
+
+def record_epoch(writer: SummaryWriter, history_path: Path, trainer: Trainer, row: dict,
+                 train_metrics: dict[str, float], val: dict[str, float], probs: torch.Tensor) -> None:
+    """One finished epoch in history.csv and TensorBoard (curves and the preview panel)."""
+    epoch = row["epoch"]
+    save_csv_row(history_path, [row[c] for c in HISTORY_COLUMNS], append=True)
+    for name in ("loss", "dice"):
+        writer.add_scalar(f"{name}/train", train_metrics[name], epoch)
+    for name in ("loss", "dice", "iou", "pixel_accuracy", "dice_pooled"):
+        writer.add_scalar(f"{name}/val", val[name], epoch)
+    writer.add_scalar("learning_rate", row["learning_rate"], epoch)
+    if trainer.previews is not None:
+        writer.add_image("val/image_truth_prediction",
+                         preview_panel(*trainer.previews, probs, trainer.config.THRESHOLD), epoch)
+    writer.flush()
+
+
+def save_epoch(trainer: Trainer, progress: RunProgress, epoch: int, val: dict[str, float], minutes: float) -> bool:
+    """Checkpoint the epoch (last.pt, and best.pt when it improved) and record it in `progress`; whether it improved."""
+    improved = val["dice"] > progress.best_dice
+    best_dice, best_epoch = (val["dice"], epoch) if improved else (progress.best_dice, progress.best_epoch)
+    o = trainer.optimisation
+    state = training_state(trainer.config, trainer.model, o.optimizer, o.scheduler, o.scaler, trainer.train_loader,
+                           {"epoch": epoch, "best_dice": best_dice, "best_epoch": best_epoch, "minutes": minutes},
+                           val)  # collective: every process takes part
+    if is_main_process():
+        run_dir = progress.run_dir
+        save_checkpoints([run_dir / "best.pt", run_dir / "last.pt"] if improved else [run_dir / "last.pt"], state)
+    progress.best_dice, progress.best_epoch, progress.epochs_done = best_dice, best_epoch, epoch
+    return improved
+
+
+def finish_run(trainer: Trainer, data: dataset.LoadedDataset, split: dataset.Split, progress: RunProgress,
+               reason: str, training_minutes: float) -> None:
+    """After the last epoch (main process): the decision rule search, summary.json and TensorBoard's HParams."""
+    config, run_dir = trainer.config, progress.run_dir
+    rule_summary = choose_decision_rule(run_dir / "best.pt", data, split.val, config, trainer.device) \
         if config.SEARCH_RULE else None
-    save_json(run_dir / "summary.json", {
+    save_json(run_dir / SUMMARY_FILE, {
         "best_epoch": progress.best_epoch, "best_val_dice": progress.best_dice, "epochs_run": progress.epochs_done,
         "stop_reason": reason, "patience": config.PATIENCE, "minutes": training_minutes,
-        "train_images": len(train_idx), "val_images": len(val_idx), "test_images": len(split.test),
-        "device": str(device),
+        "train_images": len(split.train), "val_images": len(split.val), "test_images": len(split.test),
+        "device": str(trainer.device),
         "recipe": config.RECIPE, "decision_rule": rule_summary})
     # TensorBoard's HParams tab: this run's settings beside its final scores, to compare runs side by side.
     final_scores = {"hparam/best_val_dice": progress.best_dice, "hparam/best_epoch": progress.best_epoch,

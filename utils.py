@@ -1,10 +1,15 @@
-"""Glue shared by train.py and test.py: seeding, devices, run folders, checkpoints, files."""
+"""Glue shared by train.py, test.py and bench.py: seeding, device and precision, processes, checkpoint files, files.
+
+Also the safe-writing helpers: atomic writes, staging names, run-folder locks.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -211,6 +216,29 @@ def check_amp(device: torch.device, amp: str) -> str | None:
     return None
 
 
+def setup_runtime(config: Config, distributed: bool = False, check: bool = True) -> tuple[torch.device, Config]:
+    """The device config.DEVICE names (this process's under torchrun with `distributed`), and `config` with AMP resolved.
+
+    With `check`, AMP is checked to run on the device (ValueError if not) and
+    a precision that is only emulated there, slower than float32, is warned
+    of on stderr (by the main process).
+    """
+    device = pick_device(config.DEVICE)
+    if distributed:
+        device = init_distributed(device)
+    config = dataclasses.replace(config, AMP=resolve_amp(device, config.AMP))
+    if check:
+        slow_precision = check_amp(device, config.AMP)
+        if slow_precision and is_main_process():
+            print(f"warning: {slow_precision}", file=sys.stderr)
+    return device, config
+
+
+def memory_format_for(channels_last: bool) -> torch.memory_format:
+    """torch.channels_last when CHANNELS_LAST asks for it, else the default contiguous layout."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def compile_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """torch.compile(model), or `model` itself with a warning where this machine cannot compile it.
 
@@ -329,21 +357,6 @@ def new_output_dir(parent: Path, name: str) -> Path:
         raise FileExistsError(f"{folder}: already exists; choose another name or remove it")
     folder.mkdir(parents=True)
     return folder
-
-
-def is_unfinished_run(folder: Path) -> bool:
-    """Whether `folder` is a train.py run folder (config.json) without the summary.json a finished run writes last."""
-    return (Path(folder) / "config.json").is_file() and not (Path(folder) / "summary.json").exists()
-
-
-def run_progress(folder: Path) -> tuple[int, int] | None:
-    """(epochs done, EPOCHS) from the run's last.pt; None when it has none that loads (nothing to resume)."""
-    try:
-        # mmap: only the two numbers are read, not a checkpoint's hundreds of MB of weights.
-        state = torch.load(Path(folder) / "last.pt", map_location="cpu", weights_only=True, mmap=True)
-        return int(state["epoch"]), int(state["config"]["EPOCHS"])
-    except Exception:  # missing, truncated or foreign: any of them means no resumable progress
-        return None
 
 
 # The host has no '.' (see staging_host), so the last four dot-separated fields are unambiguous.
@@ -474,6 +487,17 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def json_ready(value: Any) -> Any:
+    """`value` with every NaN as None (null) and keys as text, so the JSON written is strict: browsers and jq read it."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {str(key): json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
 
 
 def save_json(path: Path, data: Any) -> None:

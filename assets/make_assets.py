@@ -92,6 +92,7 @@ def overlays(predictions: Path, out: Path, count: int = 6) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """make_assets.py's command line: draw the README pictures; the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, required=True, help="the shared Figshare folder")
     parser.add_argument("--run", type=Path, required=True, help="a run folder written by train.py")

@@ -2,7 +2,13 @@ import dataclasses
 
 import pytest
 
-from config import Config, build_parser, config_from_args, parse_config
+from config import Config, build_parser, config_from_args
+
+
+def parse_config(argv: list[str] | None = None, description: str = "") -> Config:
+    """A command line made only of config overrides, parsed as the scripts do; bad ones exit with a message."""
+    parser = build_parser(description)
+    return config_from_args(parser, parser.parse_args(argv))
 
 
 def test_defaults_are_the_seed_pipeline():

@@ -6,11 +6,18 @@ import torch
 
 from metrics import (FAILURE_RULES, FRAGMENTED_MAX_DICE, FRAGMENTED_MIN_COMPONENTS, GOOD_MIN_DICE, HIGH_RATE,
                      LOW_RATE, POOR_MAX_DICE, CalibrationTracker, MetricTracker, auroc,
-                     average_surface_distance, calibration_bins, component_count, confusion_counts,
+                     average_surface_distance, component_count, confusion_counts,
                      dice_per_image, failure_category, hausdorff95, iou_per_image, mask_border,
                      per_image_report, pixel_accuracy_per_image, pooled_scores, precision_per_image,
                      rank_correlation, ratio_dtype, region_uncertainty, sensitivity_per_image, summarise,
                      surface_distances)
+
+
+def calibration_bins(probabilities: np.ndarray, targets: np.ndarray, bins: int = 10) -> dict:
+    """`CalibrationTracker.summary` of all pixels at once."""
+    tracker = CalibrationTracker(bins)
+    tracker.update(probabilities, targets)
+    return tracker.summary()
 
 
 def square(top: int, left: int, side: int, shape: tuple[int, int] = (32, 32)) -> np.ndarray:

@@ -18,6 +18,8 @@ import inference
 import train
 from conftest import ROOT, link_subset, load_script
 import dataset
+import evaluation
+import outputs
 from dataset import read_mask
 from metrics import dice_per_image, iou_per_image, per_image_report
 from config import Config
@@ -139,14 +141,14 @@ def test_bf16_channels_last_inference_matches_float32(tiny_run, mixed_sizes, tmp
 
 def test_threaded_writing_gives_the_same_outputs_as_a_sequential_run(tiny_run, mixed_sizes, tmp_path, monkeypatch):
     args = ["--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--tta", "true", "--report", "false"]
-    assert test_script.WRITE_THREADS > 0 and test_script.PNG_COMPRESS_LEVEL != 6
+    assert outputs.WRITE_THREADS > 0 and outputs.PNG_COMPRESS_LEVEL != 6
     assert run_test(*args, "--prediction-root", tmp_path / "threaded") == 0
     # as test.py wrote before: inline, PIL's default compression
-    monkeypatch.setattr(test_script, "predict_and_write",
-                        functools.partial(test_script.predict_and_write, write_threads=0, compress_level=6))
+    monkeypatch.setattr(evaluation, "predict_and_write",
+                        functools.partial(evaluation.predict_and_write, write_threads=0, compress_level=6))
     assert run_test(*args, "--prediction-root", tmp_path / "sequential") == 0
     threaded, sequential = tmp_path / "threaded" / "tiny", tmp_path / "sequential" / "tiny"
-    for sub in (*test_script.OUTPUT_FOLDERS, "uncertainty"):
+    for sub in (*outputs.OUTPUT_FOLDERS, "uncertainty"):
         names = sorted(p.name for p in (sequential / sub).iterdir())
         assert names and names == sorted(p.name for p in (threaded / sub).iterdir())
         for name in names:
@@ -403,19 +405,19 @@ def test_overwrite_refuses_a_folder_that_is_not_a_prediction_output(tiny_run, mi
 
 
 def test_two_writers_of_one_run_name_each_publish_their_own_folder(tmp_path):
-    first = test_script.start_staging(tmp_path, "run", overwrite=False)
-    second = test_script.start_staging(tmp_path, "run", overwrite=False)  # started while the first runs
+    first = outputs.start_staging(tmp_path, "run", overwrite=False)
+    second = outputs.start_staging(tmp_path, "run", overwrite=False)  # started while the first runs
     assert first != second and first.exists()
     (first / "summary.json").write_text('{"threshold": 0.3}')
     (second / "summary.json").write_text('{"threshold": 0.7}')
-    out_second = test_script.publish(second, tmp_path, "run", overwrite=False)
-    out_first = test_script.publish(first, tmp_path, "run", overwrite=False)
+    out_second = outputs.publish(second, tmp_path, "run", overwrite=False)
+    out_first = outputs.publish(first, tmp_path, "run", overwrite=False)
     assert {out_first.name, out_second.name} == {"run", "run-2"}
     assert json.loads((out_first / "summary.json").read_text())["threshold"] == 0.3
     assert json.loads((out_second / "summary.json").read_text())["threshold"] == 0.7
-    third = test_script.start_staging(tmp_path, "run", overwrite=True)
+    third = outputs.start_staging(tmp_path, "run", overwrite=True)
     (third / "summary.json").write_text('{"threshold": 0.5}')
-    assert test_script.publish(third, tmp_path, "run", overwrite=True) == tmp_path / "run"
+    assert outputs.publish(third, tmp_path, "run", overwrite=True) == tmp_path / "run"
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["threshold"] == 0.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run-2"]
 
@@ -455,7 +457,7 @@ def test_ctrl_c_leaves_no_partial_output(tiny_run, mixed_sizes, tmp_path, monkey
         yield from ()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(test_script, "predict", interrupted)
+    monkeypatch.setattr(inference, "predict", interrupted)
     preds = tmp_path / "preds"
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds) == 130
     assert "interrupted" in capsys.readouterr().err and list(preds.iterdir()) == []
@@ -464,7 +466,7 @@ def test_ctrl_c_leaves_no_partial_output(tiny_run, mixed_sizes, tmp_path, monkey
 def test_sigterm_mid_output_cleans_up_like_ctrl_c(tiny_run, mixed_sizes, tmp_path, monkeypatch, capsys):
     import os
     import signal
-    real_predict = test_script.predict
+    real_predict = inference.predict
 
     def terminated_after_the_first_batch(*args, **kwargs):
         for number, result in enumerate(real_predict(*args, **kwargs)):
@@ -472,7 +474,7 @@ def test_sigterm_mid_output_cleans_up_like_ctrl_c(tiny_run, mixed_sizes, tmp_pat
                 os.kill(os.getpid(), signal.SIGTERM)
             yield result
 
-    monkeypatch.setattr(test_script, "predict", terminated_after_the_first_batch)
+    monkeypatch.setattr(inference, "predict", terminated_after_the_first_batch)
     preds = tmp_path / "preds"
     handler_before = signal.getsignal(signal.SIGTERM)
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
@@ -749,7 +751,7 @@ def test_members_spread_adds_their_disagreement_to_their_views_spread():
     views_spread = [np.array([0.0, 0.1], np.float32), np.array([0.0, 0.3], np.float32)]
     # two members of two views each: views 0.2 0.2 0.4 0.4, and 0.4 0.6 0.2 0.8
     expected = [np.std([0.2, 0.2, 0.4, 0.4]), np.std([0.4, 0.6, 0.2, 0.8])]
-    assert np.allclose(test_script.combined_spread(members, views_spread), expected, atol=1e-6)
+    assert np.allclose(inference.combined_spread(members, views_spread), expected, atol=1e-6)
 
 
 def dihedral_invariant_model() -> torch.nn.Module:
@@ -765,10 +767,10 @@ def dihedral_invariant_model() -> torch.nn.Module:
 def test_views_that_agree_have_no_uncertainty_at_any_image_size(mixed_sizes, amp):
     config = Config(IMAGE_SIZE=32, IN_CHANNELS=1, NORMALIZATION="zscore", DEPTH=1)  # the images: 200x240, 512
     member = LoadedCheckpoint(dihedral_invariant_model(), config, {}, [])
-    images, masks = test_script.find_images(mixed_sizes)
+    images, masks = inference.find_images(mixed_sizes)
     options = Config(TTA=True, AMP=amp, BATCH_SIZE=2)
     for models in ([member], [member, member]):  # TTA alone, and an ensemble of one model twice
-        predictions = list(test_script.predict(models, images, masks, torch.device("cpu"), options, True, []))
+        predictions = list(inference.predict(models, images, masks, torch.device("cpu"), options, True, []))
         assert len(predictions) == 3
         for p in predictions:
             assert p.spread.shape == p.probability.shape and p.spread.dtype == np.float32
@@ -805,9 +807,9 @@ def test_an_ensemble_of_one_model_twice_is_certain(tiny_run, mixed_sizes, tmp_pa
     for path in (preds / "tiny-ensemble2" / "uncertainty").iterdir():
         assert np.asarray(Image.open(path)).max() == 0
     loaded = load_checkpoint(best)  # the maps themselves, finer than the PNGs' 256 levels
-    images, masks = test_script.find_images(mixed_sizes)
+    images, masks = inference.find_images(mixed_sizes)
     options = Config(AMP=amp, BATCH_SIZE=2)
-    for p in test_script.predict([loaded, loaded], images, masks, torch.device("cpu"), options, True, []):
+    for p in inference.predict([loaded, loaded], images, masks, torch.device("cpu"), options, True, []):
         assert p.spread.max() < 1e-6, (p.stem, p.spread.max())
 
 

@@ -710,7 +710,7 @@ def test_unsupported_precision_is_refused_before_any_run_folder(demo_root, tmp_p
     def unsupported(device, amp):
         raise ValueError(f"AMP {amp!r} is not supported on {device} by this PyTorch (test); use --amp off")
 
-    monkeypatch.setattr(train, "check_amp", unsupported)
+    monkeypatch.setattr(utils, "check_amp", unsupported)
     code = train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "x",
                        "--epochs", "1", *TINY, "--amp", "fp16"])
     err = capsys.readouterr().err

@@ -1,0 +1,69 @@
+"""A training checkpoint's full state (beyond the weights), and putting a resumed run back where it stopped.
+
+last.pt and best.pt hold the model, optimiser, learning-rate schedule, loss
+scaler, hard-example sampler and every process's random states, so that
+`train.py --resume` continues exactly; utils.save_checkpoints and
+utils.load_checkpoint write and read the files themselves.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+import dataset
+from config import Config
+from utils import gather_objects, model_arguments, random_states, restore_random_states
+
+
+def hard_sampler(loader: torch.utils.data.DataLoader) -> dataset.HardExampleSampler | None:
+    """The loader's hard-example sampler (HARD_SAMPLING), None for any other sampler."""
+    return loader.sampler if isinstance(loader.sampler, dataset.HardExampleSampler) else None
+
+
+def training_state(config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None,
+                   scaler: torch.amp.GradScaler, train_loader: torch.utils.data.DataLoader,
+                   progress: dict[str, Any], val: dict[str, float]) -> dict[str, Any]:
+    """Everything a checkpoint saves after an epoch; `progress` holds epoch, best_dice, best_epoch and minutes.
+
+    Collective under torchrun: every process's random states are gathered.
+    """
+    sampler = hard_sampler(train_loader)
+    return {"model_args": model_arguments(config), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict(),
+            "sampler": sampler.state_dict() if sampler is not None else None,
+            **progress,
+            "rng": gather_objects(random_states(train_loader.generator, train_loader.dataset.transform)),
+            "metrics": {k: float(v) for k, v in val.items()}, "config": config.to_dict()}
+
+
+def restore_training_state(resumed: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                           scheduler: Any | None, scaler: torch.amp.GradScaler,
+                           train_loader: torch.utils.data.DataLoader) -> None:
+    """Load last.pt's weights, optimiser, schedule, scaler and sampler state into the freshly built objects."""
+    model.load_state_dict(resumed["model"])
+    optimizer.load_state_dict(resumed["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(resumed["scheduler"])
+    scaler.load_state_dict(resumed["scaler"])
+    sampler = hard_sampler(train_loader)
+    if sampler is not None:
+        sampler.load_state_dict(resumed["sampler"])
+
+
+def restore_random_draws(resumed: dict[str, Any], train_loader: torch.utils.data.DataLoader, rank: int, world: int,
+                         speak: bool) -> None:
+    """Give this process the random states it had when last.pt was written; a warning (if `speak`) if it cannot.
+
+    Call last, after everything that draws random numbers while being built (the model's initial weights).
+    """
+    if len(resumed["rng"]) == world:
+        restore_random_states(resumed["rng"][rank], train_loader.generator, train_loader.dataset.transform)
+    elif speak:
+        print(f"warning: the run had {len(resumed['rng'])} process(es), this resume has {world}: it goes on "
+              "from last.pt, but draws other random batches than the original run would have", file=sys.stderr)

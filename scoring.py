@@ -1,0 +1,289 @@
+"""Scoring predictions: what to group and stratify by, each image's metrics.csv row, and summary.json's scores.
+
+`settle_scoring` reads metadata.csv and the pixel spacing once, before
+predicting; `score_image` gives one image's row; `score_summary` aggregates
+the rows (overall, per group and stratum, calibration, uncertainty), and
+`print_summary` shows its main figures on the console.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import dataset
+from metrics import (FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY, CalibrationTracker, Spacing,
+                     auroc, per_image_report, pooled_scores, rank_correlation, region_uncertainty, summarise)
+from runfolder import split_group_column
+from utils import write_atomic
+
+# metrics.csv's numeric columns, in order; those an image lacks (mm without a spacing, uncertainty
+# without TTA or an ensemble) are left out. Text columns follow: category, tumour_size, metadata.
+NUMBER_COLUMNS = ("dice", "iou", "pixel_accuracy", "precision", "sensitivity", "hd95_px", "assd_px", "hd95_mm",
+                  "assd_mm", "pred_components", "true_components", "gt_pixels", "pred_pixels", "overlap_pixels",
+                  "uncertainty")
+SIZE_COLUMN = "tumour_size"
+SIZE_STRATA = ("small", "medium", "large", "no tumour")  # terciles of the true tumour area, then empty masks
+TAIL_DICE = 0.3  # summary.json and the console give the share of images scoring below this Dice
+PRINTED_GROUPS = 12  # more groups than this (e.g. patients) are summed up in one console line
+
+
+@dataclass
+class Scoring:
+    """How scores are grouped and measured, settled from the options and metadata.csv before predicting."""
+
+    group_column: str  # per-group scores by this metadata column; "" = none
+    strata_columns: list[str]  # per-stratum scores by these metadata columns (tumour size always)
+    labels: dict[str, dict[str, str]]  # metadata column -> image stem -> value
+    spacing: dict[str, Spacing] | None  # image stem -> pixel size in mm; None = distances in pixels only
+    spacing_source: str  # where the spacing came from, for summary.json
+    class_mix: tuple[str, dict[str, float]] | None  # --class-mix: column and each value's weight
+
+
+def metadata_column(data_root: Path, column: str, images: list[Path], option: str) -> dict[str, str]:
+    """Each image's value in metadata.csv's `column` ("" when its row is missing); `option` names the flag in errors."""
+    path = Path(data_root) / dataset.METADATA_FILE
+    try:
+        columns, rows = dataset.read_metadata(Path(data_root))
+    except (OSError, ValueError, csv.Error) as error:
+        raise FileNotFoundError(f"{path}: cannot read it for {option} ({error})") from error
+    if column not in columns:
+        raise ValueError(f"{path}: no column '{column}' for {option} (columns: {', '.join(columns)})")
+    return {p.stem: rows.get(dataset.stem_key(p), {}).get(column) or "" for p in images}
+
+
+def pixel_spacings(data_root: Path, images: list[Path], spacing_mm: float | None,
+                   column: str | None) -> tuple[dict[str, Spacing] | None, str]:
+    """Each image's pixel size in mm, and where it came from; (None, "") when neither option gives one.
+
+    `column` (metadata.csv, one number per image: square pixels) wins; `spacing_mm`
+    serves every image without a value there, or all images without `column`.
+    """
+    if column is None:
+        if spacing_mm is None:
+            return None, ""
+        return {p.stem: (spacing_mm, spacing_mm) for p in images}, f"--pixel-spacing-mm {spacing_mm}"
+    path = Path(data_root) / dataset.METADATA_FILE
+    spacing = {}
+    for stem, text in metadata_column(data_root, column, images, "--spacing-column").items():
+        if not text.strip():
+            if spacing_mm is None:
+                raise ValueError(f"{path}: no '{column}' value for image_id '{stem}'; fill it in or give "
+                                 "--pixel-spacing-mm for images without one")
+            value = spacing_mm
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{path}: '{column}' of image_id '{stem}' is {text!r}, "
+                                 "not a pixel size in mm (a positive number)")
+        spacing[stem] = (value, value)
+    fallback = "" if spacing_mm is None else f", else --pixel-spacing-mm {spacing_mm}"
+    return spacing, f"metadata.csv column '{column}'{fallback}"
+
+
+def settle_scoring(data_root: Path, images: list[Path], checkpoint_path: Path,
+                   args: argparse.Namespace) -> tuple[Scoring, list[str]]:
+    """Group and strata columns with each image's values, and pixel spacings; raises ValueError naming the file.
+
+    Without --group-by, scores are grouped by the column the checkpoint's run
+    split by, when DATA_ROOT's metadata.csv has it (a note says why not otherwise).
+    """
+    notes = []
+    group_column = args.group_by if args.group_by is not None else split_group_column(checkpoint_path)
+    if args.group_by is None and group_column:
+        try:
+            metadata_column(data_root, group_column, images, "--group-by")
+        except (FileNotFoundError, ValueError) as error:
+            notes.append(f"not grouping by the run's split column '{group_column}': {error}")
+            group_column = ""
+    options = {group_column: "--group-by"} if group_column else {}
+    strata_asked = [*args.strata, *([args.class_mix[0]] if args.class_mix else [])]
+    options.update({column: "--strata" for column in strata_asked if column not in options})
+    taken = {"image", "category", SIZE_COLUMN, *NUMBER_COLUMNS}
+    for column, option in options.items():
+        if column in taken:  # metrics.csv holds metadata values beside the scores, by column name
+            raise ValueError(f"{option} {column}: metrics.csv already has a column of that name; "
+                             "rename the column in metadata.csv")
+    labels = {column: metadata_column(data_root, column, images, option) for column, option in options.items()}
+    spacing, spacing_source = pixel_spacings(data_root, images, args.pixel_spacing_mm, args.spacing_column)
+    strata = [column for column in options if column != group_column]
+    if args.class_mix:
+        column, weights = args.class_mix
+        missing = sorted(set(weights) - set(labels[column].values()))
+        if missing:
+            raise ValueError(f"--class-mix: no image here has {column} = {', '.join(missing)} "
+                             f"(values: {', '.join(sorted(set(labels[column].values())))})")
+    return Scoring(group_column, strata, labels, spacing, spacing_source, args.class_mix), notes
+
+
+def score_image(stem: str, predicted: np.ndarray, truth: np.ndarray, probability: np.ndarray,
+                spread: np.ndarray | None, scoring: Scoring) -> dict:
+    """One image's metrics.csv row: its scores against `truth`, and its uncertainty when `spread` is given."""
+    spacing = None if scoring.spacing is None else scoring.spacing[stem]
+    row = {"image": stem, **per_image_report(predicted, truth, spacing)}
+    if spread is not None:
+        row["uncertainty"] = region_uncertainty(spread, probability)
+    return row
+
+
+def group_scores(rows: list[dict]) -> dict[str, float | int]:
+    """Count, per-image means (Dice also median), pooled Dice and IoU and poor images of a set of scored images."""
+    dice = [r["dice"] for r in rows]
+    scores: dict[str, float | int] = {"count": len(rows), "dice_mean": float(np.mean(dice)),
+                                      "dice_median": statistics.median(dice)}
+    overlap = sum(r["overlap_pixels"] for r in rows)
+    scores.update(pooled_scores(overlap, sum(r["pred_pixels"] for r in rows) - overlap,
+                                sum(r["gt_pixels"] for r in rows) - overlap))
+    for key in ("iou", "precision", "sensitivity", "hd95_px", "assd_px", "hd95_mm", "assd_mm", "uncertainty"):
+        if key in rows[0]:
+            scores[f"{key}_mean"] = summarise([r[key] for r in rows])["mean"]  # undefined ones left out
+    scores["poor"] = sum(d < POOR_MAX_DICE for d in dice)
+    return scores
+
+
+def scores_by_label(rows: list[dict], column: str, order: tuple[str, ...] = ()) -> dict[str, dict]:
+    """`group_scores` of the rows sharing each value of `column`: the values in `order` first, the rest sorted."""
+    by_label: dict[str, list[dict]] = {}
+    for row in rows:
+        by_label.setdefault(row[column], []).append(row)
+    labels = [label for label in order if label in by_label] + sorted(set(by_label) - set(order))
+    return {label: group_scores(by_label[label]) for label in labels}
+
+
+def size_strata(rows: list[dict]) -> list[float]:
+    """Label each row's SIZE_COLUMN by terciles of the true tumour area; returns the two edges in pixels.
+
+    Terciles of the images with tumour: "small" up to the first edge, "medium"
+    up to the second, "large" above; images without tumour are "no tumour".
+    """
+    areas = [r["gt_pixels"] for r in rows if r["gt_pixels"] > 0]
+    edges = [float(e) for e in np.quantile(areas, [1 / 3, 2 / 3])] if areas else []
+    for row in rows:
+        area = row["gt_pixels"]
+        row[SIZE_COLUMN] = ("no tumour" if area == 0 else "small" if area <= edges[0]
+                            else "medium" if area <= edges[1] else "large")
+    return edges
+
+
+def label_rows(rows: list[dict], scoring: Scoring) -> list[float]:
+    """Add each row's tumour-size stratum and metadata values; returns the size terciles' edges in pixels."""
+    edges = size_strata(rows)
+    for column, values in scoring.labels.items():
+        for row in rows:
+            row[column] = values[row["image"]]
+    return edges
+
+
+def write_metrics(path: Path, rows: list[dict], scoring: Scoring) -> None:
+    """metrics.csv: one row per scored image, numbers first, then text; an undefined number is left empty."""
+    columns = ["image", *(key for key in NUMBER_COLUMNS if key in rows[0]), "category", SIZE_COLUMN,
+               *scoring.labels]
+    table = io.StringIO()
+    writer = csv.DictWriter(table, columns)
+    writer.writeheader()
+    writer.writerows({key: "" if isinstance(value, float) and math.isnan(value) else value
+                      for key, value in row.items()} for row in rows)
+    write_atomic(path, table.getvalue())
+
+
+def score_summary(rows: list[dict], scoring: Scoring, size_edges: list[float],
+                  calibration: CalibrationTracker) -> dict:
+    """summary.json's scores: overall, per metric, per failure category, per group and stratum, uncertainty."""
+    metrics = {key: summarise([r[key] for r in rows]) for key in NUMBER_COLUMNS if key in rows[0]}
+    overall = group_scores(rows)
+    summary = {
+        "dice_mean": overall["dice_mean"], "dice_median": overall["dice_median"], "dice_std": metrics["dice"]["std"],
+        "iou_mean": metrics["iou"]["mean"], "iou_median": metrics["iou"]["median"], "iou_std": metrics["iou"]["std"],
+        "dice_pooled": overall["dice_pooled"], "iou_pooled": overall["iou_pooled"],
+        "pixel_accuracy": metrics["pixel_accuracy"]["mean"],
+        "dice_below_tail": TAIL_DICE, "share_dice_below_tail": float(np.mean([r["dice"] < TAIL_DICE for r in rows])),
+        "share_dice_zero": float(np.mean([r["dice"] == 0 for r in rows])),
+        "metrics": metrics,
+        "failure_rules": [{"category": name, "rule": rule} for name, rule in FAILURE_RULES],
+        "failure_counts": {name: sum(r["category"] == name for r in rows) for name, _ in FAILURE_RULES},
+        "strata": {SIZE_COLUMN: {"edges_px": size_edges, "groups": scores_by_label(rows, SIZE_COLUMN, SIZE_STRATA)},
+                   **{column: {"groups": scores_by_label(rows, column)} for column in scoring.strata_columns}},
+        "calibration": calibration.summary(),
+    }
+    if scoring.group_column:
+        summary["by_group"] = {"column": scoring.group_column, "groups": scores_by_label(rows, scoring.group_column)}
+    if scoring.class_mix is not None:
+        summary["class_mix"] = reweighted_dice(rows, *scoring.class_mix)
+    if "uncertainty" in rows[0]:
+        uncertainty, dice = [r["uncertainty"] for r in rows], [r["dice"] for r in rows]
+        summary["uncertainty"] = {
+            "region_min_probability": UNCERTAINTY_REGION_PROBABILITY,
+            "spearman_with_dice": rank_correlation(uncertainty, dice),
+            "poor_dice_below": POOR_MAX_DICE, "poor_images": sum(d < POOR_MAX_DICE for d in dice),
+            "auroc_poor": auroc(uncertainty, [d < POOR_MAX_DICE for d in dice])}
+    return summary
+
+
+def reweighted_dice(rows: list[dict], column: str, weights: dict[str, float]) -> dict:
+    """Mean Dice with each value of `column` weighted as in `weights` (e.g. another set's class mix).
+
+    NaN (null in summary.json) when a weighted value has no scored image: its weight cannot be honoured.
+    """
+    means = {value: float(np.mean([r["dice"] for r in rows if r[column] == value] or [math.nan]))
+             for value in weights}
+    return {"column": column, "weights": weights, "dice_mean_by_value": means,
+            "dice_mean": sum(weights[value] * means[value] for value in weights)}
+
+
+def print_summary(summary: dict, scoring: Scoring) -> None:
+    """The summary's main figures on the console."""
+    print(f"\n{'images processed':<18}{summary['count']}\n{'scored':<18}{summary['scored']}\n"
+          f"{'decision rule':<18}{summary['decision_rule_text']} ({summary['decision_rule_source']})")
+    if not summary["scored"]:
+        return
+    for key in ("dice_mean", "dice_median", "dice_pooled", "iou_mean", "pixel_accuracy"):
+        print(f"{key:<18}{summary[key]:.4f}")
+    print(f"{'Dice < ' + str(TAIL_DICE):<18}{summary['share_dice_below_tail']:.1%} of images "
+          f"({summary['share_dice_zero']:.1%} at 0)")
+    if "class_mix" in summary:
+        print(f"{'class-mix Dice':<18}{summary['class_mix']['dice_mean']:.4f} (by {summary['class_mix']['column']})")
+    for key in ("precision", "sensitivity", "hd95_px", "assd_px", "hd95_mm", "assd_mm"):
+        stats = summary["metrics"].get(key)
+        if stats is not None and stats["count"]:
+            undefined = f" ({stats['count_undefined']} undefined)" if stats["count_undefined"] else ""
+            print(f"{key + '_mean':<18}{stats['mean']:.4f}   median {stats['median']:.4f}{undefined}")
+    print("failure categories: " + ", ".join(f"{name} {count}" for name, count in summary["failure_counts"].items()
+                                             if count))
+    print(f"{'calibration ECE':<18}{summary['calibration']['ece']:.4f}")
+    if "uncertainty" in summary:
+        u = summary["uncertainty"]
+        print(f"{'uncertainty':<18}Spearman with Dice {format_number(u['spearman_with_dice'])}, AUROC for "
+              f"Dice < {u['poor_dice_below']}: {format_number(u['auroc_poor'])} ({u['poor_images']} such images)")
+    print_group_scores(summary, scoring)
+
+
+def print_group_scores(summary: dict, scoring: Scoring) -> None:
+    """Per-group scores (one line in all when there are many groups) and each stratum's mean Dice."""
+    groups = summary.get("by_group", {}).get("groups", {})
+    if len(groups) > PRINTED_GROUPS:
+        means = [scores["dice_mean"] for scores in groups.values()]
+        print(f"  per {scoring.group_column}: {len(groups)} groups, mean Dice from {min(means):.4f} to "
+              f"{max(means):.4f} (each in summary.json and report.html)")
+    else:
+        for group, scores in groups.items():
+            print(f"  {scoring.group_column} {group or '(none)'}: {scores['count']} images, "
+                  f"Dice mean {scores['dice_mean']:.4f}, median {scores['dice_median']:.4f}, "
+                  f"pooled {scores['dice_pooled']:.4f}")
+    for column, stratum in summary["strata"].items():
+        print(f"  by {column}: " + ", ".join(f"{label or '(none)'} {scores['dice_mean']:.3f} ({scores['count']})"
+                                             for label, scores in stratum["groups"].items()))
+
+
+def format_number(value: float | None) -> str:
+    """A summary figure with 3 decimals; 'undefined' for None (a NaN in summary.json)."""
+    return "undefined" if value is None or math.isnan(value) else f"{value:.3f}"
