@@ -117,6 +117,11 @@ def run(args: argparse.Namespace, train_flags: list[str]) -> int:
         return 1
     cv_dir = Path(args.runs_dir) / args.name
     chosen = args.only_folds if args.only_folds is not None else list(range(folds))
+    outside = [fold for fold in chosen if not 0 <= fold < folds]
+    if outside:
+        print(f"error: --only-folds {', '.join(map(str, outside))}: there are {folds} folds, 0 to {folds - 1}",
+              file=sys.stderr)
+        return 1
     try:
         for fold in chosen:
             code = train_fold(cv_dir, fold, folds, args, train_flags)

@@ -86,3 +86,9 @@ def test_crossval_runs_from_the_command_line():
     done = subprocess.run([sys.executable, str(ROOT / "crossval.py"), "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "compare" in done.stdout
 
+
+
+def test_only_folds_outside_the_fold_count_are_refused(demo_root, tmp_path, capsys):
+    assert crossval.main(["run", "--name", "x", "--data-root", str(demo_root), "--runs-dir", str(tmp_path),
+                          "--folds", "3", "--only-folds", "0,7"]) == 1
+    assert "--only-folds 7: there are 3 folds, 0 to 2" in capsys.readouterr().err and not list(tmp_path.iterdir())
