@@ -32,7 +32,7 @@ def training_state(config: Config, model: nn.Module, optimizer: torch.optim.Opti
     Collective under torchrun: every process's random states are gathered.
     """
     sampler = hard_sampler(train_loader)
-    return {"model_args": model_arguments(config), "model": model.state_dict(),
+    return {"model_args": model_arguments(config, getattr(model, "type_classes", ())), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict(),

@@ -52,6 +52,9 @@ class Config:
     BASE_CHANNELS: int = 64  # width of the first U-Net level; doubles per level
     DEPTH: int = 4  # number of down-sampling steps
     BILINEAR: bool = False  # bilinear up-sampling instead of transposed convolutions
+    STEM: str = "none"  # "none", or "space_to_depth": 2x2 pixel blocks in as channels, out as pixels (~half-size cost)
+    TYPE_COLUMN: str = ""  # metadata.csv column a bottleneck head learns to classify (tumor_class); "" = no head
+    TYPE_WEIGHT: float = 0.1  # weight of the type head's cross-entropy in the loss (with TYPE_COLUMN)
     # --- optimisation
     BATCH_SIZE: int = 16  # images per step
     HARD_SAMPLING: float = 0.0  # share of each epoch drawn in proportion to each slice's latest loss; 0 = plain shuffle
@@ -110,6 +113,13 @@ class Config:
              f"FOLDS must be 0 or at least 2, and FOLD between 0 and FOLDS-1 (got FOLDS={self.FOLDS}, "
              f"FOLD={self.FOLD})"),
             (min(self.BCE_WEIGHT, self.DICE_WEIGHT) >= 0, "BCE_WEIGHT and DICE_WEIGHT must not be negative"),
+            (self.TYPE_WEIGHT >= 0, "TYPE_WEIGHT must not be negative"),
+            # The stem halves the resolution once more: the padded input is a multiple of 2**(DEPTH + 1).
+            (self.STEM != "space_to_depth" or self.IMAGE_SIZE >= 2**(self.DEPTH + 1),
+             f"IMAGE_SIZE must be at least 2**(DEPTH + 1) = {2**(self.DEPTH + 1)} with STEM space_to_depth"),
+            (self.STEM != "space_to_depth" or self.BATCH_SIZE != 1 or self.IMAGE_SIZE != 2**(self.DEPTH + 1),
+             f"BATCH_SIZE 1 cannot train at IMAGE_SIZE {self.IMAGE_SIZE} with DEPTH {self.DEPTH} and STEM "
+             "space_to_depth: the bottleneck is 1x1, where BatchNorm needs at least 2 images per batch"),
             (self.BCE_WEIGHT + self.DICE_WEIGHT > 0,
              "BCE_WEIGHT and DICE_WEIGHT must not both be 0 (the loss would not depend on the model)"),
             (self.SPLIT_GROUP_COLUMN != "", 'SPLIT_GROUP_COLUMN must name a column, "auto" or "none" (random slices)'),
@@ -120,6 +130,7 @@ class Config:
         for value, choices in ((self.NORMALIZATION, ("imagenet", "zscore")), (self.IN_CHANNELS, (1, 3)),
                                (self.LR_SCHEDULE, ("constant", "cosine")),
                                (self.MODEL, ("unet", "attention_unet")), (self.RECIPE, ("", *RECIPES)),
+                               (self.STEM, ("none", "space_to_depth")),
                                (self.AMP, ("off", "bf16", "fp16", "auto")), (self.CACHE, ("memory", "disk"))):
             checks.append((value in choices, f"{value!r} is not one of {choices}"))
         problems = [message for ok, message in checks if not ok]

@@ -412,6 +412,18 @@ def group_labels(root: Path, group_column: str, pairs: Sequence[Pair]) -> tuple[
     return groups, problems
 
 
+def type_labels(root: Path, column: str, pairs: Sequence[Pair]) -> tuple[list[str], list[int]]:
+    """The sorted distinct values of metadata.csv's `column` (the classes) and each pair's class index.
+
+    Raises DatasetError naming a missing file or column and every image without a value.
+    """
+    labels, problems = group_labels(root, column, pairs)
+    if problems or labels is None:
+        raise DatasetError(root, problems)
+    classes = sorted(set(labels))
+    return classes, [classes.index(label) for label in labels]
+
+
 def verify_dataset(root: Path, group_column: str = "") -> list[str]:
     """Every integrity problem of the dataset at `root`, each naming its file; empty when sound.
 
@@ -770,15 +782,20 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """Samples (image float32 (C, S, S), mask float32 (1, S, S) in {0, 1}) from the rows `indices` of the arrays.
 
     The arrays may be in memory or memory-mapped (the disk cache); `indices`
-    (default: every row) picks rows without copying the arrays.
+    (default: every row) picks rows without copying the arrays. With `types`
+    (a class index per row of the arrays, e.g. the tumour type: TYPE_COLUMN),
+    samples are (image, mask, type index int64 scalar); the type is a label of the
+    whole image, which flips, rotations, warps and intensity changes keep.
     """
 
     def __init__(self, images: np.ndarray, masks: np.ndarray, normalization: str,
-                 transform: A.Compose | None = None, indices: Sequence[int] | None = None):
+                 transform: A.Compose | None = None, indices: Sequence[int] | None = None,
+                 types: Sequence[int] | None = None):
         self.images, self.masks = images, masks
         self.indices = list(range(len(images)) if indices is None else indices)
         self.normalization = normalization
         self.transform = transform
+        self.types = None if types is None else torch.as_tensor(types, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -798,14 +815,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 state[name] = np.load(state[name], mmap_mode="r")
         self.__dict__.update(state)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         row = self.indices[index]
         image, mask = np.array(self.images[row]), np.array(self.masks[row])  # copies: a memory map stays read-only
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        return (torch.from_numpy(normalize(image, self.normalization)),
-                torch.from_numpy(mask[None].astype(np.float32)))
+        sample = (torch.from_numpy(normalize(image, self.normalization)),
+                  torch.from_numpy(mask[None].astype(np.float32)))
+        return sample if self.types is None else (*sample, self.types[row])
 
 
 def seed_worker(worker_id: int) -> None:

@@ -22,8 +22,9 @@ from config import Config
 from metrics import CalibrationTracker
 from outputs import PNG_COMPRESS_LEVEL, WRITE_THREADS, OrderedJobs, write_image_outputs
 from postprocess import DecisionRule
-from runfolder import count_training_images
-from scoring import Scoring, label_rows, score_image, score_summary, write_metrics
+from runfolder import count_training_images, split_group_column
+from scoring import (Scoring, label_rows, metadata_column, score_image, score_summary, type_classification,
+                     type_columns, write_metrics)
 from utils import LoadedCheckpoint, json_ready, save_json
 
 
@@ -52,7 +53,8 @@ def finish_image(p: inference.Prediction, rule: DecisionRule, scoring: Scoring, 
     write_image_outputs(staging, p.stem, p.image, predicted, p.mask, p.spread, compress_level)
     if p.mask is None:
         return None
-    return score_image(p.stem, predicted, p.mask, p.probability, p.spread, scoring)
+    row = score_image(p.stem, predicted, p.mask, p.probability, p.spread, scoring)
+    return row if p.types is None else {**row, **type_columns(p.types)}
 
 
 def predict_and_score(models: list[LoadedCheckpoint], images: list[Path], masks: dict[str, Path] | None,
@@ -80,6 +82,26 @@ def training_overlap(rows: list[dict], checkpoint_paths: list[Path], data_root: 
         note = (f"{seen_in_training} of the {len(rows)} scored images were training images of this run: "
                 "their scores flatter the model; use --subset test for a held-out figure")
     return seen_in_training, note
+
+
+def type_summary(rows: list[dict], loaded: LoadedCheckpoint, checkpoint_path: Path, images: list[Path],
+                 data_root: Path) -> dict | None:
+    """summary.json's type_classification for a checkpoint with a TypeHead, per image and per patient (the run's
+    split group column); None without a head or where data_root/metadata.csv lacks the head's column."""
+    classes = inference.head_classes([loaded])
+    column = loaded.config.TYPE_COLUMN
+    if not classes or not column:
+        return None
+    try:
+        truth = metadata_column(data_root, column, images, "the type head")
+    except (FileNotFoundError, ValueError):
+        return None  # nothing to score the head against: metrics.csv still has its answers
+    group_column = split_group_column(checkpoint_path)
+    try:
+        groups = metadata_column(data_root, group_column, images, "the split group column") if group_column else None
+    except (FileNotFoundError, ValueError):
+        groups = None
+    return type_classification(rows, column, truth, classes, group_column if groups else "", groups)
 
 
 def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Path], images: list[Path],
@@ -127,5 +149,8 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
         size_edges = label_rows(rows, scoring)
         write_metrics(staging / "metrics.csv", rows, scoring)
         summary.update(score_summary(rows, scoring, size_edges, calibration))
+        types = type_summary(rows, models[0], checkpoint_paths[0], images, Path(options.DATA_ROOT))
+        if types is not None:
+            summary["type_classification"] = types
     save_json(staging / "summary.json", json_ready(summary))
     return summary, failures

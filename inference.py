@@ -94,6 +94,25 @@ def native_probabilities_and_spreads(model: torch.nn.Module, config: Config, ima
             dataset.restore_probabilities(spread[:, 0], boxes, shapes))
 
 
+def type_probabilities(model: torch.nn.Module, config: Config, images: Sequence[np.ndarray], device: torch.device,
+                       amp: str = "off", channels_last: bool = False) -> np.ndarray:
+    """Softmax of a TypeHead's logits, (N, classes) float32, for a batch of native images prepared as in training.
+
+    One view (no TTA): the head classifies the whole image, so its answer is the same for flips and rotations.
+    """
+    model.eval()
+    inputs = torch.stack([prepare_image(image, config)[0] for image in images])
+    inputs = inputs.to(device, memory_format=memory_format_for(channels_last))
+    with torch.no_grad(), autocast(device, amp):
+        _, logits = model(inputs, return_type=True)
+    return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+
+def head_classes(models: Sequence[LoadedCheckpoint]) -> tuple[str, ...]:
+    """The class names of the first model's TypeHead; () when it has none."""
+    return tuple(getattr(models[0].model, "type_classes", ()))
+
+
 def model_views(model: torch.nn.Module, config: Config, images: Sequence[np.ndarray], device: torch.device,
                 tta: bool, amp: str, channels_last: bool) -> tuple[list[torch.Tensor], list[dataset.Box]]:
     """`view_probabilities` (N, 1, S, S) of a batch of native images as the model was trained, and their crop boxes."""
@@ -115,6 +134,7 @@ class Prediction:
     probability: np.ndarray  # float32 (H, W)
     mask: np.ndarray | None  # uint8 {0, 1} (H, W), None without ground truth
     spread: np.ndarray | None  # float32 (H, W) std of the views'/members' probabilities; None with one view
+    types: dict[str, float] | None = None  # a TypeHead's probability of each class; None without a head
 
 
 def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
@@ -167,9 +187,13 @@ def predict_batch(models: list[LoadedCheckpoint], batch: list[tuple[Path, dict[i
                   device: torch.device, options: Config, with_spread: bool) -> Iterator[Prediction]:
     """The Predictions of one batch of decoded images: the members' mean map, and their spread when asked."""
     speed = {"tta": options.TTA, "amp": options.AMP, "channels_last": options.CHANNELS_LAST}
-    maps, spreads = [], []  # per member: a map per image
+    maps, spreads, types = [], [], []  # per member: a map per image; per member with the first one's head: (N, K)
+    classes = head_classes(models)
     for loaded in models:
         inputs = [decoded[loaded.config.IN_CHANNELS] for _, decoded, _ in batch]
+        if classes and tuple(getattr(loaded.model, "type_classes", ())) == classes:
+            types.append(type_probabilities(loaded.model, loaded.config, inputs, device, options.AMP,
+                                            options.CHANNELS_LAST))
         if with_spread:
             member_maps, member_spreads = native_probabilities_and_spreads(loaded.model, loaded.config, inputs,
                                                                            device, **speed)
@@ -180,7 +204,8 @@ def predict_batch(models: list[LoadedCheckpoint], batch: list[tuple[Path, dict[i
     for index, (path, decoded, mask) in enumerate(batch):
         means = [member[index] for member in maps]
         spread = combined_spread(means, [member[index] for member in spreads]) if with_spread else None
-        yield Prediction(path.stem, decoded[3], sum(means) / len(models), mask, spread)
+        type_means = dict(zip(classes, (sum(types) / len(types))[index].tolist(), strict=True)) if types else None
+        yield Prediction(path.stem, decoded[3], sum(means) / len(models), mask, spread, type_means)
 
 
 def predict(models: list[LoadedCheckpoint], images: list[Path], masks: dict[str, Path] | None,

@@ -1,4 +1,4 @@
-"""Loss for binary segmentation: weighted BCE + soft Dice, both computed from logits."""
+"""Loss for binary segmentation: weighted BCE + soft Dice, both computed from logits (+ an optional type term)."""
 
 from __future__ import annotations
 
@@ -56,16 +56,25 @@ class BCEDiceLoss(nn.Module):
         dice_weight: weight of the soft Dice term.
         smooth: Dice smoothing, in pixels.
         reduction: "mean" over the images, or "none" for one loss per image (hard-example sampling uses them).
+        type_weight: weight of the cross-entropy of a type head's logits, added per image when
+            `forward` is given them (TYPE_WEIGHT); without them the loss is BCE + Dice alone.
     """
 
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
-                 reduction: str = "mean"):
+                 reduction: str = "mean", type_weight: float = 0.0):
         super().__init__()
         _check_reduction(reduction)  # at construction, not at the first batch
         self.bce_weight, self.dice_weight, self.smooth, self.reduction = bce_weight, dice_weight, smooth, reduction
+        self.type_weight = type_weight
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, type_logits: torch.Tensor | None = None,
+                type_target: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of segmentation `logits` against `target`; plus type_weight x cross-entropy of
+        `type_logits` (N, K) against class indices `type_target` (N,) when both are given."""
         bce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none").flatten(1)
         per_image = (self.bce_weight * bce.mean(dim=1)
                      + self.dice_weight * soft_dice_loss(logits, target, self.smooth, reduction="none"))
+        if type_logits is not None and type_target is not None:
+            per_image = per_image + self.type_weight * F.cross_entropy(type_logits.float(), type_target,
+                                                                       reduction="none")
         return _reduce(per_image, self.reduction)

@@ -565,6 +565,26 @@ def _defined_pairs(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, 
     return x[defined], y[defined]
 
 
+def classification_scores(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> dict:
+    """Accuracy, balanced accuracy and confusion matrix of class labels; every label must be in `classes`.
+
+    The matrix's rows are the true classes and its columns the predicted ones,
+    both in `classes` order (a row sums to that class's count). Balanced
+    accuracy is the mean recall over the classes present in `truth`. NaN when
+    `truth` is empty.
+    """
+    index = {name: i for i, name in enumerate(classes)}
+    matrix = np.zeros((len(classes), len(classes)), np.int64)
+    for true, guess in zip(truth, predicted, strict=True):
+        matrix[index[true], index[guess]] += 1
+    present = matrix.sum(axis=1) > 0
+    recalls = np.diag(matrix)[present] / matrix.sum(axis=1)[present]
+    count = int(matrix.sum())
+    return {"count": count, "accuracy": float(np.trace(matrix) / count) if count else math.nan,
+            "balanced_accuracy": float(recalls.mean()) if count else math.nan,
+            "classes": list(classes), "confusion_matrix": matrix.tolist()}
+
+
 def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman rank correlation of x and y, e.g. of per-image uncertainty and Dice.
 

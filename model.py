@@ -5,11 +5,19 @@ At BASE_CHANNELS=64, DEPTH=4, 3 input channels and transposed-convolution
 up-sampling it is the classic 31.0 M-parameter U-Net. Any input size works:
 the input is padded to a multiple of 2**depth and the output cropped back.
 `build_unet` picks either network by name.
+
+Two optional parts, both off by default (a network without them has exactly
+the parameters and outputs it always had): a `TypeHead` that classifies the
+image (e.g. the tumour type) from the bottleneck, and a space-to-depth stem
+(`stem="space_to_depth"`) that folds each 2x2 block of the input into
+channels before the first level and unfolds the output the same way, so a
+2S px image costs about what an S px one costs in the plain network.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +124,16 @@ class OutConv(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size=1)
 
 
+class TypeHead(nn.Sequential):
+    """Global average pool of the bottleneck, then a linear layer: one logit per image class (e.g. tumour type)."""
+
+    def __init__(self, in_channels: int, classes: int):
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, classes))
+
+
+STEMS = ("none", "space_to_depth")
+
+
 class UNet(nn.Module):
     """U-Net returning one tumour logit per pixel, shape (N, 1, H, W) for input (N, C, H, W).
 
@@ -124,18 +142,32 @@ class UNet(nn.Module):
         base_channels: feature maps at the first level; doubled at every level down.
         depth: number of 2x down-sampling steps (the bottleneck is at 1/2**depth resolution).
         bilinear: up-sample with bilinear interpolation instead of transposed convolutions.
+        stem: "none", or "space_to_depth": nn.PixelUnshuffle(2) before `inc` (which then takes 4x the
+            channels) and nn.PixelShuffle(2) after `outc` (which then gives 4 logits per position), so the
+            levels run at half the input's resolution and the output is back at the input's.
+        type_classes: names of the image classes a TypeHead on the bottleneck predicts; () = no head.
+            With a head, `forward(x, return_type=True)` returns (segmentation logits, type logits (N, K)).
     """
 
     up_block: type[Up] = Up  # the decoder step; subclasses swap it
 
-    def __init__(self, in_channels: int = 3, base_channels: int = 64, depth: int = 4, bilinear: bool = False):
+    def __init__(self, in_channels: int = 3, base_channels: int = 64, depth: int = 4, bilinear: bool = False,
+                 stem: str = "none", type_classes: Sequence[str] = ()):
         super().__init__()
-        self.depth = depth
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; choose one of: {', '.join(STEMS)}")
+        self.depth, self.stem = depth, stem
+        self.fold = 2 if stem == "space_to_depth" else 1  # side of the input block one stem position holds
         widths = [base_channels * 2**level for level in range(depth + 1)]
-        self.inc = DoubleConv(in_channels, widths[0])
+        self.inc = DoubleConv(in_channels * self.fold**2, widths[0])
         self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(depth))
         self.ups = nn.ModuleList(self.up_block(widths[i + 1], widths[i], bilinear) for i in reversed(range(depth)))
-        self.outc = OutConv(widths[0], 1)
+        self.outc = OutConv(widths[0], self.fold**2)
+        if self.fold > 1:  # parameter-free: the state dict of a plain network is unchanged
+            self.unshuffle, self.shuffle = nn.PixelUnshuffle(self.fold), nn.PixelShuffle(self.fold)
+        self.type_classes = tuple(type_classes)
+        if self.type_classes:  # only then: a network without a head keeps its state dict
+            self.type_head = TypeHead(widths[-1], len(self.type_classes))
 
     def set_output_prior(self, foreground_fraction: float) -> None:
         """Start the output bias at logit(foreground_fraction), the share of tumour pixels.
@@ -148,21 +180,32 @@ class UNet(nn.Module):
         with torch.no_grad():
             self.outc.bias.fill_(math.log(fraction / (1 - fraction)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor,
+                return_type: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Segmentation logits (N, 1, H, W); with `return_type` (a network with a TypeHead only), also type logits."""
+        if return_type and not self.type_classes:
+            raise ValueError("return_type=True needs a network built with type_classes (a TypeHead)")
         height, width = x.shape[-2:]
-        multiple = 2**self.depth
+        multiple = 2**self.depth * self.fold
         pad_h, pad_w = -height % multiple, -width % multiple
         # Reflect padding keeps image statistics at the border; fall back to zeros for tiny inputs.
         mode = "reflect" if pad_h < height and pad_w < width else "constant"
         x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+        if self.fold > 1:
+            x = self.unshuffle(x)
 
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
         x = skips.pop()
+        type_logits = self.type_head(x) if return_type else None
         for up in self.ups:
             x = up(x, skips.pop())
-        return self.outc(x)[..., :height, :width]
+        logits = self.outc(x)
+        if self.fold > 1:
+            logits = self.shuffle(logits)
+        logits = logits[..., :height, :width]
+        return (logits, type_logits) if return_type else logits
 
 
 class AttentionUNet(UNet):
@@ -181,7 +224,7 @@ ARCHITECTURES: dict[str, type[UNet]] = {"unet": UNet, "attention_unet": Attentio
 
 
 def build_unet(name: str, in_channels: int = 3, base_channels: int = 64, depth: int = 4,
-               bilinear: bool = False) -> UNet:
+               bilinear: bool = False, stem: str = "none", type_classes: Sequence[str] = ()) -> UNet:
     """The network called `name`, "unet" or "attention_unet" (exact spelling), with UNet's arguments.
 
     Args:
@@ -190,13 +233,15 @@ def build_unet(name: str, in_channels: int = 3, base_channels: int = 64, depth: 
         base_channels: feature maps at the first level; doubled at every level down.
         depth: number of 2x down-sampling steps.
         bilinear: up-sample with bilinear interpolation instead of transposed convolutions.
+        stem: "none" or "space_to_depth" (see UNet).
+        type_classes: class names of a TypeHead on the bottleneck; () = none.
 
     Raises:
-        ValueError: unknown name; the message lists the valid ones.
+        ValueError: unknown name or stem; the message lists the valid ones.
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[name](in_channels, base_channels, depth, bilinear)
+    return ARCHITECTURES[name](in_channels, base_channels, depth, bilinear, stem, type_classes)
 
 
 def count_parameters(model: nn.Module) -> int:

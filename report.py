@@ -55,6 +55,7 @@ COUNT_COLUMNS = {"pred_components", "true_components", "gt_pixels", "pred_pixels
 # The image table's number columns; the mm distances replace the pixel ones when a spacing is known.
 TABLE_NUMBERS = ["dice", "iou", "precision", "sensitivity", "hd95", "assd", "pred_components", "true_components",
                  "gt_pixels", "pred_pixels", "uncertainty"]
+TYPE_PROBABILITY = "type_probability"  # a type head's probability of its predicted_type (TYPE_COLUMN checkpoints)
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
@@ -85,7 +86,9 @@ def write_report(folder: Path) -> Path:
         raise ValueError(f"{folder / 'summary.json'}: cannot be read ({error})") from error
     if "metrics" not in summary:
         raise ValueError(f"{folder / 'summary.json'}: no scores; test.py scored no image there (no masks?)")
-    rows = numbers_parsed(read_metrics(folder / "metrics.csv"), set(summary["metrics"]), folder / "metrics.csv")
+    rows = read_metrics(folder / "metrics.csv")
+    numbers = set(summary["metrics"]) | ({TYPE_PROBABILITY} & set(rows[0] if rows else ()))  # a type head's answer
+    rows = numbers_parsed(rows, numbers, folder / "metrics.csv")
     path = folder / "report.html"
     write_atomic(path, render(summary, rows))
     return path
@@ -231,20 +234,24 @@ def group_table(column: str, groups: dict[str, dict], unit: str) -> str:
 def image_table(summary: dict, rows: list[dict], unit: str) -> str:
     """The sortable, filterable per-image table with thumbnails linking to the full-size PNGs."""
     uncertainty = summary["uncertainty_maps"]
+    # Text columns (tumour size, metadata, a type head's predicted_type), and the type head's probability as a number.
     labels = [key for key in rows[0] if key not in summary["metrics"] and key not in ("image", "category")]
     numbers = [key if key in summary["metrics"] else f"{key}_{unit}" for key in TABLE_NUMBERS]
     numbers = [key for key in numbers if key in summary["metrics"]]
     titles = {key: f"{name} ({metric_unit})" if key.startswith(("hd95", "assd")) else name
               for key, name, metric_unit, _ in METRICS}
     header = [("overlay", "none")] + ([("uncertainty map", "none")] if uncertainty else []) \
-        + [("image", "text"), ("category", "text")] + [(label, "text") for label in labels] \
+        + [("image", "text"), ("category", "text")] \
+        + [("type probability", "num") if label == TYPE_PROBABILITY else (label, "text") for label in labels] \
         + [(titles[key], "num") for key in numbers]
     body = []
     for row in rows:
         name = row["image"]
         shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # any file name prints
         cells = [thumbnail("overlays", name)] + ([thumbnail("uncertainty", name)] if uncertainty else [])
-        cells += [text_cell(shown), text_cell(row["category"])] + [text_cell(row[label]) for label in labels]
+        cells += [text_cell(shown), text_cell(row["category"])]
+        cells += [number_cell(row[label], 3) if label == TYPE_PROBABILITY else text_cell(row[label])
+                  for label in labels]
         cells += [number_cell(row[key], 0 if key in COUNT_COLUMNS else 3) for key in numbers]
         body.append(cells)
     categories = "".join(f"<option>{html.escape(name)}</option>" for name, _ in FAILURE_RULES)

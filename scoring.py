@@ -13,6 +13,8 @@ import csv
 import io
 import math
 import statistics
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import numpy as np
 
 import dataset
 from metrics import (FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY, CalibrationTracker, Spacing,
-                     auroc, per_image_report, pooled_scores, rank_correlation, region_uncertainty, summarise)
+                     auroc, classification_scores, per_image_report, pooled_scores, rank_correlation, region_uncertainty, summarise)
 from runfolder import split_group_column
 from utils import write_atomic
 
@@ -30,6 +32,10 @@ NUMBER_COLUMNS = ("dice", "iou", "pixel_accuracy", "precision", "sensitivity", "
                   "assd_mm", "pred_components", "true_components", "gt_pixels", "pred_pixels", "overlap_pixels",
                   "uncertainty")
 SIZE_COLUMN = "tumour_size"
+# A TypeHead's answer per image (checkpoints trained with TYPE_COLUMN): its most probable class and that probability.
+TYPE_COLUMNS = ("predicted_type", "type_probability")
+PATIENT_VOTE = ("majority of the patient's slices' predicted types; a tie goes to the tied type whose votes carry "
+                "the larger summed probability")
 SIZE_STRATA = ("small", "medium", "large", "no tumour")  # terciles of the true tumour area, then empty masks
 TAIL_DICE = 0.3  # summary.json and the console give the share of images scoring below this Dice
 PRINTED_GROUPS = 12  # more groups than this (e.g. patients) are summed up in one console line
@@ -187,7 +193,7 @@ def label_rows(rows: list[dict], scoring: Scoring) -> list[float]:
 def write_metrics(path: Path, rows: list[dict], scoring: Scoring) -> None:
     """metrics.csv: one row per scored image, numbers first, then text; an undefined number is left empty."""
     columns = ["image", *(key for key in NUMBER_COLUMNS if key in rows[0]), "category", SIZE_COLUMN,
-               *scoring.labels]
+               *(key for key in TYPE_COLUMNS if key in rows[0]), *scoring.labels]
     table = io.StringIO()
     writer = csv.DictWriter(table, columns)
     writer.writeheader()
@@ -229,6 +235,42 @@ def score_summary(rows: list[dict], scoring: Scoring, size_edges: list[float],
     return summary
 
 
+def type_columns(probabilities: dict[str, float]) -> dict[str, str | float]:
+    """An image's TYPE_COLUMNS from its TypeHead's probability of each class."""
+    predicted = max(probabilities, key=probabilities.__getitem__)
+    return {"predicted_type": predicted, "type_probability": probabilities[predicted]}
+
+
+def type_classification(rows: list[dict], column: str, truth: dict[str, str], classes: Sequence[str],
+                        group_column: str = "", groups: dict[str, str] | None = None) -> dict:
+    """summary.json's type_classification: a TypeHead's answers (rows' TYPE_COLUMNS) against metadata's `column`.
+
+    `truth` and `groups` map image stems to the true class and to the patient
+    (`group_column`). Images without a true class are left out. Scored per image
+    and, with `groups`, per patient: the patient's predicted type is the
+    PATIENT_VOTE of its slices, its true type the most common true type of its
+    slices. Classes are the head's, then any true class the head lacks.
+    """
+    labelled = [row for row in rows if truth.get(row["image"])]
+    order = [*classes, *sorted({truth[row["image"]] for row in labelled} - set(classes))]
+    result = {"column": column, "classes": order, "images_without_label": len(rows) - len(labelled),
+              "per_image": classification_scores([truth[row["image"]] for row in labelled],
+                                                 [row["predicted_type"] for row in labelled], order)}
+    if groups:
+        by_patient: dict[str, list[dict]] = {}
+        for row in labelled:
+            by_patient.setdefault(groups[row["image"]], []).append(row)
+        true_types = [Counter(truth[row["image"]] for row in slices).most_common(1)[0][0]
+                      for slices in by_patient.values()]
+        votes = [max(order, key=lambda name: (sum(row["predicted_type"] == name for row in slices),
+                                              sum(row["type_probability"] for row in slices
+                                                  if row["predicted_type"] == name)))
+                 for slices in by_patient.values()]
+        result["per_patient"] = {"group_column": group_column, "vote": PATIENT_VOTE,
+                                 **classification_scores(true_types, votes, order)}
+    return result
+
+
 def reweighted_dice(rows: list[dict], column: str, weights: dict[str, float]) -> dict:
     """Mean Dice with each value of `column` weighted as in `weights` (e.g. another set's class mix).
 
@@ -264,6 +306,13 @@ def print_summary(summary: dict, scoring: Scoring) -> None:
         u = summary["uncertainty"]
         print(f"{'uncertainty':<18}Spearman with Dice {format_number(u['spearman_with_dice'])}, AUROC for "
               f"Dice < {u['poor_dice_below']}: {format_number(u['auroc_poor'])} ({u['poor_images']} such images)")
+    if "type_classification" in summary:
+        types = summary["type_classification"]
+        for unit in ("per_image", "per_patient"):
+            if unit in types:
+                print(f"{'type ' + unit.replace('_', ' '):<18}accuracy {format_number(types[unit]['accuracy'])}, "
+                      f"balanced {format_number(types[unit]['balanced_accuracy'])} ({types[unit]['count']} "
+                      f"{'images' if unit == 'per_image' else 'patients'}, by {types['column']})")
     print_group_scores(summary, scoring)
 
 

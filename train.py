@@ -64,7 +64,8 @@ TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not i
 
 
 def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: list[int],
-                 config: Config, pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
+                 config: Config, pin_memory: bool = False,
+                 types: list[int] | None = None) -> tuple[DataLoader, DataLoader]:
     """Shuffled, augmented training loader and a fixed-order validation loader (pinned batches copy faster to a GPU).
 
     Under torchrun each process loads its own share: a DistributedSampler's
@@ -72,12 +73,14 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     validation image, so no image is validated twice. HARD_SAMPLING > 0
     draws training batches with a dataset.HardExampleSampler (one process
     only: run refuses it under torchrun, see check_sampling), which train_one_epoch
-    feeds the losses.
+    feeds the losses. With `types` (a class index per image of `data`: TYPE_COLUMN)
+    the training batches are (images, masks, type indices); validation's stay (images, masks).
     """
     rank, world = rank_and_world()
     augment = dataset.training_augmentation(config.SEED + rank, flips=config.AUGMENT, affine=config.AUG_AFFINE,
                                             intensity=config.AUG_INTENSITY, elastic=config.AUG_ELASTIC)
-    train_set = dataset.SegmentationDataset(data.images, data.masks, config.NORMALIZATION, augment, train_idx)
+    train_set = dataset.SegmentationDataset(data.images, data.masks, config.NORMALIZATION, augment, train_idx,
+                                            types)
     val_set = dataset.SegmentationDataset(data.images, data.masks, config.NORMALIZATION, indices=val_idx)
     # Workers are started afresh each epoch (not persistent): their augmentation seeds then come from the
     # loader's generator, which checkpoints save, so a resumed run draws exactly what it would have drawn.
@@ -130,18 +133,25 @@ def check_sampling(config: Config, world: int) -> None:
 
 def train_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, loss_fn: nn.Module,
                optimizer: torch.optim.Optimizer, scheduler: LRScheduler | None = None, amp: str = "off",
-               scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               scaler: torch.amp.GradScaler | None = None,
+               types: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a batch already on the model's device; returns (losses, logits).
 
     `loss_fn` gives one loss per image (reduction "none") or their mean; the
     step minimises the mean and returns what `loss_fn` gave. The forward
     pass runs in the precision `amp` names; the loss is taken in float32.
     `scaler` (for fp16, whose small gradients would underflow) scales the
-    loss and skips steps whose gradients overflowed.
+    loss and skips steps whose gradients overflowed. With `types` (class
+    indices, for a model with a TypeHead) the loss also takes the type logits.
     """
     with autocast(images.device, amp):
-        logits = model(images)
-    losses = loss_fn(logits.float(), masks)
+        output = model(images) if types is None else model(images, return_type=True)
+    if types is None:
+        logits = output
+        losses = loss_fn(logits.float(), masks)
+    else:
+        logits, type_logits = output
+        losses = loss_fn(logits.float(), masks, type_logits.float(), types)
     loss = losses.mean()
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
@@ -180,11 +190,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, op
     losses, dices, seen, waited = [], [], 0, 0.0
     start = ready = time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process())
-    for step, (images, masks) in enumerate(bar, 1):
+    for step, (images, masks, *labels) in enumerate(bar, 1):  # labels: [type indices] with a TypeHead
         waited += time.perf_counter() - ready  # time this step spent waiting for the batch
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         masks = masks.to(device, non_blocking=True)
-        image_losses, logits = train_step(model, images, masks, loss_fn, optimizer, scheduler, amp, scaler)
+        types = labels[0].to(device, non_blocking=True) if labels else None
+        image_losses, logits = train_step(model, images, masks, loss_fn, optimizer, scheduler, amp, scaler, types)
         if isinstance(loader.sampler, dataset.HardExampleSampler):
             loader.sampler.record(step - 1, image_losses)
         loss = image_losses.mean()
@@ -353,6 +364,7 @@ def check_run(config: Config, resume_dir: str | None) -> tuple[Config, torch.dev
         print(("warning: " if not group_column else "") + split_note,
               file=sys.stderr if not group_column else sys.stdout)
     data = load_data(config)
+    type_targets(config, data)  # a missing TYPE_COLUMN or value is refused before any run folder
     split = split_run(config, data)
     check_steps(len(split.train), config, rank_and_world()[1])
     if resume_dir is not None:
@@ -424,6 +436,13 @@ def load_data(config: Config) -> dataset.LoadedDataset:
     if builds_first and is_main_process():
         dist.barrier()
     return data
+
+
+def type_targets(config: Config, data: dataset.LoadedDataset) -> tuple[list[str], list[int] | None]:
+    """TYPE_COLUMN's classes (sorted values) and each image's class index; ([], None) without a TYPE_COLUMN."""
+    if not config.TYPE_COLUMN:
+        return [], None
+    return dataset.type_labels(Path(config.DATA_ROOT), config.TYPE_COLUMN, data.pairs)
 
 
 def split_run(config: Config, data: dataset.LoadedDataset) -> dataset.Split:
@@ -557,7 +576,8 @@ def build_optimisation(model: torch.nn.Module, config: Config, device: torch.dev
     if config.LR_SCHEDULE == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.EPOCHS * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=config.AMP == "fp16")
-    loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT, reduction="none")  # per image: HARD_SAMPLING
+    loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT, reduction="none",  # per image: HARD_SAMPLING
+                          type_weight=config.TYPE_WEIGHT)
     return Optimisation(optimizer, scheduler, scaler, loss_fn)
 
 
@@ -613,16 +633,21 @@ def write_run_records(config: Config, data: dataset.LoadedDataset, split: datase
 def setup_training(config: Config, data: dataset.LoadedDataset, split: dataset.Split,
                    device: torch.device) -> Trainer:
     """Loaders, model (on the device, compiled, DDP-wrapped as asked), optimisation and preview images."""
-    train_loader, val_loader = make_loaders(data, split.train, split.val, config, pin_memory=device.type == "cuda")
+    type_classes, types = type_targets(config, data)
+    train_loader, val_loader = make_loaders(data, split.train, split.val, config, pin_memory=device.type == "cuda",
+                                            types=types)
     memory_format = memory_format_for(config.CHANNELS_LAST)
-    model = build_model(config)
+    model = build_model(config, type_classes)
     model.set_output_prior(dataset.mask_share(data.masks, split.train))
     model.to(device, memory_format=memory_format)
     optimisation = build_optimisation(model, config, device, len(train_loader))
     print(f"model: {config.MODEL}, {count_parameters(model) / 1e6:.2f} M parameters, on {device}"
           + "".join(f", {name}" for name, on in ((f"AMP {config.AMP}", config.AMP != "off"),
                                                  ("channels last", config.CHANNELS_LAST),
-                                                 ("compiled", config.COMPILE)) if on))
+                                                 ("compiled", config.COMPILE)) if on)
+          + (f", stem {config.STEM}" if config.STEM != "none" else "")
+          + (f", type head on '{config.TYPE_COLUMN}' ({', '.join(type_classes)}; weight {config.TYPE_WEIGHT})"
+             if type_classes else ""))
     evaluated = model
     if config.COMPILE:
         example = next(iter(val_loader))[0].to(device, memory_format=memory_format)

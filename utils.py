@@ -21,7 +21,7 @@ import socket
 import sys
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -327,10 +327,20 @@ def from_main_process(value: Any) -> Any:
     return holder[0]
 
 
-def model_arguments(config: Config) -> dict[str, Any]:
-    """The network's own constructor arguments, stored in checkpoints apart from the config."""
-    return {"name": config.MODEL, "in_channels": config.IN_CHANNELS, "base_channels": config.BASE_CHANNELS,
-            "depth": config.DEPTH, "bilinear": config.BILINEAR}
+def model_arguments(config: Config, type_classes: Sequence[str] = ()) -> dict[str, Any]:
+    """The network's own constructor arguments, stored in checkpoints apart from the config.
+
+    `stem` and `type_classes` (the TypeHead's class names, from the data) are
+    stored only when set, so a plain network's arguments are what they always were.
+    """
+    arguments: dict[str, Any] = {"name": config.MODEL, "in_channels": config.IN_CHANNELS,
+                                 "base_channels": config.BASE_CHANNELS, "depth": config.DEPTH,
+                                 "bilinear": config.BILINEAR}
+    if config.STEM != "none":
+        arguments["stem"] = config.STEM
+    if type_classes:
+        arguments["type_classes"] = list(type_classes)
+    return arguments
 
 
 def build_model_from_arguments(arguments: dict[str, Any]) -> UNet:
@@ -338,9 +348,10 @@ def build_model_from_arguments(arguments: dict[str, Any]) -> UNet:
     return build_unet(**arguments)
 
 
-def build_model(config: Config) -> UNet:
-    """The network a config describes (MODEL, IN_CHANNELS, BASE_CHANNELS, DEPTH, BILINEAR)."""
-    return build_model_from_arguments(model_arguments(config))
+def build_model(config: Config, type_classes: Sequence[str] = ()) -> UNet:
+    """The network a config describes (MODEL, IN_CHANNELS, BASE_CHANNELS, DEPTH, BILINEAR, STEM), with a
+    TypeHead for `type_classes` when given."""
+    return build_model_from_arguments(model_arguments(config, type_classes))
 
 
 def new_output_dir(parent: Path, name: str) -> Path:

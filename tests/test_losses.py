@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from losses import BCEDiceLoss, soft_dice_loss
 
@@ -62,3 +63,15 @@ def test_reduction_none_gives_each_images_loss_and_its_mean_is_the_batch_loss():
 def test_an_unknown_reduction_is_refused():
     with pytest.raises(ValueError, match="reduction"):
         BCEDiceLoss(reduction="sum")
+
+
+def test_type_term_adds_weighted_cross_entropy_per_image_and_is_absent_without_type_logits():
+    torch.manual_seed(0)
+    logits, masks = torch.randn(3, 1, 8, 8), (torch.rand(3, 1, 8, 8) > 0.5).float()
+    type_logits, types = torch.randn(3, 4), torch.tensor([0, 3, 1])
+    plain = BCEDiceLoss(reduction="none")
+    typed = BCEDiceLoss(reduction="none", type_weight=0.25)
+    assert torch.equal(typed(logits, masks), plain(logits, masks))  # no type logits: BCE + Dice exactly
+    expected = plain(logits, masks) + 0.25 * F.cross_entropy(type_logits, types, reduction="none")
+    assert torch.allclose(typed(logits, masks, type_logits, types), expected)
+    assert torch.allclose(BCEDiceLoss(type_weight=0.25)(logits, masks, type_logits, types), expected.mean())

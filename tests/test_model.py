@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import AttentionGate, AttentionUNet, UNet, build_unet, count_parameters
+from model import AttentionGate, AttentionUNet, TypeHead, UNet, build_unet, count_parameters
 
 
 def test_classic_unet_has_31_million_parameters():
@@ -110,3 +110,64 @@ def test_build_unet_maps_names_to_classes():
     assert type(model) is AttentionUNet and len(model.downs) == 2 and model.inc[0].in_channels == 1
     with pytest.raises(ValueError, match="unknown model 'Unet'; choose one of: unet, attention_unet"):
         build_unet("Unet")
+
+
+# ----------------------------------------------------------------------------- type head and space-to-depth stem
+
+
+@pytest.mark.parametrize("name", ["unet", "attention_unet"])
+def test_type_head_gives_one_logit_per_class_and_leaves_the_segmentation_call_unchanged(name):
+    torch.manual_seed(0)
+    model = build_unet(name, in_channels=1, base_channels=4, depth=2, type_classes=("a", "b", "c")).eval()
+    x = torch.randn(2, 1, 40, 36)
+    logits, type_logits = model(x, return_type=True)
+    assert logits.shape == (2, 1, 40, 36) and type_logits.shape == (2, 3)
+    assert torch.equal(model(x), logits)  # every existing caller still gets the segmentation tensor alone
+    assert model.type_classes == ("a", "b", "c")
+    assert isinstance(model.type_head, TypeHead) and model.type_head[-1].in_features == 16  # bottleneck width
+
+
+def test_a_network_without_a_head_keeps_its_state_dict_and_refuses_return_type():
+    plain = UNet(in_channels=1, base_channels=4, depth=2)
+    headed = UNet(in_channels=1, base_channels=4, depth=2, type_classes=("x", "y"))
+    assert set(headed.state_dict()) - set(plain.state_dict()) == {k for k in headed.state_dict()
+                                                                     if k.startswith("type_head.")}
+    assert not hasattr(plain, "type_head")
+    with pytest.raises(ValueError, match="type_classes"):
+        plain(torch.randn(2, 1, 16, 16), return_type=True)
+
+
+def multiply_adds(model: torch.nn.Module, size: int, channels: int = 1) -> int:
+    """Multiply-adds of one forward pass of a (1, channels, size, size) input, as FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.randn(1, channels, size, size))
+    return counter.get_total_flops() // 2  # FlopCounterMode counts a multiply-add as 2 FLOPs
+
+
+@pytest.mark.parametrize("name, bilinear", [("unet", False), ("attention_unet", False), ("unet", True)])
+def test_space_to_depth_stem_maps_256_px_to_256_px(name, bilinear):
+    model = build_unet(name, in_channels=1, base_channels=4, depth=3, bilinear=bilinear, stem="space_to_depth")
+    assert model(torch.randn(2, 1, 256, 256)).shape == (2, 1, 256, 256)
+    assert model(torch.randn(2, 1, 100, 75)).shape == (2, 1, 100, 75)  # padded to 2**(depth+1), cropped back
+    logits, types = build_unet(name, 1, 4, 3, bilinear, "space_to_depth", ("a", "b"))(
+        torch.randn(2, 1, 64, 64), return_type=True)
+    assert logits.shape == (2, 1, 64, 64) and types.shape == (2, 2)
+
+
+def test_space_to_depth_at_256_px_costs_what_the_plain_network_costs_at_128_px():
+    """The cpu recipe's network (1 channel, 16 wide, 5 levels): parameters and multiply-adds within 10 %."""
+    plain = UNet(in_channels=1, base_channels=16, depth=5)
+    stem = UNet(in_channels=1, base_channels=16, depth=5, stem="space_to_depth")
+    parameter_ratio = count_parameters(stem) / count_parameters(plain)
+    flop_ratio = multiply_adds(stem, 256) / multiply_adds(plain, 128)
+    assert 1 <= parameter_ratio < 1.1 and 1 <= flop_ratio < 1.1, (parameter_ratio, flop_ratio)
+    # The stem's only extra weights: inc's first conv sees 4x the channels, outc gives 4 logits.
+    assert count_parameters(stem) - count_parameters(plain) == 3 * 16 * 9 + 3 * 16 + 3
+    assert multiply_adds(plain, 256) > 3.9 * multiply_adds(plain, 128)  # what 256 px costs without the stem
+
+
+def test_unknown_stem_is_refused():
+    with pytest.raises(ValueError, match="space_to_depth"):
+        build_unet("unet", stem="pixel_shuffle")

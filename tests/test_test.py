@@ -876,3 +876,91 @@ def test_each_script_runs_from_the_command_line(script):
     import sys
     done = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- type head
+
+
+@pytest.fixture(scope="session")
+def typed_run(demo_root, tmp_path_factory):
+    """A checkpoint with a tumour-type head (TYPE_COLUMN tumor_class), trained briefly at 32 px."""
+    runs = tmp_path_factory.mktemp("typed_runs")
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(runs), "--run-name", "typed",
+                       "--epochs", "3", "--image-size", "32", "--base-channels", "4", "--depth", "2",
+                       "--in-channels", "1", "--normalization", "zscore", "--type-column", "tumor_class",
+                       "--split-group-column", "patient_id"]) == 0
+    return runs / "typed"
+
+
+def test_a_type_head_adds_its_answer_per_image_and_the_confusion_matrices(typed_run, demo_root, tmp_path):
+    out = tmp_path / "pred"
+    assert run_test("--checkpoint", typed_run / "best.pt", "--data-root", demo_root, "--prediction-root", out) == 0
+    folder = out / "typed"
+    rows = list(csv.DictReader(open(folder / "metrics.csv")))
+    classes = ["glioma", "meningioma", "pituitary"]
+    assert len(rows) == 24 and all(row["predicted_type"] in classes for row in rows)
+    assert all(1 / 3 <= float(row["type_probability"]) <= 1 for row in rows)
+    metadata = dataset.read_metadata(demo_root)[1]
+    truth = {stem: row["tumor_class"] for stem, row in metadata.items()}
+    types = json.loads((folder / "summary.json").read_text())["type_classification"]
+    assert types["column"] == "tumor_class" and types["classes"] == classes
+    per_image = types["per_image"]
+    matrix = np.array(per_image["confusion_matrix"])  # rows: true type, columns: predicted type
+    assert per_image["classes"] == classes and per_image["count"] == 24
+    assert matrix.sum(axis=1).tolist() == [sum(value == name for value in truth.values()) for name in classes]
+    assert matrix.sum(axis=0).tolist() == [sum(row["predicted_type"] == name for row in rows) for name in classes]
+    assert per_image["accuracy"] == pytest.approx(np.trace(matrix) / 24)
+    assert per_image["accuracy"] == pytest.approx(np.mean([row["predicted_type"] == truth[row["image"]]
+                                                           for row in rows]))
+    recalls = [matrix[i, i] / matrix[i].sum() for i in range(3) if matrix[i].sum()]
+    assert per_image["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    per_patient = types["per_patient"]
+    patients = {row["patient_id"] for row in metadata.values()}
+    assert per_patient["group_column"] == "patient_id" and per_patient["count"] == len(patients) == 6
+    assert sum(map(sum, per_patient["confusion_matrix"])) == 6 and "majority" in per_patient["vote"]
+    page = (folder / "report.html").read_text()
+    assert '<th data-type="text">predicted_type</th><th data-type="num">type probability</th>' in page
+
+
+def test_patient_vote_is_the_majority_and_a_tie_goes_to_the_larger_summed_probability():
+    from scoring import type_classification
+    rows = [{"image": "a1", "predicted_type": "x", "type_probability": 0.9},
+            {"image": "a2", "predicted_type": "y", "type_probability": 0.6},
+            {"image": "b1", "predicted_type": "y", "type_probability": 0.5},
+            {"image": "b2", "predicted_type": "y", "type_probability": 0.5},
+            {"image": "b3", "predicted_type": "x", "type_probability": 0.99},
+            {"image": "c1", "predicted_type": "x", "type_probability": 0.7}]
+    truth = {"a1": "x", "a2": "x", "b1": "y", "b2": "y", "b3": "y", "c1": ""}  # c1: no label, left out
+    groups = {"a1": "A", "a2": "A", "b1": "B", "b2": "B", "b3": "B", "c1": "C"}
+    result = type_classification(rows, "kind", truth, ["x", "y"], "patient", groups)
+    assert result["images_without_label"] == 1
+    assert result["per_image"]["confusion_matrix"] == [[1, 1], [1, 2]]
+    assert result["per_patient"]["confusion_matrix"] == [[1, 0], [0, 1]]  # A: tie, x's 0.9 beats y's 0.6; B: 2 to 1
+    assert result["per_patient"]["accuracy"] == 1.0 and result["per_image"]["accuracy"] == 0.6
+
+
+def test_a_checkpoint_without_a_head_loads_and_predicts_as_before(tiny_run, demo_root, tmp_path):
+    from model import UNet
+    loaded = load_checkpoint(tiny_run / "best.pt")
+    args = loaded.state["model_args"]
+    assert set(args) == {"name", "in_channels", "base_channels", "depth", "bilinear"}  # as checkpoints always held
+    assert loaded.model.type_classes == () and not hasattr(loaded.model, "type_head") and loaded.warnings == []
+    reference = UNet(args["in_channels"], args["base_channels"], args["depth"], args["bilinear"])
+    reference.load_state_dict(loaded.state["model"])  # strict: the same weights, no more, no fewer
+    x = torch.randn(3, 1, 32, 32)
+    assert torch.equal(loaded.model.eval()(x), reference.eval()(x))
+    assert inference.head_classes([loaded]) == ()
+    out = tmp_path / "pred"
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", out) == 0
+    assert "predicted_type" not in next(csv.DictReader(open(out / "tiny" / "metrics.csv")))
+    assert "type_classification" not in json.loads((out / "tiny" / "summary.json").read_text())
+
+
+def test_a_type_head_without_the_column_in_metadata_still_answers_per_image(typed_run, demo_root, tmp_path):
+    data = tmp_path / "nometa"
+    shutil.copytree(demo_root, data)
+    (data / "metadata.csv").unlink()
+    out = tmp_path / "pred"
+    assert run_test("--checkpoint", typed_run / "best.pt", "--data-root", data, "--prediction-root", out) == 0
+    assert "predicted_type" in next(csv.DictReader(open(out / "typed" / "metrics.csv")))
+    assert "type_classification" not in json.loads((out / "typed" / "summary.json").read_text())

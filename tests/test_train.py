@@ -10,6 +10,7 @@ from PIL import Image
 
 import train
 from config import Config
+from conftest import ROOT, load_script
 from utils import load_checkpoint, staging_host
 
 def staging_left(run) -> list:
@@ -878,3 +879,78 @@ def test_fold_column_holds_out_that_fold_and_a_patient_in_two_folds_is_refused(d
     assert train.main([*args, "--fold", "0", "--run-name", "crossing"]) == 1
     err = capsys.readouterr().err
     assert "p000 in folds 1, 3" in err and not (tmp_path / "runs" / "crossing").exists()
+
+
+# ----------------------------------------------------------------------------- type head and space-to-depth stem
+
+
+def test_type_head_trains_with_the_segmentation_and_its_classes_go_into_the_checkpoint(demo_root, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code = train.main(["--data-root", str(demo_root), "--runs-dir", str(runs), "--run-name", "typed", "--epochs", "6",
+                       "--type-column", "tumor_class", "--type-weight", "0.5", "--search-rule", "false", *TINY])
+    assert code == 0
+    assert "type head on 'tumor_class' (glioma, meningioma, pituitary; weight 0.5)" in capsys.readouterr().out
+    losses = [float(row["train_loss"]) for row in history_rows(runs / "typed")]
+    assert losses[-1] < losses[0], losses
+    loaded = load_checkpoint(runs / "typed" / "last.pt")
+    assert loaded.state["model_args"]["type_classes"] == ["glioma", "meningioma", "pituitary"]
+    assert loaded.model.type_classes == ("glioma", "meningioma", "pituitary") and "stem" not in loaded.state["model_args"]
+    assert loaded.config.TYPE_COLUMN == "tumor_class" and loaded.config.TYPE_WEIGHT == 0.5
+    logits, type_logits = loaded.model.eval()(torch.randn(2, 1, 32, 32), return_type=True)
+    assert logits.shape == (2, 1, 32, 32) and type_logits.shape == (2, 3)
+
+
+def test_a_type_head_step_lowers_the_summed_loss_and_the_dataset_carries_the_label(demo_root):
+    import dataset
+    from losses import BCEDiceLoss
+    from model import UNet
+    data = dataset.load_dataset(demo_root, 32, 1)
+    classes, types = dataset.type_labels(demo_root, "tumor_class", data.pairs)
+    augment = dataset.training_augmentation(0, flips=True, affine=True, intensity=True, elastic=True)
+    samples = dataset.SegmentationDataset(data.images, data.masks, "zscore", augment, range(16), types)
+    image, mask, label = samples[5]
+    assert image.shape == (1, 32, 32) and mask.shape == (1, 32, 32) and label.dtype == torch.long
+    assert classes[int(label)] == dict(dataset.read_metadata(demo_root)[1])["demo_0005"]["tumor_class"]
+    assert len(dataset.SegmentationDataset(data.images, data.masks, "zscore", indices=range(4))[0]) == 2  # unchanged
+    torch.manual_seed(0)
+    model = UNet(1, 4, 2, type_classes=classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = BCEDiceLoss(reduction="none", type_weight=1.0)
+    images, masks, labels = (torch.stack(column) for column in zip(*(samples[i] for i in range(16)), strict=True))
+    losses = [train.train_step(model, images, masks, loss_fn, optimizer, types=labels)[0].mean().item()
+              for _ in range(25)]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_a_missing_type_column_is_refused_before_any_run_folder(demo_root, tmp_path, capsys):
+    code = train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path / "runs"), "--epochs", "1",
+                       "--type-column", "grade", *TINY])
+    assert code == 1 and "no column 'grade'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_space_to_depth_stem_trains_at_twice_the_size(demo_root, tmp_path):
+    runs = tmp_path / "runs"
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(runs), "--run-name", "stem", "--epochs", "2",
+                       "--stem", "space_to_depth", "--search-rule", "false", *TINY]) == 0
+    loaded = load_checkpoint(runs / "stem" / "best.pt")
+    assert loaded.state["model_args"]["stem"] == "space_to_depth" and "type_classes" not in loaded.state["model_args"]
+    assert loaded.model.eval()(torch.randn(2, 1, 32, 32)).shape == (2, 1, 32, 32)
+    with pytest.raises(ValueError, match="STEM space_to_depth"):
+        Config(IMAGE_SIZE=4, DEPTH=2, STEM="space_to_depth")
+
+
+def test_type_head_on_real_slices_beats_chance_on_held_out_patients(real_subset, tmp_path):
+    """~260 real slices at 48 px, 10 epochs (~15 s on one core): the held-out patients' types, better than
+    always answering their most common type (measured: 0.67 against 0.44)."""
+    test_script = load_script(ROOT / "test.py")
+    assert train.main(["--data-root", str(real_subset), "--runs-dir", str(tmp_path), "--run-name", "typed",
+                       "--split-group-column", "patient_id", "--image-size", "48", "--base-channels", "8",
+                       "--depth", "3", "--in-channels", "1", "--normalization", "zscore", "--epochs", "10",
+                       "--lr-schedule", "cosine", "--type-column", "tumor_class", "--type-weight", "1.0",
+                       "--search-rule", "false"]) == 0
+    assert test_script.main(["--checkpoint", str(tmp_path / "typed" / "last.pt"), "--data-root", str(real_subset),
+                             "--prediction-root", str(tmp_path / "pred"), "--subset", "test", "--report", "false"]) == 0
+    types = json.loads((tmp_path / "pred" / "typed" / "summary.json").read_text())["type_classification"]
+    counts = [sum(row) for row in types["per_image"]["confusion_matrix"]]
+    assert types["per_image"]["accuracy"] > max(counts) / sum(counts), types
