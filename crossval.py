@@ -34,10 +34,10 @@ import numpy as np
 from metrics import describe_paired_comparison, paired_comparison
 from report import read_metrics
 from runfolder import read_split, read_summary
+from scoring import TAIL_DICE  # the table's "share of slices below" this Dice, as in test.py's summary
 from utils import json_ready, write_atomic
 
 HERE = Path(__file__).resolve().parent
-TAIL_DICE = 0.3  # the table's "share of slices below" this Dice, as in test.py's summary
 CLASS_COLUMN = "tumor_class"  # scored per value where metadata.csv has it
 # train.py flags that `run` sets itself for each fold.
 RESERVED_FLAGS = ("--folds", "--fold", "--fold-column", "--run-name", "--runs-dir", "--data-root", "--resume")
