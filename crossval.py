@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+import dataset
 from metrics import describe_paired_comparison, paired_comparison
 from report import read_metrics
 from runfolder import read_split, read_summary
@@ -65,8 +66,11 @@ def train_fold(cv_dir: Path, fold: int, folds: int, args: argparse.Namespace, tr
     return subprocess.run(command).returncode
 
 
-def score_fold(cv_dir: Path, fold: int, args: argparse.Namespace) -> int:
-    """Score fold `fold`'s held-out patients with test.py --subset test into cv_dir/heldout/fold<k>. The exit code."""
+def score_fold(cv_dir: Path, fold: int, args: argparse.Namespace, columns: list[str]) -> int:
+    """Score fold `fold`'s held-out patients with test.py --subset test into cv_dir/heldout/fold<k>. The exit code.
+
+    `columns` are metadata.csv's: the tumour class is scored as a stratum where it is one of them.
+    """
     if (cv_dir / "heldout" / f"fold{fold}" / "metrics.csv").is_file():
         return 0
     command = [sys.executable, str(HERE / "test.py"), "--checkpoint", str(cv_dir / f"fold{fold}" / "best.pt"),
@@ -74,30 +78,30 @@ def score_fold(cv_dir: Path, fold: int, args: argparse.Namespace) -> int:
                "--report", "false", "--overwrite"]
     if args.pixel_spacing_mm:
         command += ["--pixel-spacing-mm", str(args.pixel_spacing_mm)]
-    if CLASS_COLUMN in metadata_columns(Path(args.data_root)):
+    if CLASS_COLUMN in columns:
         command += ["--strata", CLASS_COLUMN]
     print(f"fold {fold}: scoring its held-out patients", flush=True)
     return subprocess.run(command, stdout=subprocess.DEVNULL).returncode
 
 
-def metadata_columns(data_root: Path) -> list[str]:
-    """The column names of data_root/metadata.csv; [] without one."""
-    path = data_root / "metadata.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return next(csv.reader(f), [])
+def metadata_columns(data_root: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """data_root/metadata.csv's columns and rows; ([], []) without one. Raises ValueError naming a bad file."""
+    if not (data_root / dataset.METADATA_FILE).is_file():
+        return [], []
+    try:
+        columns, rows = dataset.read_metadata(data_root)
+    except (OSError, ValueError, csv.Error) as error:  # read_metadata's messages do not name the file
+        raise ValueError(f"{data_root / dataset.METADATA_FILE}: {error}") from error
+    return columns, list(rows.values())
 
 
-def fold_count(args: argparse.Namespace) -> int:
-    """K: --folds, or the number of values in --fold-column."""
+def fold_count(args: argparse.Namespace, columns: list[str], rows: list[dict[str, str]]) -> int:
+    """K: --folds, or the number of values in --fold-column (of metadata.csv's `columns` and `rows`)."""
     if not args.fold_column:
         return args.folds
-    import dataset  # here: only a fold column needs the metadata read
-    columns, rows = dataset.read_metadata(Path(args.data_root))
     if args.fold_column not in columns:
         raise ValueError(f"{Path(args.data_root) / dataset.METADATA_FILE}: no column '{args.fold_column}'")
-    return len(dataset.fold_values([row[args.fold_column] or "" for row in rows.values()]))
+    return len(dataset.fold_values([row[args.fold_column] or "" for row in rows]))
 
 
 def run(args: argparse.Namespace, train_flags: list[str]) -> int:
@@ -108,7 +112,8 @@ def run(args: argparse.Namespace, train_flags: list[str]) -> int:
               "--fold-column to crossval.py itself", file=sys.stderr)
         return 1
     try:
-        folds = fold_count(args)
+        columns, rows = metadata_columns(Path(args.data_root))
+        folds = fold_count(args, columns, rows)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -129,7 +134,7 @@ def run(args: argparse.Namespace, train_flags: list[str]) -> int:
                 print(f"error: training fold {fold} failed (exit code {code}); see its messages above. Finished "
                       "folds are kept: run the same command again to continue", file=sys.stderr)
                 return code
-            code = score_fold(cv_dir, fold, args)
+            code = score_fold(cv_dir, fold, args, columns)
             if code not in (0, 2):
                 print(f"error: scoring fold {fold} failed (exit code {code})", file=sys.stderr)
                 return code

@@ -92,3 +92,12 @@ def test_only_folds_outside_the_fold_count_are_refused(demo_root, tmp_path, caps
     assert crossval.main(["run", "--name", "x", "--data-root", str(demo_root), "--runs-dir", str(tmp_path),
                           "--folds", "3", "--only-folds", "0,7"]) == 1
     assert "--only-folds 7: there are 3 folds, 0 to 2" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_unreadable_metadata_is_named_before_any_fold_runs(tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "metadata.csv").write_bytes(b"image_id,patient_id\n1,\xff\xfe\n")  # not UTF-8
+    assert crossval.main(["run", "--name", "x", "--data-root", str(data), "--runs-dir", str(tmp_path / "runs"),
+                          "--folds", "3"]) == 1
+    assert f"{data / 'metadata.csv'}: is not UTF-8" in capsys.readouterr().err and not (tmp_path / "runs").exists()
