@@ -1,4 +1,4 @@
-"""Loss for binary segmentation: weighted BCE + soft Dice, both computed from logits (+ an optional type term)."""
+"""Loss for binary segmentation: weighted BCE + soft Dice (or Tversky), both from logits (+ an optional type term)."""
 
 from __future__ import annotations
 
@@ -10,24 +10,32 @@ REDUCTIONS = ("mean", "none")
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
-                   reduction: str = "mean") -> torch.Tensor:
-    """1 - (2 sum(p t) + smooth) / (sum p + sum t + smooth) per image, p = sigmoid(logits).
+                   reduction: str = "mean", recall_weight: float = 0.5) -> torch.Tensor:
+    """1 - (2 sum(p t) + smooth) / (2(1-b) sum p + 2b sum t + smooth) per image, p = sigmoid(logits), b = recall_weight.
 
-    Computed per image so a small tumour weighs as much as a large one.
-    `smooth` (1.0, in pixels) keeps the ratio defined on slices whose mask
-    and prediction are both empty, where the loss is then ~0, and softens
-    the gradient when the mask is tiny.
+    At b = 0.5 (the default) this is soft Dice, 1 - (2 TP + s) / (sum p + sum t + s).
+    Otherwise it is the Tversky loss: the denominator equals
+    2 TP + 2(1-b) FP + 2b FN, so b > 0.5 charges a missed tumour pixel more
+    than a false alarm (b = 0.7: 7 to 3), which rewards recall on faint
+    targets. Computed per image so a small tumour weighs as much as a large
+    one. `smooth` (1.0, in pixels) keeps the ratio defined on slices whose
+    mask and prediction are both empty, where the loss is then ~0, and
+    softens the gradient when the mask is tiny.
 
     Args:
         logits: raw network output, shape (N, 1, H, W) or (N, H, W).
         target: {0, 1} mask of the same shape.
         smooth: additive smoothing in numerator and denominator.
         reduction: "mean" over the images (a scalar) or "none" (one value per image, shape (N,)).
+        recall_weight: b, strictly between 0 and 1: the weight of false negatives against false positives.
     """
+    if not 0 < recall_weight < 1:
+        raise ValueError(f"recall_weight must lie strictly between 0 and 1, got {recall_weight}")
     probs = torch.sigmoid(logits).flatten(1)
     target = target.flatten(1).to(probs.dtype)
     intersection = (probs * target).sum(dim=1)
-    total = probs.sum(dim=1) + target.sum(dim=1)
+    # FP = sum p - TP and FN = sum t - TP, so 2 TP + 2(1-b) FP + 2b FN needs no TP; at b = 0.5 both factors are 1.
+    total = 2 * (1 - recall_weight) * probs.sum(dim=1) + 2 * recall_weight * target.sum(dim=1)
     return _reduce(1 - (2 * intersection + smooth) / (total + smooth), reduction)
 
 
@@ -56,14 +64,18 @@ class BCEDiceLoss(nn.Module):
         dice_weight: weight of the soft Dice term.
         smooth: Dice smoothing, in pixels.
         reduction: "mean" over the images, or "none" for one loss per image (hard-example sampling uses them).
+        recall_weight: the Dice term's weight of missed tumour pixels (`soft_dice_loss`); 0.5 = soft Dice.
         type_weight: weight of the cross-entropy of a type head's logits, added per image when
             `forward` is given them (TYPE_WEIGHT); without them the loss is BCE + Dice alone.
     """
 
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
-                 reduction: str = "mean", type_weight: float = 0.0):
+                 reduction: str = "mean", type_weight: float = 0.0, recall_weight: float = 0.5):
         super().__init__()
         _check_reduction(reduction)  # at construction, not at the first batch
+        if not 0 < recall_weight < 1:
+            raise ValueError(f"recall_weight must lie strictly between 0 and 1, got {recall_weight}")
+        self.recall_weight = recall_weight
         self.bce_weight, self.dice_weight, self.smooth, self.reduction = bce_weight, dice_weight, smooth, reduction
         self.type_weight = type_weight
 
@@ -73,7 +85,8 @@ class BCEDiceLoss(nn.Module):
         `type_logits` (N, K) against class indices `type_target` (N,) when both are given."""
         bce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none").flatten(1)
         per_image = (self.bce_weight * bce.mean(dim=1)
-                     + self.dice_weight * soft_dice_loss(logits, target, self.smooth, reduction="none"))
+                     + self.dice_weight * soft_dice_loss(logits, target, self.smooth, reduction="none",
+                                                          recall_weight=self.recall_weight))
         if type_logits is not None and type_target is not None:
             per_image = per_image + self.type_weight * F.cross_entropy(type_logits.float(), type_target,
                                                                        reduction="none")

@@ -577,7 +577,7 @@ def build_optimisation(model: torch.nn.Module, config: Config, device: torch.dev
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.EPOCHS * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=config.AMP == "fp16")
     loss_fn = BCEDiceLoss(config.BCE_WEIGHT, config.DICE_WEIGHT, reduction="none",  # per image: HARD_SAMPLING
-                          type_weight=config.TYPE_WEIGHT)
+                          type_weight=config.TYPE_WEIGHT, recall_weight=config.DICE_RECALL_WEIGHT)
     return Optimisation(optimizer, scheduler, scaler, loss_fn)
 
 

@@ -41,6 +41,7 @@ def test_command_line_overrides_each_type():
     (["--dice-weight=-inf"], "DICE_WEIGHT must be a finite number, got -inf"),
     (["--time-limit-minutes", "inf"], "TIME_LIMIT_MINUTES must be a finite number"),
     (["--bce-weight", "-1"], "BCE_WEIGHT and DICE_WEIGHT must not be negative"),
+    (["--dice-recall-weight", "1"], "DICE_RECALL_WEIGHT must lie strictly between 0 and 1"),
     (["--bce-weight", "0", "--dice-weight", "0"], "must not both be 0"),
     (["--run-name", "a/b"], "must be a plain folder name inside RUNS_DIR"),
     (["--run-name", "a\\b"], "must be a plain folder name inside RUNS_DIR"),

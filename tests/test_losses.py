@@ -75,3 +75,38 @@ def test_type_term_adds_weighted_cross_entropy_per_image_and_is_absent_without_t
     expected = plain(logits, masks) + 0.25 * F.cross_entropy(type_logits, types, reduction="none")
     assert torch.allclose(typed(logits, masks, type_logits, types), expected)
     assert torch.allclose(BCEDiceLoss(type_weight=0.25)(logits, masks, type_logits, types), expected.mean())
+
+
+def test_recall_weight_one_half_is_soft_dice_exactly():
+    torch.manual_seed(0)
+    logits, target = torch.randn(3, 1, 8, 8), (torch.rand(3, 1, 8, 8) > 0.6).float()
+    assert torch.equal(soft_dice_loss(logits, target, recall_weight=0.5), soft_dice_loss(logits, target))
+    assert torch.equal(BCEDiceLoss(recall_weight=0.5)(logits, target), BCEDiceLoss()(logits, target))
+
+
+def test_recall_weight_is_the_tversky_index_and_charges_misses_more_than_false_alarms():
+    torch.manual_seed(1)
+    logits, target = torch.randn(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.6).float()
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    tp, fp, fn = (p * t).sum(1), (p * (1 - t)).sum(1), ((1 - p) * t).sum(1)
+    expected = 1 - (2 * tp + 1) / (2 * tp + 2 * 0.3 * fp + 2 * 0.7 * fn + 1)  # smooth 1, b = 0.7
+    assert torch.allclose(soft_dice_loss(logits, target, reduction="none", recall_weight=0.7), expected)
+    # A 4-pixel tumour: missing half of it costs more than the same number of false-alarm pixels.
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :2] = 1
+    miss = torch.full_like(mask, -60.0)
+    miss[..., 0, :2] = 60.0  # 2 of 4 tumour pixels found
+    false_alarm = torch.where(mask > 0, 60.0, -60.0)
+    false_alarm[..., 3, :2] = 60.0  # all 4 found, plus 2 background pixels
+    for b, misses_cost_more in ((0.7, True), (0.3, False)):
+        assert (soft_dice_loss(miss, mask, recall_weight=b) > soft_dice_loss(false_alarm, mask, recall_weight=b)) \
+            == misses_cost_more
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0, -0.2])
+def test_recall_weight_outside_zero_one_is_refused(weight):
+    with pytest.raises(ValueError, match="recall_weight"):
+        BCEDiceLoss(recall_weight=weight)
+    with pytest.raises(ValueError, match="recall_weight"):
+        soft_dice_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), recall_weight=weight)

@@ -956,3 +956,13 @@ def test_type_head_on_real_slices_beats_chance_on_held_out_patients(real_subset,
     types = json.loads((tmp_path / "pred" / "typed" / "summary.json").read_text())["type_classification"]
     counts = [sum(row) for row in types["per_image"]["confusion_matrix"]]
     assert types["per_image"]["accuracy"] > max(counts) / sum(counts), types
+
+
+def test_build_optimisation_builds_the_configured_loss():
+    """DICE_RECALL_WEIGHT and TYPE_WEIGHT reach the loss that training steps on."""
+    from model import build_unet
+    config = Config(BASE_CHANNELS=4, DEPTH=2, DICE_RECALL_WEIGHT=0.7, TYPE_WEIGHT=0.3, EPOCHS=2,
+                    LR_SCHEDULE="cosine")
+    optimisation = train.build_optimisation(build_unet("unet", 1, 4, 2), config, torch.device("cpu"), steps_per_epoch=5)
+    assert optimisation.loss_fn.recall_weight == 0.7 and optimisation.loss_fn.type_weight == 0.3
+    assert optimisation.scheduler.T_max == 10  # the schedule spans the whole run
