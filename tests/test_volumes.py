@@ -1,0 +1,147 @@
+"""volumes.py: NIfTI and DICOM volumes read with their geometry, windowed, sliced and written back."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import volumes
+from volumes import Volume, VolumeError
+
+
+def oblique_affine() -> np.ndarray:
+    """A non-trivial voxel-to-world map: anisotropic, rotated, shifted."""
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([0.9, 0.9, 5.0])
+    affine[:3, 3] = [-80.5, 12.25, -30.0]
+    return affine
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    nib.save(nib.Nifti1Image(data, oblique_affine() if affine is None else affine), str(path))
+    return path
+
+
+def test_a_nifti_volume_reads_with_its_geometry_and_a_mask_is_written_with_the_same(tmp_path):
+    data = np.random.default_rng(0).normal(300, 80, size=(40, 36, 7)).astype(np.float32)
+    volume = volumes.read_volume(write_nifti(tmp_path / "case.nii.gz", data))
+    assert volume.data.shape == (40, 36, 7) and np.allclose(volume.affine, oblique_affine())
+    assert np.allclose(volume.spacing, (0.9, 0.9, 5.0), atol=1e-5)
+    assert volumes.thinnest_axis(volume) == 2
+    mask = np.zeros(data.shape, np.uint8)
+    mask[10:20, 5:9, 3] = 1
+    volumes.write_mask_like(tmp_path / "mask.nii.gz", mask, volume)
+    written = nib.load(str(tmp_path / "mask.nii.gz"))
+    assert written.shape == data.shape and np.allclose(written.affine, oblique_affine())
+    assert written.get_data_dtype() == np.uint8 and np.array_equal(np.asarray(written.dataobj), mask)
+    assert np.array_equal(volumes.read_mask_volume(tmp_path / "mask.nii.gz", data.shape), mask)
+
+
+def test_stem_and_suffix_of_nifti_names():
+    assert volumes.volume_stem(Path("BraTS_001.nii.gz")) == "BraTS_001"
+    assert volumes.volume_stem(Path("a.b.NII")) == "a.b"
+    assert volumes.is_nifti(Path("x.Nii.Gz")) and not volumes.is_nifti(Path("x.png"))
+
+
+def test_thinnest_axis_is_the_one_with_fewest_voxels_then_the_coarsest():
+    def volume(shape, spacing):
+        return Volume(np.zeros(shape), np.eye(4), spacing, Path("v"))
+    assert volumes.thinnest_axis(volume((12, 64, 64), (1, 1, 1))) == 0
+    assert volumes.thinnest_axis(volume((64, 64, 64), (1, 3, 1))) == 1
+    assert volumes.thinnest_axis(volume((64, 64, 64), (1, 1, 1))) == 2
+
+
+def test_window_keeps_8_bit_volumes_and_scales_others_to_their_percentiles():
+    eight_bit = np.random.default_rng(1).integers(0, 256, size=(8, 8, 3)).astype(np.int16)
+    assert np.array_equal(volumes.window_to_uint8(eight_bit), eight_bit.astype(np.uint8))
+    values = np.linspace(-1000, 3000, 10_000).reshape(100, 100, 1)
+    windowed = volumes.window_to_uint8(values)
+    assert windowed.dtype == np.uint8 and windowed.min() == 0 and windowed.max() == 255
+    low, high = np.percentile(values, volumes.WINDOW_PERCENTILES)
+    inside = (values > low) & (values < high)
+    assert np.all(np.diff(windowed[inside].astype(int)) >= 0)  # monotonic inside the window
+    assert not volumes.window_to_uint8(np.full((4, 4, 2), 7.5)).any()  # constant: zeros, no division by 0
+
+
+def test_slices_along_an_axis_stack_back_to_the_volume():
+    data = np.arange(3 * 4 * 5).reshape(3, 4, 5)
+    for axis in range(3):
+        cut = list(volumes.slices_along(data, axis))
+        assert len(cut) == data.shape[axis] and np.array_equal(volumes.stack_along(cut, axis), data)
+    assert np.array_equal(next(volumes.slices_along(data, 2)), data[:, :, 0])
+
+
+def test_bad_volumes_are_named(tmp_path):
+    flat = write_nifti(tmp_path / "flat.nii", np.zeros((8, 8), np.float32))
+    with pytest.raises(VolumeError, match=r"flat\.nii.*3-D"):
+        volumes.read_volume(flat)
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"not a volume")
+    with pytest.raises(VolumeError, match=r"junk\.nii\.gz.*cannot read"):
+        volumes.read_volume(junk)
+    mask = write_nifti(tmp_path / "mask.nii.gz", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(VolumeError, match=r"mask\.nii\.gz.*\(8, 8, 3\).*\(8, 8, 4\)"):
+        volumes.read_mask_volume(mask, (8, 8, 4))
+
+
+def write_dicom_series(folder: Path, data: np.ndarray, spacing=(0.8, 0.7), gap=4.0, series_uid="1.2.3.4.5",
+                       origin=(-100.0, -90.0, 20.0)) -> None:
+    """Write (columns, rows, slices) `data` as one axial DICOM file per slice, in shuffled file-name order."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(2).permutation(data.shape[2])
+    for file_index, k in enumerate(order):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.SeriesInstanceUID, ds.Modality = series_uid, "MR"
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + gap * float(k)]
+        ds.PixelSpacing = [spacing[0], spacing[1]]  # between rows, between columns
+        ds.SliceThickness = gap
+        pixels = data[:, :, k].T.astype(np.uint16)  # DICOM stores (rows, columns)
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+        ds.PixelData = pixels.tobytes()
+        pydicom.dcmwrite(folder / f"img{file_index:03d}.dcm", ds, enforce_file_format=True)
+
+
+def test_a_dicom_series_reads_sorted_by_position_with_its_spacing_and_world_geometry(tmp_path):
+    data = np.random.default_rng(3).integers(0, 4000, size=(20, 16, 6)).astype(np.uint16)
+    write_dicom_series(tmp_path / "series", data)
+    (tmp_path / "series" / "notes.txt").write_text("not DICOM: ignored")
+    assert volumes.is_dicom_series(tmp_path / "series") and not volumes.is_dicom_series(tmp_path)
+    volume = volumes.read_volume(tmp_path / "series")
+    assert np.array_equal(volume.data, data)  # slices back in position order, whatever the file names
+    assert volume.spacing == pytest.approx((0.7, 0.8, 4.0))
+    assert volumes.thinnest_axis(volume) == 2
+    # Voxel (i, j, k) lies at LPS (x0 + 0.7 i, y0 + 0.8 j, z0 + 4 k), i.e. RAS with x and y negated.
+    world = volume.affine @ np.array([3, 5, 2, 1])
+    assert world[:3] == pytest.approx([100.0 - 0.7 * 3, 90.0 - 0.8 * 5, 20.0 + 4 * 2])
+    mask = (data > 3000).astype(np.uint8)
+    volumes.write_mask_like(tmp_path / "mask.nii.gz", mask, volume)
+    written = nib.load(str(tmp_path / "mask.nii.gz"))
+    assert np.allclose(written.affine, volume.affine) and np.array_equal(np.asarray(written.dataobj), mask)
+    assert written.header.get_zooms() == pytest.approx((0.7, 0.8, 4.0))
+
+
+def test_a_folder_mixing_two_series_is_refused(tmp_path):
+    data = np.zeros((8, 8, 2), np.uint16)
+    write_dicom_series(tmp_path / "mixed", data, series_uid="1.1")
+    write_dicom_series(tmp_path / "other", data, series_uid="2.2")
+    for path in (tmp_path / "other").iterdir():
+        path.rename(tmp_path / "mixed" / f"b_{path.name}")
+    with pytest.raises(VolumeError, match="mixed.*2 DICOM series"):
+        volumes.read_volume(tmp_path / "mixed")
