@@ -196,44 +196,46 @@ def pooled_scores(tp: float, fp: float, fn: float) -> dict[str, float]:
 HAUSDORFF_PERCENTILE = 95
 
 
-def _mask_pair(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both masks as bool arrays, checked to be 2-D and of the same shape."""
+def _mask_pair(pred: np.ndarray, target: np.ndarray, dims: tuple[int, ...] = (2,)) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks as bool arrays, checked to have one of `dims` dimensions and the same shape."""
     pred, target = np.asarray(pred, dtype=bool), np.asarray(target, dtype=bool)
-    if pred.ndim != 2 or pred.shape != target.shape:
-        raise ValueError(f"expected two (H, W) masks of one shape, got {pred.shape} and {target.shape}")
+    if pred.ndim not in dims or pred.shape != target.shape:
+        shape = " or ".join({2: "(H, W)", 3: "(X, Y, Z)"}[d] for d in dims)
+        raise ValueError(f"expected two {shape} masks of one shape, got {pred.shape} and {target.shape}")
     return pred, target
 
 
-def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
-    """The mask's bounding box grown by margin pixels, clipped to the image; None when the mask is empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+    """The mask's bounding box grown by margin pixels, clipped to the array; None when the mask is empty."""
+    if not mask.any():
         return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    # Slices past the far edge are clipped by numpy; only the near edge needs max().
-    return (slice(max(rows[0] - margin, 0), rows[-1] + margin + 1),
-            slice(max(cols[0] - margin, 0), cols[-1] + margin + 1))
+    box = []
+    for axis in range(mask.ndim):
+        occupied = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        # Slices past the far edge are clipped by numpy; only the near edge needs max().
+        box.append(slice(max(occupied[0] - margin, 0), occupied[-1] + margin + 1))
+    return tuple(box)
 
 
 def mask_border(mask: np.ndarray) -> np.ndarray:
-    """Pixels of a bool mask with at least one of their 4 neighbours (up, down, left, right) outside it.
+    """Pixels of a bool mask with at least one of their face neighbours outside it (4 in 2-D, 6 in 3-D).
 
-    Pixels on the edge of the image count as border (outside the image is
+    Pixels on the edge of the array count as border (outside it is
     background). A single pixel or a one-pixel-wide line is all border; an
     empty mask has none.
 
     Args:
-        mask: bool array (H, W).
+        mask: bool array (H, W), or (X, Y, Z) for a volume.
     """
-    return mask & ~ndimage.binary_erosion(mask)  # default structure: the 4-connected cross
+    return mask & ~ndimage.binary_erosion(mask)  # default structure: the face-connected cross
 
 
-def _border_points(mask: np.ndarray, spacing: Spacing) -> np.ndarray:
-    """Positions of a non-empty mask's border pixels (see `mask_border`) in units of spacing, shape (P, 2)."""
+def _border_points(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Positions of a non-empty mask's border pixels (see `mask_border`) in units of spacing, shape (P, ndim)."""
     # Eroding the bounding box with a 1-pixel margin of background gives the same border as eroding
-    # the whole image, at a fraction of the cost.
+    # the whole array, at a fraction of the cost.
     box = _bounding_box(mask, margin=1)
-    offset = (box[0].start, box[1].start)
+    offset = tuple(axis.start for axis in box)
     return (np.argwhere(mask_border(mask[box])) + offset) * np.asarray(spacing, dtype=np.float64)
 
 
@@ -245,18 +247,22 @@ class SurfaceDistances(NamedTuple):
 
 
 def surface_distances(pred: np.ndarray, target: np.ndarray,
-                      spacing: Spacing = (1.0, 1.0)) -> SurfaceDistances:
+                      spacing: Sequence[float] | None = None) -> SurfaceDistances:
     """Distances from each border pixel (see `mask_border`) of one mask to the nearest of the other.
 
+    Works on images and on volumes alike (a volume's border is its surface).
     Edge case: when either mask is empty, both arrays are empty, since there is
     no border to measure to; the metrics built on them are then NaN.
 
     Args:
-        pred: predicted bool mask (H, W).
-        target: ground-truth bool mask (H, W).
-        spacing: pixel size along H then W; distances come out in its unit.
+        pred: predicted bool mask (H, W), or (X, Y, Z).
+        target: ground-truth bool mask of the same shape.
+        spacing: pixel (voxel) size along each axis; distances come out in its unit. None = 1 per axis.
     """
-    pred, target = _mask_pair(pred, target)
+    pred, target = _mask_pair(pred, target, dims=(2, 3))
+    spacing = (1.0,) * pred.ndim if spacing is None else tuple(spacing)
+    if len(spacing) != pred.ndim:
+        raise ValueError(f"spacing {spacing} has {len(spacing)} values for {pred.ndim}-D masks")
     if not pred.any() or not target.any():
         return SurfaceDistances(np.empty(0), np.empty(0))
     pred_points, target_points = _border_points(pred, spacing), _border_points(target, spacing)
@@ -299,26 +305,51 @@ def average_surface_distance_from_distances(distances: SurfaceDistances) -> floa
     return float(np.concatenate(distances).mean())
 
 
-def hausdorff95(pred: np.ndarray, target: np.ndarray, spacing: Spacing = (1.0, 1.0)) -> float:
+def hausdorff95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None) -> float:
     """95th-percentile Hausdorff distance between two masks; see `hausdorff95_from_distances`.
 
     Args:
-        pred: predicted bool mask (H, W).
-        target: ground-truth bool mask (H, W).
-        spacing: pixel size along H then W; the distance comes out in its unit.
+        pred: predicted bool mask (H, W), or (X, Y, Z).
+        target: ground-truth bool mask of the same shape.
+        spacing: pixel size along each axis; the distance comes out in its unit (None: pixels).
     """
     return hausdorff95_from_distances(surface_distances(pred, target, spacing))
 
 
-def average_surface_distance(pred: np.ndarray, target: np.ndarray, spacing: Spacing = (1.0, 1.0)) -> float:
+def average_surface_distance(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None) -> float:
     """Average symmetric surface distance between two masks; see `average_surface_distance_from_distances`.
 
     Args:
-        pred: predicted bool mask (H, W).
-        target: ground-truth bool mask (H, W).
-        spacing: pixel size along H then W; the distance comes out in its unit.
+        pred: predicted bool mask (H, W), or (X, Y, Z).
+        target: ground-truth bool mask of the same shape.
+        spacing: pixel size along each axis; the distance comes out in its unit (None: pixels).
     """
     return average_surface_distance_from_distances(surface_distances(pred, target, spacing))
+
+
+def volume_report(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float]) -> dict[str, float | int]:
+    """3-D scores of one predicted volume against its ground truth: every voxel counts once.
+
+    Keys: dice, iou, precision, sensitivity, hd95_mm, assd_mm (surface
+    distances over the 3-D surfaces, in the voxel spacing's unit), gt_voxels,
+    pred_voxels, overlap_voxels. As per image: Dice is 1 when both volumes are
+    empty, 0 when one is; distances are NaN when either is empty.
+
+    Args:
+        pred: predicted bool volume (X, Y, Z).
+        target: ground-truth bool volume of the same shape.
+        spacing: voxel size in mm along X, Y, Z.
+    """
+    pred, target = _mask_pair(pred, target, dims=(3,))
+    counts = confusion_counts(pred.reshape(1, -1), target.reshape(1, -1))
+    distances = surface_distances(pred, target, spacing)
+    overlap = int(counts.tp.item())
+    return {"dice": dice_from_counts(counts).item(), "iou": iou_from_counts(counts).item(),
+            "precision": precision_from_counts(counts).item(), "sensitivity": sensitivity_from_counts(counts).item(),
+            "hd95_mm": hausdorff95_from_distances(distances),
+            "assd_mm": average_surface_distance_from_distances(distances),
+            "gt_voxels": overlap + int(counts.fn.item()), "pred_voxels": overlap + int(counts.fp.item()),
+            "overlap_voxels": overlap}
 
 
 # ---- Components and failure categories -----------------------------------------------------------

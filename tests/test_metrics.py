@@ -326,3 +326,36 @@ def test_paired_comparison_of_a_model_with_itself_is_no_difference():
     assert better["b_better"] == 10 and better["wilcoxon_p"] < 0.01
     with pytest.raises(ValueError):
         paired_comparison([0.1, float("nan")])
+
+
+def test_volume_report_identity_and_a_shift_measured_in_mm():
+    from metrics import volume_report
+    cube = np.zeros((12, 12, 10), bool)
+    cube[3:8, 3:8, 2:6] = True
+    same = volume_report(cube, cube, (0.5, 0.5, 3.0))
+    assert same["dice"] == 1.0 and same["hd95_mm"] == 0.0 and same["assd_mm"] == 0.0
+    assert same["gt_voxels"] == same["pred_voxels"] == same["overlap_voxels"] == 100
+    shifted = np.roll(cube, 2, axis=2)  # two slices further along Z, 3 mm apart: 6 mm
+    report = volume_report(shifted, cube, (0.5, 0.5, 3.0))
+    assert report["dice"] == pytest.approx(2 * 50 / 200) and report["hd95_mm"] == pytest.approx(6.0)
+    empty = volume_report(np.zeros_like(cube), cube, (1, 1, 1))
+    assert empty["dice"] == 0.0 and math.isnan(empty["hd95_mm"])
+    with pytest.raises(ValueError, match=r"\(X, Y, Z\)"):
+        volume_report(cube[..., 0], cube[..., 0], (1, 1))
+
+
+@pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")  # MONAI's own internal call
+def test_volume_surface_distances_match_monai_on_random_blobs():
+    monai_metrics = pytest.importorskip("monai.metrics")
+    from scipy import ndimage
+    rng = np.random.default_rng(5)
+    pred = ndimage.gaussian_filter(rng.random((20, 18, 9)), 2) > 0.5
+    target = ndimage.gaussian_filter(rng.random((20, 18, 9)), 2) > 0.5
+    spacing = (0.8, 0.9, 2.5)
+    y_pred, y = (torch.from_numpy(m)[None, None].float() for m in (pred, target))
+    expected_hd95 = monai_metrics.compute_hausdorff_distance(
+        y_pred, y, include_background=True, percentile=95, spacing=list(spacing)).item()
+    expected_assd = monai_metrics.compute_average_surface_distance(
+        y_pred, y, include_background=True, symmetric=True, spacing=list(spacing)).item()
+    assert hausdorff95(pred, target, spacing) == pytest.approx(expected_hd95, rel=1e-5, abs=1e-5)
+    assert average_surface_distance(pred, target, spacing) == pytest.approx(expected_assd, rel=1e-5, abs=1e-5)
