@@ -9,7 +9,7 @@ training: decoded with `dataset.read_image`, cropped and resized with
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 import dataset
+import volumes
 from config import Config
 from utils import LoadedCheckpoint, autocast, memory_format_for
 
@@ -138,14 +139,18 @@ class Prediction:
 
 
 def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
-    """Images under data_root/images, and masks by stem when data_root/masks exists."""
+    """Images under data_root/images, and masks by stem when data_root/masks exists (volumes: `volumes.find_volumes`).
+
+    Raises FileNotFoundError when the folder holds neither images nor volumes.
+    """
     image_dir = Path(data_root) / "images"
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{image_dir}: folder of images to predict is missing")
     by_stem = dataset.files_by_stem(image_dir)
-    if not by_stem:
+    if not by_stem and not volumes.find_volumes(data_root):
         unusable = "".join(f"; {path.name}: {reason}" for path, reason in dataset.unusable_entries(image_dir).items())
-        raise FileNotFoundError(f"{image_dir}: no {'/'.join(dataset.IMAGE_EXTENSIONS)} images{unusable}")
+        raise FileNotFoundError(f"{image_dir}: no {'/'.join(dataset.IMAGE_EXTENSIONS)} images or NIfTI/DICOM "
+                                f"volumes{unusable}")
     shared = sorted(stem for stem, files in by_stem.items() if len(files) > 1)
     if shared:  # their outputs would overwrite each other
         raise ValueError(f"{image_dir}: several images share the stem(s) {', '.join(shared)}")
@@ -183,7 +188,11 @@ def read_input(path: Path, channels: list[int],
     return decoded, mask
 
 
-def predict_batch(models: list[LoadedCheckpoint], batch: list[tuple[Path, dict[int, np.ndarray], np.ndarray | None]],
+# An image ready to predict: its output stem, its pixels per channel count (`dataset.read_image_as`), its mask or None.
+Decoded = tuple[str, dict[int, np.ndarray], np.ndarray | None]
+
+
+def predict_batch(models: list[LoadedCheckpoint], batch: list[Decoded],
                   device: torch.device, options: Config, with_spread: bool) -> Iterator[Prediction]:
     """The Predictions of one batch of decoded images: the members' mean map, and their spread when asked."""
     speed = {"tta": options.TTA, "amp": options.AMP, "channels_last": options.CHANNELS_LAST}
@@ -201,32 +210,55 @@ def predict_batch(models: list[LoadedCheckpoint], batch: list[tuple[Path, dict[i
         else:
             member_maps = native_probabilities(loaded.model, loaded.config, inputs, device, **speed)
         maps.append(member_maps)
-    for index, (path, decoded, mask) in enumerate(batch):
+    for index, (stem, decoded, mask) in enumerate(batch):
         means = [member[index] for member in maps]
         spread = combined_spread(means, [member[index] for member in spreads]) if with_spread else None
         type_means = dict(zip(classes, (sum(types) / len(types))[index].tolist(), strict=True)) if types else None
-        yield Prediction(path.stem, decoded[3], sum(means) / len(models), mask, spread, type_means)
+        yield Prediction(stem, decoded[3], sum(means) / len(models), mask, spread, type_means)
 
 
 def predict(models: list[LoadedCheckpoint], images: list[Path], masks: dict[str, Path] | None,
             device: torch.device, options: Config, with_spread: bool,
             unreadable: list[str]) -> Iterator[Prediction]:
-    """Yield a Prediction per readable image: the mean probability of `models`, each run as it was trained.
+    """Yield a Prediction per readable image file; unreadable files are named in `unreadable` and skipped.
+
+    See `predict_decoded` for what `options` and `with_spread` do.
+    """
+    channels = input_channels(models)
+
+    def readable() -> Iterator[Decoded]:
+        for path in tqdm(images, desc="predict", dynamic_ncols=True):
+            try:
+                decoded, mask = read_input(path, channels, masks)
+            except Exception as error:  # any decoder error: report the file, keep going
+                unreadable.append(f"{path}: skipped, {error}")
+                continue
+            yield path.stem, decoded, mask
+
+    yield from predict_decoded(models, readable(), device, options, with_spread)
+
+
+def input_channels(models: Sequence[LoadedCheckpoint]) -> list[int]:
+    """The channel counts to decode each image in: RGB for display, and each member's IN_CHANNELS."""
+    return sorted({3, *(loaded.config.IN_CHANNELS for loaded in models)})
+
+
+def grey_as_channels(grey: np.ndarray, channel_counts: Sequence[int]) -> dict[int, np.ndarray]:
+    """A uint8 (H, W) grey image as `dataset.read_image_as` decodes a grey PNG: (H, W, 1) and (H, W, 3)."""
+    return {count: np.repeat(grey[..., None], count, axis=-1) for count in channel_counts}
+
+
+def predict_decoded(models: list[LoadedCheckpoint], items: Iterable[Decoded], device: torch.device,
+                    options: Config, with_spread: bool) -> Iterator[Prediction]:
+    """Yield a Prediction per decoded image: the mean probability of `models`, each run as it was trained.
 
     `options` gives the batch size, TTA, AMP and CHANNELS_LAST (the models
     already in that memory format). With `with_spread`, also the per-pixel
-    standard deviation over every TTA view of every model. Unreadable files
-    are named in `unreadable` and skipped.
+    standard deviation over every TTA view of every model.
     """
-    channels = sorted({3, *(loaded.config.IN_CHANNELS for loaded in models)})
-    batch: list[tuple[Path, dict[int, np.ndarray], np.ndarray | None]] = []
-    for path in tqdm(images, desc="predict", dynamic_ncols=True):
-        try:
-            decoded, mask = read_input(path, channels, masks)
-        except Exception as error:  # any decoder error: report the file, keep going
-            unreadable.append(f"{path}: skipped, {error}")
-            continue
-        batch.append((path, decoded, mask))
+    batch: list[Decoded] = []
+    for item in items:
+        batch.append(item)
         if len(batch) == options.BATCH_SIZE:
             yield from predict_batch(models, batch, device, options, with_spread)
             batch = []

@@ -120,6 +120,8 @@ def render(summary: dict, rows: list[dict]) -> str:
                 "<div class=figures>" + "".join(f'<img alt="{html.escape(name)}" src="{uri}">'
                                                 for name, uri in figures.items()) + "</div>",
                 failure_table(summary), metric_table(summary)]
+    if "volumes" in summary:
+        sections.append(volume_section(summary["volumes"]))
     if "uncertainty" in summary:
         u = summary["uncertainty"]
         sections.append(
@@ -216,6 +218,22 @@ def failure_table(summary: dict) -> str:
     return ("<h2>Failure categories</h2><p>Each image gets the first category whose rule its numbers satisfy, "
             "in this order. Click one to list its images.</p>"
             + table([("category", "text"), ("rule", "text"), ("images", "num"), ("%", "num")], body))
+
+
+def volume_section(volumes: dict) -> str:
+    """Per volume, in 3-D: what the rest of the page scores per slice."""
+    keys = [("dice", "Dice (3-D)", 3), ("iou", "IoU", 3), ("sensitivity", "sensitivity", 3),
+            ("precision", "precision", 3), ("hd95_mm", "HD95 (mm)", 2), ("assd_mm", "ASSD (mm)", 2),
+            ("gt_voxels", "true voxels", 0), ("pred_voxels", "predicted voxels", 0), ("slices", "slices", 0)]
+    keys = [k for k in keys if any(k[0] in row for row in volumes["per_volume"])]
+    body = [[text_cell(row["volume"]), text_cell(str(row["slice_axis"]))]
+            + [number_cell(row.get(key, math.nan), digits) for key, _, digits in keys]
+            for row in volumes["per_volume"]]
+    return (f"<h2>Volumes (3-D)</h2><p>{volumes['count']} of {volumes['of']} volume(s) predicted slice by slice "
+            f"across {html.escape(volumes['slice_axis'])}; their masks are NIfTI files in masks/. Scores: "
+            f"{html.escape(volumes['scores'])}. Every other table on this page scores images and slices.</p>"
+            + table([("volume", "text"), ("slice axis", "text")] + [(title, "num") for _, title, _ in keys], body,
+                    "volumes"))
 
 
 def group_table(column: str, groups: dict[str, dict], unit: str) -> str:

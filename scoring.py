@@ -32,6 +32,10 @@ NUMBER_COLUMNS = ("dice", "iou", "pixel_accuracy", "precision", "sensitivity", "
                   "assd_mm", "pred_components", "true_components", "gt_pixels", "pred_pixels", "overlap_pixels",
                   "uncertainty")
 SIZE_COLUMN = "tumour_size"
+VOLUME_COLUMNS = ("volume", "slice_axis", "slice_index")  # metrics.csv: which volume a slice row comes from
+VOLUME_TABLE_COLUMNS = ("volume", "dice", "iou", "precision", "sensitivity", "hd95_mm", "assd_mm", "gt_voxels",
+                        "pred_voxels", "overlap_voxels", "slice_axis", "slices", "slices_with_tumour_predicted",
+                        "shape", "spacing_mm", "source")
 # A TypeHead's answer per image (checkpoints trained with TYPE_COLUMN): its most probable class and that probability.
 TYPE_COLUMNS = ("predicted_type", "type_probability")
 PATIENT_VOTE = ("majority of the patient's slices' predicted types; a tie goes to the tied type whose votes carry "
@@ -98,29 +102,33 @@ def pixel_spacings(data_root: Path, images: list[Path], spacing_mm: float | None
 
 
 def settle_scoring(data_root: Path, images: list[Path], checkpoint_path: Path,
-                   args: argparse.Namespace) -> tuple[Scoring, list[str]]:
-    """Group and strata columns with each image's values, and pixel spacings; raises ValueError naming the file.
+                   args: argparse.Namespace, volume_stems: Sequence[str] = ()) -> tuple[Scoring, list[str]]:
+    """Group and strata columns with each image's (and volume's) values, and pixel spacings; raises ValueError
+    naming the file.
 
     Without --group-by, scores are grouped by the column the checkpoint's run
     split by, when DATA_ROOT's metadata.csv has it (a note says why not otherwise).
+    Volumes take the metadata row whose image_id is their name; their slices'
+    spacing comes from their headers, not from these options.
     """
+    named = [*images, *(Path(f"{stem}.nii") for stem in volume_stems)]  # metadata_column keys rows by stem
     notes = []
     group_column = args.group_by if args.group_by is not None else split_group_column(checkpoint_path)
     if args.group_by is None and group_column:
         try:
-            metadata_column(data_root, group_column, images, "--group-by")
+            metadata_column(data_root, group_column, named, "--group-by")
         except (FileNotFoundError, ValueError) as error:
             notes.append(f"not grouping by the run's split column '{group_column}': {error}")
             group_column = ""
     options = {group_column: "--group-by"} if group_column else {}
     strata_asked = [*args.strata, *([args.class_mix[0]] if args.class_mix else [])]
     options.update({column: "--strata" for column in strata_asked if column not in options})
-    taken = {"image", "category", SIZE_COLUMN, *NUMBER_COLUMNS}
+    taken = {"image", "category", SIZE_COLUMN, *NUMBER_COLUMNS, *VOLUME_COLUMNS}
     for column, option in options.items():
         if column in taken:  # metrics.csv holds metadata values beside the scores, by column name
             raise ValueError(f"{option} {column}: metrics.csv already has a column of that name; "
                              "rename the column in metadata.csv")
-    labels = {column: metadata_column(data_root, column, images, option) for column, option in options.items()}
+    labels = {column: metadata_column(data_root, column, named, option) for column, option in options.items()}
     spacing, spacing_source = pixel_spacings(data_root, images, args.pixel_spacing_mm, args.spacing_column)
     strata = [column for column in options if column != group_column]
     if args.class_mix:
@@ -133,9 +141,8 @@ def settle_scoring(data_root: Path, images: list[Path], checkpoint_path: Path,
 
 
 def score_image(stem: str, predicted: np.ndarray, truth: np.ndarray, probability: np.ndarray,
-                spread: np.ndarray | None, scoring: Scoring) -> dict:
-    """One image's metrics.csv row: its scores against `truth`, and its uncertainty when `spread` is given."""
-    spacing = None if scoring.spacing is None else scoring.spacing[stem]
+                spread: np.ndarray | None, spacing: Spacing | None) -> dict:
+    """One image's metrics.csv row: its scores against `truth` (mm with `spacing`), its uncertainty with `spread`."""
     row = {"image": stem, **per_image_report(predicted, truth, spacing)}
     if spread is not None:
         row["uncertainty"] = region_uncertainty(spread, probability)
@@ -182,20 +189,43 @@ def size_strata(rows: list[dict]) -> list[float]:
 
 
 def label_rows(rows: list[dict], scoring: Scoring) -> list[float]:
-    """Add each row's tumour-size stratum and metadata values; returns the size terciles' edges in pixels."""
+    """Add each row's tumour-size stratum and metadata values; returns the size terciles' edges in pixels.
+
+    A volume's slice takes its own metadata row if there is one, else its volume's. A number that some
+    rows have and others lack (mm distances of volume slices beside images without a spacing) is NaN
+    (undefined) in the others.
+    """
+    for key in NUMBER_COLUMNS:
+        if any(key in row for row in rows):
+            for row in rows:
+                row.setdefault(key, math.nan)
     edges = size_strata(rows)
     for column, values in scoring.labels.items():
         for row in rows:
-            row[column] = values[row["image"]]
+            row[column] = values.get(row["image"]) or values.get(row.get("volume", ""), "")
     return edges
 
 
 def write_metrics(path: Path, rows: list[dict], scoring: Scoring) -> None:
-    """metrics.csv: one row per scored image, numbers first, then text; an undefined number is left empty."""
+    """metrics.csv: one row per scored image or volume slice, numbers first, then text; undefined numbers empty.
+
+    A volume's slices carry its name, the slice axis and index (VOLUME_COLUMNS); images leave those empty.
+    """
     columns = ["image", *(key for key in NUMBER_COLUMNS if key in rows[0]), "category", SIZE_COLUMN,
-               *(key for key in TYPE_COLUMNS if key in rows[0]), *scoring.labels]
+               *(key for key in TYPE_COLUMNS if key in rows[0]),
+               *(key for key in VOLUME_COLUMNS if any(key in row for row in rows)), *scoring.labels]
+    write_table(path, columns, rows)
+
+
+def write_volume_table(path: Path, rows: list[dict]) -> None:
+    """volumes.csv: one row per predicted volume, with its 3-D scores where it has a mask volume."""
+    write_table(path, [key for key in VOLUME_TABLE_COLUMNS if any(key in row for row in rows)], rows)
+
+
+def write_table(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """A CSV of `rows` under `columns` (missing and NaN values left empty), written atomically."""
     table = io.StringIO()
-    writer = csv.DictWriter(table, columns)
+    writer = csv.DictWriter(table, columns, restval="")
     writer.writeheader()
     writer.writerows({key: "" if isinstance(value, float) and math.isnan(value) else value
                       for key, value in row.items()} for row in rows)
@@ -286,6 +316,11 @@ def print_summary(summary: dict, scoring: Scoring) -> None:
     """The summary's main figures on the console."""
     print(f"\n{'images processed':<18}{summary['count']}\n{'scored':<18}{summary['scored']}\n"
           f"{'decision rule':<18}{summary['decision_rule_text']} ({summary['decision_rule_source']})")
+    if "volumes" in summary:
+        v = summary["volumes"]
+        print(f"{'volumes':<18}{v['count']} of {v['of']} predicted, {v['scored']} scored in 3-D"
+              + (f": Dice mean {v['dice_mean']:.4f}, median {v['dice_median']:.4f}; HD95 median "
+                 f"{format_number(v['hd95_mm_median'])} mm" if v["scored"] else ""))
     if not summary["scored"]:
         return
     for key in ("dice_mean", "dice_median", "dice_pooled", "iou_mean", "pixel_accuracy"):

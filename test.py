@@ -6,16 +6,22 @@
     python test.py --data-root DATA --group-by tumor_class  # also scores per metadata.csv value
     python test.py --data-root DATA --pixel-spacing-mm 0.98 --strata tumor_class --tta true
     python test.py --compare predictions/a predictions/b  # paired per-image Dice differences
+    python test.py --data-root VOLUMES --slice-axis auto  # NIfTI files / DICOM series folders in VOLUMES/images
 
 The folder needs `images/` (any sizes); with `masks/` each image is also
-scored against its mask at the image's own resolution. The model runs at the
-size it was trained at, as rebuilt from the config inside the checkpoint; its
-probability map is resized back to each image before thresholding.
+scored against its mask at the image's own resolution. `images/` may also
+hold volumes: NIfTI files (.nii, .nii.gz) and DICOM series (one folder per
+series), with optional `masks/<name>.nii.gz`; each is predicted slice by
+slice and its mask written as NIfTI with the input's affine (README
+"Volumes"). The model runs at the size it was trained at, as rebuilt from
+the config inside the checkpoint; its probability map is resized back to
+each image before thresholding.
 
 Writes PREDICTION_ROOT/<run name>/: masks/, segmented/, overlays/ (PNG per
 image; uncertainty/ too with TTA or an ensemble), metrics.csv, summary.json
-and report.html. Exit code 0 when every image was processed, 1 on a fatal
-error, 2 when some images could not be read.
+and report.html; with volumes also masks/<name>.nii.gz and volumes.csv.
+Exit code 0 when every image and volume was processed, 1 on a fatal error,
+2 when some could not be read.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from runfolder import newest_checkpoint, subset_images, subset_stems, unfinished
 from scoring import Scoring, print_summary, settle_scoring
 from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, interruption,
                    load_checkpoint, setup_runtime, sigterm_as_interrupt, tolerant_console)
+from volumes import VolumeEntry, find_volumes
 
 # The only config keys inference uses; training keys (size, channels...) come from the checkpoint.
 INFERENCE_KEYS = ("DATA_ROOT", "RUNS_DIR", "PREDICTION_ROOT", "BATCH_SIZE", "DEVICE", "THRESHOLD", "TTA", "AMP",
@@ -61,6 +68,7 @@ class Job:
     models: list[LoadedCheckpoint]
     images: list[Path]
     masks: dict[str, Path] | None
+    volumes: list[VolumeEntry]  # NIfTI files and DICOM series in images/, each with its mask volume or None
     skipped: dict[Path, str]  # entries of images/ left out before predicting, and why
     scoring: Scoring
     notes: list[str]
@@ -108,6 +116,9 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Config]
     parser.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"),
                         help="compare two prediction folders instead of predicting: per-image Dice differences "
                              "(B minus A) and a paired Wilcoxon signed-rank test")
+    parser.add_argument("--slice-axis", choices=("auto", "0", "1", "2"), default="auto",
+                        help="array axis volumes are cut across; 'auto': the one with the fewest voxels (ties: the "
+                             "coarser spacing, then the last)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace PREDICTION_ROOT/<run name>/ instead of writing a fresh <run name>-N/")
     args = parser.parse_args(argv)
@@ -133,7 +144,8 @@ def predict_and_publish(argv: list[str] | None) -> int:
     try:
         summary, failures = evaluation.predict_and_write(
             job.models, job.checkpoint_paths, job.images, job.masks, job.scoring, job.staging, job.device,
-            job.options, args, started, skipped=[f"{entry}: skipped, {why}" for entry, why in job.skipped.items()])
+            job.options, args, started, skipped=[f"{entry}: skipped, {why}" for entry, why in job.skipped.items()],
+            volume_inputs=evaluation.VolumeInputs(job.volumes, args.slice_axis))
         report_seconds = None
         if args.report and summary["scored"]:
             report_started = time.perf_counter()
@@ -156,7 +168,8 @@ def predict_and_publish(argv: list[str] | None) -> int:
     print(f"{'images/s':<18}{summary['images_per_second']:.1f}\n{'outputs':<18}{out_dir}")
     for failure in failures:
         print(f"warning: {failure}", file=sys.stderr)
-    return 2 if summary["count"] < len(job.images) or job.skipped else 0
+    volumes_done = summary.get("volumes", {}).get("count", 0)
+    return 2 if summary["count"] < len(job.images) or job.skipped or volumes_done < len(job.volumes) else 0
 
 
 def prepare(options: Config, args: argparse.Namespace) -> Job:
@@ -170,6 +183,7 @@ def prepare(options: Config, args: argparse.Namespace) -> Job:
         for loaded in models:
             loaded.model.to(memory_format=torch.channels_last)
     images, masks = find_images(Path(options.DATA_ROOT))
+    volumes = find_volumes(Path(options.DATA_ROOT))
     # find_images lists regular files (or links to them) only: the rest would vanish without a word.
     skipped = dataset.unusable_entries(Path(options.DATA_ROOT) / "images")
     if args.subset != "all":
@@ -177,13 +191,19 @@ def prepare(options: Config, args: argparse.Namespace) -> Job:
             images = subset_images(images, path, args.subset)
             wanted = subset_stems(path, args.subset)
             skipped = {entry: why for entry, why in skipped.items() if dataset.stem_key(entry) in wanted}
-    scoring, notes = settle_scoring(Path(options.DATA_ROOT), images, checkpoint_paths[0], args)
+    notes = []
+    if volumes and args.subset != "all":  # a run's split lists images, not volumes
+        notes.append(f"{len(volumes)} volume(s) left out: --subset {args.subset} selects the run's split images")
+        volumes = []
+    scoring, scoring_notes = settle_scoring(Path(options.DATA_ROOT), images, checkpoint_paths[0], args,
+                                            [entry.stem for entry in volumes])
+    notes += scoring_notes
     name = output_name(checkpoint_paths[0])
     if len(models) > 1:
         name = f"{name}-ensemble{len(models)}"
     staging = start_staging(Path(options.PREDICTION_ROOT), name, args.overwrite)
-    return Job(options, device, checkpoint_paths, models, images, masks, skipped, scoring, notes, name, staging,
-               unfinished)
+    return Job(options, device, checkpoint_paths, models, images, masks, volumes, skipped, scoring, notes, name,
+               staging, unfinished)
 
 
 def announce(job: Job, args: argparse.Namespace) -> None:
@@ -200,6 +220,10 @@ def announce(job: Job, args: argparse.Namespace) -> None:
     print(f"images:     {len(job.images)} from {job.options.DATA_ROOT}"
           + ("" if job.masks is not None else " (predict only)")
           + (f", {len(job.skipped)} more skipped (named below)" if job.skipped else ""))
+    if job.volumes:
+        axis = (evaluation.SLICE_AXIS_RULE if args.slice_axis == "auto" else f"array axis {args.slice_axis}")
+        print(f"volumes:    {len(job.volumes)} ({sum(e.mask is not None for e in job.volumes)} with a mask volume), "
+              f"cut across {axis}")
     for note in job.notes:
         print(f"note: {note}")
     if args.subset in SUBSET_NOTES:

@@ -1,7 +1,7 @@
 """Medical volumes in and out: NIfTI files and DICOM series read as 3-D arrays with their geometry, cut into slices.
 
 The 2-D pipeline sees each slice as an 8-bit grey image, as it sees a PNG:
-`slice_uint8` windows a volume to 0..255 once, the same way for test.py's
+`window_to_uint8` windows a volume to 0..255 once, the same way for test.py's
 volume path and `prepare_data.py nifti`, so a slice is prepared exactly as
 the PNG of it would be. Predicted masks go back out as NIfTI with the
 input's affine (and, for a NIfTI input, its header), so they overlay the
@@ -213,3 +213,33 @@ def write_mask_like(path: Path, mask: np.ndarray, like: Volume) -> None:
         image = nib.Nifti1Image(mask.astype(np.uint8), like.affine)
         image.header.set_zooms(like.spacing)
     nib.save(image, str(path))
+
+
+@dataclass
+class VolumeEntry:
+    """One volume of a data folder: its name, where it is, and its mask volume (None without one)."""
+
+    stem: str
+    path: Path  # a .nii/.nii.gz file or a DICOM series folder
+    mask: Path | None
+
+
+def find_volumes(data_root: Path) -> list[VolumeEntry]:
+    """The volumes in data_root/images (NIfTI files, DICOM series folders), each with data_root/masks/<stem>.nii[.gz].
+
+    Raises ValueError naming the folder when two volumes (or two mask volumes) share a name.
+    """
+    image_dir, mask_dir = Path(data_root) / "images", Path(data_root) / "masks"
+    if not image_dir.is_dir():
+        return []
+    found = [path for path in sorted(image_dir.iterdir())
+             if (path.is_file() and is_nifti(path)) or is_dicom_series(path)]
+    masks = [path for path in sorted(mask_dir.iterdir()) if path.is_file() and is_nifti(path)] \
+        if mask_dir.is_dir() else []
+    for folder, paths in ((image_dir, found), (mask_dir, masks)):
+        stems = [volume_stem(path) for path in paths]
+        shared = sorted({stem for stem in stems if stems.count(stem) > 1})
+        if shared:
+            raise ValueError(f"{folder}: several volumes share the name(s) {', '.join(shared)}")
+    mask_by_stem = {volume_stem(path): path for path in masks}
+    return [VolumeEntry(volume_stem(path), path, mask_by_stem.get(volume_stem(path))) for path in found]

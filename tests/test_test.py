@@ -279,7 +279,7 @@ def test_a_broken_link_among_the_images_is_named_and_exit_code_says_so(tiny_run,
     (only_links / "images" / "a.png").symlink_to(tmp_path / "gone.png")
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", only_links,
                     "--prediction-root", preds) == 1
-    assert "no .png/.jpg/.jpeg images; a.png: broken link" in capsys.readouterr().err
+    assert "no .png/.jpg/.jpeg images or NIfTI/DICOM volumes; a.png: broken link" in capsys.readouterr().err
 
 
 def test_a_broken_link_outside_the_subset_is_not_counted_against_it(tiny_run, demo_root, tmp_path, capsys):
@@ -964,3 +964,155 @@ def test_a_type_head_without_the_column_in_metadata_still_answers_per_image(type
     assert run_test("--checkpoint", typed_run / "best.pt", "--data-root", data, "--prediction-root", out) == 0
     assert "predicted_type" in next(csv.DictReader(open(out / "typed" / "metrics.csv")))
     assert "type_classification" not in json.loads((out / "typed" / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------- volumes
+
+
+@pytest.fixture(scope="session")
+def real_tiny_run(real_root, tmp_path_factory):
+    """A small model trained for one epoch at 64 px on 32 real slices: it predicts real tumours, if roughly."""
+    runs = tmp_path_factory.mktemp("real_runs")
+    stems = sorted(p.stem for p in (real_root / "images").iterdir())[:32]
+    train_root = link_subset(real_root, tmp_path_factory.mktemp("real_train") / "train", stems)
+    assert train.main(["--data-root", str(train_root), "--runs-dir", str(runs), "--run-name", "real64",
+                       "--epochs", "1", "--image-size", "64", "--base-channels", "4", "--depth", "3",
+                       "--in-channels", "1", "--normalization", "zscore", "--search-rule", "false",
+                       "--threshold", "0.3"]) == 0
+    return runs / "real64"
+
+
+def patient_slices(real_root, count: int) -> list[str]:
+    """`count` slices of one patient of the shared set (the first with that many)."""
+    with open(real_root / "metadata.csv", newline="") as f:
+        by_patient: dict[str, list[str]] = {}
+        for row in csv.DictReader(f):
+            by_patient.setdefault(row["patient_id"], []).append(row["image_id"])
+    return next(sorted(ids)[:count] for _, ids in sorted(by_patient.items()) if len(ids) >= count)
+
+
+def test_a_volume_of_real_slices_scores_as_its_png_slices_and_its_mask_keeps_the_geometry(real_root, real_tiny_run,
+                                                                                          tmp_path):
+    """Stacked into a NIfTI volume, real slices get the predictions and scores their PNGs get."""
+    import nibabel as nib
+    from test_volumes import oblique_affine
+    stems = patient_slices(real_root, 5)
+    pngs = link_subset(real_root, tmp_path / "pngs", stems)
+    grey = np.stack([np.asarray(Image.open(real_root / "images" / f"{s}.png").convert("L")) for s in stems], -1)
+    truth = np.stack([read_mask(real_root / "masks" / f"{s}.png") for s in stems], -1)
+    vols = tmp_path / "vols"
+    (vols / "images").mkdir(parents=True)
+    (vols / "masks").mkdir()
+    nib.save(nib.Nifti1Image(grey, oblique_affine()), str(vols / "images" / "case.nii.gz"))  # 0.9 x 0.9 x 5 mm
+    nib.save(nib.Nifti1Image(truth, oblique_affine()), str(vols / "masks" / "case.nii.gz"))
+    checkpoint = real_tiny_run / "best.pt"
+    assert run_test("--checkpoint", checkpoint, "--data-root", pngs, "--prediction-root", tmp_path / "p",
+                    "--pixel-spacing-mm", "0.9") == 0
+    assert run_test("--checkpoint", checkpoint, "--data-root", vols, "--prediction-root", tmp_path / "v") == 0
+    by_png = {r["image"]: r for r in metrics_rows(tmp_path / "p" / "real64")}
+    by_volume = metrics_rows(tmp_path / "v" / "real64")
+    assert len(by_volume) == len(stems)  # every slice has tumour: every slice is scored
+    for index, stem in enumerate(stems):
+        row = next(r for r in by_volume if r["slice_index"] == str(index))
+        assert row["image"] == f"case_k{index:03d}" and row["volume"] == "case" and row["slice_axis"] == "2"
+        for key in ("dice", "iou", "hd95_px", "hd95_mm", "pred_pixels"):
+            assert row[key] == by_png[stem][key], (stem, key)
+    written = nib.load(str(tmp_path / "v" / "real64" / "masks" / "case.nii.gz"))
+    assert written.shape == grey.shape and np.allclose(written.affine, oblique_affine())
+    png_masks = np.stack([np.asarray(Image.open(tmp_path / "p" / "real64" / "masks" / f"{s}.png")) > 0
+                          for s in stems], -1)
+    assert np.array_equal(np.asarray(written.dataobj) > 0, png_masks)
+    summary = json.loads((tmp_path / "v" / "real64" / "summary.json").read_text())
+    volume = summary["volumes"]["per_volume"][0]
+    assert volume["dice"] == pytest.approx(dice_per_image(png_masks.reshape(1, -1), truth.reshape(1, -1)).item())
+    assert summary["volumes"]["count"] == summary["volumes"]["scored"] == 1
+    with open(tmp_path / "v" / "real64" / "volumes.csv", newline="") as f:
+        assert [r["volume"] for r in csv.DictReader(f)] == ["case"]
+    assert "Volumes (3-D)" in (tmp_path / "v" / "real64" / "report.html").read_text()
+
+
+def test_a_dicom_series_is_predicted_into_a_nifti_mask_with_its_geometry(tiny_run, tmp_path, capsys):
+    import nibabel as nib
+    import volumes
+    from test_volumes import write_dicom_series
+    data = np.random.default_rng(4).integers(0, 3000, size=(40, 36, 5)).astype(np.uint16)
+    write_dicom_series(tmp_path / "data" / "images" / "series1", data)
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", tmp_path / "data",
+                    "--prediction-root", tmp_path / "out") == 0
+    assert "volumes:    1 (0 with a mask volume), cut across the axis with the fewest voxels" in capsys.readouterr().out
+    written = nib.load(str(tmp_path / "out" / "tiny" / "masks" / "series1.nii.gz"))
+    source = volumes.read_volume(tmp_path / "data" / "images" / "series1")
+    assert written.shape == data.shape and np.allclose(written.affine, source.affine)
+    summary = json.loads((tmp_path / "out" / "tiny" / "summary.json").read_text())
+    assert summary["volumes"]["count"] == 1 and summary["volumes"]["scored"] == 0
+
+
+def test_bad_volumes_are_named_and_the_good_ones_still_predicted(tiny_run, tmp_path, capsys):
+    import nibabel as nib
+    from test_volumes import oblique_affine
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    good = np.random.default_rng(5).normal(size=(32, 30, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(good, oblique_affine()), str(root / "images" / "good.nii.gz"))
+    nib.save(nib.Nifti1Image((good > 1).astype(np.uint8), oblique_affine()), str(root / "masks" / "good.nii.gz"))
+    nib.save(nib.Nifti1Image(good, oblique_affine()), str(root / "images" / "offsize.nii"))
+    nib.save(nib.Nifti1Image(np.zeros((32, 30, 3), np.uint8), oblique_affine()), str(root / "masks" / "offsize.nii"))
+    nib.save(nib.Nifti1Image(good[..., 0], np.eye(4)), str(root / "images" / "flat.nii.gz"))
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root",
+                    tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "flat.nii.gz: a 3-D volume is needed" in err
+    assert "offsize.nii: mask volume is (32, 30, 3), its image volume is (32, 30, 4)" in err
+    out = tmp_path / "out" / "tiny"
+    assert (out / "masks" / "good.nii.gz").is_file() and not (out / "masks" / "flat.nii.gz").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["volumes"]["count"] == 1 and summary["volumes"]["of"] == 3
+    assert sum("flat.nii.gz" in problem or "offsize.nii" in problem for problem in summary["problems"]) == 2
+
+
+def test_slice_axis_flag_cuts_volumes_across_the_axis_given(tiny_run, tmp_path):
+    import nibabel as nib
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    image = np.random.default_rng(6).normal(size=(6, 20, 24)).astype(np.float32)
+    mask = np.zeros(image.shape, np.uint8)
+    mask[2, 5:9, 5:9] = 1
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(root / "images" / "v.nii.gz"))
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), str(root / "masks" / "v.nii.gz"))
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root",
+                    tmp_path / "auto", "--postprocess", "none", "--threshold", "0.999") == 0
+    rows = metrics_rows(tmp_path / "auto" / "tiny")
+    assert rows and {r["slice_axis"] for r in rows} == {"0"}  # 6 voxels: the thinnest axis
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root",
+                    tmp_path / "axis2", "--slice-axis", "2") == 0
+    summary = json.loads((tmp_path / "axis2" / "tiny" / "summary.json").read_text())
+    assert summary["volumes"]["per_volume"][0]["slice_axis"] == 2
+    assert summary["volumes"]["per_volume"][0]["slices"] == 24
+
+
+def test_a_volume_predicts_as_its_prepare_data_nifti_slices(tiny_run, tmp_path):
+    """`prepare_data.py nifti` and the volume path window and cut a volume alike: same slices, same scores."""
+    import nibabel as nib
+    import prepare_data
+    from test_volumes import oblique_affine
+    rng = np.random.default_rng(7)
+    image = rng.normal(400, 120, size=(30, 28, 5)).astype(np.float32)  # not 8-bit: windowed to percentiles
+    labels = np.zeros(image.shape, np.uint8)
+    labels[8:16, 6:14, 1:4] = 2
+    image[labels > 0] += 300
+    vols = tmp_path / "vols"
+    for sub, data in (("images", image), ("masks", labels)):
+        (vols / sub).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(data, oblique_affine()), str(vols / sub / "case.nii.gz"))
+    assert prepare_data.main(["nifti", "--images", str(vols / "images"), "--masks", str(vols / "masks"),
+                              "--out", str(tmp_path / "pngs")]) == 0
+    common = ("--checkpoint", tiny_run / "best.pt", "--postprocess", "none", "--threshold", "0.2")
+    assert run_test(*common, "--data-root", tmp_path / "pngs", "--prediction-root", tmp_path / "p") == 0
+    assert run_test(*common, "--data-root", vols, "--prediction-root", tmp_path / "v") == 0
+    by_png = {r["image"]: r for r in metrics_rows(tmp_path / "p" / "tiny")}
+    by_volume = {r["image"]: r for r in metrics_rows(tmp_path / "v" / "tiny")}
+    assert set(by_png) <= set(by_volume) and len(by_png) == 3  # the 3 tumour slices (plus any false alarms)
+    for stem, row in by_png.items():
+        assert (row["dice"], row["pred_pixels"]) == (by_volume[stem]["dice"], by_volume[stem]["pred_pixels"])
