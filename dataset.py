@@ -45,6 +45,7 @@ PATIENT_COLUMN = "patient_id"  # the column SPLIT_GROUP_COLUMN "auto" splits by
 # ImageNet statistics (RGB), as the seed used them; grayscale input uses their mean.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+ZSCORE_MIN_STD = 1e-6  # z-score divides by at least this, so a blank slice stays finite
 
 
 class DatasetError(Exception):
@@ -732,18 +733,23 @@ def three_way_split(count: int, val_fraction: float, test_fraction: float, seed:
 # ----------------------------------------------------------------------------- torch dataset
 
 
+def imagenet_statistics(channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """ImageNet mean and std per channel for 0..1 pixels: the RGB values for 3 channels, their means for 1."""
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return IMAGENET_MEAN.mean(keepdims=True), IMAGENET_STD.mean(keepdims=True)
+
+
 def normalize(image: np.ndarray, method: str) -> np.ndarray:
     """uint8 (H, W, C) to float32 (C, H, W): ImageNet statistics, or z-score per image and channel."""
     values = image.astype(np.float32) / 255.0
     if method == "imagenet":
-        channels = values.shape[-1]
-        mean = IMAGENET_MEAN if channels == 3 else IMAGENET_MEAN.mean(keepdims=True)
-        std = IMAGENET_STD if channels == 3 else IMAGENET_STD.mean(keepdims=True)
+        mean, std = imagenet_statistics(values.shape[-1])
         values = (values - mean) / std
     elif method == "zscore":
         mean = values.mean(axis=(0, 1), keepdims=True)
         std = values.std(axis=(0, 1), keepdims=True)
-        values = (values - mean) / np.maximum(std, 1e-6)  # a blank slice stays finite
+        values = (values - mean) / np.maximum(std, ZSCORE_MIN_STD)
     else:
         raise ValueError(f"unknown normalization {method!r}; use 'imagenet' or 'zscore'")
     return np.ascontiguousarray(values.transpose(2, 0, 1))
