@@ -233,8 +233,10 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
                "pixel_spacing_source": scoring.spacing_source or None,
                "uncertainty_maps": with_spread,
                "wall_seconds": time.perf_counter() - started,
-               # prediction loop only: decoding, inference, resizing back, writing the PNGs, per-image scores
-               "images_per_second": processed / (time.perf_counter() - predict_start), "problems": failures}
+               # prediction loop only: decoding, inference, resizing back, writing the PNGs, per-image scores;
+               # a volume's slices count as images
+               "images_per_second": (processed + sum(row["slices"] for row in scored.volume_rows))
+               / (time.perf_counter() - predict_start), "problems": failures}
     if rows:
         size_edges = label_rows(rows, scoring)
         write_metrics(staging / "metrics.csv", rows, scoring)
