@@ -70,6 +70,7 @@ class Job:
     masks: dict[str, Path] | None
     volumes: list[VolumeEntry]  # NIfTI files and DICOM series in images/, each with its mask volume or None
     skipped: dict[Path, str]  # entries of images/ left out before predicting, and why
+    unusable_masks: dict[Path, str]  # entries of masks/ that cannot be read (broken links...), and why
     scoring: Scoring
     notes: list[str]
     name: str  # the output folder's name under PREDICTION_ROOT
@@ -144,7 +145,10 @@ def predict_and_publish(argv: list[str] | None) -> int:
     try:
         summary, failures = evaluation.predict_and_write(
             job.models, job.checkpoint_paths, job.images, job.masks, job.scoring, job.staging, job.device,
-            job.options, args, started, skipped=[f"{entry}: skipped, {why}" for entry, why in job.skipped.items()],
+            job.options, args, started,
+            skipped=[*(f"{entry}: skipped, {why}" for entry, why in job.skipped.items()),
+                     *(f"{entry}: mask unusable, {why}; its image is predicted, not scored"
+                       for entry, why in job.unusable_masks.items())],
             volume_inputs=evaluation.VolumeInputs(job.volumes, args.slice_axis))
         report_seconds = None
         if args.report and summary["scored"]:
@@ -169,7 +173,8 @@ def predict_and_publish(argv: list[str] | None) -> int:
     for failure in failures:
         print(f"warning: {failure}", file=sys.stderr)
     volumes_done = summary.get("volumes", {}).get("count", 0)
-    return 2 if summary["count"] < len(job.images) or job.skipped or volumes_done < len(job.volumes) else 0
+    incomplete = summary["count"] < len(job.images) or volumes_done < len(job.volumes)
+    return 2 if incomplete or job.skipped or job.unusable_masks else 0
 
 
 def prepare(options: Config, args: argparse.Namespace) -> Job:
@@ -186,11 +191,15 @@ def prepare(options: Config, args: argparse.Namespace) -> Job:
     volumes = find_volumes(Path(options.DATA_ROOT))
     # find_images lists regular files (or links to them) only: the rest would vanish without a word.
     skipped = dataset.unusable_entries(Path(options.DATA_ROOT) / "images")
+    # A mask that is a broken link leaves its image unscored: say why, not just "no mask".
+    unusable_masks = dataset.unusable_entries(Path(options.DATA_ROOT) / "masks") if masks is not None else {}
     if args.subset != "all":
         for path in checkpoint_paths:  # in that subset for every member of an ensemble
             images = subset_images(images, path, args.subset)
             wanted = subset_stems(path, args.subset)
             skipped = {entry: why for entry, why in skipped.items() if dataset.stem_key(entry) in wanted}
+            unusable_masks = {entry: why for entry, why in unusable_masks.items()
+                              if dataset.stem_key(entry) in wanted}
     notes = []
     if volumes and args.subset != "all":  # a run's split lists images, not volumes
         notes.append(f"{len(volumes)} volume(s) left out: --subset {args.subset} selects the run's split images")
@@ -202,8 +211,8 @@ def prepare(options: Config, args: argparse.Namespace) -> Job:
     if len(models) > 1:
         name = f"{name}-ensemble{len(models)}"
     staging = start_staging(Path(options.PREDICTION_ROOT), name, args.overwrite)
-    return Job(options, device, checkpoint_paths, models, images, masks, volumes, skipped, scoring, notes, name,
-               staging, unfinished)
+    return Job(options, device, checkpoint_paths, models, images, masks, volumes, skipped, unusable_masks, scoring,
+               notes, name, staging, unfinished)
 
 
 def announce(job: Job, args: argparse.Namespace) -> None:

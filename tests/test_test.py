@@ -1116,3 +1116,17 @@ def test_a_volume_predicts_as_its_prepare_data_nifti_slices(tiny_run, tmp_path):
     assert set(by_png) <= set(by_volume) and len(by_png) == 3  # the 3 tumour slices (plus any false alarms)
     for stem, row in by_png.items():
         assert (row["dice"], row["pred_pixels"]) == (by_volume[stem]["dice"], by_volume[stem]["pred_pixels"])
+
+
+def test_a_broken_link_among_the_masks_is_named_and_exit_code_says_so(tiny_run, mixed_sizes, tmp_path, capsys):
+    link = mixed_sizes / "masks" / "demo_0001.png"
+    link.unlink()
+    link.symlink_to(tmp_path / "gone.png")
+    code = run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root",
+                    tmp_path / "preds")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{link}: mask unusable, broken link (target missing: {tmp_path / 'gone.png'}); its image is predicted, " \
+           "not scored" in err
+    summary = json.loads((tmp_path / "preds" / "tiny" / "summary.json").read_text())
+    assert summary["count"] == 3 and summary["scored"] == 2
