@@ -416,9 +416,11 @@ def run_folder_refusal(folder: Path, error: OSError) -> str:
     if progress is None:
         return f"cannot create the run folder: {error}"
     done, epochs = progress
+    _, world = rank_and_world()
+    launcher = f"torchrun --nproc_per_node={world} train.py" if world > 1 else "python train.py"  # as launched
     return (f"cannot create the run folder: {folder} already exists and holds an unfinished train.py run "
             f"(epoch {done} of {epochs} in last.pt, no summary.json: it was stopped or killed, or is still "
-            f"training). Continue it with\n    python train.py --resume {shlex.quote(str(folder))}\n"
+            f"training). Continue it with\n    {launcher} --resume {shlex.quote(str(folder))}\n"
             "or choose another --run-name (or remove the folder) to start afresh")
 
 

@@ -966,3 +966,16 @@ def test_build_optimisation_builds_the_configured_loss():
     optimisation = train.build_optimisation(build_unet("unet", 1, 4, 2), config, torch.device("cpu"), steps_per_epoch=5)
     assert optimisation.loss_fn.recall_weight == 0.7 and optimisation.loss_fn.type_weight == 0.3
     assert optimisation.scheduler.T_max == 10  # the schedule spans the whole run
+
+
+def test_the_resume_command_of_a_torchrun_run_names_torchrun(tmp_path, monkeypatch):
+    """Under torchrun (4 processes) the advice is the torchrun command, not a single-process one."""
+    run = tmp_path / "r"
+    run.mkdir()
+    monkeypatch.setattr(train, "run_progress", lambda folder: (2, 6))
+    monkeypatch.setattr(train, "is_unfinished_run", lambda folder: True)
+    monkeypatch.setattr(train, "rank_and_world", lambda: (0, 4))
+    advice = train.run_folder_refusal(run, FileExistsError(str(run)))
+    assert f"torchrun --nproc_per_node=4 train.py --resume {run}\n" in advice
+    monkeypatch.setattr(train, "rank_and_world", lambda: (0, 1))
+    assert f"    python train.py --resume {run}\n" in train.run_folder_refusal(run, FileExistsError(str(run)))
