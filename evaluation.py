@@ -134,7 +134,7 @@ def predict_volume(models: list[LoadedCheckpoint], entry: volumes.VolumeEntry, a
     axis = volumes.thinnest_axis(volume) if axis_option == "auto" else int(axis_option)
     channels = inference.input_channels(models)
     truths = None if truth is None else list(volumes.slices_along(truth, axis))
-    items = ((f"{entry.stem}_{'ijk'[axis]}{index:03d}", inference.grey_as_channels(grey, channels),
+    items = ((volumes.slice_name(entry.stem, axis, index), inference.grey_as_channels(grey, channels),
               None if truths is None else truths[index])
              for index, grey in enumerate(volumes.slices_along(volumes.window_to_uint8(volume.data), axis)))
     spacing = volumes.slice_spacing(volume, axis)

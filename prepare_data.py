@@ -39,8 +39,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from volumes import (WINDOW_PERCENTILES, VolumeError, is_nifti, read_nifti, slice_spacing, thinnest_axis,
-                     volume_stem, window_to_uint8)
+from volumes import (AXIS_LETTERS, WINDOW_PERCENTILES, VolumeError, is_nifti, read_nifti, slice_name, slice_spacing,
+                     thinnest_axis, volume_stem, window_to_uint8)
 
 
 class PrepareError(Exception):
@@ -446,7 +446,6 @@ def prepare_figshare(out: Path, source: Path | None, size: int | None, cache_dir
 # 2-D slices the pipeline trains on. Every volume is checked (pairing, header, shape, geometry) before anything
 # is written; a bad one stops the whole conversion, as a bad slice stops `figshare`'s.
 
-AXIS_LETTERS = "ijk"  # voxel axes 0, 1, 2 of the NIfTI array, as they appear in the output names
 NIFTI_METADATA_COLUMNS = ["image_id", "patient_id", "source_volume", "source_mask", "slice_axis", "slice_index",
                           "has_tumour", "tumour_pixels", "pixel_spacing_mm", "pixel_spacing_rows_mm",
                           "pixel_spacing_cols_mm", "height", "width"]
@@ -682,7 +681,7 @@ def convert_case(pair: VolumePair, images_root: Path, masks_root: Path, options:
             image = np.asarray(Image.fromarray(image).resize((options.size, options.size), Image.Resampling.BOX))
             mask = np.asarray(Image.fromarray(mask).resize((options.size, options.size), Image.Resampling.NEAREST))
         scaled_rows_mm, scaled_cols_mm = rows_mm * height / image.shape[0], cols_mm * width / image.shape[1]
-        stem = f"{pair.case}_{AXIS_LETTERS[axis]}{index:03d}"
+        stem = slice_name(pair.case, axis, index)
         Image.fromarray(image).save(staging / "images" / f"{stem}.png")
         Image.fromarray(mask).save(staging / "masks" / f"{stem}.png")
         tumour_pixels = int(np.count_nonzero(mask))

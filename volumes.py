@@ -19,6 +19,7 @@ import numpy as np
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 WINDOW_PERCENTILES = (0.5, 99.5)  # intensity window of a non-8-bit volume: robust to a few hot or dark voxels
+AXIS_LETTERS = "ijk"  # array axes 0, 1, 2 as they appear in slice names
 
 
 class VolumeError(ValueError):
@@ -179,6 +180,11 @@ def slices_along(data: np.ndarray, axis: int) -> Iterator[np.ndarray]:
     """Each 2-D slice across `axis`, rows along the first remaining array axis."""
     for index in range(data.shape[axis]):
         yield np.take(data, index, axis=axis)
+
+
+def slice_name(stem: str, axis: int, index: int) -> str:
+    """A slice's name, the same in `prepare_data.py nifti`'s PNGs and test.py's outputs: '<stem>_k012'."""
+    return f"{stem}_{AXIS_LETTERS[axis]}{index:03d}"
 
 
 def stack_along(slices: list[np.ndarray], axis: int) -> np.ndarray:
