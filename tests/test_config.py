@@ -114,3 +114,10 @@ def test_readme_lists_every_config_key_with_its_default_and_comment():
     for field in dataclasses.fields(Config):
         row = f"| `{field.name}` | `{field.default!r}` | {field_comments()[field.name]} |"
         assert row in readme, f"README's config table is out of date for {field.name}: {row}"
+
+
+def test_the_long_cpu_recipe_is_the_cpu_recipe_trained_longer():
+    from config import RECIPES
+    long, short = RECIPES["cpu-long"], RECIPES["cpu"]
+    assert long["EPOCHS"] > short["EPOCHS"] and long["LR_SCHEDULE"] == "cosine"  # the schedule spans the whole run
+    assert parse_config(["--recipe", "cpu-long"]).EPOCHS == long["EPOCHS"]
