@@ -157,7 +157,7 @@ def test_space_to_depth_stem_maps_256_px_to_256_px(name, bilinear):
 
 
 def test_space_to_depth_at_256_px_costs_what_the_plain_network_costs_at_128_px():
-    """The cpu recipe's network (1 channel, 16 wide, 5 levels): parameters and multiply-adds within 10 %."""
+    """The 128 px CPU network (1 channel, 16 wide, 5 levels, as cpu-long): parameters and multiply-adds within 10 %."""
     plain = UNet(in_channels=1, base_channels=16, depth=5)
     stem = UNet(in_channels=1, base_channels=16, depth=5, stem="space_to_depth")
     parameter_ratio = count_parameters(stem) / count_parameters(plain)
