@@ -185,17 +185,22 @@ def _shape_pairs() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     }
 
 
+def monai_distances(pred: np.ndarray, target: np.ndarray, spacing) -> tuple[float, float]:
+    """MONAI's HD95 and symmetric ASSD of two bool masks (2-D or 3-D): the reference our distances must match."""
+    monai_metrics = pytest.importorskip("monai.metrics")
+    y_pred, y = (torch.from_numpy(m)[None, None].float() for m in (pred, target))  # one-hot (B, C, ...)
+    return (monai_metrics.compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95,
+                                                     spacing=list(spacing)).item(),
+            monai_metrics.compute_average_surface_distance(y_pred, y, include_background=True, symmetric=True,
+                                                           spacing=list(spacing)).item())
+
+
 @pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")  # MONAI's own internal call
 @pytest.mark.parametrize("spacing", [(1.0, 1.0), (0.5, 0.8)])
 @pytest.mark.parametrize("name", list(_shape_pairs()))
 def test_distances_match_monai(name: str, spacing: tuple[float, float]):
-    monai_metrics = pytest.importorskip("monai.metrics")
     pred, target = _shape_pairs()[name]
-    y_pred, y = (torch.from_numpy(m)[None, None].float() for m in (pred, target))  # one-hot (B, C, H, W)
-    expected_hd95 = monai_metrics.compute_hausdorff_distance(
-        y_pred, y, include_background=True, percentile=95, spacing=list(spacing)).item()
-    expected_assd = monai_metrics.compute_average_surface_distance(
-        y_pred, y, include_background=True, symmetric=True, spacing=list(spacing)).item()
+    expected_hd95, expected_assd = monai_distances(pred, target, spacing)
     # MONAI works in float32: agreement to its precision
     assert hausdorff95(pred, target, spacing) == pytest.approx(expected_hd95, rel=1e-6, abs=1e-6)
     assert average_surface_distance(pred, target, spacing) == pytest.approx(expected_assd, rel=1e-6, abs=1e-6)
@@ -346,16 +351,11 @@ def test_volume_report_identity_and_a_shift_measured_in_mm():
 
 @pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")  # MONAI's own internal call
 def test_volume_surface_distances_match_monai_on_random_blobs():
-    monai_metrics = pytest.importorskip("monai.metrics")
     from scipy import ndimage
     rng = np.random.default_rng(5)
     pred = ndimage.gaussian_filter(rng.random((20, 18, 9)), 2) > 0.5
     target = ndimage.gaussian_filter(rng.random((20, 18, 9)), 2) > 0.5
     spacing = (0.8, 0.9, 2.5)
-    y_pred, y = (torch.from_numpy(m)[None, None].float() for m in (pred, target))
-    expected_hd95 = monai_metrics.compute_hausdorff_distance(
-        y_pred, y, include_background=True, percentile=95, spacing=list(spacing)).item()
-    expected_assd = monai_metrics.compute_average_surface_distance(
-        y_pred, y, include_background=True, symmetric=True, spacing=list(spacing)).item()
+    expected_hd95, expected_assd = monai_distances(pred, target, spacing)
     assert hausdorff95(pred, target, spacing) == pytest.approx(expected_hd95, rel=1e-5, abs=1e-5)
     assert average_surface_distance(pred, target, spacing) == pytest.approx(expected_assd, rel=1e-5, abs=1e-5)

@@ -27,6 +27,7 @@ from PIL import Image
 
 import prepare_data
 from dataset import verify_dataset
+from test_volumes import oblique_affine, write_nifti as write_volume
 
 # ----------------------------------------------------------------------------- a small fake release
 
@@ -553,23 +554,12 @@ def test_an_existing_output_and_another_runs_partial_folder_are_left_alone(
 # ----------------------------------------------------------------------------- nifti: volumes to slices
 
 
-def oblique_affine() -> np.ndarray:
-    """A non-trivial voxel-to-world map: rotated, shifted, in-plane voxels of 0.9 x 1.1 mm, 5 mm slices."""
-    angle = np.deg2rad(20)
-    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    affine = np.eye(4)
-    affine[:3, :3] = rotation @ np.diag([0.9, 1.1, 5.0])
-    affine[:3, 3] = [-80.5, 12.25, -30.0]
-    return affine
+OBLIQUE = oblique_affine((0.9, 1.1, 5.0))  # in-plane voxels of 0.9 x 1.1 mm, 5 mm slices
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
-    """`data` saved as NIfTI at `path` (folders created) with the oblique affine unless another is given."""
-    import nibabel as nib
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, oblique_affine() if affine is None else affine), str(path))
-    return path
+    """`data` saved as NIfTI with the anisotropic oblique affine unless another is given."""
+    return write_volume(path, data, OBLIQUE if affine is None else affine)
 
 
 # Per case: volume shape, and the labelled boxes (slice along axis 2, rows, cols, label value).

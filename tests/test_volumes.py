@@ -10,17 +10,19 @@ import volumes
 from volumes import Volume, VolumeError
 
 
-def oblique_affine() -> np.ndarray:
-    """A non-trivial voxel-to-world map: anisotropic, rotated, shifted."""
+def oblique_affine(spacing: tuple[float, float, float] = (0.9, 0.9, 5.0)) -> np.ndarray:
+    """A non-trivial voxel-to-world map: voxels of `spacing` mm, rotated 20 degrees, shifted."""
     angle = np.deg2rad(20)
     rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
     affine = np.eye(4)
-    affine[:3, :3] = rotation @ np.diag([0.9, 0.9, 5.0])
+    affine[:3, :3] = rotation @ np.diag(spacing)
     affine[:3, 3] = [-80.5, 12.25, -30.0]
     return affine
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    """`data` saved as NIfTI at `path` (folders created) with the oblique affine unless another is given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data, oblique_affine() if affine is None else affine), str(path))
     return path
 
