@@ -44,6 +44,7 @@ class Config:
     FOLDS: int = 0  # K >= 2: hold out fold FOLD of a K-fold split by patient instead of TEST_FRACTION; 0 = off
     FOLD: int = 0  # which fold (0 .. FOLDS-1, or of FOLD_COLUMN's values in order) is held out
     FOLD_COLUMN: str = ""  # metadata column whose values are the folds (e.g. the release's `fold`); "" = none
+    SPLIT_FILE: str = ""  # splits.json (crossval.py writes one): entry FOLD gives the train/val/test images; "" = none
     SPLIT_SEED: int = 42  # seeds the split and the folds; runs to compare or ensemble share it, whatever their SEED
     CACHE: str = "memory"  # decoded slices kept in "memory", or on "disk" (memory-mapped, for sets larger than RAM)
     CACHE_DIR: str = ""  # folder of the disk cache; "" = RUNS_DIR/.cache (the data folder may be read-only)
@@ -101,7 +102,9 @@ class Config:
             (0 < self.VAL_FRACTION < 1, "VAL_FRACTION must lie strictly between 0 and 1"),
             (0 <= self.TEST_FRACTION < 1, "TEST_FRACTION must lie from 0 to below 1"),
             (not (self.FOLDS and self.FOLD_COLUMN), "give FOLDS or FOLD_COLUMN, not both (the column sets the folds)"),
-            (self.FOLD_COLUMN == "" or self.FOLD >= 0, "FOLD must not be negative"),
+            (not (self.SPLIT_FILE and (self.FOLDS or self.FOLD_COLUMN)),
+             "give SPLIT_FILE or FOLDS/FOLD_COLUMN, not both (the file lists every fold's images)"),
+            ((self.FOLD_COLUMN == "" and not self.SPLIT_FILE) or self.FOLD >= 0, "FOLD must not be negative"),
             (0 < self.THRESHOLD < 1, "THRESHOLD must lie strictly between 0 and 1"),
             (min(self.BATCH_SIZE, self.EPOCHS, self.BASE_CHANNELS, self.DEPTH) >= 1,
              "BATCH_SIZE, EPOCHS, BASE_CHANNELS and DEPTH must be at least 1"),
@@ -160,6 +163,10 @@ class Config:
             values = {**values, "TEST_FRACTION": 0.0}
         return cls(**{k: v for k, v in values.items() if k in known}), sorted(set(values) - known)
 
+
+# Keys only test.py uses; train.py takes every other key.
+TEST_ONLY_KEYS = ("TTA", "PREDICTION_ROOT")
+TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in TEST_ONLY_KEYS)
 
 # Named sets of values, selected with --recipe NAME; flags given explicitly still override them.
 RECIPES: dict[str, dict[str, Any]] = {

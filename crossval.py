@@ -4,25 +4,38 @@
     python crossval.py table runs/cv/cpu                                          # the table of finished folds
     python crossval.py compare runs/cv/cpu runs/cv/cpu-glioma                     # paired, per patient
 
-`run` trains fold k of K (`train.py --folds K --fold k`, or the values of
-`--fold-column`) into RUNS_DIR/<name>/fold<k>/, scores that fold's held-out
+`run` first writes the cross-validation's plan, once: RUNS_DIR/<name>/splits.json
+(every fold's train, inner-validation and held-out images, the single source
+each fold trains from with `train.py --split-file`) and plan.json (the train.py
+settings after the recipe is applied, the fold count or column, the data root
+and a fingerprint of its files, the pixel spacing, and the code's git commit).
+It then trains fold k into RUNS_DIR/<name>/fold<k>/, scores that fold's held-out
 patients with `test.py --subset test` into RUNS_DIR/<name>/heldout/fold<k>/,
-and writes RUNS_DIR/<name>/crossval.json and crossval.md. A fold already
-finished is not trained again and an interrupted one resumes, so running the
-same command again continues where it stopped. Within each fold the inner
-validation patients choose the epoch and the decision rule; the held-out
-patients choose nothing.
+and writes RUNS_DIR/<name>/crossval.json and crossval.md. Running `run` again
+into the same folder continues (finished folds are kept, an interrupted one
+resumes) only when its plan matches the saved one; otherwise it stops before
+training anything and names every differing setting. Within each fold the
+inner validation patients choose the epoch and the decision rule; the
+held-out patients choose nothing.
 
-`compare A B` pairs the two cross-validations' held-out patients on the folds
-both have scored (the same folds: same SPLIT_SEED, data and fold count) and
-tests the per-patient mean Dice of B minus A with a Wilcoxon signed-rank
-test, overall and per tumour class.
+`compare A B` first shows each fold's inner-validation Dice of both sides (the
+evidence a lever is adopted or dropped on), then pairs the two
+cross-validations' held-out patients on the folds both have scored (their
+plans must make the same splits) and tests the per-patient mean Dice of B
+minus A with a Wilcoxon signed-rank test, overall and per tumour class. Each
+comparison is a look at those held-out folds: it is appended to looks.csv in
+the folder holding A, and its p-value is shown with the number of looks at
+those folds and Holm's adjustment over them.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import datetime
+import hashlib
+import io
 import json
 import math
 import subprocess
@@ -32,16 +45,32 @@ from pathlib import Path
 import numpy as np
 
 import dataset
-from metrics import describe_paired_comparison, paired_comparison
+from config import TRAINING_KEYS, build_parser, config_from_args
+from metrics import describe_paired_comparison, holm_adjusted, paired_comparison
 from report import read_metrics
-from runfolder import read_split, read_summary
+from runfolder import read_saved_config, read_split, read_summary
 from scoring import TAIL_DICE  # the table's "share of slices below" this Dice, as in test.py's summary
-from utils import json_ready, write_atomic
+from utils import json_ready, pick_device, resolve_amp, write_atomic
 
 HERE = Path(__file__).resolve().parent
 CLASS_COLUMN = "tumor_class"  # scored per value where metadata.csv has it
 # train.py flags that `run` sets itself for each fold.
-RESERVED_FLAGS = ("--folds", "--fold", "--fold-column", "--run-name", "--runs-dir", "--data-root", "--resume")
+RESERVED_FLAGS = ("--folds", "--fold", "--fold-column", "--split-file", "--run-name", "--runs-dir", "--data-root",
+                  "--resume")
+PLAN_FILE = "plan.json"
+SPLITS_FILE = "splits.json"
+LOOKS_FILE = "looks.csv"
+LOOKS_COLUMNS = ["time", "a", "b", "splits_sha256", "folds", "patients", "mean_difference", "p_value"]
+# Config keys each fold sets for itself: left out of the plan's train_config.
+PER_FOLD_KEYS = ("FOLDS", "FOLD", "FOLD_COLUMN", "SPLIT_FILE", "RUN_NAME", "RUNS_DIR", "DATA_ROOT")
+# Plan keys that decide which patients each fold holds out: two cross-validations pair only where all agree.
+SPLIT_KEYS = ("data.pairs", "data.sha256", "folds", "fold_column", "train_config.SPLIT_SEED",
+              "train_config.VAL_FRACTION", "train_config.SPLIT_GROUP_COLUMN", "splits_sha256")
+# Plan keys that record, not decide: a later run may differ in them.
+RECORD_ONLY_KEYS = ("train_flags", "code.commit", "code.uncommitted_changes", "created")
+# The inner-validation rule a lever is adopted by (README, "How a lever is chosen").
+ADOPT_MIN_MEAN_GAIN = 0.005
+ADOPT_MAX_FOLD_LOSS = 0.005
 
 
 def fold_dirs(cv_dir: Path) -> list[Path]:
@@ -50,8 +79,143 @@ def fold_dirs(cv_dir: Path) -> list[Path]:
                   key=lambda p: int(p.name[4:]))
 
 
-def train_fold(cv_dir: Path, fold: int, folds: int, args: argparse.Namespace, train_flags: list[str]) -> int:
-    """Train fold `fold` unless it has finished; resume it if it was interrupted. The exit code."""
+# ----------------------------------------------------------------------------- the plan
+
+
+def resolved_train_config(train_flags: list[str], data_root: Path) -> dict:
+    """The config every fold's config.json will hold (recipe applied, "auto" values resolved), less PER_FOLD_KEYS.
+
+    A bad train.py flag exits through argparse with its message, before anything is written.
+    """
+    parser = build_parser("train.py flags given to crossval.py run", keys=TRAINING_KEYS)
+    parser.prog = "crossval.py run (train.py flags)"
+    config = config_from_args(parser, parser.parse_args(train_flags))
+    config = dataclasses.replace(
+        config, DATA_ROOT=str(data_root), AMP=resolve_amp(pick_device(config.DEVICE), config.AMP),
+        SPLIT_GROUP_COLUMN=dataset.resolve_split_column(data_root, config.SPLIT_GROUP_COLUMN)[0] or "none")
+    return {key: value for key, value in config.to_dict().items() if key not in PER_FOLD_KEYS}
+
+
+def code_version() -> dict:
+    """The project's git commit and whether tracked files differ from it; commit None outside a git checkout."""
+    def git(*arguments: str) -> str:
+        done = subprocess.run(["git", *arguments], cwd=HERE, capture_output=True, text=True, timeout=30)
+        if done.returncode:
+            raise OSError(done.stderr.strip())
+        return done.stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"),
+                "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "uncommitted_changes": None}
+
+
+def make_plan(args: argparse.Namespace, train_flags: list[str], folds: int) -> tuple[dict, str]:
+    """plan.json's contents and splits.json's text for this `run`; raises ValueError when the data cannot be split.
+
+    The data is verified first (as train.py would), so a plan is never written for data that cannot train.
+    """
+    root = Path(args.data_root)
+    train_config = resolved_train_config(train_flags, root)
+    group_column = "" if train_config["SPLIT_GROUP_COLUMN"] == "none" else train_config["SPLIT_GROUP_COLUMN"]
+    problems = dataset.verify_dataset(root, group_column)
+    if problems:
+        raise ValueError(str(dataset.DatasetError(root, problems)))
+    lists = dataset.fold_split_lists(root, folds, args.fold_column, group_column, train_config["SPLIT_SEED"],
+                                     train_config["VAL_FRACTION"])
+    splits_text = json.dumps({"group_column": group_column, "folds": lists}, indent=1) + "\n"
+    plan = {"data_root": str(root.resolve()), "data": dataset.data_fingerprint(root), "folds": len(lists),
+            "fold_column": args.fold_column, "pixel_spacing_mm": args.pixel_spacing_mm,
+            "train_config": train_config, "splits_sha256": hashlib.sha256(splits_text.encode()).hexdigest(),
+            "train_flags": train_flags, "code": code_version(),
+            "created": datetime.datetime.now().isoformat(timespec="seconds")}
+    return plan, splits_text
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} as {"a.b": 1}: plan keys as the messages name them."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def plan_differences(old: dict, new: dict, keys: tuple[str, ...] | None = None) -> list[str]:
+    """'key: old -> new' for each plan key (of `keys`, or every deciding key) whose values differ."""
+    before, after = flatten(old), flatten(new)
+    compared = keys or sorted((set(before) | set(after)) - set(RECORD_ONLY_KEYS))
+    missing = "(absent)"
+    return [f"{key}: {before.get(key, missing)!r} -> {after.get(key, missing)!r}"
+            for key in compared if before.get(key, missing) != after.get(key, missing)]
+
+
+def read_plan(cv_dir: Path) -> dict:
+    """cv_dir's plan.json; FileNotFoundError or ValueError say what the folder is instead."""
+    cv_dir = Path(cv_dir)
+    if not cv_dir.is_dir():
+        raise FileNotFoundError(f"{cv_dir}: no such folder; `crossval.py run --name NAME --runs-dir DIR` "
+                                "writes DIR/NAME")
+    path = cv_dir / PLAN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing, so {cv_dir} is not a cross-validation folder of crossval.py "
+                                "run (or one from before plans were written, whose folds cannot be told from "
+                                "stray folders): run it again under a new --name")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable ({error})") from error
+
+
+def settle_plan(cv_dir: Path, plan: dict, splits_text: str) -> str | None:
+    """Write the plan into a new cv_dir, or check it against the saved one; None to go on, else why not."""
+    new_name = "start a new cross-validation with another --name (the finished folds here stay as they are)"
+    if (cv_dir / PLAN_FILE).is_file():
+        saved = read_plan(cv_dir)
+        differences = plan_differences(saved, plan)
+        if differences:
+            return (f"{cv_dir / PLAN_FILE} was made with other settings, so its folds cannot be continued with "
+                    "these:\n    " + "\n    ".join(differences) + f"\nRepeat the saved settings, or {new_name}")
+        on_disk = (cv_dir / SPLITS_FILE).read_bytes() if (cv_dir / SPLITS_FILE).is_file() else b""
+        if hashlib.sha256(on_disk).hexdigest() != saved.get("splits_sha256"):
+            return (f"{cv_dir / SPLITS_FILE} is missing or was changed since {PLAN_FILE} was written, so the "
+                    f"folds' patients are no longer known: {new_name}")
+        if saved.get("code", {}).get("commit") != plan["code"]["commit"]:
+            print(f"note: the plan was written at commit {saved['code'].get('commit')}, this is "
+                  f"{plan['code']['commit']}: folds trained from here on run other code", file=sys.stderr)
+        return None
+    existing = {p.name for p in cv_dir.iterdir()} if cv_dir.is_dir() else set()
+    # Only a splits.json identical to this plan's (a run stopped between the two writes) may be there already.
+    if existing - {SPLITS_FILE} or (existing and (cv_dir / SPLITS_FILE).read_text() != splits_text):
+        return f"{cv_dir} exists but holds no {PLAN_FILE} (not made by crossval.py run, or made before plans): {new_name}"
+    cv_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(cv_dir / SPLITS_FILE, splits_text)
+    write_atomic(cv_dir / PLAN_FILE, json.dumps(json_ready(plan), indent=2) + "\n")  # last: the plan's commit point
+    print(f"plan written: {cv_dir / PLAN_FILE} and {SPLITS_FILE} ({plan['folds']} folds)")
+    return None
+
+
+def stray_folds(cv_dir: Path, plan: dict) -> list[str]:
+    """Each fold<k> folder that is not fold k of this plan (out of range, or trained with other settings)."""
+    problems = []
+    for run_dir in fold_dirs(cv_dir):
+        if int(run_dir.name[4:]) >= plan["folds"]:
+            problems.append(f"{run_dir}: the plan has {plan['folds']} folds")
+        elif (run_dir / "config.json").is_file():
+            saved = {k: v for k, v in read_saved_config(run_dir).items() if k not in PER_FOLD_KEYS}
+            differences = plan_differences({"train_config": saved}, {"train_config": plan["train_config"]})
+            if differences:
+                problems.append(f"{run_dir} was trained with other settings: " + "; ".join(differences))
+    return problems
+
+
+# ----------------------------------------------------------------------------- training and scoring
+
+
+def train_fold(cv_dir: Path, fold: int, args: argparse.Namespace, train_flags: list[str]) -> int:
+    """Train fold `fold` from splits.json unless it has finished; resume it if it was interrupted. The exit code."""
     run_dir = cv_dir / f"fold{fold}"
     if (run_dir / "summary.json").is_file():
         print(f"fold {fold}: trained already ({run_dir})")
@@ -59,9 +223,9 @@ def train_fold(cv_dir: Path, fold: int, folds: int, args: argparse.Namespace, tr
     if (run_dir / "last.pt").is_file():
         command = [sys.executable, str(HERE / "train.py"), "--resume", str(run_dir)]
     else:
-        split = ["--fold-column", args.fold_column] if args.fold_column else ["--folds", str(folds)]
-        command = [sys.executable, str(HERE / "train.py"), "--data-root", str(args.data_root), *split,
-                   "--fold", str(fold), "--runs-dir", str(cv_dir), "--run-name", f"fold{fold}", *train_flags]
+        command = [sys.executable, str(HERE / "train.py"), "--data-root", str(args.data_root),
+                   "--split-file", str(cv_dir / SPLITS_FILE), "--fold", str(fold), "--runs-dir", str(cv_dir),
+                   "--run-name", f"fold{fold}", *train_flags]
     print(f"fold {fold}: " + " ".join(command[1:]), flush=True)
     return subprocess.run(command).returncode
 
@@ -128,8 +292,19 @@ def run(args: argparse.Namespace, train_flags: list[str]) -> int:
               file=sys.stderr)
         return 1
     try:
+        plan, splits_text = make_plan(args, train_flags, folds)
+        refusal = settle_plan(cv_dir, plan, splits_text)
+        strays = [] if refusal else stray_folds(cv_dir, plan)
+    except (OSError, ValueError) as error:
+        refusal, strays = str(error), []
+    if refusal or strays:
+        print("error: " + (refusal or "folders that are not folds of this plan:\n    " + "\n    ".join(strays)
+                           + "\nmove them away, or start a new cross-validation with another --name"),
+              file=sys.stderr)
+        return 1
+    try:
         for fold in chosen:
-            code = train_fold(cv_dir, fold, folds, args, train_flags)
+            code = train_fold(cv_dir, fold, args, train_flags)
             if code:
                 print(f"error: training fold {fold} failed (exit code {code}); see its messages above. Finished "
                       "folds are kept: run the same command again to continue", file=sys.stderr)
@@ -151,13 +326,15 @@ def run(args: argparse.Namespace, train_flags: list[str]) -> int:
 def held_out_rows(cv_dir: Path) -> dict[int, tuple[list[dict[str, str]], str]]:
     """Each scored fold's metrics.csv rows and patient column (its split.json's group column), by fold number.
 
-    Raises FileNotFoundError when no fold is scored.
+    Only the plan's folds count, and only once trained to the end (summary.json) and scored: a stray
+    fold<k> folder is never pooled. Raises FileNotFoundError (no plan, or no scored fold) or ValueError.
     """
+    cv_dir = Path(cv_dir)
     found = {}
-    for run_dir in fold_dirs(cv_dir):
-        path = cv_dir / "heldout" / run_dir.name / "metrics.csv"
-        if path.is_file():
-            found[int(run_dir.name[4:])] = (read_metrics(path), read_split(run_dir).get("group_column") or "")
+    for fold in range(read_plan(cv_dir)["folds"]):
+        run_dir, path = cv_dir / f"fold{fold}", cv_dir / "heldout" / f"fold{fold}" / "metrics.csv"
+        if path.is_file() and (run_dir / "summary.json").is_file():
+            found[fold] = (read_metrics(path), read_split(run_dir).get("group_column") or "")
     if not found:
         raise FileNotFoundError(f"{cv_dir}: no scored fold (heldout/fold<k>/metrics.csv); run crossval.py run first")
     return found
@@ -197,26 +374,26 @@ def slice_scores(rows: list[dict[str, str]], patients: str, class_mix: dict[str,
 
 
 def collect(cv_dir: Path, class_mix: dict[str, float] | None) -> dict:
-    """Per fold, pooled over every held-out slice, and mean +- sd over folds (sd with ddof 1)."""
+    """Per fold, over all held-out slices of the scored folds together, and mean +- sd over folds (sd with ddof 1)."""
     by_fold = held_out_rows(cv_dir)
     folds = {fold: slice_scores(rows, patients, class_mix) for fold, (rows, patients) in by_fold.items()}
-    pooled = slice_scores([row for rows, _ in by_fold.values() for row in rows],
-                          next(iter(by_fold.values()))[1], class_mix)
+    all_slices = slice_scores([row for rows, _ in by_fold.values() for row in rows],
+                              next(iter(by_fold.values()))[1], class_mix)
     over_folds = {}
-    for key in pooled:
+    for key in all_slices:
         values = [scores[key] for scores in folds.values() if key in scores and not math.isnan(scores[key])]
         if key not in ("slices", "patients") and values:
             over_folds[key] = {"mean": float(np.mean(values)),
                                "sd": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan}
-    minutes = {int(d.name[4:]): read_summary(d).get("minutes")
-               for d in fold_dirs(cv_dir) if (d / "summary.json").is_file()}
-    return {"cv_dir": str(cv_dir), "folds": folds, "pooled": pooled, "over_folds": over_folds,
-            "training_minutes": minutes, "class_mix": class_mix, "dice_below": TAIL_DICE}
+    minutes = {fold: read_summary(Path(cv_dir) / f"fold{fold}").get("minutes") for fold in folds}
+    return {"cv_dir": str(cv_dir), "folds": folds, "all_slices": all_slices, "over_folds": over_folds,
+            "training_minutes": minutes, "class_mix": class_mix, "dice_below": TAIL_DICE,
+            "looks": look_counts(Path(cv_dir), range(read_plan(Path(cv_dir))["folds"]))}
 
 
 def markdown_table(result: dict) -> str:
-    """crossval.md: one row per fold, the pooled row, and mean +- sd over folds."""
-    pooled = result["pooled"]
+    """crossval.md: one row per fold, the all-slices row, mean +- sd over folds, and the looks at each fold."""
+    pooled = result["all_slices"]
     order = ["slices", "patients", "dice_mean", "dice_median", "patient_dice_mean", "class_mix_dice",
              "share_below_tail"]
     columns = [key for key in order if key in pooled] + sorted(k for k in pooled if k.startswith("dice_")
@@ -244,12 +421,17 @@ def markdown_table(result: dict) -> str:
         minutes = result["training_minutes"].get(fold)
         lines.append("| " + " | ".join([f"fold {fold}", *(text(c, scores.get(c)) for c in columns),
                                         f"{minutes:.1f}" if minutes else ""]) + " |")
-    lines.append("| " + " | ".join(["**pooled**", *(f"**{text(c, pooled.get(c))}**" for c in columns), ""]) + " |")
+    lines.append("| " + " | ".join(["**all slices**", *(f"**{text(c, pooled.get(c))}**" for c in columns), ""])
+                 + " |")
     spread = result["over_folds"]
     lines.append("| " + " | ".join(["mean ± sd over folds",
                                     *(text(c, spread[c]["mean"], spread[c]["sd"]) if c in spread else ""
                                       for c in columns), ""]) + " |")
-    return "\n".join(lines) + "\n"
+    looks = ", ".join(f"fold {fold}: {count}" + (" (fresh)" if not count else "")
+                      for fold, count in sorted(result["looks"].items()))
+    return ("\n".join(lines) + "\n\n**all slices**: every held-out slice of the scored folds, each counted once "
+            f"(the mean of per-slice Dice, not pixel-pooled).\nComparisons that looked at each held-out fold "
+            f"({LOOKS_FILE}): {looks}\n")
 
 
 def write_table(cv_dir: Path, class_mix: dict[str, float] | None) -> int:
@@ -287,29 +469,94 @@ def patient_means(cv_dir: Path, folds: set[int]) -> tuple[dict[str, float], dict
     return {p: float(np.mean(v)) for p, v in dice.items()}, classes, slices
 
 
+def inner_validation_lines(first: Path, second: Path, folds: list[int]) -> list[str]:
+    """Each fold's best inner-validation Dice (the one that chose the epoch) of A and B, and the rule's verdict.
+
+    A lever B is adopted over A when B is better in every fold, or better by a
+    mean of at least ADOPT_MIN_MEAN_GAIN with no fold worse by more than
+    ADOPT_MAX_FOLD_LOSS; the held-out patients take no part in this.
+    """
+    lines, gains = [], []
+    for fold in folds:
+        a, b = (read_summary(Path(cv) / f"fold{fold}") for cv in (first, second))
+        gains.append(b["best_val_dice"] - a["best_val_dice"])
+        lines.append(f"  fold {fold}: A {a['best_val_dice']:.4f} (epoch {a['best_epoch']}), "
+                     f"B {b['best_val_dice']:.4f} (epoch {b['best_epoch']}), B - A {gains[-1]:+.4f}")
+    adopt = all(g > 0 for g in gains) or (np.mean(gains) >= ADOPT_MIN_MEAN_GAIN
+                                          and min(gains) >= -ADOPT_MAX_FOLD_LOSS)
+    lines.append(f"  mean B - A {np.mean(gains):+.4f}, B better in {sum(g > 0 for g in gains)} of {len(gains)} "
+                 f"folds: by the inner-validation rule B is {'ADOPTED' if adopt else 'NOT adopted'} over A "
+                 f"(better in every fold, or by a mean >= +{ADOPT_MIN_MEAN_GAIN} with no fold below "
+                 f"-{ADOPT_MAX_FOLD_LOSS})")
+    return lines
+
+
+def read_looks(runs_dir: Path) -> list[dict[str, str]]:
+    """The rows of runs_dir/looks.csv (none when it does not exist)."""
+    path = Path(runs_dir) / LOOKS_FILE
+    return list(csv.DictReader(io.StringIO(path.read_text()))) if path.is_file() else []
+
+
+def look_counts(cv_dir: Path, folds: range | list[int]) -> dict[int, int]:
+    """How many recorded comparisons looked at each of `folds` of cv_dir's split (by its splits.json's hash)."""
+    splits = read_plan(cv_dir).get("splits_sha256")
+    rows = [row for row in read_looks(cv_dir.parent) if row["splits_sha256"] == splits]
+    return {fold: sum(str(fold) in row["folds"].split() for row in rows) for fold in folds}
+
+
+def record_look(first: Path, second: Path, splits: str, folds: list[int], patients: int,
+                result: dict) -> tuple[int, float]:
+    """Append this comparison to looks.csv beside A; the number of looks at these folds and Holm's p over them."""
+    row = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "a": str(first), "b": str(second),
+           "splits_sha256": splits, "folds": " ".join(map(str, folds)), "patients": patients,
+           "mean_difference": f"{result['mean_difference']:.6f}", "p_value": f"{result['wilcoxon_p']:.6g}"}
+    rows = [*read_looks(first.parent), row]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, LOOKS_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(first.parent / LOOKS_FILE, text.getvalue())
+    overlapping = [r for r in rows if r["splits_sha256"] == splits and set(r["folds"].split()) & set(row["folds"].split())]
+    return len(overlapping), holm_adjusted([float(r["p_value"]) for r in overlapping])[-1]
+
+
 def compare(first: Path, second: Path) -> int:
-    """Print the paired per-patient comparison of two cross-validations (B minus A) on the folds both scored."""
+    """Print the inner-validation evidence and the paired per-patient held-out comparison (B minus A); exit code.
+
+    Only folds both have trained and scored are compared; their plans must split alike.
+    """
     try:
-        common = set(held_out_rows(first)) & set(held_out_rows(second))
+        plans = read_plan(first), read_plan(second)
+        differing = plan_differences(*plans, keys=SPLIT_KEYS)
+        if differing:
+            raise ValueError(f"{first} and {second} do not split the patients alike, so they cannot be paired "
+                             "fold by fold; their plans differ in:\n    " + "\n    ".join(differing))
+        common = sorted(set(held_out_rows(first)) & set(held_out_rows(second)))
         if not common:
             raise ValueError(f"{first} and {second} have no scored fold in common")
-        means_a, classes, slices_a = patient_means(first, common)
-        means_b, _, slices_b = patient_means(second, common)
-    except (FileNotFoundError, ValueError) as error:
+        means_a, classes, slices_a = patient_means(first, set(common))
+        means_b, _, slices_b = patient_means(second, set(common))
+        if slices_a != slices_b:
+            raise ValueError(f"{first} and {second} did not hold out the same slices in the same folds, so their "
+                             "patients cannot be paired fold by fold")
+        inner = inner_validation_lines(first, second, common)
+    except (FileNotFoundError, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    if slices_a != slices_b:
-        print(f"error: {first} and {second} did not hold out the same slices in the same folds (another "
-              "SPLIT_SEED, data or fold count?), so their patients cannot be paired fold by fold", file=sys.stderr)
-        return 1
     patients = sorted(means_a)
-    print(f"A = {first}\nB = {second}\nfolds scored in both: {', '.join(map(str, sorted(common)))}\n"
-          f"{len(patients)} held-out patients, each scored by the mean Dice of its slices, B minus A:")
+    print(f"A = {first}\nB = {second}\nfolds scored in both: {', '.join(map(str, common))}\n\n"
+          "inner validation (the patients that chose each run's epoch; a lever is adopted or dropped on these):")
+    print("\n".join(inner))
+    overall = paired_comparison([means_b[p] - means_a[p] for p in patients])
+    looks, holm_p = record_look(Path(first), Path(second), plans[0]["splits_sha256"], common, len(patients), overall)
+    print(f"\nheld-out patients (they report only): {len(patients)}, each scored by the mean Dice of its slices, "
+          f"B minus A. This is look {looks} at these folds ({Path(first).parent / LOOKS_FILE}); Holm's adjustment "
+          f"over the {looks} looks gives p = {holm_p:.4g} for all patients.")
     groups = {"all patients": patients}
     for name in sorted(set(classes.values()) - {""}):
         groups[name] = [p for p in patients if classes[p] == name]
     for name, members in groups.items():
-        result = paired_comparison([means_b[p] - means_a[p] for p in members])
+        result = overall if name == "all patients" else paired_comparison([means_b[p] - means_a[p] for p in members])
         print(f"\n{name} ({len(members)}): A {np.mean([means_a[p] for p in members]):.4f}, "
               f"B {np.mean([means_b[p] for p in members]):.4f}\n{describe_paired_comparison(result)}")
     return 0

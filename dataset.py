@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import unicodedata
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -728,6 +728,103 @@ def three_way_split(count: int, val_fraction: float, test_fraction: float, seed:
     kept_groups = None if groups is None else [groups[i] for i in kept]
     train, val = split_indices(len(kept), val_fraction, seed, kept_groups, group_column, root)
     return Split([kept[i] for i in train], [kept[i] for i in val], test)
+
+
+SPLIT_ROLES = ("train", "val", "test")  # a split file's lists for each fold, as in split.json
+
+
+def listed_pairs(root: Path) -> list[Pair]:
+    """The image/mask pairs by stem, in `load_dataset`'s order, without decoding a file (check with verify_dataset)."""
+    images, masks = files_by_stem(Path(root) / "images"), files_by_stem(Path(root) / "masks")
+    return [Pair(stem, images[stem][0], masks[stem][0]) for stem in sorted(set(images) & set(masks))]
+
+
+def fold_split_lists(root: Path, folds: int, fold_column: str, group_column: str, seed: int,
+                     val_fraction: float) -> list[dict[str, list[str]]]:
+    """Each fold's train, val and test image stems, as train.py would make them with FOLDS or FOLD_COLUMN.
+
+    Args:
+        root: the data folder (images/, masks/, metadata.csv); checked beforehand with `verify_dataset`.
+        folds: K of a K-fold split by group (ignored when `fold_column` is given).
+        fold_column: metadata column whose values are the folds, or "".
+        group_column: the column kept on one side ("" = random slices).
+        seed: SPLIT_SEED. val_fraction: VAL_FRACTION of each fold's remaining groups.
+
+    Returns one {"train", "val", "test": [stems]} per fold, in fold order.
+    Raises ValueError where a fold cannot be made (too few groups, a group in two folds).
+    """
+    pairs = listed_pairs(root)
+    stems = [pair.stem for pair in pairs]
+    groups, problems = group_labels(root, group_column, pairs)
+    fold_labels = None
+    if fold_column:
+        fold_labels, fold_problems = group_labels(root, fold_column, pairs)
+        problems += fold_problems
+    if problems:
+        raise ValueError("; ".join(problems))
+    count = len(fold_values(fold_labels)) if fold_labels is not None else folds
+    lists = []
+    for fold in range(count):
+        split = three_way_split(len(stems), val_fraction, 0.0, seed, 0 if fold_labels else folds, fold, groups,
+                                fold_labels, group_column, fold_column, root)
+        lists.append({role: [stems[i] for i in getattr(split, role)] for role in SPLIT_ROLES})
+    return lists
+
+
+def read_split_file(path: Path, fold: int, stems: Sequence[str], groups: Sequence[str] | None) -> Split:
+    """Entry `fold` of a splits.json (a list of {"train", "val", "test": [stems]}) as indices into `stems`.
+
+    Every image of the data must be in exactly one role and every listed image
+    in the data, and no group (patient) may sit in two roles: a split file is
+    only trusted when it still describes this data. Raises ValueError naming
+    the file and the first problems found.
+    """
+    try:
+        entries = json.loads(Path(path).read_text())["folds"]
+        entry = entries[fold] if 0 <= fold < len(entries) else None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a readable split file ({error})") from error
+    if entry is None:
+        raise ValueError(f"{path}: FOLD {fold}: the file has {len(entries)} folds, 0 to {len(entries) - 1}")
+    index = {stem: i for i, stem in enumerate(stems)}
+    listed = [stem for role in SPLIT_ROLES for stem in entry.get(role, [])]
+    missing = [stem for stem in listed if stem not in index]
+    unlisted = sorted(set(stems) - set(listed))
+    twice = sorted(stem for stem, times in Counter(listed).items() if times > 1)
+    problems = [f"{len(found)} {what}: {', '.join(found[:5])}" + (", ..." if len(found) > 5 else "")
+                for found, what in ((missing, "listed images are not in the data"),
+                                    (unlisted, "images of the data are in no role"),
+                                    (twice, "images are listed twice")) if found]
+    if groups is not None and not problems:
+        roles_of: dict[str, set[str]] = defaultdict(set)
+        for role in SPLIT_ROLES:
+            for stem in entry.get(role, []):
+                roles_of[groups[index[stem]]].add(role)
+        crossing = sorted(group for group, roles in roles_of.items() if len(roles) > 1)
+        if crossing:
+            problems.append(f"{len(crossing)} groups sit in two roles: {', '.join(crossing[:5])}")
+    if problems:
+        raise ValueError(f"{path}: fold {fold} does not describe this data ({'; '.join(problems)}); "
+                         "the data changed since the file was written: start a new cross-validation")
+    return Split(*([index[stem] for stem in entry.get(role, [])] for role in SPLIT_ROLES))
+
+
+def data_fingerprint(root: Path) -> dict[str, object]:
+    """A cheap identity of a data folder: pair count and a SHA-256 of every image/mask name and size and metadata.csv.
+
+    Two folders with the same fingerprint hold the same file names and sizes and
+    the same metadata, so the same split; an edited pixel of equal file size
+    goes unnoticed (contents are not read, to stay fast on large sets).
+    """
+    digest = hashlib.sha256()
+    root = Path(root)
+    for sub in ("images", "masks"):
+        for path in sorted((root / sub).iterdir()) if (root / sub).is_dir() else []:
+            size = path.stat().st_size if path.exists() else -1  # a broken link has no size
+            digest.update(f"{sub}/{path.name}\t{size}\n".encode())
+    metadata = root / METADATA_FILE
+    digest.update(metadata.read_bytes() if metadata.is_file() else b"no metadata")
+    return {"pairs": len(listed_pairs(root)), "sha256": digest.hexdigest()}
 
 
 # ----------------------------------------------------------------------------- torch dataset

@@ -702,6 +702,22 @@ def paired_comparison(differences: Sequence[float]) -> dict[str, float | int | N
     return result
 
 
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values for testing them together, in the order given.
+
+    The smallest p is multiplied by m, the next by m - 1, and so on, each kept
+    at least as large as the one before and at most 1. One p-value is returned
+    unchanged; an empty list gives an empty list.
+    """
+    order = np.argsort(np.asarray(p_values, dtype=np.float64), kind="stable")
+    adjusted = [0.0] * len(order)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * float(p_values[index])))
+        adjusted[index] = running
+    return adjusted
+
+
 def describe_paired_comparison(result: dict) -> str:
     """paired_comparison's result in two lines of words."""
     text = (f"mean difference {result['mean_difference']:+.4f} (median {result['median_difference']:+.4f}); "

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import dataset
 from checkpoints import restore_random_draws, restore_training_state, training_state
-from config import Config, build_parser, config_from_args
+from config import TRAINING_KEYS, Config, build_parser, config_from_args
 from inference import native_probabilities
 from losses import BCEDiceLoss
 from metrics import MetricTracker, dice_per_image
@@ -60,7 +60,6 @@ SPLIT_ROLES = {"train": "fits the weights", "val": "chooses the epoch and the de
 ESTIMATE_AFTER_STEPS = 5  # steps timed before the whole run's duration is estimated
 FAST_CPU_HINT = "--recipe cpu is made for a CPU (see README, Recipes, for its time)"
 # Every config key but test.py's own: those are refused by name rather than silently ignored.
-TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("TTA", "PREDICTION_ROOT"))
 
 
 def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: list[int],
@@ -450,6 +449,9 @@ def type_targets(config: Config, data: dataset.LoadedDataset) -> tuple[list[str]
 def split_run(config: Config, data: dataset.LoadedDataset) -> dataset.Split:
     """The run's training, inner validation and held-out images (see dataset.three_way_split); raises ValueError."""
     root = Path(config.DATA_ROOT)
+    if config.SPLIT_FILE:
+        return dataset.read_split_file(Path(config.SPLIT_FILE), config.FOLD, [pair.stem for pair in data.pairs],
+                                       data.groups)
     fold_labels = None
     if config.FOLD_COLUMN:
         fold_labels, problems = dataset.group_labels(root, config.FOLD_COLUMN, data.pairs)
@@ -464,8 +466,9 @@ def split_record(config: Config, data: dataset.LoadedDataset, split: dataset.Spl
     """split.json: how the split was made and every image's role (train, val or test)."""
     stems = {role: [data.pairs[i].stem for i in getattr(split, role)] for role in SPLIT_ROLES}
     return {"group_column": split_column(config), "seed": config.SPLIT_SEED, "val_fraction": config.VAL_FRACTION,
-            "test_fraction": 0.0 if config.FOLDS or config.FOLD_COLUMN else config.TEST_FRACTION,
+            "test_fraction": 0.0 if config.FOLDS or config.FOLD_COLUMN or config.SPLIT_FILE else config.TEST_FRACTION,
             "folds": config.FOLDS, "fold": config.FOLD, "fold_column": config.FOLD_COLUMN,
+            "split_file": str(Path(config.SPLIT_FILE).resolve()) if config.SPLIT_FILE else "",
             "data_root": str(Path(config.DATA_ROOT).resolve()), "roles": SPLIT_ROLES, **stems}
 
 
@@ -692,6 +695,10 @@ def start_or_restore(trainer: Trainer, progress: RunProgress, resumed: dict | No
     progress.best_epoch = resumed["best_epoch"]
     if is_main_process():
         keep_history_until(history_path, progress.epochs_done)
+        if (progress.run_dir / SUMMARY_FILE).is_file():  # an extension: unfinished again until its new last epoch
+            (progress.run_dir / SUMMARY_FILE).unlink()
+            print(f"{progress.run_dir / SUMMARY_FILE} removed until the extension finishes (a killed extension "
+                  "is an unfinished run); the decision rule is searched again at its end")
     rank, world = rank_and_world()
     restore_random_draws(resumed, trainer.train_loader, rank, world, speak=is_main_process())
     return resumed["minutes"]

@@ -1,6 +1,9 @@
 """crossval.py: K folds by patient trained, their held-out patients scored, the table and the paired comparison."""
 
+import csv
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -25,48 +28,121 @@ def test_run_trains_every_fold_and_scores_its_held_out_patients(cv_dir, demo_roo
     held_out = []
     for fold in range(3):
         split = json.loads((cv_dir / f"fold{fold}" / "split.json").read_text())
-        assert split["folds"] == 3 and split["fold"] == fold and split["group_column"] == "patient_id"
+        assert split["split_file"] == str((cv_dir / "splits.json").resolve()) and split["fold"] == fold
+        assert split["group_column"] == "patient_id"
+        planned = json.loads((cv_dir / "splits.json").read_text())["folds"][fold]
+        assert all(planned[role] == split[role] for role in ("train", "val", "test"))
         scored = (cv_dir / "heldout" / f"fold{fold}" / "metrics.csv").read_text().splitlines()[1:]
         assert sorted(line.split(",")[0] for line in scored) == sorted(split["test"])
         held_out += split["test"]
     assert sorted(held_out) == sorted(p.stem for p in (demo_root / "images").iterdir())  # each slice once
+    plan = json.loads((cv_dir / "plan.json").read_text())
+    assert plan["folds"] == 3 and plan["train_config"]["EPOCHS"] == 2 and plan["train_config"]["IMAGE_SIZE"] == 32
+    assert plan["data"]["pairs"] == 24 and len(plan["data"]["sha256"]) == 64 and "FOLD" not in plan["train_config"]
 
 
-def test_the_table_has_every_fold_the_pooled_row_and_the_documented_columns(cv_dir):
+def test_the_table_has_every_fold_the_all_slices_row_and_the_documented_columns(cv_dir):
     result = json.loads((cv_dir / "crossval.json").read_text())
-    assert sorted(result["folds"]) == ["0", "1", "2"] and result["pooled"]["slices"] == 24
-    assert result["pooled"]["patients"] == 6
+    assert sorted(result["folds"]) == ["0", "1", "2"] and result["all_slices"]["slices"] == 24
+    assert result["all_slices"]["patients"] == 6
     for key in ("dice_mean", "dice_median", "patient_dice_mean", "class_mix_dice", "share_below_tail",
                 "hd95_mm_median", "dice_glioma", "dice_meningioma", "dice_pituitary"):
-        assert key in result["pooled"], key
+        assert key in result["all_slices"], key
     # a class missing from a fold leaves that fold's class-mix mean undefined: the pooled one stands
     assert {"dice_mean", "dice_median", "patient_dice_mean", "share_below_tail"} <= set(result["over_folds"])
     means = [scores["dice_mean"] for scores in result["folds"].values()]
     assert result["over_folds"]["dice_mean"]["mean"] == pytest.approx(sum(means) / 3)
     table = (cv_dir / "crossval.md").read_text()
-    for text in ("| fold 0 |", "| fold 2 |", "**pooled**", "mean ± sd over folds", "class-mix mean", "glioma",
+    for text in ("| fold 0 |", "| fold 2 |", "**all slices**", "fold 0: 0 (fresh)", "mean ± sd over folds", "class-mix mean", "glioma",
                  "slices < 0.3", "HD95 median (mm)"):
         assert text in table, text
 
 
 def test_running_again_trains_nothing_and_collects_the_finished_folds(cv_dir, demo_root, capsys):
     assert crossval.main(["run", "--name", "tiny", "--data-root", str(demo_root), "--folds", "3",
-                          "--runs-dir", str(cv_dir.parent), *TINY]) == 0
+                          "--runs-dir", str(cv_dir.parent), "--pixel-spacing-mm", "0.98", *TINY]) == 0
     out = capsys.readouterr().out
     assert out.count("trained already") == 3 and "scoring" not in out
 
 
-def test_compare_with_itself_is_no_difference_and_other_folds_are_refused(cv_dir, tmp_path, capsys):
-    assert crossval.main(["compare", str(cv_dir), str(cv_dir)]) == 0
+def copy_of(cv_dir: Path, dest: Path, shift: float = 0.0, plan_change: dict | None = None) -> Path:
+    """A copy of a cross-validation's records (no checkpoints) with every held-out Dice raised by `shift`."""
+    shutil.copytree(cv_dir, dest, ignore=shutil.ignore_patterns("*.pt", "events.*"))
+    for path in dest.glob("heldout/fold*/metrics.csv"):
+        rows = list(csv.DictReader(path.open()))
+        for row in rows:
+            row["dice"] = f"{float(row['dice']) + shift:.6f}"
+        with path.open("w", newline="") as file:
+            writer = csv.DictWriter(file, list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    if plan_change:
+        plan = json.loads((dest / "plan.json").read_text())
+        plan["train_config"].update(plan_change)
+        (dest / "plan.json").write_text(json.dumps(plan))
+    return dest
+
+
+def test_compare_with_itself_is_no_difference_and_other_splits_are_refused_by_name(cv_dir, tmp_path, capsys):
+    a = copy_of(cv_dir, tmp_path / "runs" / "a")
+    assert crossval.main(["compare", str(a), str(a)]) == 0
     out = capsys.readouterr().out
-    assert "6 held-out patients" in out and "mean difference +0.0000" in out and "not applicable" in out
-    other = tmp_path / "other"
-    (other / "fold0").mkdir(parents=True)
-    (other / "heldout" / "fold0").mkdir(parents=True)
-    (other / "fold0" / "split.json").write_text(json.dumps({"group_column": "patient_id"}))
-    (other / "heldout" / "fold0" / "metrics.csv").write_text("image,dice,patient_id\ndemo_0000,0.5,p000\n")
-    assert crossval.main(["compare", str(cv_dir), str(other)]) == 1
-    assert "did not hold out the same slices" in capsys.readouterr().err
+    assert "held-out patients (they report only): 6," in out and "mean difference +0.0000" in out and "not applicable" in out
+    assert "fold 0: A 0.0000 (epoch 1), B 0.0000 (epoch 1), B - A +0.0000" in out and "NOT adopted" in out
+    other = copy_of(cv_dir, tmp_path / "runs" / "other", plan_change={"SPLIT_SEED": 7})
+    assert crossval.main(["compare", str(a), str(other)]) == 1
+    assert "train_config.SPLIT_SEED: 42 -> 7" in capsys.readouterr().err
+
+
+def test_compare_reports_a_known_shift_per_patient_and_counts_the_looks(cv_dir, tmp_path, capsys):
+    a = copy_of(cv_dir, tmp_path / "runs" / "a")
+    b = copy_of(cv_dir, tmp_path / "runs" / "b", shift=0.05)
+    assert crossval.main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    # 6 patients all better by 0.05: the exact two-sided Wilcoxon p is 2 / 2**6
+    assert "all patients (6): A 0.0000, B 0.0500\nmean difference +0.0500" in out
+    assert f"p = {2 / 2**6:.4g}" in out and "B better on 6, worse on 0" in out and "look 1 at these folds" in out
+    assert crossval.main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "look 2 at these folds" in out and f"gives p = {2 * 2 / 2**6:.4g}" in out  # Holm over two equal p
+    looks = list(csv.DictReader((tmp_path / "runs" / "looks.csv").open()))
+    assert len(looks) == 2 and looks[0]["folds"] == "0 1 2" and looks[0]["b"] == str(b)
+    assert crossval.main(["table", str(a)]) == 0
+    assert "fold 0: 2, fold 1: 2, fold 2: 2" in capsys.readouterr().out
+
+
+def test_run_with_other_flags_into_the_same_folder_stops_and_names_each_difference(cv_dir, demo_root, capsys):
+    before = sorted(p.name for p in cv_dir.iterdir())
+    changed = [*TINY[:-1], "3", "--learning-rate", "0.01"]  # --epochs 3 instead of 2, another learning rate
+    assert crossval.main(["run", "--name", "tiny", "--data-root", str(demo_root), "--folds", "3",
+                          "--runs-dir", str(cv_dir.parent), "--pixel-spacing-mm", "0.98", *changed]) == 1
+    err = capsys.readouterr().err
+    assert "train_config.EPOCHS: 2 -> 3" in err and "train_config.LEARNING_RATE: 0.001 -> 0.01" in err
+    assert "another --name" in err and sorted(p.name for p in cv_dir.iterdir()) == before
+    assert crossval.main(["run", "--name", "tiny", "--data-root", str(demo_root), "--folds", "2",
+                          "--runs-dir", str(cv_dir.parent), "--pixel-spacing-mm", "0.98", *TINY]) == 1
+    assert "folds: 3 -> 2" in capsys.readouterr().err
+
+
+def test_a_stray_fold_folder_is_refused_and_never_pooled(cv_dir, demo_root, tmp_path, capsys):
+    a = copy_of(cv_dir, tmp_path / "runs" / "a")
+    shutil.copytree(a / "fold0", a / "fold3")
+    shutil.copytree(a / "heldout" / "fold0", a / "heldout" / "fold3")
+    assert crossval.main(["table", str(a)]) == 0
+    assert json.loads((a / "crossval.json").read_text())["all_slices"]["slices"] == 24
+    capsys.readouterr()
+    assert crossval.main(["run", "--name", "a", "--data-root", str(demo_root), "--folds", "3",
+                          "--runs-dir", str(a.parent), "--pixel-spacing-mm", "0.98", *TINY]) == 1
+    assert f"{a / 'fold3'}: the plan has 3 folds" in capsys.readouterr().err
+
+
+def test_a_folder_without_a_plan_is_refused(demo_root, tmp_path, capsys):
+    (tmp_path / "old" / "fold0").mkdir(parents=True)
+    assert crossval.main(["run", "--name", "old", "--data-root", str(demo_root), "--folds", "3",
+                          "--runs-dir", str(tmp_path), *TINY]) == 1
+    assert "holds no plan.json" in capsys.readouterr().err
+    assert crossval.main(["table", str(tmp_path / "old")]) == 1
+    assert "plan.json: missing" in capsys.readouterr().err
 
 
 def test_flags_crossval_sets_itself_are_refused(demo_root, tmp_path, capsys):
@@ -75,9 +151,9 @@ def test_flags_crossval_sets_itself_are_refused(demo_root, tmp_path, capsys):
     assert "crossval.py sets these for each fold" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
-def test_table_without_scored_folds_says_what_to_do(tmp_path, capsys):
-    assert crossval.main(["table", str(tmp_path)]) == 1
-    assert "run crossval.py run first" in capsys.readouterr().err
+def test_table_of_a_mistyped_folder_says_it_does_not_exist(tmp_path, capsys):
+    assert crossval.main(["table", str(tmp_path / "cpu-typo")]) == 1
+    assert f"{tmp_path / 'cpu-typo'}: no such folder" in capsys.readouterr().err
 
 
 def test_crossval_runs_from_the_command_line():
