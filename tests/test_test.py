@@ -710,9 +710,15 @@ def test_scores_per_patient_by_default_and_per_stratum(tiny_run, demo_root, tmp_
         assert scores["dice_pooled"] == pytest.approx(2 * overlap / pixels)  # all its pixels together
     classes = summary["strata"]["tumor_class"]["groups"]
     assert set(classes) == {r["tumor_class"] for r in rows} and sum(g["count"] for g in classes.values()) == 24
+    failures = summary["failure_counts_by_stratum"]["tumor_class"]  # as metrics.csv's categories tell
+    assert list(failures) == list(classes)
+    for value, counts in failures.items():
+        assert counts == {name: sum(r["category"] == name for r in rows if r["tumor_class"] == value)
+                          for name in summary["failure_counts"]}
     assert run_test("--checkpoint", run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
                     "--group-by", "", "--report", "false") == 0
-    assert "by_group" not in json.loads((preds / "grouped-2" / "summary.json").read_text())
+    without = json.loads((preds / "grouped-2" / "summary.json").read_text())
+    assert "by_group" not in without and list(without["failure_counts_by_stratum"]) == ["tumour_size"]
     other = tmp_path / "other"  # data without that column: a note, no groups
     shutil.copytree(demo_root, other)
     write_metadata(other, [{"image_id": r["image_id"], "site": "a"}
