@@ -141,7 +141,9 @@ def render(summary: dict, rows: list[dict]) -> str:
             note = (f"<p>Terciles of the true tumour area: small up to {low:.0f} px, medium up to "
                     f"{high:.0f} px, large above.</p>")
         sections.append(f"<h2>By {html.escape(column.replace('_', ' '))}</h2>{note}"
-                        + group_table(column, stratum["groups"], unit))
+                        + group_table(column, stratum["groups"], unit)
+                        # summary.json from before failure_counts_by_stratum: its page is still drawn
+                        + stratum_failure_table(column, summary.get("failure_counts_by_stratum", {}).get(column)))
     sections.append(image_table(summary, rows, unit))
     body = "\n".join(sections)
     return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>Evaluation report</title>"
@@ -218,6 +220,24 @@ def failure_table(summary: dict) -> str:
     return ("<h2>Failure categories</h2><p>Each image gets the first category whose rule its numbers satisfy, "
             "in this order. Click one to list its images.</p>"
             + table([("category", "text"), ("rule", "text"), ("images", "num"), ("%", "num")], body))
+
+
+def stratum_failure_table(column: str, counts: dict[str, dict[str, int]] | None) -> str:
+    """The failure categories per value of a stratum column: one row per value, its image count and each count.
+
+    Args:
+        column: the stratum column (e.g. tumour_size, tumor_class).
+        counts: summary.json's failure_counts_by_stratum[column]; None (an older summary.json) gives "".
+    """
+    if not counts:
+        return ""
+    categories = list(next(iter(counts.values())))
+    body = [[text_cell(label or "(none)"), number_cell(sum(by_category.values()), 0)]
+            + [number_cell(by_category[name], 0) for name in categories]
+            for label, by_category in counts.items()]
+    return (f"<p>Failure categories by {html.escape(column.replace('_', ' '))} (images per category; each "
+            "row sums to its images):</p>"
+            + table([(column, "text"), ("images", "num")] + [(name, "num") for name in categories], body))
 
 
 def volume_section(volumes: dict) -> str:

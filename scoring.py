@@ -164,13 +164,35 @@ def group_scores(rows: list[dict]) -> dict[str, float | int]:
     return scores
 
 
-def scores_by_label(rows: list[dict], column: str, order: tuple[str, ...] = ()) -> dict[str, dict]:
-    """`group_scores` of the rows sharing each value of `column`: the values in `order` first, the rest sorted."""
+def rows_by_label(rows: list[dict], column: str, order: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+    """The rows sharing each value of `column`: the values in `order` first (those present), the rest sorted."""
     by_label: dict[str, list[dict]] = {}
     for row in rows:
         by_label.setdefault(row[column], []).append(row)
     labels = [label for label in order if label in by_label] + sorted(set(by_label) - set(order))
-    return {label: group_scores(by_label[label]) for label in labels}
+    return {label: by_label[label] for label in labels}
+
+
+def scores_by_label(rows: list[dict], column: str, order: tuple[str, ...] = ()) -> dict[str, dict]:
+    """`group_scores` of the rows sharing each value of `column`, in `rows_by_label`'s order."""
+    return {label: group_scores(members) for label, members in rows_by_label(rows, column, order).items()}
+
+
+def failure_counts(rows: list[dict]) -> dict[str, int]:
+    """How many of `rows` fell in each failure category, every category of FAILURE_RULES named (zeros too)."""
+    return {name: sum(r["category"] == name for r in rows) for name, _ in FAILURE_RULES}
+
+
+def failure_counts_by_stratum(rows: list[dict], strata_columns: list[str]) -> dict[str, dict[str, dict[str, int]]]:
+    """summary.json's failure_counts_by_stratum: column -> value -> category -> count.
+
+    The columns of summary.json's `strata`: tumour size always, then `strata_columns`
+    (--strata), values in the same order as there. Each column's counts sum to the overall failure_counts.
+    """
+    orders = {SIZE_COLUMN: SIZE_STRATA}
+    return {column: {label: failure_counts(members)
+                     for label, members in rows_by_label(rows, column, orders.get(column, ())).items()}
+            for column in [SIZE_COLUMN, *strata_columns]}
 
 
 def size_strata(rows: list[dict]) -> list[float]:
@@ -246,7 +268,8 @@ def score_summary(rows: list[dict], scoring: Scoring, size_edges: list[float],
         "share_dice_zero": float(np.mean([r["dice"] == 0 for r in rows])),
         "metrics": metrics,
         "failure_rules": [{"category": name, "rule": rule} for name, rule in FAILURE_RULES],
-        "failure_counts": {name: sum(r["category"] == name for r in rows) for name, _ in FAILURE_RULES},
+        "failure_counts": failure_counts(rows),
+        "failure_counts_by_stratum": failure_counts_by_stratum(rows, scoring.strata_columns),
         "strata": {SIZE_COLUMN: {"edges_px": size_edges, "groups": scores_by_label(rows, SIZE_COLUMN, SIZE_STRATA)},
                    **{column: {"groups": scores_by_label(rows, column)} for column in scoring.strata_columns}},
         "calibration": calibration.summary(),

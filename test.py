@@ -5,7 +5,7 @@
     python test.py --data-root DATA --subset test         # only the patients the run held out
     python test.py --data-root DATA --group-by tumor_class  # also scores per metadata.csv value
     python test.py --data-root DATA --pixel-spacing-mm 0.98 --strata tumor_class --tta true
-    python test.py --compare predictions/a predictions/b  # paired per-image Dice differences
+    python test.py --compare predictions/a predictions/b  # paired Dice differences, per patient where known
     python test.py --data-root VOLUMES --slice-axis auto  # NIfTI files / DICOM series folders in VOLUMES/images
 
 The folder needs `images/` (any sizes); with `masks/` each image is also
@@ -116,7 +116,9 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Config]
                         help="write report.html, one self-contained page of the scores (default: true)")
     parser.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"),
                         help="compare two prediction folders instead of predicting: per-image Dice differences "
-                             "(B minus A) and a paired Wilcoxon signed-rank test")
+                             "(B minus A) and a paired Wilcoxon signed-rank test over patients (each the mean Dice "
+                             "of its slices) where patient_id is known (metrics.csv, --data-root's or summary.json's "
+                             "data root's metadata.csv), else over images")
     parser.add_argument("--slice-axis", choices=("auto", "0", "1", "2"), default="auto",
                         help="array axis volumes are cut across; 'auto': the one with the fewest voxels (ties: the "
                              "coarser spacing, then the last)")
@@ -131,7 +133,9 @@ def predict_and_publish(argv: list[str] | None) -> int:
     tolerant_console()
     args, options = parse_arguments(argv)
     if args.compare:
-        return compare_predictions(*args.compare)
+        # --data-root only when given: config.py's default may be other data than the folders scored
+        given_root = Path(args.DATA_ROOT) if hasattr(args, "DATA_ROOT") else None
+        return compare_predictions(*args.compare, data_root=given_root)
     started = time.perf_counter()
     try:
         job = prepare(options, args)

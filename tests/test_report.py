@@ -87,6 +87,7 @@ def test_report_is_self_contained_and_shows_every_part(real_predictions):
     for title in ("Dice histogram", "HD95 histogram", "Reliability diagram", "Uncertainty against Dice"):
         assert f'alt="{title}" src="data:image/png;base64,' in page
     assert "Per patient_id" in page and "By tumor class" in page and "By tumour size" in page
+    assert "Failure categories by tumor class" in page and "Failure categories by tumour size" in page
     for rule in summary["failure_rules"]:
         assert f">{html.escape(rule['category'])}</a>" in page and html.escape(rule["rule"]) in page
     assert "HD95 (mm)" in page and summary["metrics"]["hd95_mm"]["count"] > 0
@@ -144,3 +145,14 @@ def test_image_names_that_need_escaping(tmp_path):
     cell = report.thumbnail("overlays", 'a b#"<x>')
     assert 'href="overlays/a%20b%23%22%3Cx%3E.png"' in cell
     assert Path(unquote("overlays/a%20b%23%22%3Cx%3E.png")).name == 'a b#"<x>.png'
+
+
+def test_stratum_failure_table_has_a_row_per_value_with_its_images_and_each_category():
+    counts = {"glioma": {"missed": 2, "wrong place": 0, "good": 5},
+              "": {"missed": 0, "wrong place": 1, "good": 0}}  # images without a value
+    page = report.stratum_failure_table("tumor_class", counts)
+    header = re.findall(r"<th[^>]*>([^<]*)</th>", page)
+    assert header == ["tumor_class", "images", "missed", "wrong place", "good"]
+    rows = [re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in page.split("<tbody>")[1].split("</tr>")[:-1]]
+    assert rows == [["glioma", "7", "2", "0", "5"], ["(none)", "1", "0", "1", "0"]]
+    assert report.stratum_failure_table("tumor_class", None) == ""  # a summary.json from before the key

@@ -710,9 +710,15 @@ def test_scores_per_patient_by_default_and_per_stratum(tiny_run, demo_root, tmp_
         assert scores["dice_pooled"] == pytest.approx(2 * overlap / pixels)  # all its pixels together
     classes = summary["strata"]["tumor_class"]["groups"]
     assert set(classes) == {r["tumor_class"] for r in rows} and sum(g["count"] for g in classes.values()) == 24
+    failures = summary["failure_counts_by_stratum"]["tumor_class"]  # as metrics.csv's categories tell
+    assert list(failures) == list(classes)
+    for value, counts in failures.items():
+        assert counts == {name: sum(r["category"] == name for r in rows if r["tumor_class"] == value)
+                          for name in summary["failure_counts"]}
     assert run_test("--checkpoint", run / "best.pt", "--data-root", demo_root, "--prediction-root", preds,
                     "--group-by", "", "--report", "false") == 0
-    assert "by_group" not in json.loads((preds / "grouped-2" / "summary.json").read_text())
+    without = json.loads((preds / "grouped-2" / "summary.json").read_text())
+    assert "by_group" not in without and list(without["failure_counts_by_stratum"]) == ["tumour_size"]
     other = tmp_path / "other"  # data without that column: a note, no groups
     shutil.copytree(demo_root, other)
     write_metadata(other, [{"image_id": r["image_id"], "site": "a"}
@@ -840,6 +846,69 @@ def test_compare_two_prediction_folders(tiny_run, mixed_sizes, tmp_path, capsys)
     assert run_test("--compare", a, other) == 1
     assert f"{other / 'metrics.csv'}: not found" in capsys.readouterr().err
 
+
+def write_scored_folder(folder, dice, patients=None, data_root=None):
+    """A prediction folder as --compare reads it: metrics.csv (with patient_id if given), summary.json's data_root."""
+    folder.mkdir(parents=True)
+    rows = [{"image": image, "dice": value, **({"patient_id": patients[image]} if patients else {})}
+            for image, value in dice.items()]
+    write_metadata(folder, rows)
+    (folder / "metrics.csv").write_text((folder / "metadata.csv").read_text())
+    (folder / "metadata.csv").unlink()
+    if data_root is not None:
+        (folder / "summary.json").write_text(json.dumps({"data_root": str(data_root)}))
+    return folder
+
+
+def test_compare_pairs_patients_not_their_slices(tmp_path, capsys):
+    from metrics import paired_comparison
+    patients = {f"p0_s{i:02d}": "p0" for i in range(20)}  # one patient's 20 slices, all better in B
+    patients |= {f"p{p}_s{i}": f"p{p}" for p in range(1, 6) for i in range(2)}
+    rng = np.random.default_rng(0)
+    dice_a = {image: float(rng.uniform(0.3, 0.6)) for image in patients}
+    dice_b = {image: value + (0.2 if patients[image] == "p0" else float(rng.uniform(-0.05, 0.05)))
+              for image, value in dice_a.items()}
+    means = {side: {p: np.mean([d[i] for i in patients if patients[i] == p]) for p in set(patients.values())}
+             for side, d in (("a", dice_a), ("b", dice_b))}
+    per_patient = paired_comparison([means["b"][p] - means["a"][p] for p in sorted(means["a"])])
+    per_slice = paired_comparison([dice_b[i] - dice_a[i] for i in patients])
+    assert per_patient["wilcoxon_p"] != pytest.approx(per_slice["wilcoxon_p"], rel=1e-3)
+    a = write_scored_folder(tmp_path / "a", dice_a, patients)
+    b = write_scored_folder(tmp_path / "b", dice_b, patients)
+    assert run_test("--compare", a, b) == 0
+    out = capsys.readouterr().out
+    assert "paired per patient: 6 patients (patient_id of " in out and "30 images in both" in out
+    assert f"p = {per_patient['wilcoxon_p']:.4g}" in out
+    assert f"B better on {per_patient['b_better']}, worse on {per_patient['b_worse']}, equal on 0" in out
+    assert out.index("p0_s00") > out.index("per-image Dice")  # the per-image table is still listed
+    # the same patients from the data root's metadata.csv: summary.json's, or --data-root's
+    data = tmp_path / "data"
+    data.mkdir()
+    write_metadata(data, [{"image_id": image, "patient_id": patient} for image, patient in patients.items()])
+    a2, b2 = (write_scored_folder(tmp_path / name, d, data_root=data) for name, d in (("a2", dice_a), ("b2", dice_b)))
+    assert run_test("--compare", a2, b2) == 0
+    out = capsys.readouterr().out
+    assert f"paired per patient: 6 patients (patient_id of {data / 'metadata.csv'})" in out
+    assert f"p = {per_patient['wilcoxon_p']:.4g}" in out
+    a3, b3 = (write_scored_folder(tmp_path / name, d) for name, d in (("a3", dice_a), ("b3", dice_b)))
+    assert run_test("--compare", a3, b3, "--data-root", data) == 0
+    assert f"p = {per_patient['wilcoxon_p']:.4g}" in capsys.readouterr().out
+    # without any patient column: per image, and said so
+    assert run_test("--compare", a3, b3) == 0
+    out = capsys.readouterr().out
+    assert "paired per image: 30 images, no patient_id known" in out
+    assert f"p = {per_slice['wilcoxon_p']:.4g}" in out
+    assert run_test("--compare", a3, b3, "--data-root", tmp_path) == 1  # asked for, but no metadata.csv there
+    assert f"{tmp_path / 'metadata.csv'}: cannot read it for --compare" in capsys.readouterr().err
+    # one image's patient unknown in both (an empty cell): per image, since its slices cannot be pooled
+    unknown = {image: ("" if image == "p3_s1" else patient) for image, patient in patients.items()}
+    a5, b5 = (write_scored_folder(tmp_path / name, d, unknown) for name, d in (("a5", dice_a), ("b5", dice_b)))
+    assert run_test("--compare", a5, b5) == 0
+    assert "paired per image: 30 images, 1 of 30 images without a known patient_id" in capsys.readouterr().out
+    # A and B disagree about a patient: refused
+    moved = {**patients, "p0_s05": "p1"}
+    assert run_test("--compare", a, write_scored_folder(tmp_path / "b4", dice_b, moved)) == 1
+    assert "image p0_s05 is patient_id 'p0' in A" in capsys.readouterr().err
 
 def test_training_logs_hparams_for_tensorboard(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

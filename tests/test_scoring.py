@@ -1,0 +1,66 @@
+"""scoring.py: summary.json's scores from metrics rows, on hand-made masks whose every category is known."""
+
+import numpy as np
+
+from metrics import FAILURE_RULES, CalibrationTracker
+from scoring import Scoring, label_rows, score_image, score_summary
+
+SIZE = 16
+
+
+def square(top: int, left: int, side: int) -> np.ndarray:
+    """A SIZE x SIZE bool mask holding one filled square."""
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[top:top + side, left:left + side] = True
+    return mask
+
+
+EMPTY = np.zeros((SIZE, SIZE), bool)
+# image -> (prediction, truth, tumor_class, the failure category it must get)
+CASES = {
+    "g_missed": (EMPTY, square(2, 2, 4), "glioma", "missed"),
+    "g_elsewhere": (square(10, 10, 4), square(2, 2, 4), "glioma", "wrong place"),
+    "g_good": (square(2, 2, 6), square(2, 2, 6), "glioma", "good"),
+    "m_under": (square(4, 4, 2), square(2, 2, 8), "meningioma", "under-segmented"),  # sensitivity 4/64
+    "m_over": (square(2, 2, 8), square(4, 4, 2), "meningioma", "over-segmented"),  # precision 4/64
+    "m_missed": (EMPTY, square(6, 6, 3), "meningioma", "missed"),
+    "p_empty": (EMPTY, EMPTY, "pituitary", "no tumour: correct"),
+}
+
+
+def hand_made_summary(strata: list[str]) -> dict:
+    """score_summary of CASES, with tumor_class as a --strata column when `strata` names it."""
+    rows = [score_image(stem, predicted, truth, predicted.astype(np.float32), None, None)
+            for stem, (predicted, truth, _, _) in CASES.items()]
+    assert {row["image"]: row["category"] for row in rows} == {stem: case[3] for stem, case in CASES.items()}
+    labels = {"tumor_class": {stem: case[2] for stem, case in CASES.items()}} if strata else {}
+    scoring = Scoring("", strata, labels, None, "", None)
+    calibration = CalibrationTracker()
+    for predicted, truth, _, _ in CASES.values():
+        calibration.update(predicted.astype(np.float32), truth)
+    return score_summary(rows, scoring, label_rows(rows, scoring), calibration)
+
+
+def test_failure_counts_per_stratum_value_sum_to_the_overall_counts():
+    summary = hand_made_summary(["tumor_class"])
+    by_class = summary["failure_counts_by_stratum"]["tumor_class"]
+    categories = [name for name, _ in FAILURE_RULES]
+    assert list(by_class) == ["glioma", "meningioma", "pituitary"]
+    assert all(list(counts) == categories for counts in by_class.values())  # every category, zeros too
+    expected = {"glioma": {"missed": 1, "wrong place": 1, "good": 1},
+                "meningioma": {"under-segmented": 1, "over-segmented": 1, "missed": 1},
+                "pituitary": {"no tumour: correct": 1}}
+    for value, counts in by_class.items():
+        assert counts == {name: expected[value].get(name, 0) for name in categories}, value
+    for column, by_value in summary["failure_counts_by_stratum"].items():
+        assert list(by_value) == list(summary["strata"][column]["groups"])  # the same values, same order
+        for name in categories:
+            assert sum(counts[name] for counts in by_value.values()) == summary["failure_counts"][name], column
+
+
+def test_without_strata_only_tumour_size_is_counted_like_summary_strata():
+    summary = hand_made_summary([])
+    assert list(summary["failure_counts_by_stratum"]) == list(summary["strata"]) == ["tumour_size"]
+    by_size = summary["failure_counts_by_stratum"]["tumour_size"]
+    assert by_size["no tumour"]["no tumour: correct"] == 1 and sum(by_size["no tumour"].values()) == 1
+
