@@ -121,3 +121,11 @@ def test_the_long_cpu_recipe_is_the_cpu_recipe_trained_longer():
     long, short = RECIPES["cpu-long"], RECIPES["cpu"]
     assert long["EPOCHS"] > short["EPOCHS"] and long["LR_SCHEDULE"] == "cosine"  # the schedule spans the whole run
     assert parse_config(["--recipe", "cpu-long"]).EPOCHS == long["EPOCHS"]
+
+
+def test_a_split_file_excludes_folds_and_fold_columns():
+    with pytest.raises(ValueError, match="give SPLIT_FILE or FOLDS/FOLD_COLUMN, not both"):
+        Config(SPLIT_FILE="splits.json", FOLDS=5)
+    with pytest.raises(ValueError, match="FOLD must not be negative"):
+        Config(SPLIT_FILE="splits.json", FOLD=-1)
+    assert Config(SPLIT_FILE="splits.json", FOLD=3).FOLD == 3

@@ -605,3 +605,49 @@ def test_the_release_folds_put_patients_in_two_folds_and_are_refused(real_root):
         three_way_split(len(data.pairs), 0.2, 0.0, 42, fold=0, groups=data.groups, fold_labels=labels,
                         fold_column="fold")
     assert all(f"{group} in folds " in str(error.value) for group in crossing)
+
+
+def test_a_split_file_is_refused_where_it_no_longer_describes_the_data(tmp_path):
+    import json
+    stems = ["a1", "a2", "b1", "b2", "c1"]
+    groups = ["a", "a", "b", "b", "c"]
+    path = tmp_path / "splits.json"
+
+    def refusal(entry: dict, fold: int = 0) -> str:
+        path.write_text(json.dumps({"folds": [entry]}))
+        with pytest.raises(ValueError) as error:
+            dataset.read_split_file(path, fold, stems, groups)
+        return str(error.value)
+
+    good = {"train": ["a1", "a2"], "val": ["b1", "b2"], "test": ["c1"]}
+    path.write_text(json.dumps({"folds": [good]}))
+    split = dataset.read_split_file(path, 0, stems, groups)
+    assert (split.train, split.val, split.test) == ([0, 1], [2, 3], [4])
+    assert "FOLD 3: the file has 1 folds" in refusal(good, fold=3)
+    assert "1 listed images are not in the data: z9" in refusal({**good, "test": ["c1", "z9"]})
+    assert "1 images of the data are in no role: c1" in refusal({**good, "test": []})
+    assert "1 images are listed twice: a1" in refusal({**good, "val": ["b1", "b2", "a1"]})
+    assert "1 groups sit in two roles: b" in refusal({"train": ["a1", "a2", "b1"], "val": ["b2"], "test": ["c1"]})
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable split file"):
+        dataset.read_split_file(path, 0, stems, groups)
+
+
+def test_fold_split_lists_are_the_folds_train_py_makes(demo_root):
+    lists = dataset.fold_split_lists(demo_root, 3, "", "patient_id", 42, 0.2)
+    data = dataset.load_dataset(demo_root, 32, 1, "patient_id")
+    for fold, entry in enumerate(lists):
+        split = dataset.three_way_split(len(data.pairs), 0.2, 0.0, 42, 3, fold, data.groups, None, "patient_id")
+        assert entry == {role: [data.pairs[i].stem for i in getattr(split, role)] for role in ("train", "val", "test")}
+    assert sorted(s for entry in lists for s in entry["test"]) == [p.stem for p in data.pairs]
+
+
+def test_the_data_fingerprint_changes_with_a_file_or_the_metadata(demo_root, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_root, copy)
+    assert dataset.data_fingerprint(copy) == dataset.data_fingerprint(demo_root)
+    (copy / "metadata.csv").write_text((copy / "metadata.csv").read_text() + "\n")
+    changed = dataset.data_fingerprint(copy)
+    assert changed["sha256"] != dataset.data_fingerprint(demo_root)["sha256"] and changed["pairs"] == 24
+    next((copy / "masks").iterdir()).unlink()
+    assert dataset.data_fingerprint(copy)["pairs"] == 23

@@ -359,3 +359,11 @@ def test_volume_surface_distances_match_monai_on_random_blobs():
     expected_hd95, expected_assd = monai_distances(pred, target, spacing)
     assert hausdorff95(pred, target, spacing) == pytest.approx(expected_hd95, rel=1e-5, abs=1e-5)
     assert average_surface_distance(pred, target, spacing) == pytest.approx(expected_assd, rel=1e-5, abs=1e-5)
+
+
+def test_holm_adjustment_matches_the_step_down_by_hand_and_leaves_one_p_alone():
+    from metrics import holm_adjusted
+    assert holm_adjusted([0.03]) == [0.03] and holm_adjusted([]) == []
+    # sorted 0.01, 0.02, 0.04 times 3, 2, 1 -> 0.03, 0.04, 0.04 (kept monotone), in the order given
+    assert holm_adjusted([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert holm_adjusted([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1

@@ -661,6 +661,32 @@ def test_resume_of_a_finished_run_has_nothing_to_do_unless_extended(demo_root, t
     assert json.loads((tmp_path / "f" / "summary.json").read_text())["epochs_run"] == 2
 
 
+def test_a_killed_extension_of_a_finished_run_is_an_unfinished_run(demo_root, tmp_path, monkeypatch, capsys):
+    from runfolder import is_unfinished_run, unfinished_run_warning
+    run = tmp_path / "f"
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "f",
+                       "--epochs", "1", *TINY]) == 0
+    assert not is_unfinished_run(run)
+    interrupt_at_epoch(monkeypatch, 1, KeyboardInterrupt())  # the extension's first epoch, epoch 2
+    assert train.main(["--resume", str(run), "--epochs", "3"]) == 130
+    assert is_unfinished_run(run) and not (run / "summary.json").exists()
+    assert "unfinished run" in unfinished_run_warning(run / "best.pt")
+    monkeypatch.undo()
+    assert train.main(["--resume", str(run), "--epochs", "3"]) == 0  # finished again, its rule searched anew
+    assert json.loads((run / "summary.json").read_text())["epochs_run"] == 3
+    assert "decision rule:" in capsys.readouterr().out
+
+
+def test_a_split_file_trains_exactly_its_lists(demo_root, tmp_path):
+    stems = sorted(p.stem for p in (demo_root / "images").iterdir())
+    lists = {"train": stems[:16], "val": stems[16:20], "test": stems[20:]}  # the demo's patients: 4 slices each
+    (tmp_path / "splits.json").write_text(json.dumps({"folds": [{"train": [], "val": [], "test": []}, lists]}))
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "s",
+                       "--split-file", str(tmp_path / "splits.json"), "--fold", "1", "--epochs", "1", *TINY]) == 0
+    split = json.loads((tmp_path / "s" / "split.json").read_text())
+    assert {role: split[role] for role in lists} == lists and split["test_fraction"] == 0.0
+
+
 # ----------------------------------------------------------------------------- precision and speed
 
 @pytest.mark.parametrize("amp, channels_last", [("bf16", False), ("off", True), ("bf16", True), ("fp16", False)])
