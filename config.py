@@ -69,6 +69,7 @@ class Config:
     DICE_RECALL_WEIGHT: float = 0.5  # Dice term's weight of missed tumour vs false alarm; 0.5 = Dice, 0.7 = Tversky
     THRESHOLD: float = 0.5  # probability above which a pixel counts as tumour (in training's validation)
     SEARCH_RULE: bool = True  # after training, choose threshold and component rules on validation (test.py uses it)
+    RULE_MOST_PROBABLE: bool = False  # the rule search also tries keeping only the component of highest summed probability
     TTA: bool = False  # test.py averages each image's 8 flips/90-degree rotations (8x slower)
     SEED: int = 42  # seeds the weights, the data order and the augmentation
     RECIPE: str = ""  # named set of values from RECIPES below ("seed", "cpu", "cpu-long", "gpu"); flags override it

@@ -2,7 +2,7 @@
 
 A `DecisionRule` thresholds a probability map and may then clean the mask:
 fill enclosed holes, drop small connected components, keep only the largest
-one. `search_rule` tries every combination of a grid of such settings on
+one or only the most probable one (the highest summed probability). `search_rule` tries every combination of a grid of such settings on
 validation maps and returns the one with the best mean per-image Dice.
 
 Rules are applied at each image's native resolution: test.py resizes the
@@ -41,7 +41,7 @@ class DecisionRule:
     """How a probability map becomes a mask; the defaults are a plain `probability > 0.5`.
 
     The steps run in this order: threshold, fill holes, drop small components,
-    keep the largest. Filling first means a component's size is the area
+    keep the largest or the most probable. Filling first means a component's size is the area
     inside its outline, so a ring-shaped tumour with a dark core is not judged
     by its rim alone, and removing components afterwards cannot open new holes.
 
@@ -57,6 +57,12 @@ class DecisionRule:
             nothing. If every component is smaller, the result is empty.
             With `keep_largest` the largest survives only if it is big enough.
         fill_holes: fill background regions fully enclosed by tumour.
+        keep_most_probable: keep only the component with the highest summed
+            probability (its pixels' probabilities added, filled holes
+            included) among those big enough; ties go to the first in label
+            order. Unlike `keep_largest`, a large but faint false alarm on
+            normal anatomy loses to a smaller confident lesion. Not together
+            with `keep_largest`.
 
     Edge cases: an empty thresholded mask stays empty under every rule; NaN
     probabilities are background (NaN > threshold is false).
@@ -69,14 +75,17 @@ class DecisionRule:
     keep_largest: bool = False
     min_component_pixels: int = 0
     fill_holes: bool = False
+    keep_most_probable: bool = False
 
     def __post_init__(self) -> None:
         t = self.threshold
         if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 <= t <= 1:  # also refuses NaN
             raise ValueError(f"threshold must be a number in [0, 1], got {t!r}")
-        for name in ("keep_largest", "fill_holes"):
+        for name in ("keep_largest", "fill_holes", "keep_most_probable"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.keep_largest and self.keep_most_probable:
+            raise ValueError("keep_largest and keep_most_probable exclude each other: each keeps one component")
         m = self.min_component_pixels
         if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 0:
             raise ValueError(f"min_component_pixels must be an integer >= 0, got {m!r}")
@@ -93,15 +102,17 @@ class DecisionRule:
         mask = probability > self.threshold
         if self.fill_holes:
             mask = ndimage.binary_fill_holes(mask)
-        if self.keep_largest or self.min_component_pixels > 1:
+        if self.keep_largest or self.keep_most_probable or self.min_component_pixels > 1:
             labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
-            mask = _kept_labels(np.bincount(labels.ravel(), minlength=count + 1), self)[labels]
+            masses = np.bincount(labels.ravel(), weights=np.nan_to_num(probability.ravel()), minlength=count + 1)
+            mask = _kept_labels(np.bincount(labels.ravel(), minlength=count + 1), self, masses)[labels]
         return mask
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain Python values (JSON-ready)."""
         return {"threshold": float(self.threshold), "keep_largest": self.keep_largest,
-                "min_component_pixels": int(self.min_component_pixels), "fill_holes": self.fill_holes}
+                "min_component_pixels": int(self.min_component_pixels), "fill_holes": self.fill_holes,
+                "keep_most_probable": self.keep_most_probable}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DecisionRule:
@@ -126,15 +137,18 @@ class DecisionRule:
             parts.append(f"components of {self.min_component_pixels}+ px")
         if self.keep_largest:
             parts.append("largest component")
+        if self.keep_most_probable:
+            parts.append("most probable component")
         return ", ".join(parts)
 
 
-def _kept_labels(sizes: np.ndarray, rule: DecisionRule) -> np.ndarray:
+def _kept_labels(sizes: np.ndarray, rule: DecisionRule, masses: np.ndarray) -> np.ndarray:
     """Which labels survive the rule's component steps: bool array indexed by label (0 = background, never kept).
 
     Args:
         sizes: pixels per label, sizes[0] the background (as `np.bincount(labels)` gives).
-        rule: supplies `min_component_pixels` and `keep_largest`.
+        rule: supplies `min_component_pixels`, `keep_largest` and `keep_most_probable`.
+        masses: summed probability per label, indexed like `sizes`.
     """
     sizes = sizes.copy()
     sizes[0] = 0
@@ -143,34 +157,41 @@ def _kept_labels(sizes: np.ndarray, rule: DecisionRule) -> np.ndarray:
         # argmax returns the first maximum: ties go to the lowest label. Background's size is 0,
         # so it is the argmax only when there are no components, and then nothing is kept anyway.
         keep &= np.arange(len(sizes)) == sizes.argmax()
+    if rule.keep_most_probable and keep.any():
+        # Chosen among the components big enough, so a tiny bright speck cannot win over the lesion.
+        keep &= np.arange(len(sizes)) == np.where(keep, masses, -np.inf).argmax()
     return keep
 
 
-def _component_counts(binary: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels and true-positive pixels per 8-connected label of `binary` (index 0 = background).
+def _component_counts(binary: np.ndarray, truth: np.ndarray,
+                      probability: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels, true-positive pixels and summed probability per 8-connected label of `binary` (0 = background).
 
     Args:
         binary: the predicted mask, (H, W) bool.
         truth: the ground-truth mask, (H, W) bool.
+        probability: the map `binary` came from, (H, W); NaN counts as 0.
     """
     labels = ndimage.label(binary, structure=EIGHT_CONNECTED)[0]
     sizes = np.bincount(labels.ravel())
-    return sizes, np.bincount(labels[truth], minlength=len(sizes))
+    masses = np.bincount(labels.ravel(), weights=np.nan_to_num(probability.ravel()), minlength=len(sizes))
+    return sizes, np.bincount(labels[truth], minlength=len(sizes)), masses
 
 
 def _simplicity(rule: DecisionRule) -> tuple:
     """Sort key preferring the simplest rule: the default, then fewer steps, then threshold nearest 0.5."""
-    steps = rule.keep_largest + (rule.min_component_pixels > 0) + rule.fill_holes
+    steps = rule.keep_largest + rule.keep_most_probable + (rule.min_component_pixels > 0) + rule.fill_holes
     # Rounded so 0.45 and 0.55 are equally near 0.5 despite float error; the lower threshold then wins.
     return (rule != DecisionRule(), steps, round(abs(rule.threshold - 0.5), 9), rule.threshold,
-            rule.min_component_pixels, rule.keep_largest, rule.fill_holes)
+            rule.min_component_pixels, rule.keep_largest, rule.keep_most_probable, rule.fill_holes)
 
 
 def search_rule(probabilities: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                 thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
                 keep_largest: Sequence[bool] = (False, True),
                 min_component_pixels: Sequence[int] = DEFAULT_MIN_SIZES,
-                fill_holes: Sequence[bool] = (False, True)) -> tuple[DecisionRule, list[dict[str, Any]]]:
+                fill_holes: Sequence[bool] = (False, True),
+                keep_most_probable: Sequence[bool] = (False,)) -> tuple[DecisionRule, list[dict[str, Any]]]:
     """The rule with the highest mean per-image Dice over every combination of the grids.
 
     Dice follows metrics.py per image (both masks empty = 1, exactly one
@@ -193,6 +214,8 @@ def search_rule(probabilities: Sequence[np.ndarray], masks: Sequence[np.ndarray]
         keep_largest: values for `DecisionRule.keep_largest`.
         min_component_pixels: values for `DecisionRule.min_component_pixels`.
         fill_holes: values for `DecisionRule.fill_holes`.
+        keep_most_probable: values for `DecisionRule.keep_most_probable` (default off: (False, True) adds
+            the candidates; combinations with `keep_largest` are skipped, as the rule refuses them).
 
     Returns:
         The best rule, and a table of every rule tried, best first: dicts of
@@ -207,7 +230,8 @@ def search_rule(probabilities: Sequence[np.ndarray], masks: Sequence[np.ndarray]
     if not probabilities:
         raise ValueError("no images to choose a rule on")
     rules = list(dict.fromkeys(DecisionRule(*values) for values in itertools.product(
-        thresholds, keep_largest, min_component_pixels, fill_holes)))
+        thresholds, keep_largest, min_component_pixels, fill_holes, keep_most_probable)
+        if not (values[1] and values[4])))
     if not rules:
         raise ValueError("every grid must have at least one value")
     row = {rule: i for i, rule in enumerate(rules)}
@@ -234,16 +258,16 @@ def search_rule(probabilities: Sequence[np.ndarray], masks: Sequence[np.ndarray]
         probability, truth = probability[box[0]], truth[box[0]]
         for threshold, by_fill in groups.items():
             thresholded = probability > threshold
-            counts = {False: _component_counts(thresholded, truth)} if False in by_fill else {}
+            counts = {False: _component_counts(thresholded, truth, probability)} if False in by_fill else {}
             if True in by_fill:
                 filled = ndimage.binary_fill_holes(thresholded)
                 # Without holes filling changes nothing, and the plain labelling is reused.
                 unchanged = False in counts and np.array_equal(filled, thresholded)
-                counts[True] = counts[False] if unchanged else _component_counts(filled, truth)
+                counts[True] = counts[False] if unchanged else _component_counts(filled, truth, probability)
             for fill, group in by_fill.items():
-                sizes, hits = counts[fill]
+                sizes, hits, masses = counts[fill]
                 for rule in group:
-                    keep = _kept_labels(sizes, rule)
+                    keep = _kept_labels(sizes, rule, masses)
                     tp[row[rule], i], predicted[row[rule], i] = hits[keep].sum(), sizes[keep].sum()
     # True negatives do not enter Dice; zeros stand in for them.
     per_rule = Counts(*(torch.from_numpy(a) for a in (tp, predicted - tp, truth_pixels - tp, np.zeros_like(tp))))

@@ -834,7 +834,8 @@ def choose_decision_rule(checkpoint_path: Path, data: dataset.LoadedDataset, val
         images = [dataset.read_image(pair.image_path, config.IN_CHANNELS) for pair in batch]
         probabilities += native_probabilities(loaded.model, loaded.config, images, device)
         masks += [dataset.read_mask(pair.mask_path) for pair in batch]
-    rule, table = search_rule(probabilities, masks)
+    rule, table = search_rule(probabilities, masks, keep_most_probable=(False, True) if config.RULE_MOST_PROBABLE
+                              else (False,))
     plain_rule = DecisionRule(threshold=config.THRESHOLD)
     plain_dice = float(np.mean([dice_per_image(plain_rule.apply(p)[None], m[None]).item()
                                 for p, m in zip(probabilities, masks, strict=True)]))

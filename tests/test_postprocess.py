@@ -129,7 +129,8 @@ def test_search_table_is_sorted_best_first():
     scores = [row["mean_dice"] for row in table]
     assert scores == sorted(scores, reverse=True) and len(set(map(str, table))) == len(table)
     assert DecisionRule.from_dict({k: v for k, v in table[0].items() if k != "mean_dice"}) == best
-    assert set(table[0]) == {"threshold", "keep_largest", "min_component_pixels", "fill_holes", "mean_dice"}
+    assert set(table[0]) == {"threshold", "keep_largest", "min_component_pixels", "fill_holes", "keep_most_probable",
+                             "mean_dice"}
 
 
 def test_search_scores_match_applying_each_rule():
@@ -142,9 +143,9 @@ def test_search_scores_match_applying_each_rule():
     probabilities += [nested + square(48, 30, 30, 6), np.zeros((48, 48))]  # and one map with nothing above threshold
     truths = [ndimage.gaussian_filter(rng.random((48, 48)), 2) > 0.5 for _ in probabilities[:-1]]
     truths.append(np.zeros((48, 48), bool))  # an empty truth too
-    grids = dict(thresholds=(0.4, 0.5, 0.6), min_component_pixels=(0, 5, 40))
+    grids = dict(thresholds=(0.4, 0.5, 0.6), min_component_pixels=(0, 5, 40), keep_most_probable=(False, True))
     _, table = search_rule(probabilities, truths, **grids)
-    assert len(table) == 3 * 2 * 3 * 2
+    assert len(table) == 3 * 3 * 3 * 2  # keep: all, largest or most probable (never both)
     for row in table:
         rule = DecisionRule.from_dict({k: v for k, v in row.items() if k != "mean_dice"})
         masks = np.stack([rule.apply(p) for p in probabilities])
@@ -160,3 +161,44 @@ def test_search_refuses_mismatched_inputs():
         search_rule([], [])
     with pytest.raises(ValueError, match="threshold"):
         search_rule([np.zeros((4, 4))], [np.zeros((4, 4))], thresholds=(2.0,))
+
+
+def faint_lesion_and_bright_speck_and_large_faint_false_alarm() -> tuple[np.ndarray, np.ndarray]:
+    """A 10x10 confident lesion, a 3x3 bright speck and a 20x20 faint false alarm; the truth is the lesion."""
+    probability = square(64, 5, 5, 10, 0.95) + square(64, 5, 40, 3, 0.99) + square(64, 35, 35, 20, 0.55)
+    return probability, square(64, 5, 5, 10, 1.0) > 0
+
+
+def test_keep_most_probable_keeps_the_component_of_highest_summed_probability():
+    probability, truth = faint_lesion_and_bright_speck_and_large_faint_false_alarm()
+    # masses: false alarm 400 x 0.55 = 220, lesion 100 x 0.95 = 95, speck 9 x 0.99 = 8.9
+    assert DecisionRule(keep_largest=True).apply(probability).sum() == 400
+    assert DecisionRule(keep_most_probable=True).apply(probability).sum() == 400
+    # at threshold 0.6 the faint alarm is gone, and the most probable of the rest is the lesion, not the speck
+    kept = DecisionRule(threshold=0.6, keep_most_probable=True).apply(probability)
+    assert (kept == truth).all()
+    assert DecisionRule(threshold=0.6, keep_most_probable=True, min_component_pixels=200).apply(probability).sum() == 0
+    assert DecisionRule(keep_most_probable=True).describe() == "threshold 0.5, most probable component"
+    with pytest.raises(ValueError, match="exclude each other"):
+        DecisionRule(keep_largest=True, keep_most_probable=True)
+    assert not DecisionRule(keep_most_probable=True).apply(np.zeros((8, 8))).any()
+
+
+def test_keep_most_probable_picks_a_dim_but_wide_lesion_over_a_bright_small_blob():
+    probability = square(64, 5, 5, 14, 0.7) + square(64, 40, 40, 10, 0.98)  # masses 137.2 vs 98
+    truth = square(64, 5, 5, 14, 1.0) > 0
+    assert (DecisionRule(keep_most_probable=True).apply(probability) == truth).all()
+    peak_mass = DecisionRule(keep_most_probable=True).apply(np.where(truth, 0.51, probability))  # now 99.96 vs 98
+    assert (peak_mass == truth).all()
+
+
+def test_search_tries_the_most_probable_component_only_when_asked():
+    truths, probabilities = [], []
+    for shift in range(4):
+        truth = square(64, 4 + shift, 4, 12, 1.0) > 0  # 144 px lesion at 0.9: mass 129.6
+        truths.append(truth)
+        probabilities.append(np.where(truth, 0.9, 0.0) + square(64, 40, 40, 13, 0.75))  # 169 px alarm: mass 126.75
+    best, table = search_rule(probabilities, truths)  # no threshold of the grid removes the alarm; largest keeps it
+    assert not best.keep_most_probable and table[0]["mean_dice"] < 1
+    best, table = search_rule(probabilities, truths, keep_most_probable=(False, True))
+    assert best == DecisionRule(keep_most_probable=True) and table[0]["mean_dice"] == pytest.approx(1.0)
