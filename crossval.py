@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 import dataset
-from config import TRAINING_KEYS, build_parser, config_from_args
+from config import TRAINING_KEYS, Config, build_parser, config_from_args
 from metrics import describe_paired_comparison, holm_adjusted, paired_comparison
 from report import read_metrics
 from runfolder import read_saved_config, read_split, read_summary
@@ -143,9 +143,18 @@ def flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
+def with_new_keys(plan: dict) -> dict:
+    """`plan` with config keys added since it was written at their defaults, which reproduce the old behaviour."""
+    defaults = {field.name: field.default for field in dataclasses.fields(Config) if field.name not in PER_FOLD_KEYS}
+    return {**plan, "train_config": {**defaults, **plan.get("train_config", {})}} if "train_config" in plan else plan
+
+
 def plan_differences(old: dict, new: dict, keys: tuple[str, ...] | None = None) -> list[str]:
-    """'key: old -> new' for each plan key (of `keys`, or every deciding key) whose values differ."""
-    before, after = flatten(old), flatten(new)
+    """'key: old -> new' for each plan key (of `keys`, or every deciding key) whose values differ.
+
+    A config key one side lacks counts as its default (a key added to config.py since is no difference).
+    """
+    before, after = flatten(with_new_keys(old)), flatten(with_new_keys(new))
     compared = keys or sorted((set(before) | set(after)) - set(RECORD_ONLY_KEYS))
     missing = "(absent)"
     return [f"{key}: {before.get(key, missing)!r} -> {after.get(key, missing)!r}"

@@ -124,6 +124,14 @@ def test_run_with_other_flags_into_the_same_folder_stops_and_names_each_differen
     assert "folds: 3 -> 2" in capsys.readouterr().err
 
 
+def test_a_config_key_added_since_the_plan_is_no_difference_at_its_default(cv_dir, tmp_path):
+    plan = json.loads((cv_dir / "plan.json").read_text())
+    older = {**plan, "train_config": {k: v for k, v in plan["train_config"].items() if k != "RULE_MOST_PROBABLE"}}
+    assert crossval.plan_differences(older, plan) == []
+    changed = {**plan, "train_config": {**plan["train_config"], "RULE_MOST_PROBABLE": True}}
+    assert crossval.plan_differences(older, changed) == ["train_config.RULE_MOST_PROBABLE: False -> True"]
+
+
 def test_a_stray_fold_folder_is_refused_and_never_pooled(cv_dir, demo_root, tmp_path, capsys):
     a = copy_of(cv_dir, tmp_path / "runs" / "a")
     shutil.copytree(a / "fold0", a / "fold3")
