@@ -3,6 +3,7 @@
     python crossval.py run --name cpu --folds 5 --data-root DATA --recipe cpu     # any train.py flag after
     python crossval.py table runs/cv/cpu                                          # the table of finished folds
     python crossval.py compare runs/cv/cpu runs/cv/cpu-glioma                     # paired, per patient
+    python crossval.py rerule runs/cv/cpu --name cpu-mostprob --rule-most-probable true  # no retraining
 
 `run` first writes the cross-validation's plan, once: RUNS_DIR/<name>/splits.json
 (every fold's train, inner-validation and held-out images, the single source
@@ -17,6 +18,12 @@ resumes) only when its plan matches the saved one; otherwise it stops before
 training anything and names every differing setting. Within each fold the
 inner validation patients choose the epoch and the decision rule; the
 held-out patients choose nothing.
+
+`rerule A --name B` makes cross-validation B from A's finished folds with
+other decision-rule settings (RULE_KEYS: they act only after training): each
+fold's weights are copied unchanged, its rule is searched again on the fold's
+own inner-validation patients, and its held-out patients are scored again. A
+rule lever is measured this way in minutes instead of hours.
 
 `compare A B` first shows each fold's inner-validation Dice of both sides (the
 evidence a lever is adopted or dropped on), then pairs the two
@@ -38,6 +45,7 @@ import hashlib
 import io
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,11 +54,12 @@ import numpy as np
 
 import dataset
 from config import TRAINING_KEYS, Config, build_parser, config_from_args
-from metrics import describe_paired_comparison, holm_adjusted, paired_comparison
+from metrics import FAILURE_RULES, describe_paired_comparison, holm_adjusted, paired_comparison
 from report import read_metrics
+from postprocess import choose_decision_rule
 from runfolder import read_saved_config, read_split, read_summary
 from scoring import TAIL_DICE  # the table's "share of slices below" this Dice, as in test.py's summary
-from utils import json_ready, pick_device, resolve_amp, write_atomic
+from utils import json_ready, pick_device, resolve_amp, save_json, write_atomic
 
 HERE = Path(__file__).resolve().parent
 CLASS_COLUMN = "tumor_class"  # scored per value where metadata.csv has it
@@ -68,6 +77,8 @@ SPLIT_KEYS = ("data.pairs", "data.sha256", "folds", "fold_column", "train_config
               "train_config.VAL_FRACTION", "train_config.SPLIT_GROUP_COLUMN", "splits_sha256")
 # Plan keys that record, not decide: a later run may differ in them.
 RECORD_ONLY_KEYS = ("train_flags", "code.commit", "code.uncommitted_changes", "created")
+# Config keys that act only after training (the decision rule's search): `rerule` may change them.
+RULE_KEYS = ("RULE_MOST_PROBABLE",)
 # The inner-validation rule a lever is adopted by (README, "How a lever is chosen").
 ADOPT_MIN_MEAN_GAIN = 0.005
 ADOPT_MAX_FOLD_LOSS = 0.005
@@ -329,6 +340,74 @@ def run(args: argparse.Namespace, train_flags: list[str]) -> int:
     return write_table(cv_dir, args.class_mix)
 
 
+# ----------------------------------------------------------------------------- another decision rule
+
+
+def rule_changes(flags: list[str]) -> dict:
+    """The RULE_KEYS values `flags` set (parsed as train.py would); argparse exits on any other flag."""
+    parser = build_parser("decision-rule settings", keys=RULE_KEYS,
+                          refusal="{option} changes training: use `crossval.py run` under a new --name")
+    parser.prog = "crossval.py rerule"
+    parsed = parser.parse_args(flags)
+    return {key: getattr(parsed, key) for key in RULE_KEYS if hasattr(parsed, key)}
+
+
+def rerule_fold(source: Path, target: Path, fold: int, changes: dict, data_root: Path) -> None:
+    """Copy fold `fold` of `source` into `target` with `changes` to its config, and search its rule again.
+
+    The copy is staged as .fold<k>.partial and renamed into place with its summary.json, so a killed
+    rerule leaves no fold that looks finished.
+    """
+    staging = target / f".fold{fold}.partial"
+    shutil.rmtree(staging, ignore_errors=True)  # this command's own leftover from a killed run
+    shutil.copytree(source / f"fold{fold}", staging, ignore=shutil.ignore_patterns("summary.json", "events.*"))
+    saved = read_saved_config(staging)
+    config, _ = Config.from_saved({**saved, **changes})
+    save_json(staging / "config.json", {**saved, **changes})
+    pairs = {pair.stem: pair for pair in dataset.listed_pairs(data_root)}
+    val_pairs = [pairs[stem] for stem in read_split(staging)["val"]]
+    rule = choose_decision_rule(staging / "best.pt", val_pairs, config, pick_device("cpu"))
+    save_json(staging / "summary.json", {**read_summary(source / f"fold{fold}"), "decision_rule": rule,
+                                         "rule_searched_again_from": str((source / f"fold{fold}").resolve())})
+    staging.rename(target / f"fold{fold}")
+
+
+def rerule(args: argparse.Namespace, flags: list[str]) -> int:
+    """`rerule`: cross-validation args.name beside args.source, its folds' rules searched with other settings."""
+    source = Path(args.source)
+    target = (Path(args.runs_dir) if args.runs_dir else source.parent) / args.name
+    try:
+        plan = read_plan(source)
+        changes = rule_changes(flags)
+        if not changes:
+            raise ValueError(f"give a decision-rule setting to change ({', '.join(RULE_KEYS)}), "
+                             "e.g. --rule-most-probable true")
+        new_plan = with_new_keys(plan)
+        new_plan = {**new_plan, "train_config": {**new_plan["train_config"], **changes}, "code": code_version(),
+                    "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "rule_searched_again_from": str(source.resolve())}
+        refusal = settle_plan(target, new_plan, (source / SPLITS_FILE).read_text())
+    except (OSError, ValueError) as error:
+        refusal = str(error)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 1
+    data_root = Path(plan["data_root"])
+    scoring = argparse.Namespace(data_root=data_root, pixel_spacing_mm=plan.get("pixel_spacing_mm"))
+    columns = metadata_columns(data_root)[0]
+    for fold in range(plan["folds"]):
+        if not (source / f"fold{fold}" / "summary.json").is_file():
+            continue  # not finished in the source: nothing to search a rule for
+        if not (target / f"fold{fold}" / "summary.json").is_file():
+            print(f"fold {fold}: searching the decision rule again on its inner validation", flush=True)
+            rerule_fold(source, target, fold, changes, data_root)
+        code = score_fold(target, fold, scoring, columns)
+        if code not in (0, 2):
+            print(f"error: scoring fold {fold} failed (exit code {code})", file=sys.stderr)
+            return code
+    return write_table(target, args.class_mix)
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -529,6 +608,27 @@ def record_look(first: Path, second: Path, splits: str, folds: list[int], patien
     return len(overlapping), holm_adjusted([float(r["p_value"]) for r in overlapping])[-1]
 
 
+def category_lines(first: Path, second: Path, folds: list[int]) -> list[str]:
+    """Held-out slices per failure category (metrics.csv's `category`), A -> B, for all slices and per tumour class."""
+    rows = {side: [row for fold, (found, _) in held_out_rows(cv).items() if fold in folds for row in found]
+            for side, cv in (("a", first), ("b", second))}
+    if "category" not in rows["a"][0] or "category" not in rows["b"][0]:
+        return []
+    found = {row["category"] for side in rows.values() for row in side}
+    categories = [name for name, _ in FAILURE_RULES if name in found]
+    groups = ["all"] + sorted({row.get(CLASS_COLUMN, "") for row in rows["a"]} - {""})
+    width = max(len(c) for c in categories) + 2
+    lines = [f"  {'':<{width}}" + "".join(f"{g:>18}" for g in groups)]
+    for category in categories:
+        cells = []
+        for group in groups:
+            a, b = (sum(row["category"] == category and group in ("all", row.get(CLASS_COLUMN)) for row in rows[side])
+                    for side in ("a", "b"))
+            cells.append(f"{f'{a} -> {b}':>18}")
+        lines.append(f"  {category:<{width}}" + "".join(cells))
+    return lines
+
+
 def compare(first: Path, second: Path) -> int:
     """Print the inner-validation evidence and the paired per-patient held-out comparison (B minus A); exit code.
 
@@ -568,6 +668,9 @@ def compare(first: Path, second: Path) -> int:
         result = overall if name == "all patients" else paired_comparison([means_b[p] - means_a[p] for p in members])
         print(f"\n{name} ({len(members)}): A {np.mean([means_a[p] for p in members]):.4f}, "
               f"B {np.mean([means_b[p] for p in members]):.4f}\n{describe_paired_comparison(result)}")
+    categories = category_lines(Path(first), Path(second), common)
+    if categories:
+        print("\nheld-out slices per failure category (test.py's categories), A -> B:\n" + "\n".join(categories))
     return 0
 
 
@@ -591,7 +694,7 @@ def fold_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """crossval.py's command line (run, table, compare); the exit code."""
+    """crossval.py's command line (run, rerule, table, compare); the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -607,7 +710,13 @@ def main(argv: list[str] | None = None) -> int:
                             help="train and score only these folds (the table covers every scored fold)")
     run_parser.add_argument("--runs-dir", type=Path, default=Path("runs/cv"), help="default: runs/cv")
     run_parser.add_argument("--pixel-spacing-mm", type=float, help="adds HD95 in mm (the shared slices: 0.98)")
-    for sub in (run_parser, table_parser := commands.add_parser("table", help="the table of the scored folds")):
+    rerule_parser = commands.add_parser("rerule", help="search each finished fold's decision rule again with other "
+                                                       "rule settings (no retraining), as a new cross-validation")
+    rerule_parser.add_argument("source", type=Path, metavar="A", help="a finished cross-validation's folder")
+    rerule_parser.add_argument("--name", required=True, help="the new cross-validation's folder name")
+    rerule_parser.add_argument("--runs-dir", type=Path, help="where to put it (default: beside A)")
+    for sub in (run_parser, rerule_parser,
+                table_parser := commands.add_parser("table", help="the table of the scored folds")):
         sub.add_argument("--class-mix", type=class_mix, metavar="CLASS=W,...",
                          help="also the mean Dice re-weighted to this tumour class mix, e.g. "
                               "glioma=0.465,pituitary=0.304,meningioma=0.231")
@@ -616,10 +725,12 @@ def main(argv: list[str] | None = None) -> int:
     compare_parser.add_argument("first", type=Path, metavar="A")
     compare_parser.add_argument("second", type=Path, metavar="B")
     args, train_flags = parser.parse_known_args(argv)
-    if args.command != "run" and train_flags:
+    if args.command not in ("run", "rerule") and train_flags:
         parser.error(f"unrecognized arguments: {' '.join(train_flags)}")
     if args.command == "run":
         return run(args, train_flags)
+    if args.command == "rerule":
+        return rerule(args, train_flags)
     if args.command == "table":
         return write_table(args.cv_dir, args.class_mix)
     return compare(args.first, args.second)

@@ -22,13 +22,19 @@ import itertools
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from scipy import ndimage
+from tqdm import tqdm
 
-from metrics import Counts, dice_from_counts
+import dataset
+from config import Config
+from inference import native_probabilities
+from metrics import Counts, dice_from_counts, dice_per_image
+from utils import load_checkpoint, save_checkpoints, save_json
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -275,3 +281,41 @@ def search_rule(probabilities: Sequence[np.ndarray], masks: Sequence[np.ndarray]
     order = sorted(range(len(rules)), key=lambda r: (-mean_dice[r], _simplicity(rules[r])))
     table = [{**rules[r].to_dict(), "mean_dice": mean_dice[r]} for r in order]
     return rules[order[0]], table
+
+
+# ----------------------------------------------------------------------------- a trained model's rule
+
+
+def choose_decision_rule(checkpoint_path: Path, pairs: Sequence[dataset.Pair], config: Config,
+                         device: torch.device) -> dict:
+    """Search threshold and component rules on the validation images at native size; store the best in the checkpoint.
+
+    The best checkpoint's model predicts every validation image as test.py
+    would (same preprocessing, probability resized back to the image's own
+    size); `postprocess.search_rule` keeps the rule with the highest mean
+    per-image Dice. Only the run's own validation images (`pairs`) are used.
+    With RULE_MOST_PROBABLE the search also tries the most probable component.
+    The rule goes into best.pt (test.py applies it by default) and
+    decision_rule.json; the summary (without the candidates' table) is returned.
+    """
+    loaded = load_checkpoint(checkpoint_path, device)
+    probabilities, masks = [], []
+    for start in tqdm(range(0, len(pairs), config.BATCH_SIZE), desc="choosing the decision rule", leave=False,
+                      dynamic_ncols=True):
+        batch = pairs[start:start + config.BATCH_SIZE]
+        images = [dataset.read_image(pair.image_path, config.IN_CHANNELS) for pair in batch]
+        probabilities += native_probabilities(loaded.model, loaded.config, images, device)
+        masks += [dataset.read_mask(pair.mask_path) for pair in batch]
+    rule, table = search_rule(probabilities, masks, keep_most_probable=(False, True) if config.RULE_MOST_PROBABLE
+                              else (False,))
+    plain_rule = DecisionRule(threshold=config.THRESHOLD)
+    plain_dice = float(np.mean([dice_per_image(plain_rule.apply(p)[None], m[None]).item()
+                                for p, m in zip(probabilities, masks, strict=True)]))
+    result = {"rule": rule.to_dict(), "text": rule.describe(), "val_dice_with_rule": table[0]["mean_dice"],
+              "val_dice_threshold_only": plain_dice, "threshold_only": config.THRESHOLD,
+              "val_images": len(pairs), "candidates": table}
+    save_json(checkpoint_path.parent / "decision_rule.json", result)
+    save_checkpoints([checkpoint_path], {**loaded.state, "decision_rule": rule.to_dict()})
+    print(f"decision rule: {rule.describe()}: validation Dice at native size {table[0]['mean_dice']:.4f} "
+          f"(threshold {config.THRESHOLD} alone: {plain_dice:.4f})")
+    return {k: v for k, v in result.items() if k != "candidates"}

@@ -39,11 +39,10 @@ from tqdm import tqdm
 import dataset
 from checkpoints import restore_random_draws, restore_training_state, training_state
 from config import TRAINING_KEYS, Config, build_parser, config_from_args
-from inference import native_probabilities
 from losses import BCEDiceLoss
 from metrics import MetricTracker, dice_per_image
 from model import count_parameters
-from postprocess import DecisionRule, search_rule
+from postprocess import choose_decision_rule
 from runfolder import SUMMARY_FILE, is_unfinished_run, read_saved_config, read_split, read_summary, run_progress
 from utils import (CheckpointError, OutputError, RunFolderBusy, autocast, average_over_processes, build_model,
                    compile_model, from_main_process, gather_objects, interruption, is_main_process, load_checkpoint,
@@ -796,7 +795,8 @@ def finish_run(trainer: Trainer, data: dataset.LoadedDataset, split: dataset.Spl
                reason: str, training_minutes: float) -> None:
     """After the last epoch (main process): the decision rule search, summary.json and TensorBoard's HParams."""
     config, run_dir = trainer.config, progress.run_dir
-    rule_summary = choose_decision_rule(run_dir / "best.pt", data, split.val, config, trainer.device) \
+    rule_summary = choose_decision_rule(run_dir / "best.pt", [data.pairs[i] for i in split.val], config,
+                                        trainer.device) \
         if config.SEARCH_RULE else None
     save_json(run_dir / SUMMARY_FILE, {
         "best_epoch": progress.best_epoch, "best_val_dice": progress.best_dice, "epochs_run": progress.epochs_done,
@@ -813,40 +813,6 @@ def finish_run(trainer: Trainer, data: dataset.LoadedDataset, split: dataset.Spl
         hparams_writer.add_hparams(config.to_dict(), final_scores, run_name=".")  # ".": the run folder itself
     print(f"\nrun folder: {run_dir}\nbest epoch: {progress.best_epoch}, validation Dice {progress.best_dice:.4f}\n"
           f"curves:     tensorboard --logdir {config.RUNS_DIR}")
-
-
-def choose_decision_rule(checkpoint_path: Path, data: dataset.LoadedDataset, val_idx: list[int], config: Config,
-                         device: torch.device) -> dict:
-    """Search threshold and component rules on the validation images at native size; store the best in the checkpoint.
-
-    The best checkpoint's model predicts every validation image as test.py
-    would (same preprocessing, probability resized back to the image's own
-    size); `postprocess.search_rule` keeps the rule with the highest mean
-    per-image Dice. Only the run's own validation images are used. The rule
-    goes into best.pt (test.py applies it by default) and decision_rule.json.
-    """
-    loaded = load_checkpoint(checkpoint_path, device)
-    probabilities, masks = [], []
-    pairs = [data.pairs[i] for i in val_idx]
-    for start in tqdm(range(0, len(pairs), config.BATCH_SIZE), desc="choosing the decision rule", leave=False,
-                      dynamic_ncols=True):
-        batch = pairs[start:start + config.BATCH_SIZE]
-        images = [dataset.read_image(pair.image_path, config.IN_CHANNELS) for pair in batch]
-        probabilities += native_probabilities(loaded.model, loaded.config, images, device)
-        masks += [dataset.read_mask(pair.mask_path) for pair in batch]
-    rule, table = search_rule(probabilities, masks, keep_most_probable=(False, True) if config.RULE_MOST_PROBABLE
-                              else (False,))
-    plain_rule = DecisionRule(threshold=config.THRESHOLD)
-    plain_dice = float(np.mean([dice_per_image(plain_rule.apply(p)[None], m[None]).item()
-                                for p, m in zip(probabilities, masks, strict=True)]))
-    result = {"rule": rule.to_dict(), "text": rule.describe(), "val_dice_with_rule": table[0]["mean_dice"],
-              "val_dice_threshold_only": plain_dice, "threshold_only": config.THRESHOLD,
-              "val_images": len(pairs), "candidates": table}
-    save_json(checkpoint_path.parent / "decision_rule.json", result)
-    save_checkpoints([checkpoint_path], {**loaded.state, "decision_rule": rule.to_dict()})
-    print(f"decision rule: {rule.describe()}: validation Dice at native size {table[0]['mean_dice']:.4f} "
-          f"(threshold {config.THRESHOLD} alone: {plain_dice:.4f})")
-    return {k: v for k, v in result.items() if k != "candidates"}
 
 
 def format_minutes(minutes: float) -> str:

@@ -102,6 +102,7 @@ def test_compare_reports_a_known_shift_per_patient_and_counts_the_looks(cv_dir, 
     # 6 patients all better by 0.05: the exact two-sided Wilcoxon p is 2 / 2**6
     assert "all patients (6): A 0.0000, B 0.0500\nmean difference +0.0500" in out
     assert f"p = {2 / 2**6:.4g}" in out and "B better on 6, worse on 0" in out and "look 1 at these folds" in out
+    assert "held-out slices per failure category" in out  # the same slices' categories: A -> B equal
     assert crossval.main(["compare", str(a), str(b)]) == 0
     out = capsys.readouterr().out
     assert "look 2 at these folds" in out and f"gives p = {2 * 2 / 2**6:.4g}" in out  # Holm over two equal p
@@ -130,6 +131,30 @@ def test_a_config_key_added_since_the_plan_is_no_difference_at_its_default(cv_di
     assert crossval.plan_differences(older, plan) == []
     changed = {**plan, "train_config": {**plan["train_config"], "RULE_MOST_PROBABLE": True}}
     assert crossval.plan_differences(older, changed) == ["train_config.RULE_MOST_PROBABLE: False -> True"]
+
+
+def test_rerule_searches_each_folds_rule_again_without_retraining(cv_dir, tmp_path, capsys):
+    import torch
+    source = copy_of(cv_dir, tmp_path / "runs" / "a")
+    for fold in range(3):  # copy_of leaves out checkpoints: rerule needs the source's weights
+        shutil.copy(cv_dir / f"fold{fold}" / "best.pt", source / f"fold{fold}" / "best.pt")
+    assert crossval.main(["rerule", str(source), "--name", "b", "--rule-most-probable", "true"]) == 0
+    target = tmp_path / "runs" / "b"
+    plan = json.loads((target / "plan.json").read_text())
+    assert plan["train_config"]["RULE_MOST_PROBABLE"] is True and plan["rule_searched_again_from"] == str(source)
+    assert (target / "splits.json").read_text() == (source / "splits.json").read_text()
+    for fold in range(3):
+        candidates = json.loads((target / f"fold{fold}" / "decision_rule.json").read_text())["candidates"]
+        assert len(candidates) == 9 * 3 * 4 * 2 and any(row["keep_most_probable"] for row in candidates)
+        before = torch.load(source / f"fold{fold}" / "best.pt", weights_only=False)["model"]
+        after = torch.load(target / f"fold{fold}" / "best.pt", weights_only=False)["model"]
+        assert all(torch.equal(before[key], after[key]) for key in before)  # the weights are not retrained
+        assert (target / "heldout" / f"fold{fold}" / "metrics.csv").is_file()
+    assert not list(target.glob(".*partial"))
+    with pytest.raises(SystemExit) as refused:  # a training flag changes the weights: argparse refuses it
+        crossval.main(["rerule", str(source), "--name", "c", "--epochs", "3"])
+    assert refused.value.code == 2
+    assert "changes training" in capsys.readouterr().err and not (tmp_path / "runs" / "c").exists()
 
 
 def test_a_stray_fold_folder_is_refused_and_never_pooled(cv_dir, demo_root, tmp_path, capsys):
