@@ -3,7 +3,10 @@
 last.pt and best.pt hold the model, optimiser, learning-rate schedule, loss
 scaler, hard-example sampler and every process's random states, so that
 `train.py --resume` continues exactly; utils.save_checkpoints and
-utils.load_checkpoint write and read the files themselves.
+utils.load_checkpoint write and read the files themselves. With EMA_DECAY,
+"model" holds the averaged weights (what test.py, export.py and the decision
+rule's search load), "trained_model" the last step's and "ema" the average's
+update count.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import nn
 
 import dataset
 from config import Config
+from ema import ModelEMA
 from utils import gather_objects, model_arguments, random_states, restore_random_states
 
 
@@ -26,13 +30,14 @@ def hard_sampler(loader: torch.utils.data.DataLoader) -> dataset.HardExampleSamp
 
 def training_state(config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None,
                    scaler: torch.amp.GradScaler, train_loader: torch.utils.data.DataLoader,
-                   progress: dict[str, Any], val: dict[str, float]) -> dict[str, Any]:
+                   progress: dict[str, Any], val: dict[str, float], ema: ModelEMA | None = None) -> dict[str, Any]:
     """Everything a checkpoint saves after an epoch; `progress` holds epoch, best_dice, best_epoch and minutes.
 
     Collective under torchrun: every process's random states are gathered.
+    With `ema`, "model" is the averaged weights (see `model_entries`).
     """
     sampler = hard_sampler(train_loader)
-    return {"model_args": model_arguments(config, getattr(model, "type_classes", ())), "model": model.state_dict(),
+    return {"model_args": model_arguments(config, getattr(model, "type_classes", ())), **model_entries(model, ema),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict(),
@@ -42,11 +47,28 @@ def training_state(config: Config, model: nn.Module, optimizer: torch.optim.Opti
             "metrics": {k: float(v) for k, v in val.items()}, "config": config.to_dict()}
 
 
+def model_entries(model: nn.Module, ema: ModelEMA | None) -> dict[str, Any]:
+    """A checkpoint's weights: {"model": ...} alone without `ema` (as before EMA_DECAY existed).
+
+    With `ema`, "model" is the averaged weights, the key every loader reads
+    (utils.load_checkpoint: test.py, export.py, the decision rule's search),
+    so they use the average unchanged; the last step's weights ("trained_model")
+    and the average's state ("ema") are kept for an exact --resume.
+    """
+    if ema is None:
+        return {"model": model.state_dict()}
+    return {"model": ema.module.state_dict(), "trained_model": model.state_dict(), "ema": ema.state_dict()}
+
+
 def restore_training_state(resumed: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
                            scheduler: Any | None, scaler: torch.amp.GradScaler,
-                           train_loader: torch.utils.data.DataLoader) -> None:
-    """Load last.pt's weights, optimiser, schedule, scaler and sampler state into the freshly built objects."""
-    model.load_state_dict(resumed["model"])
+                           train_loader: torch.utils.data.DataLoader, ema: ModelEMA | None = None) -> None:
+    """Load last.pt's weights, optimiser, schedule, scaler, sampler and `ema` state into the freshly built objects."""
+    if ema is None:
+        model.load_state_dict(resumed["model"])
+    else:
+        model.load_state_dict(resumed["trained_model"])
+        ema.load_state_dict(resumed["model"], resumed["ema"])
     optimizer.load_state_dict(resumed["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(resumed["scheduler"])

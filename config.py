@@ -67,6 +67,7 @@ class Config:
     BCE_WEIGHT: float = 1.0  # weight of binary cross-entropy in the loss
     DICE_WEIGHT: float = 1.0  # weight of soft Dice in the loss
     DICE_RECALL_WEIGHT: float = 0.5  # Dice term's weight of missed tumour vs false alarm; 0.5 = Dice, 0.7 = Tversky
+    EMA_DECAY: float = 0.0  # validate and save a moving average of the weights, decay per step (e.g. 0.999); 0 = off
     THRESHOLD: float = 0.5  # probability above which a pixel counts as tumour (in training's validation)
     SEARCH_RULE: bool = True  # after training, choose threshold and component rules on validation (test.py uses it)
     RULE_MOST_PROBABLE: bool = False  # the rule search also tries keeping only the component of highest summed probability
@@ -120,6 +121,7 @@ class Config:
             (min(self.BCE_WEIGHT, self.DICE_WEIGHT) >= 0, "BCE_WEIGHT and DICE_WEIGHT must not be negative"),
             (self.TYPE_WEIGHT >= 0, "TYPE_WEIGHT must not be negative"),
             (0 < self.DICE_RECALL_WEIGHT < 1, "DICE_RECALL_WEIGHT must lie strictly between 0 and 1"),
+            (0 <= self.EMA_DECAY < 1, "EMA_DECAY must lie from 0 (off) to below 1"),
             # The stem halves the resolution once more: the padded input is a multiple of 2**(DEPTH + 1).
             (self.STEM != "space_to_depth" or self.IMAGE_SIZE >= 2**(self.DEPTH + 1),
              f"IMAGE_SIZE must be at least 2**(DEPTH + 1) = {2**(self.DEPTH + 1)} with STEM space_to_depth"),

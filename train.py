@@ -39,6 +39,7 @@ from tqdm import tqdm
 import dataset
 from checkpoints import restore_random_draws, restore_training_state, training_state
 from config import TRAINING_KEYS, Config, build_parser, config_from_args
+from ema import ModelEMA
 from losses import BCEDiceLoss
 from metrics import MetricTracker, dice_per_image
 from model import count_parameters
@@ -176,13 +177,15 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, op
                     scheduler: LRScheduler | None, device: torch.device, threshold: float, desc: str,
                     on_step: Callable[[int, float], None] | None = None, amp: str = "off",
                     scaler: torch.amp.GradScaler | None = None,
-                    memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
+                    memory_format: torch.memory_format = torch.contiguous_format,
+                    ema: ModelEMA | None = None) -> dict[str, float]:
     """One pass over the training data; returns mean loss, mean batch Dice, speed and data-wait share.
 
     `on_step(steps_done, seconds_so_far)` is called after every step (used for the
     time estimate); `amp`, `scaler`: see train_step; batches are given
-    `memory_format`. Raises NonFiniteLossError as soon as a loss is NaN or infinite,
-    and NoStepError when the loader gave no batch.
+    `memory_format`; `ema` (EMA_DECAY) is updated after every step. Raises
+    NonFiniteLossError as soon as a loss is NaN or infinite, and NoStepError
+    when the loader gave no batch.
     """
     model.train()
     losses, dices, seen, waited = [], [], 0, 0.0
@@ -194,6 +197,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, op
         masks = masks.to(device, non_blocking=True)
         types = labels[0].to(device, non_blocking=True) if labels else None
         image_losses, logits = train_step(model, images, masks, loss_fn, optimizer, scheduler, amp, scaler, types)
+        if ema is not None:
+            ema.update()  # the average follows every optimiser step
         if isinstance(loader.sampler, dataset.HardExampleSampler):
             loader.sampler.record(step - 1, image_losses)
         loss = image_losses.mean()
@@ -591,15 +596,16 @@ class Trainer:
 
     config: Config
     device: torch.device
-    model: torch.nn.Module  # holds the weights that checkpoints save
-    evaluated: torch.nn.Module  # runs them: compiled or not
-    trained: torch.nn.Module  # `evaluated`, wrapped in DDP under torchrun (which averages the gradients)
+    model: torch.nn.Module  # holds the weights the optimiser steps (checkpoints save them, or `ema`'s average)
+    evaluated: torch.nn.Module  # what validation runs, compiled or not: `ema`'s average with EMA_DECAY, else `model`
+    trained: torch.nn.Module  # `model` as it trains: compiled or not, in DDP under torchrun (averages the gradients)
     optimisation: Optimisation
     train_loader: DataLoader
     val_loader: DataLoader
     previews: tuple[torch.Tensor, torch.Tensor] | None  # the TensorBoard panel's validation images and masks
     memory_format: torch.memory_format
     announce_estimate: Callable[[int, float], None]
+    ema: ModelEMA | None = None  # the average of `model`'s weights (EMA_DECAY), updated after every step
 
 
 def train(config: Config, data: dataset.LoadedDataset, split: dataset.Split, device: torch.device,
@@ -648,22 +654,38 @@ def setup_training(config: Config, data: dataset.LoadedDataset, split: dataset.S
     print(f"model: {config.MODEL}, {count_parameters(model) / 1e6:.2f} M parameters, on {device}"
           + "".join(f", {name}" for name, on in ((f"AMP {config.AMP}", config.AMP != "off"),
                                                  ("channels last", config.CHANNELS_LAST),
-                                                 ("compiled", config.COMPILE)) if on)
+                                                 ("compiled", config.COMPILE),
+                                                 (f"weight average (EMA) {config.EMA_DECAY}", config.EMA_DECAY)) if on)
           + (f", stem {config.STEM}" if config.STEM != "none" else "")
           + (f", type head on '{config.TYPE_COLUMN}' ({', '.join(type_classes)}; weight {config.TYPE_WEIGHT})"
              if type_classes else ""))
-    evaluated = model
-    if config.COMPILE:
-        example = next(iter(val_loader))[0].to(device, memory_format=memory_format)
-        evaluated = compile_model(model, example)
-    trained = evaluated
-    if rank_and_world()[1] > 1:
-        trained = DistributedDataParallel(evaluated, device_ids=[device.index] if device.type == "cuda" else None)
+    example = next(iter(val_loader))[0].to(device, memory_format=memory_format) if config.COMPILE else None
+    evaluated, trained, ema = runnable_models(model, config, device, example)
     shown = [val_loader.dataset[i] for i in list(val_loader.sampler)[:config.PREVIEW_IMAGES]]
     previews = tuple(map(torch.stack, zip(*shown, strict=True))) if shown else None
     announce = estimate_announcer(config, device, len(train_loader), len(split.val) / len(split.train))
     return Trainer(config, device, model, evaluated, trained, optimisation, train_loader, val_loader, previews,
-                   memory_format, announce)
+                   memory_format, announce, ema)
+
+
+def runnable_models(model: nn.Module, config: Config, device: torch.device,
+                    example: torch.Tensor | None) -> tuple[nn.Module, nn.Module, ModelEMA | None]:
+    """What validation runs, what trains, and the weight average (EMA_DECAY; None when 0): see Trainer.
+
+    With COMPILE (`example`: a validation batch on the device) the model is
+    compiled once; the average's copy is compiled apart, once: its parameters
+    change in place, so validation does not recompile it every epoch. Where
+    the model cannot be compiled (a warning said so), neither is the copy.
+    """
+    compiled = compile_model(model, example) if example is not None else model
+    trained = compiled
+    if rank_and_world()[1] > 1:
+        trained = DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+    if not config.EMA_DECAY:
+        return compiled, trained, None
+    ema = ModelEMA(model, config.EMA_DECAY)
+    evaluated = compile_model(ema.module, example) if compiled is not model else ema.module
+    return evaluated, trained, ema
 
 
 def estimate_announcer(config: Config, device: torch.device, train_steps: int,
@@ -689,7 +711,8 @@ def start_or_restore(trainer: Trainer, progress: RunProgress, resumed: dict | No
             save_csv_row(history_path, HISTORY_COLUMNS)
         return 0.0
     o = trainer.optimisation
-    restore_training_state(resumed, trainer.model, o.optimizer, o.scheduler, o.scaler, trainer.train_loader)
+    restore_training_state(resumed, trainer.model, o.optimizer, o.scheduler, o.scaler, trainer.train_loader,
+                           trainer.ema)
     progress.epochs_done, progress.best_dice = resumed["epoch"], resumed["best_dice"]
     progress.best_epoch = resumed["best_epoch"]
     if is_main_process():
@@ -743,10 +766,12 @@ def run_epoch(trainer: Trainer, epoch: int) -> tuple[dict[str, float], dict[str,
     train_metrics = train_one_epoch(t.trained, t.train_loader, o.loss_fn, o.optimizer, o.scheduler, t.device,
                                     config.THRESHOLD, f"epoch {epoch}/{config.EPOCHS} train",
                                     t.announce_estimate if epoch == 1 else None, config.AMP, o.scaler,
-                                    t.memory_format)
+                                    t.memory_format, t.ema)
     if rank_and_world()[1] > 1:  # BatchNorm statistics: each process updated its own; validate with the saved ones
         for buffer in t.model.buffers():
             dist.broadcast(buffer, src=0)
+        if t.ema is not None:
+            t.ema.copy_buffers()  # the average's are the model's (see ModelEMA): rank 0's now, as saved
     val, probs = evaluate(t.evaluated, t.val_loader, o.loss_fn, t.device, config.THRESHOLD,
                           f"epoch {epoch}/{config.EPOCHS} val", 0 if t.previews is None else len(t.previews[0]),
                           t.memory_format)
@@ -783,7 +808,7 @@ def save_epoch(trainer: Trainer, progress: RunProgress, epoch: int, val: dict[st
     o = trainer.optimisation
     state = training_state(trainer.config, trainer.model, o.optimizer, o.scheduler, o.scaler, trainer.train_loader,
                            {"epoch": epoch, "best_dice": best_dice, "best_epoch": best_epoch, "minutes": minutes},
-                           val)  # collective: every process takes part
+                           val, trainer.ema)  # collective: every process takes part
     if is_main_process():
         run_dir = progress.run_dir
         save_checkpoints([run_dir / "best.pt", run_dir / "last.pt"] if improved else [run_dir / "last.pt"], state)

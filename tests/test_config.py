@@ -18,6 +18,12 @@ def test_defaults_are_the_seed_pipeline():
     assert (c.BASE_CHANNELS, c.DEPTH, c.DEVICE, c.SPLIT_GROUP_COLUMN) == (64, 4, "auto", "auto")
 
 
+def test_weight_average_is_off_by_default_and_takes_a_decay_below_1():
+    assert Config().EMA_DECAY == 0.0
+    assert parse_config(["--ema-decay", "0.999"]).EMA_DECAY == 0.999
+    assert parse_config(["--ema-decay", "0"]).EMA_DECAY == 0.0
+
+
 def test_command_line_overrides_each_type():
     c = parse_config(["--epochs", "3", "--image-size", "128", "--augment", "false",
                       "--learning-rate", "3e-4", "--split-group-column", "patient_id"])
@@ -42,6 +48,9 @@ def test_command_line_overrides_each_type():
     (["--time-limit-minutes", "inf"], "TIME_LIMIT_MINUTES must be a finite number"),
     (["--bce-weight", "-1"], "BCE_WEIGHT and DICE_WEIGHT must not be negative"),
     (["--dice-recall-weight", "1"], "DICE_RECALL_WEIGHT must lie strictly between 0 and 1"),
+    (["--ema-decay", "1"], "EMA_DECAY must lie from 0 (off) to below 1"),
+    (["--ema-decay=-0.1"], "EMA_DECAY must lie from 0 (off) to below 1"),
+    (["--ema-decay", "nan"], "EMA_DECAY must be a finite number"),
     (["--bce-weight", "0", "--dice-weight", "0"], "must not both be 0"),
     (["--run-name", "a/b"], "must be a plain folder name inside RUNS_DIR"),
     (["--run-name", "a\\b"], "must be a plain folder name inside RUNS_DIR"),

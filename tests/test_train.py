@@ -501,19 +501,27 @@ def assert_same_training(run_a, run_b):
     for a, b in zip(rows_a, rows_b):
         for column in ("train_loss", "train_dice", "val_loss", "val_dice", "val_dice_pooled", "learning_rate"):
             assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-6), (column, a["epoch"])
-    weights_a = load_checkpoint(run_a / "last.pt").state["model"]
-    weights_b = load_checkpoint(run_b / "last.pt").state["model"]
-    for name, value in weights_a.items():
-        assert torch.allclose(value.float(), weights_b[name].float(), atol=1e-6), name
+    state_a = load_checkpoint(run_a / "last.pt").state
+    state_b = load_checkpoint(run_b / "last.pt").state
+    assert state_a.get("ema") == state_b.get("ema")  # EMA_DECAY: the average's update count
+    for key in ("model", "trained_model"):  # with EMA_DECAY: the average, and the last step's weights
+        assert (key in state_a) == (key in state_b), key
+        for name, value in state_a.get(key, {}).items():
+            assert torch.allclose(value.float(), state_b[key][name].float(), atol=1e-6), (key, name)
 
 
-@pytest.mark.parametrize("workers, hard_sampling", [(0, 0.0), (2, 0.0), (2, 0.5)])
-def test_resumed_run_repeats_the_uninterrupted_one(demo_root, tmp_path, monkeypatch, capsys, workers, hard_sampling):
-    """3 epochs in one go == 1 epoch, Ctrl-C in epoch 2, --resume: same history, weights and curves."""
+@pytest.mark.parametrize("workers, hard_sampling, ema_decay", [(0, 0.0, 0.0), (2, 0.0, 0.0), (2, 0.5, 0.0),
+                                                                (0, 0.0, 0.5)])
+def test_resumed_run_repeats_the_uninterrupted_one(demo_root, tmp_path, monkeypatch, capsys, workers, hard_sampling,
+                                                   ema_decay):
+    """3 epochs in one go == 1 epoch, Ctrl-C in epoch 2, --resume: same history, weights and curves.
+
+    With EMA_DECAY also the same average (weights and update count) and the same last step's weights.
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--epochs", "3", *TINY,
             "--learning-rate", "0.01", "--lr-schedule", "cosine", "--aug-intensity", "true",
-            "--num-workers", str(workers), "--hard-sampling", str(hard_sampling)]
+            "--num-workers", str(workers), "--hard-sampling", str(hard_sampling), "--ema-decay", str(ema_decay)]
     assert train.main([*args, "--run-name", "whole"]) == 0
     interrupt_at_epoch(monkeypatch, 2, KeyboardInterrupt())
     assert train.main([*args, "--run-name", "split"]) == 130
@@ -524,6 +532,9 @@ def test_resumed_run_repeats_the_uninterrupted_one(demo_root, tmp_path, monkeypa
     out = capsys.readouterr().out
     assert "resuming" in out and "decision rule:" in out
     assert_same_training(tmp_path / "whole", tmp_path / "split")
+    if ema_decay:
+        assert load_checkpoint(tmp_path / "split" / "last.pt").state["ema"]["updates"] == 3 * train.steps_per_epoch(
+            len(json.loads((tmp_path / "split" / "split.json").read_text())["train"]), 8, 1)
     summary = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert summary["epochs_run"] == 3 and summary["stop_reason"] == "all 3 epochs"
     assert "decision_rule" in load_checkpoint(tmp_path / "split" / "best.pt").state
@@ -787,10 +798,121 @@ def test_compile_falls_back_to_the_plain_model_with_a_warning(demo_root, tmp_pat
     assert load_checkpoint(tmp_path / "c" / "last.pt").state["epoch"] == 1
 
 
+# ----------------------------------------------------------------------------- weight average (EMA_DECAY)
+
+def test_ema_off_trains_bit_identically_and_on_changes_only_what_is_validated_and_saved(demo_root, tmp_path):
+    """--ema-decay 0 is the training without it; with an average the steps are the same, the saved model is not."""
+    args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--epochs", "2", *TINY,
+            "--learning-rate", "0.01", "--search-rule", "false"]
+    assert train.main([*args, "--run-name", "plain"]) == 0
+    assert train.main([*args, "--run-name", "off", "--ema-decay", "0"]) == 0
+    assert train.main([*args, "--run-name", "on", "--ema-decay", "0.5"]) == 0
+    plain, off, on = (load_checkpoint(tmp_path / name / "last.pt").state for name in ("plain", "off", "on"))
+    assert set(plain) == set(off) and not {"trained_model", "ema"} & set(off)  # the checkpoint as before
+    for name, value in plain["model"].items():
+        assert torch.equal(value, off["model"][name]), name  # bit for bit
+        assert torch.equal(value, on["trained_model"][name]), name  # averaging never changes a step
+    columns = ("train_loss", "train_dice", "val_loss", "val_dice", "val_dice_pooled", "learning_rate")
+    rows = {name: [[row[c] for c in columns] for row in history_rows(tmp_path / name)] for name in ("plain", "off")}
+    assert rows["plain"] == rows["off"]
+    assert any(not torch.equal(value, on["model"][name]) for name, value in plain["model"].items())
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_ema_in_best_pt_is_the_average_of_every_steps_weights_and_validation_scored_it(demo_root, tmp_path,
+                                                                                        monkeypatch):
+    """The saved model is the hand-computed average (warm-up, then decay 0.3) of the weights after each step."""
+    from torch.utils.data import DataLoader
+
+    import dataset
+    from losses import BCEDiceLoss
+    weights, real_step = [], train.train_step  # weights[0]: the initial ones, then after each step
+
+    def recording_step(model, *args, **kwargs):
+        weights.extend([snapshot(model)] if not weights else [])
+        result = real_step(model, *args, **kwargs)
+        weights.append(snapshot(model))
+        return result
+
+    monkeypatch.setattr(train, "train_step", recording_step)
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "avg",
+                       "--epochs", "2", *TINY, "--learning-rate", "0.01", "--ema-decay", "0.3",
+                       "--search-rule", "false"]) == 0
+    run = tmp_path / "avg"
+    steps = (len(weights) - 1) // 2  # per epoch
+    assert steps >= 2 and len(weights) == 1 + 2 * steps  # 4 updates at least: d_3 = min(0.3, 4/13) is capped
+    average, by_epoch = weights[0], {}
+    for k, after in enumerate(weights[1:]):  # update k: d_k = min(0.3, (1 + k) / (10 + k))
+        decay = min(0.3, (1 + k) / (10 + k))
+        average = {name: decay * average[name] + (1 - decay) * after[name] for name in after}
+        if (k + 1) % steps == 0:
+            by_epoch[(k + 1) // steps] = average
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    for loaded in (best, last):  # what test.py, export.py and the rule's search load
+        expected = by_epoch[loaded.state["epoch"]]
+        for name, value in loaded.model.named_parameters():
+            assert torch.allclose(value, expected[name], atol=1e-6), name
+            assert not torch.allclose(value, loaded.state["trained_model"][name], atol=1e-6), name
+    for name, value in weights[-1].items():
+        assert torch.equal(last.state["trained_model"][name], value), name  # the last step's, kept for --resume
+    # Validation scored the average: best.pt's stored metrics are its model's on the validation images.
+    data = dataset.load_dataset(demo_root, 32, 1)
+    val_stems = json.loads((run / "split.json").read_text())["val"]
+    val_idx = [i for i, pair in enumerate(data.pairs) if pair.stem in val_stems]
+    loader = DataLoader(dataset.SegmentationDataset(data.images[val_idx], data.masks[val_idx], "zscore"),
+                        batch_size=8)
+    scores, _ = train.evaluate(best.model, loader, BCEDiceLoss(), "cpu", 0.5, "val")
+    for name in ("loss", "dice", "dice_pooled"):
+        assert best.state["metrics"][name] == pytest.approx(scores[name], abs=1e-6), name
+
+
+def test_ema_with_compile_validates_the_compiled_average_without_compiling_again_each_epoch(demo_root, tmp_path,
+                                                                                           monkeypatch):
+    """The average's copy is compiled once, at the start; later epochs reuse its graph (its weights change in place)."""
+    graphs, real_compile, real_evaluate, built = [], torch.compile, train.evaluate, {}
+
+    def counting_backend(graph_module, example_inputs):  # dynamo calls it once per graph it compiles
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    def evaluate(*args, **kwargs):
+        result = real_evaluate(*args, **kwargs)
+        built.setdefault("graphs_after_each_validation", []).append(len(graphs))
+        return result
+
+    def runnable_models(*args, **kwargs):
+        built["evaluated"], built["trained"], built["ema"] = result = real_runnable(*args, **kwargs)
+        return result
+
+    real_runnable = train.runnable_models
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counting_backend))
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(train, "runnable_models", runnable_models)
+    torch._dynamo.reset()
+    try:
+        assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "ce",
+                           "--epochs", "3", *TINY, "--compile", "true", "--ema-decay", "0.5",
+                           "--search-rule", "false"]) == 0
+    finally:
+        torch._dynamo.reset()
+    assert built["evaluated"]._orig_mod is built["ema"].module  # validation runs the compiled average
+    assert built["trained"]._orig_mod is not built["ema"].module
+    after = built["graphs_after_each_validation"]
+    assert len(after) == 3 and after[0] == after[-1], after  # nothing compiled after the first epoch
+
+
 # ----------------------------------------------------------------------------- several processes
 
-def test_two_gloo_processes_write_one_complete_run_scored_on_every_validation_image(demo_root, tmp_path):
-    """torchrun with 2 CPU processes: one run folder, and its checkpoint's scores are the whole validation set's."""
+@pytest.mark.parametrize("ema", [[], ["--ema-decay", "0.5"]], ids=["plain", "ema"])
+def test_two_gloo_processes_write_one_complete_run_scored_on_every_validation_image(demo_root, tmp_path, ema):
+    """torchrun with 2 CPU processes: one run folder, and its checkpoint's scores are the whole validation set's.
+
+    With EMA_DECAY each process validates its own copy of the average: the scores agree with rank 0's saved
+    average only if every process kept the same one (weights and BatchNorm statistics).
+    """
     import os
     import subprocess
     import sys
@@ -805,7 +927,7 @@ def test_two_gloo_processes_write_one_complete_run_scored_on_every_validation_im
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "train.py"), "--data-root", str(demo_root), "--runs-dir", str(tmp_path),
                            "--run-name", "ddp", "--epochs", "1", *TINY, "--learning-rate", "0.01",
-                           "--device", "cpu", "--split-group-column", "none", "--test-fraction", "0"],
+                           "--device", "cpu", "--split-group-column", "none", "--test-fraction", "0", *ema],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run folder:") == 1 and done.stdout.count("epoch   1") == 1  # one process speaks
@@ -818,6 +940,7 @@ def test_two_gloo_processes_write_one_complete_run_scored_on_every_validation_im
 
     loaded = load_checkpoint(run / "best.pt")
     assert len(loaded.state["rng"]) == 2  # each process's random streams, for an exact resume
+    assert ("ema" in loaded.state) == bool(ema)
     data = dataset.load_dataset(demo_root, 32, 1)
     val_stems = json.loads((run / "split.json").read_text())["val"]
     val_idx = [i for i, pair in enumerate(data.pairs) if pair.stem in val_stems]
