@@ -55,6 +55,7 @@ class Config:
     STEM: str = "none"  # "none", or "space_to_depth": 2x2 pixel blocks in as channels, out as pixels (~half-size cost)
     TYPE_COLUMN: str = ""  # metadata.csv column a bottleneck head learns to classify (tumor_class); "" = no head
     TYPE_WEIGHT: float = 0.1  # weight of the type head's cross-entropy in the loss (with TYPE_COLUMN)
+    DEEP_SUPERVISION: int = 0  # N (1 .. DEPTH-1): also train 1x1-conv outputs at the N decoder levels below full size; 0 = off
     # --- optimisation
     BATCH_SIZE: int = 16  # images per step
     HARD_SAMPLING: float = 0.0  # share of each epoch drawn in proportion to each slice's latest loss; 0 = plain shuffle
@@ -115,6 +116,9 @@ class Config:
              f"FOLD={self.FOLD})"),
             (min(self.BCE_WEIGHT, self.DICE_WEIGHT) >= 0, "BCE_WEIGHT and DICE_WEIGHT must not be negative"),
             (self.TYPE_WEIGHT >= 0, "TYPE_WEIGHT must not be negative"),
+            (0 <= self.DEEP_SUPERVISION <= self.DEPTH - 1,
+             f"DEEP_SUPERVISION must lie from 0 to DEPTH-1 = {self.DEPTH - 1} (one head per decoder level below "
+             f"full resolution), got {self.DEEP_SUPERVISION}"),
             (0 < self.DICE_RECALL_WEIGHT < 1, "DICE_RECALL_WEIGHT must lie strictly between 0 and 1"),
             # The stem halves the resolution once more: the padded input is a multiple of 2**(DEPTH + 1).
             (self.STEM != "space_to_depth" or self.IMAGE_SIZE >= 2**(self.DEPTH + 1),

@@ -143,15 +143,16 @@ def train_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, loss
     `scaler` (for fp16, whose small gradients would underflow) scales the
     loss and skips steps whose gradients overflowed. With `types` (class
     indices, for a model with a TypeHead) the loss also takes the type logits.
+    A model with deep supervision gives a list of logits in training, full
+    resolution first: the loss takes them all, the returned logits are the first.
     """
     with autocast(images.device, amp):
         output = model(images) if types is None else model(images, return_type=True)
-    if types is None:
-        logits = output
-        losses = loss_fn(logits.float(), masks)
-    else:
-        logits, type_logits = output
-        losses = loss_fn(logits.float(), masks, type_logits.float(), types)
+    segmentation, type_logits = (output, None) if types is None else output
+    levels = segmentation if isinstance(segmentation, list) else [segmentation]
+    logits = levels[0]
+    taken = [level.float() for level in levels] if len(levels) > 1 else logits.float()
+    losses = loss_fn(taken, masks) if types is None else loss_fn(taken, masks, type_logits.float(), types)
     loss = losses.mean()
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
@@ -648,6 +649,7 @@ def setup_training(config: Config, data: dataset.LoadedDataset, split: dataset.S
                                                  ("channels last", config.CHANNELS_LAST),
                                                  ("compiled", config.COMPILE)) if on)
           + (f", stem {config.STEM}" if config.STEM != "none" else "")
+          + (f", deep supervision on {config.DEEP_SUPERVISION} decoder level(s)" if config.DEEP_SUPERVISION else "")
           + (f", type head on '{config.TYPE_COLUMN}' ({', '.join(type_classes)}; weight {config.TYPE_WEIGHT})"
              if type_classes else ""))
     evaluated = model

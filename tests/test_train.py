@@ -942,6 +942,42 @@ def test_space_to_depth_stem_trains_at_twice_the_size(demo_root, tmp_path):
         Config(IMAGE_SIZE=4, DEPTH=2, STEM="space_to_depth")
 
 
+def test_deep_supervision_trains_and_its_checkpoint_predicts_with_the_plain_single_output(demo_root, tmp_path):
+    runs = tmp_path / "runs"
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(runs), "--run-name", "deep", "--epochs", "2",
+                       "--deep-supervision", "1", *TINY]) == 0  # DEPTH 2: one head, at 1/2 resolution
+    best = load_checkpoint(runs / "deep" / "best.pt")  # as test.py and export.py load it, flag still on
+    assert best.state["model_args"]["deep_supervision"] == 1 and best.config.DEEP_SUPERVISION == 1
+    assert {"deep_heads.0.weight", "deep_heads.0.bias"} <= set(best.state["model"])
+    assert "decision_rule" in best.state  # the rule search predicted the validation images with it
+    assert best.model.eval()(torch.randn(2, 1, 32, 32)).shape == (2, 1, 32, 32)
+    test_script = load_script(ROOT / "test.py")
+    assert test_script.main(["--checkpoint", str(runs / "deep" / "best.pt"), "--data-root", str(demo_root),
+                             "--subset", "test", "--report", "false",
+                             "--prediction-root", str(tmp_path / "predictions")]) == 0
+
+
+def test_a_deep_supervision_step_lowers_the_summed_loss_of_every_level(demo_root):
+    import dataset
+    from losses import BCEDiceLoss
+    from model import UNet
+    data = dataset.load_dataset(demo_root, 32, 1)
+    samples = dataset.SegmentationDataset(data.images, data.masks, "zscore", indices=range(16))
+    images, masks = (torch.stack(column) for column in zip(*(samples[i] for i in range(16)), strict=True))
+    torch.manual_seed(0)
+    model = UNet(1, 4, 3, deep_supervision=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = BCEDiceLoss(reduction="none")
+    with torch.no_grad():
+        first_levels = model.train()(images)
+    losses, logits = train.train_step(model, images, masks, loss_fn, optimizer)
+    assert torch.allclose(losses, loss_fn(first_levels, masks))  # the step's loss took all 3 levels
+    assert logits.shape == (16, 1, 32, 32)  # and it returns the full-resolution logits for the Dice
+    for _ in range(20):
+        losses = train.train_step(model, images, masks, loss_fn, optimizer)[0]
+    assert losses.mean().item() < 0.8 * loss_fn(first_levels, masks).mean().item()
+
+
 def test_type_head_on_real_slices_beats_chance_on_held_out_patients(real_subset, tmp_path):
     """~260 real slices at 48 px, 10 epochs (~15 s on one core): the held-out patients' types, better than
     always answering their most common type (measured: 0.67 against 0.44)."""
