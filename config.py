@@ -59,6 +59,7 @@ class Config:
     # --- optimisation
     BATCH_SIZE: int = 16  # images per step
     HARD_SAMPLING: float = 0.0  # share of each epoch drawn in proportion to each slice's latest loss; 0 = plain shuffle
+    BALANCE_COLUMN: str = ""  # metadata.csv column (tumor_class) whose values are drawn equally often per epoch; "" = off
     LEARNING_RATE: float = 1e-3  # Adam step size
     LR_SCHEDULE: str = "constant"  # "constant", or "cosine" decay to 0 over EPOCHS (per step)
     EPOCHS: int = 50  # upper bound on training epochs
@@ -119,6 +120,10 @@ class Config:
             (0 <= self.DEEP_SUPERVISION <= self.DEPTH - 1,
              f"DEEP_SUPERVISION must lie from 0 to DEPTH-1 = {self.DEPTH - 1} (one head per decoder level below "
              f"full resolution), got {self.DEEP_SUPERVISION}"),
+            # Both choose the epoch's draws; combining the two rules is not defined.
+            (not (self.BALANCE_COLUMN and self.HARD_SAMPLING),
+             "BALANCE_COLUMN and HARD_SAMPLING both choose each epoch's slices: use one (--hard-sampling 0 "
+             'or --balance-column "")'),
             (0 < self.DICE_RECALL_WEIGHT < 1, "DICE_RECALL_WEIGHT must lie strictly between 0 and 1"),
             # The stem halves the resolution once more: the padded input is a multiple of 2**(DEPTH + 1).
             (self.STEM != "space_to_depth" or self.IMAGE_SIZE >= 2**(self.DEPTH + 1),

@@ -507,13 +507,15 @@ def assert_same_training(run_a, run_b):
         assert torch.allclose(value.float(), weights_b[name].float(), atol=1e-6), name
 
 
-@pytest.mark.parametrize("workers, hard_sampling", [(0, 0.0), (2, 0.0), (2, 0.5)])
-def test_resumed_run_repeats_the_uninterrupted_one(demo_root, tmp_path, monkeypatch, capsys, workers, hard_sampling):
+@pytest.mark.parametrize("workers, hard_sampling, balance_column",
+                         [(0, 0.0, ""), (2, 0.0, ""), (2, 0.5, ""), (2, 0.0, "tumor_class")])
+def test_resumed_run_repeats_the_uninterrupted_one(demo_root, tmp_path, monkeypatch, capsys, workers, hard_sampling,
+                                                   balance_column):
     """3 epochs in one go == 1 epoch, Ctrl-C in epoch 2, --resume: same history, weights and curves."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--epochs", "3", *TINY,
             "--learning-rate", "0.01", "--lr-schedule", "cosine", "--aug-intensity", "true",
-            "--num-workers", str(workers), "--hard-sampling", str(hard_sampling)]
+            "--num-workers", str(workers), "--hard-sampling", str(hard_sampling), "--balance-column", balance_column]
     assert train.main([*args, "--run-name", "whole"]) == 0
     interrupt_at_epoch(monkeypatch, 2, KeyboardInterrupt())
     assert train.main([*args, "--run-name", "split"]) == 130
@@ -553,6 +555,38 @@ def test_hard_sampling_records_each_drawn_slices_loss_and_is_refused_under_torch
     err = capsys.readouterr().err
     assert "HARD_SAMPLING works in one process only" in err and "Traceback" not in err
     assert not (tmp_path / "hard2").exists()
+
+
+def test_balanced_sampling_draws_each_class_equally_often_and_refuses_what_cannot_work(demo_root, tmp_path,
+                                                                                      monkeypatch, capsys):
+    import dataset
+    config = Config(DATA_ROOT=str(demo_root), IMAGE_SIZE=32, IN_CHANNELS=1, BATCH_SIZE=4,
+                    BALANCE_COLUMN="tumor_class")
+    data = dataset.load_dataset(demo_root, 32, 1)
+    classes = [row["tumor_class"] for row in (dataset.read_metadata(demo_root)[1][p.stem] for p in data.pairs)]
+    train_idx = [i for i in range(len(data.pairs)) if classes[i] != "pituitary"][:14]  # 14 slices, skewed
+    train_idx += [i for i, c in enumerate(classes) if c == "pituitary"][:2]
+    loader, _ = train.make_loaders(data, train_idx, [0, 1], config)
+    assert isinstance(loader.sampler, dataset.BalancedSampler)
+    for _ in range(3):
+        drawn = [classes[train_idx[i]] for i in loader.sampler]
+        assert len(drawn) == 16 and sorted(drawn.count(c) for c in set(classes)) == [5, 5, 6]
+    args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", *TINY]
+    assert train.main([*args, "--balance-column", "grade"]) == 1
+    assert "no column 'grade'" in capsys.readouterr().err
+    blanked = shutil.copytree(demo_root, tmp_path / "blanked")
+    metadata = (blanked / "metadata.csv").read_text().splitlines()
+    metadata[4] = ",".join(metadata[4].split(",")[:-1]) + ","  # the 4th image's tumor_class emptied
+    (blanked / "metadata.csv").write_text("\n".join(metadata) + "\n")
+    stem = metadata[4].split(",")[0]
+    assert train.main([*args, "--data-root", str(blanked), "--balance-column", "tumor_class"]) == 1
+    err = capsys.readouterr().err
+    assert f"images/{stem}.png: no 'tumor_class' for image_id '{stem}'" in err and "Traceback" not in err
+    monkeypatch.setattr(train, "rank_and_world", lambda: (0, 2))  # as if started by torchrun with 2 processes
+    assert train.main([*args, "--balance-column", "tumor_class"]) == 1
+    err = capsys.readouterr().err
+    assert "BALANCE_COLUMN works in one process only" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run folder left
 
 
 def test_sigkill_mid_epoch_then_resume_finishes_with_every_epoch_once(demo_root, tmp_path):
