@@ -1,7 +1,7 @@
 """A training checkpoint's full state (beyond the weights), and putting a resumed run back where it stopped.
 
 last.pt and best.pt hold the model, optimiser, learning-rate schedule, loss
-scaler, hard-example sampler and every process's random states, so that
+scaler, hard-example or balanced sampler and every process's random states, so that
 `train.py --resume` continues exactly; utils.save_checkpoints and
 utils.load_checkpoint write and read the files themselves. With EMA_DECAY,
 "model" holds the averaged weights (what test.py, export.py and the decision
@@ -23,9 +23,13 @@ from ema import ModelEMA
 from utils import gather_objects, model_arguments, random_states, restore_random_states
 
 
-def hard_sampler(loader: torch.utils.data.DataLoader) -> dataset.HardExampleSampler | None:
-    """The loader's hard-example sampler (HARD_SAMPLING), None for any other sampler."""
-    return loader.sampler if isinstance(loader.sampler, dataset.HardExampleSampler) else None
+STATEFUL_SAMPLERS = (dataset.HardExampleSampler, dataset.BalancedSampler)  # their state goes into checkpoints
+
+
+def stateful_sampler(
+        loader: torch.utils.data.DataLoader) -> dataset.HardExampleSampler | dataset.BalancedSampler | None:
+    """The loader's sampler when it keeps state across epochs (HARD_SAMPLING, BALANCE_COLUMN); None otherwise."""
+    return loader.sampler if isinstance(loader.sampler, STATEFUL_SAMPLERS) else None
 
 
 def training_state(config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None,
@@ -36,7 +40,7 @@ def training_state(config: Config, model: nn.Module, optimizer: torch.optim.Opti
     Collective under torchrun: every process's random states are gathered.
     With `ema`, "model" is the averaged weights (see `model_entries`).
     """
-    sampler = hard_sampler(train_loader)
+    sampler = stateful_sampler(train_loader)
     return {"model_args": model_arguments(config, getattr(model, "type_classes", ())), **model_entries(model, ema),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -73,7 +77,7 @@ def restore_training_state(resumed: dict[str, Any], model: nn.Module, optimizer:
     if scheduler is not None:
         scheduler.load_state_dict(resumed["scheduler"])
     scaler.load_state_dict(resumed["scaler"])
-    sampler = hard_sampler(train_loader)
+    sampler = stateful_sampler(train_loader)
     if sampler is not None:
         sampler.load_state_dict(resumed["sampler"])
 

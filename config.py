@@ -56,9 +56,11 @@ class Config:
     STEM: str = "none"  # "none", or "space_to_depth": 2x2 pixel blocks in as channels, out as pixels (~half-size cost)
     TYPE_COLUMN: str = ""  # metadata.csv column a bottleneck head learns to classify (tumor_class); "" = no head
     TYPE_WEIGHT: float = 0.1  # weight of the type head's cross-entropy in the loss (with TYPE_COLUMN)
+    DEEP_SUPERVISION: int = 0  # N (1 .. DEPTH-1): also train 1x1-conv outputs at the N decoder levels below full size; 0 = off
     # --- optimisation
     BATCH_SIZE: int = 16  # images per step
     HARD_SAMPLING: float = 0.0  # share of each epoch drawn in proportion to each slice's latest loss; 0 = plain shuffle
+    BALANCE_COLUMN: str = ""  # metadata.csv column (tumor_class) whose values are drawn equally often per epoch; "" = off
     LEARNING_RATE: float = 1e-3  # Adam step size
     LR_SCHEDULE: str = "constant"  # "constant", or "cosine" decay to 0 over EPOCHS (per step)
     EPOCHS: int = 50  # upper bound on training epochs
@@ -120,6 +122,13 @@ class Config:
              f"FOLD={self.FOLD})"),
             (min(self.BCE_WEIGHT, self.DICE_WEIGHT) >= 0, "BCE_WEIGHT and DICE_WEIGHT must not be negative"),
             (self.TYPE_WEIGHT >= 0, "TYPE_WEIGHT must not be negative"),
+            (0 <= self.DEEP_SUPERVISION <= self.DEPTH - 1,
+             f"DEEP_SUPERVISION must lie from 0 to DEPTH-1 = {self.DEPTH - 1} (one head per decoder level below "
+             f"full resolution), got {self.DEEP_SUPERVISION}"),
+            # Both choose the epoch's draws; combining the two rules is not defined.
+            (not (self.BALANCE_COLUMN and self.HARD_SAMPLING),
+             "BALANCE_COLUMN and HARD_SAMPLING both choose each epoch's slices: use one (--hard-sampling 0 "
+             'or --balance-column "")'),
             (0 < self.DICE_RECALL_WEIGHT < 1, "DICE_RECALL_WEIGHT must lie strictly between 0 and 1"),
             (0 <= self.EMA_DECAY < 1, "EMA_DECAY must lie from 0 (off) to below 1"),
             # The stem halves the resolution once more: the padded input is a multiple of 2**(DEPTH + 1).

@@ -25,6 +25,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -994,3 +995,74 @@ class HardExampleSampler(torch.utils.data.Sampler[int]):
         if state["losses"].shape != self.losses.shape:
             raise ValueError(f"saved sampler losses cover {len(state['losses'])} slices, this split has {self.count}")
         self.losses = state["losses"].clone().float()
+
+
+class BalancedSampler(torch.utils.data.Sampler[int]):
+    """Draws an epoch of `len(labels)` positions in which every class of `labels` comes up equally often (within 1).
+
+    Each of the K classes gets count // K draws and count % K of them,
+    chosen at random each epoch, one more. Inside a class the draws follow
+    a shuffled cycle through its positions, without replacement, continued
+    across epochs and reshuffled when used up: a large class shows every
+    slice once before any slice twice, a small one repeats its slices
+    evenly, never one slice many times by chance (as drawing with
+    replacement would). The epoch's draws are then shuffled together.
+    Everything random comes from `generator`; the cycles are `state_dict`,
+    so with the generator's state a resumed run draws the same epochs.
+
+    Args:
+        labels: the class of each training position 0 .. count-1 (any sortable values, e.g. class indices).
+        generator: the loader's generator, whose state checkpoints save.
+    """
+
+    def __init__(self, labels: Sequence, generator: torch.Generator):
+        if not labels:
+            raise ValueError("BalancedSampler needs at least one labelled position")
+        self.count, self.generator = len(labels), generator
+        classes = sorted(set(labels))
+        self.members = [torch.tensor([i for i, label in enumerate(labels) if label == c]) for c in classes]
+        self.cycles = [torch.empty(0, dtype=torch.long) for _ in classes]  # each class's current shuffled order
+        self.cursors = [0] * len(classes)  # positions of its cycle already drawn
+
+    def __len__(self) -> int:
+        return self.count
+
+    def quotas(self) -> list[int]:
+        """Draws of each class this epoch: count // K, plus one for count % K classes chosen at random."""
+        base, extra = divmod(self.count, len(self.members))
+        lucky = set(torch.randperm(len(self.members), generator=self.generator)[:extra].tolist())
+        return [base + (k in lucky) for k in range(len(self.members))]
+
+    def _draw(self, k: int, number: int) -> list[int]:
+        """The next `number` positions of class k's cycle, reshuffling it whenever it is used up."""
+        drawn: list[int] = []
+        while len(drawn) < number:
+            if self.cursors[k] == len(self.cycles[k]):
+                members = self.members[k]
+                self.cycles[k] = members[torch.randperm(len(members), generator=self.generator)]
+                self.cursors[k] = 0
+            taken = self.cycles[k][self.cursors[k]:self.cursors[k] + number - len(drawn)]
+            drawn += taken.tolist()
+            self.cursors[k] += len(taken)
+        return drawn
+
+    def __iter__(self) -> Iterator[int]:
+        # The whole epoch is drawn here, so the state after it is settled before its checkpoint is written.
+        draws = torch.tensor([p for k, quota in enumerate(self.quotas()) for p in self._draw(k, quota)])
+        return iter(draws[torch.randperm(self.count, generator=self.generator)].tolist())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each class's current cycle and how far it was drawn: with the loader's generator, all a resume needs."""
+        return {"cycles": [cycle.clone() for cycle in self.cycles], "cursors": list(self.cursors)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the cycles a checkpoint saved; refused (ValueError) when they do not fit these labels."""
+        cycles, cursors = state["cycles"], state["cursors"]
+        fits = len(cycles) == len(cursors) == len(self.members) and all(
+            0 <= cursor <= len(cycle) and (len(cycle) == 0 or sorted(cycle.tolist()) == members.tolist())
+            for cycle, cursor, members in zip(cycles, cursors, self.members, strict=True))
+        if not fits:
+            raise ValueError(f"saved balanced-sampler cycles do not fit this split's {len(self.members)} classes "
+                             f"of {self.count} slices")
+        self.cycles = [torch.as_tensor(cycle, dtype=torch.long).cpu() for cycle in cycles]
+        self.cursors = [int(cursor) for cursor in cursors]

@@ -1,6 +1,13 @@
-"""Loss for binary segmentation: weighted BCE + soft Dice (or Tversky), both from logits (+ an optional type term)."""
+"""Loss for binary segmentation: weighted BCE + soft Dice (or Tversky), both from logits (+ an optional type term).
+
+With deep supervision the segmentation term is a weighted sum over the
+network's outputs at several resolutions (`deep_supervision_weights`), each
+against the mask max-pooled to its size (`downsample_mask`).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +46,34 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     return _reduce(1 - (2 * intersection + smooth) / (total + smooth), reduction)
 
 
+def deep_supervision_weights(outputs: int) -> list[float]:
+    """Loss weights of `outputs` segmentation outputs, full resolution first: 1, 1/2, 1/4, .. normalised to sum to 1.
+
+    As nnU-Net weights them: each level down counts half the one above, so
+    the full-resolution output, the one predictions use, dominates. One
+    output gets weight 1 exactly (the loss without deep supervision).
+    """
+    raw = [0.5**level for level in range(outputs)]
+    return [weight / sum(raw) for weight in raw]
+
+
+def downsample_mask(target: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """`target` ({0, 1}, (N, 1, H, W) or (N, H, W)) max-pooled to `size` (h, w); unchanged when already that size.
+
+    A coarse pixel is tumour where any pixel of its block is. nnU-Net takes
+    the nearest pixel instead; here tumours often cover a few dozen pixels,
+    and at 1/8 resolution a nearest-neighbour (or area above 0.5) mask
+    would drop them, or keep them by chance of the sampling grid, teaching
+    the coarse heads "no tumour" on exactly the slices where small tumours
+    are at stake. Max-pooling keeps every tumour, widened by under one
+    coarse pixel at its border: a bias only the auxiliary heads see.
+    """
+    if tuple(target.shape[-2:]) == tuple(size):
+        return target
+    # Adaptive pooling: a mask whose side is not a multiple of the level's factor still gets ceil-sized bins.
+    return F.adaptive_max_pool2d(target.float(), tuple(size))
+
+
 def _check_reduction(reduction: str) -> None:
     """Raise ValueError unless `reduction` is one of REDUCTIONS."""
     if reduction not in REDUCTIONS:
@@ -67,6 +102,11 @@ class BCEDiceLoss(nn.Module):
         recall_weight: the Dice term's weight of missed tumour pixels (`soft_dice_loss`); 0.5 = soft Dice.
         type_weight: weight of the cross-entropy of a type head's logits, added per image when
             `forward` is given them (TYPE_WEIGHT); without them the loss is BCE + Dice alone.
+
+    `forward` also takes a list of logits (deep supervision: full resolution
+    first, then coarser): the BCE + Dice terms are then summed over them with
+    `deep_supervision_weights`, each against `downsample_mask` of the target;
+    the type term is added once.
     """
 
     def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
@@ -79,15 +119,23 @@ class BCEDiceLoss(nn.Module):
         self.bce_weight, self.dice_weight, self.smooth, self.reduction = bce_weight, dice_weight, smooth, reduction
         self.type_weight = type_weight
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, type_logits: torch.Tensor | None = None,
-                type_target: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss of segmentation `logits` against `target`; plus type_weight x cross-entropy of
-        `type_logits` (N, K) against class indices `type_target` (N,) when both are given."""
-        bce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none").flatten(1)
-        per_image = (self.bce_weight * bce.mean(dim=1)
-                     + self.dice_weight * soft_dice_loss(logits, target, self.smooth, reduction="none",
-                                                          recall_weight=self.recall_weight))
+    def forward(self, logits: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor,
+                type_logits: torch.Tensor | None = None, type_target: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of segmentation `logits` (one tensor, or a list full resolution first) against `target`;
+        plus type_weight x cross-entropy of `type_logits` (N, K) against class indices `type_target` (N,)
+        when both are given."""
+        levels = [logits] if isinstance(logits, torch.Tensor) else list(logits)
+        # A single level has weight 1.0 and its own mask: exactly the loss without deep supervision.
+        per_image = sum(weight * self._segmentation_loss(level, downsample_mask(target, level.shape[-2:]))
+                        for weight, level in zip(deep_supervision_weights(len(levels)), levels, strict=True))
         if type_logits is not None and type_target is not None:
             per_image = per_image + self.type_weight * F.cross_entropy(type_logits.float(), type_target,
                                                                        reduction="none")
         return _reduce(per_image, self.reduction)
+
+    def _segmentation_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """bce_weight x BCE + dice_weight x soft Dice of one output, per image (shape (N,))."""
+        bce = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none").flatten(1)
+        return (self.bce_weight * bce.mean(dim=1)
+                + self.dice_weight * soft_dice_loss(logits, target, self.smooth, reduction="none",
+                                                    recall_weight=self.recall_weight))

@@ -6,12 +6,15 @@ up-sampling it is the classic 31.0 M-parameter U-Net. Any input size works:
 the input is padded to a multiple of 2**depth and the output cropped back.
 `build_unet` picks either network by name.
 
-Two optional parts, both off by default (a network without them has exactly
+Three optional parts, all off by default (a network without them has exactly
 the parameters and outputs it always had): a `TypeHead` that classifies the
-image (e.g. the tumour type) from the bottleneck, and a space-to-depth stem
+image (e.g. the tumour type) from the bottleneck, a space-to-depth stem
 (`stem="space_to_depth"`) that folds each 2x2 block of the input into
 channels before the first level and unfolds the output the same way, so a
-2S px image costs about what an S px one costs in the plain network.
+2S px image costs about what an S px one costs in the plain network, and
+deep supervision (`deep_supervision=N`): 1x1-convolution heads on the N
+decoder levels below full resolution whose logits training adds to the loss
+(nnU-Net; Isensee et al., 2021), returned in training mode only.
 """
 
 from __future__ import annotations
@@ -132,6 +135,10 @@ class TypeHead(nn.Sequential):
 
 
 STEMS = ("none", "space_to_depth")
+# What UNet.forward gives: logits, or with deep supervision in training a list of them (full resolution
+# first); with return_type, a pair of that and the type logits.
+SegmentationOutput = (torch.Tensor | list[torch.Tensor]
+                      | tuple[torch.Tensor | list[torch.Tensor], torch.Tensor])
 
 
 class UNet(nn.Module):
@@ -147,16 +154,22 @@ class UNet(nn.Module):
             levels run at half the input's resolution and the output is back at the input's.
         type_classes: names of the image classes a TypeHead on the bottleneck predicts; () = no head.
             With a head, `forward(x, return_type=True)` returns (segmentation logits, type logits (N, K)).
+        deep_supervision: N auxiliary 1x1-conv heads (0 .. depth-1) on the decoder levels at 1/2, 1/4, ..
+            1/2**N of the input's resolution (with N = depth-1 the coarsest is the level just above the
+            bottleneck). In training mode the segmentation logits are then a list, full resolution first,
+            then each head's logits at its level (see `forward`); in eval mode the output is the plain one.
     """
 
     up_block: type[Up] = Up  # the decoder step; subclasses swap it
 
     def __init__(self, in_channels: int = 3, base_channels: int = 64, depth: int = 4, bilinear: bool = False,
-                 stem: str = "none", type_classes: Sequence[str] = ()):
+                 stem: str = "none", type_classes: Sequence[str] = (), deep_supervision: int = 0):
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; choose one of: {', '.join(STEMS)}")
-        self.depth, self.stem = depth, stem
+        if not 0 <= deep_supervision < max(depth, 1):
+            raise ValueError(f"deep_supervision must lie from 0 to depth-1 = {depth - 1}, got {deep_supervision}")
+        self.depth, self.stem, self.deep_supervision = depth, stem, deep_supervision
         self.fold = 2 if stem == "space_to_depth" else 1  # side of the input block one stem position holds
         widths = [base_channels * 2**level for level in range(depth + 1)]
         self.inc = DoubleConv(in_channels * self.fold**2, widths[0])
@@ -168,6 +181,11 @@ class UNet(nn.Module):
         self.type_classes = tuple(type_classes)
         if self.type_classes:  # only then: a network without a head keeps its state dict
             self.type_head = TypeHead(widths[-1], len(self.type_classes))
+        if deep_supervision:  # only then: a network without heads keeps its state dict
+            # Head k sits on the decoder level at 1/2**k of the levels' resolution; like `outc` it gives
+            # fold**2 logits per position, which the stem's shuffle unfolds: 1/2**k of the input's.
+            self.deep_heads = nn.ModuleList(OutConv(widths[k], self.fold**2)
+                                            for k in range(1, deep_supervision + 1))
 
     def set_output_prior(self, foreground_fraction: float) -> None:
         """Start the output bias at logit(foreground_fraction), the share of tumour pixels.
@@ -178,11 +196,17 @@ class UNet(nn.Module):
         """
         fraction = min(max(foreground_fraction, 1e-4), 1 - 1e-4)
         with torch.no_grad():
-            self.outc.bias.fill_(math.log(fraction / (1 - fraction)))
+            for head in [self.outc, *getattr(self, "deep_heads", [])]:  # the heads start from it too
+                head.bias.fill_(math.log(fraction / (1 - fraction)))
 
-    def forward(self, x: torch.Tensor,
-                return_type: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Segmentation logits (N, 1, H, W); with `return_type` (a network with a TypeHead only), also type logits."""
+    def forward(self, x: torch.Tensor, return_type: bool = False) -> SegmentationOutput:
+        """Segmentation logits (N, 1, H, W); with `return_type` (a network with a TypeHead only), also type logits.
+
+        With deep supervision, in training mode only, the segmentation logits
+        are a list: the (N, 1, H, W) logits, then head k's (N, 1, ceil(H/2**k),
+        ceil(W/2**k)) for k = 1 .. deep_supervision. Eval mode (validation,
+        test.py, export.py) always gets the single tensor, as without heads.
+        """
         if return_type and not self.type_classes:
             raise ValueError("return_type=True needs a network built with type_classes (a TypeHead)")
         height, width = x.shape[-2:]
@@ -199,13 +223,21 @@ class UNet(nn.Module):
             skips.append(down(skips[-1]))
         x = skips.pop()
         type_logits = self.type_head(x) if return_type else None
+        levels = []  # decoder outputs, coarsest first: level depth-1 .. 0
         for up in self.ups:
             x = up(x, skips.pop())
-        logits = self.outc(x)
+            levels.append(x)
+        logits = self._unfold(self.outc(x), height, width)
+        if self.deep_supervision and self.training:
+            logits = [logits, *(self._unfold(head(levels[-1 - k]), -(-height // 2**k), -(-width // 2**k))
+                                for k, head in enumerate(self.deep_heads, 1))]
+        return (logits, type_logits) if return_type else logits
+
+    def _unfold(self, logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """A head's logits back to input pixels (the stem's shuffle), cropped to `height` x `width` (no padding)."""
         if self.fold > 1:
             logits = self.shuffle(logits)
-        logits = logits[..., :height, :width]
-        return (logits, type_logits) if return_type else logits
+        return logits[..., :height, :width]
 
 
 class AttentionUNet(UNet):
@@ -224,7 +256,8 @@ ARCHITECTURES: dict[str, type[UNet]] = {"unet": UNet, "attention_unet": Attentio
 
 
 def build_unet(name: str, in_channels: int = 3, base_channels: int = 64, depth: int = 4,
-               bilinear: bool = False, stem: str = "none", type_classes: Sequence[str] = ()) -> UNet:
+               bilinear: bool = False, stem: str = "none", type_classes: Sequence[str] = (),
+               deep_supervision: int = 0) -> UNet:
     """The network called `name`, "unet" or "attention_unet" (exact spelling), with UNet's arguments.
 
     Args:
@@ -235,13 +268,14 @@ def build_unet(name: str, in_channels: int = 3, base_channels: int = 64, depth: 
         bilinear: up-sample with bilinear interpolation instead of transposed convolutions.
         stem: "none" or "space_to_depth" (see UNet).
         type_classes: class names of a TypeHead on the bottleneck; () = none.
+        deep_supervision: number of auxiliary decoder heads (see UNet); 0 = none.
 
     Raises:
-        ValueError: unknown name or stem; the message lists the valid ones.
+        ValueError: unknown name or stem, or deep_supervision outside 0 .. depth-1; the message says which.
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[name](in_channels, base_channels, depth, bilinear, stem, type_classes)
+    return ARCHITECTURES[name](in_channels, base_channels, depth, bilinear, stem, type_classes, deep_supervision)
 
 
 def count_parameters(model: nn.Module) -> int:

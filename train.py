@@ -72,8 +72,10 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     validation image, so no image is validated twice. HARD_SAMPLING > 0
     draws training batches with a dataset.HardExampleSampler (one process
     only: run refuses it under torchrun, see check_sampling), which train_one_epoch
-    feeds the losses. With `types` (a class index per image of `data`: TYPE_COLUMN)
-    the training batches are (images, masks, type indices); validation's stay (images, masks).
+    feeds the losses; BALANCE_COLUMN draws them with a dataset.BalancedSampler
+    over that column's classes (one process only too). With `types` (a class
+    index per image of `data`: TYPE_COLUMN) the training batches are
+    (images, masks, type indices); validation's stay (images, masks).
     """
     rank, world = rank_and_world()
     augment = dataset.training_augmentation(config.SEED + rank, flips=config.AUGMENT, affine=config.AUG_AFFINE,
@@ -89,9 +91,12 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     drop_last = drops_last_batch(len(train_set), config.BATCH_SIZE, world)
     # DistributedSampler pads the training shares to one length; validation must not count an image twice.
     train_sampler = DistributedSampler(train_set, seed=config.SEED) if world > 1 else None
+    balance = balance_labels(config, data)
     if config.HARD_SAMPLING:
         train_sampler = dataset.HardExampleSampler(len(train_set), config.HARD_SAMPLING, config.BATCH_SIZE,
                                                    generator)
+    elif balance is not None:  # Config refuses it together with HARD_SAMPLING
+        train_sampler = dataset.BalancedSampler([balance[i] for i in train_idx], generator)
     return (DataLoader(train_set, shuffle=train_sampler is None, sampler=train_sampler, generator=generator,
                        drop_last=drop_last, **common),
             DataLoader(val_set, sampler=range(rank, len(val_set), world), **common))
@@ -124,10 +129,18 @@ def check_steps(train_images: int, config: Config, world: int) -> None:
 
 
 def check_sampling(config: Config, world: int) -> None:
-    """Raise ValueError if HARD_SAMPLING is asked of `world` > 1 processes (each would need every process's losses)."""
+    """Raise ValueError if HARD_SAMPLING or BALANCE_COLUMN is asked of `world` > 1 processes.
+
+    Hard sampling would need every process's losses in each process; the
+    balanced sampler draws one process's epoch (sharing it out like
+    DistributedSampler does is not implemented).
+    """
     if config.HARD_SAMPLING and world > 1:
         raise ValueError("HARD_SAMPLING works in one process only (each process would need the losses of "
                          "all); use --hard-sampling 0 under torchrun")
+    if config.BALANCE_COLUMN and world > 1:
+        raise ValueError("BALANCE_COLUMN works in one process only (its draws are not shared out among "
+                         'processes); use --balance-column "" under torchrun')
 
 
 def train_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, loss_fn: nn.Module,
@@ -142,15 +155,16 @@ def train_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, loss
     `scaler` (for fp16, whose small gradients would underflow) scales the
     loss and skips steps whose gradients overflowed. With `types` (class
     indices, for a model with a TypeHead) the loss also takes the type logits.
+    A model with deep supervision gives a list of logits in training, full
+    resolution first: the loss takes them all, the returned logits are the first.
     """
     with autocast(images.device, amp):
         output = model(images) if types is None else model(images, return_type=True)
-    if types is None:
-        logits = output
-        losses = loss_fn(logits.float(), masks)
-    else:
-        logits, type_logits = output
-        losses = loss_fn(logits.float(), masks, type_logits.float(), types)
+    segmentation, type_logits = (output, None) if types is None else output
+    levels = segmentation if isinstance(segmentation, list) else [segmentation]
+    logits = levels[0]
+    taken = [level.float() for level in levels] if len(levels) > 1 else logits.float()
+    losses = loss_fn(taken, masks) if types is None else loss_fn(taken, masks, type_logits.float(), types)
     loss = losses.mean()
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
@@ -368,6 +382,7 @@ def check_run(config: Config, resume_dir: str | None) -> tuple[Config, torch.dev
               file=sys.stderr if not group_column else sys.stdout)
     data = load_data(config)
     type_targets(config, data)  # a missing TYPE_COLUMN or value is refused before any run folder
+    balance_labels(config, data)  # and so is a missing BALANCE_COLUMN or value
     split = split_run(config, data)
     check_steps(len(split.train), config, rank_and_world()[1])
     if resume_dir is not None:
@@ -448,6 +463,16 @@ def type_targets(config: Config, data: dataset.LoadedDataset) -> tuple[list[str]
     if not config.TYPE_COLUMN:
         return [], None
     return dataset.type_labels(Path(config.DATA_ROOT), config.TYPE_COLUMN, data.pairs)
+
+
+def balance_labels(config: Config, data: dataset.LoadedDataset) -> list[int] | None:
+    """BALANCE_COLUMN's class index of each image of `data`; None without a BALANCE_COLUMN.
+
+    Raises DatasetError naming a missing metadata.csv or column, and every image without a value.
+    """
+    if not config.BALANCE_COLUMN:
+        return None
+    return dataset.type_labels(Path(config.DATA_ROOT), config.BALANCE_COLUMN, data.pairs)[1]
 
 
 def split_run(config: Config, data: dataset.LoadedDataset) -> dataset.Split:
@@ -657,6 +682,7 @@ def setup_training(config: Config, data: dataset.LoadedDataset, split: dataset.S
                                                  ("compiled", config.COMPILE),
                                                  (f"weight average (EMA) {config.EMA_DECAY}", config.EMA_DECAY)) if on)
           + (f", stem {config.STEM}" if config.STEM != "none" else "")
+          + (f", deep supervision on {config.DEEP_SUPERVISION} decoder level(s)" if config.DEEP_SUPERVISION else "")
           + (f", type head on '{config.TYPE_COLUMN}' ({', '.join(type_classes)}; weight {config.TYPE_WEIGHT})"
              if type_classes else ""))
     example = next(iter(val_loader))[0].to(device, memory_format=memory_format) if config.COMPILE else None

@@ -330,8 +330,10 @@ def from_main_process(value: Any) -> Any:
 def model_arguments(config: Config, type_classes: Sequence[str] = ()) -> dict[str, Any]:
     """The network's own constructor arguments, stored in checkpoints apart from the config.
 
-    `stem` and `type_classes` (the TypeHead's class names, from the data) are
-    stored only when set, so a plain network's arguments are what they always were.
+    `stem`, `type_classes` (the TypeHead's class names, from the data) and
+    `deep_supervision` (the auxiliary heads, whose weights the state dict
+    holds, so a checkpoint rebuilds them to load) are stored only when set,
+    so a plain network's arguments are what they always were.
     """
     arguments: dict[str, Any] = {"name": config.MODEL, "in_channels": config.IN_CHANNELS,
                                  "base_channels": config.BASE_CHANNELS, "depth": config.DEPTH,
@@ -340,6 +342,8 @@ def model_arguments(config: Config, type_classes: Sequence[str] = ()) -> dict[st
         arguments["stem"] = config.STEM
     if type_classes:
         arguments["type_classes"] = list(type_classes)
+    if config.DEEP_SUPERVISION:
+        arguments["deep_supervision"] = config.DEEP_SUPERVISION
     return arguments
 
 
@@ -349,8 +353,8 @@ def build_model_from_arguments(arguments: dict[str, Any]) -> UNet:
 
 
 def build_model(config: Config, type_classes: Sequence[str] = ()) -> UNet:
-    """The network a config describes (MODEL, IN_CHANNELS, BASE_CHANNELS, DEPTH, BILINEAR, STEM), with a
-    TypeHead for `type_classes` when given."""
+    """The network a config describes (MODEL, IN_CHANNELS, BASE_CHANNELS, DEPTH, BILINEAR, STEM,
+    DEEP_SUPERVISION), with a TypeHead for `type_classes` when given."""
     return build_model_from_arguments(model_arguments(config, type_classes))
 
 

@@ -40,6 +40,11 @@ def test_command_line_overrides_each_type():
     (["--normalization", "minmax"], "not one of"),
     (["--val-fraction", "1.5"], "VAL_FRACTION"),
     (["--hard-sampling", "1.2"], "HARD_SAMPLING must lie between 0 and 1"),
+    (["--deep-supervision", "4"], "DEEP_SUPERVISION must lie from 0 to DEPTH-1 = 3"),  # DEPTH 4: 3 decoder levels
+    (["--deep-supervision", "2", "--depth", "2"], "DEEP_SUPERVISION must lie from 0 to DEPTH-1 = 1"),
+    (["--deep-supervision=-1"], "DEEP_SUPERVISION must lie from 0 to DEPTH-1"),
+    (["--balance-column", "tumor_class", "--hard-sampling", "0.5"],
+     "BALANCE_COLUMN and HARD_SAMPLING both choose each epoch's slices"),
     (["--learning-rate", "nan"], "LEARNING_RATE must be a finite number, got nan"),
     (["--val-fraction", "nan"], "VAL_FRACTION must be a finite number"),
     (["--threshold", "nan"], "THRESHOLD must be a finite number"),
@@ -71,6 +76,17 @@ def test_every_float_key_is_checked_for_finiteness():
     for name in ("LEARNING_RATE", "BCE_WEIGHT", "DICE_WEIGHT", "THRESHOLD", "VAL_FRACTION", "TIME_LIMIT_MINUTES"):
         with pytest.raises(ValueError, match=f"^invalid config: {name} must be a finite number"):
             Config(**{name: float("nan")})
+
+
+def test_deep_supervision_up_to_depth_minus_one_is_accepted_and_off_by_default():
+    assert parse_config(["--deep-supervision", "3"]).DEEP_SUPERVISION == 3
+    assert parse_config(["--deep-supervision", "1", "--depth", "2"]).DEEP_SUPERVISION == 1
+    assert Config().DEEP_SUPERVISION == 0
+
+
+def test_a_balance_column_alone_is_accepted_and_off_by_default():
+    assert parse_config(["--balance-column", "tumor_class"]).BALANCE_COLUMN == "tumor_class"
+    assert Config().BALANCE_COLUMN == ""
 
 
 def test_plain_run_names_and_one_zero_weight_are_accepted():

@@ -564,6 +564,45 @@ def test_hard_sampler_repeats_its_epochs_from_the_same_generator_state_and_refus
         dataset.HardExampleSampler(5, 1.5, 2, torch.Generator())
 
 
+# ----------------------------------------------------------------------------- class-balanced sampling
+
+SKEWED = ["glioma"] * 50 + ["meningioma"] * 7 + ["pituitary"] * 4  # 61 slices: 61 = 3 x 20 + 1
+
+
+def test_balanced_sampler_draws_each_class_equally_often_and_cycles_through_each_class_without_replacement():
+    labels = SKEWED
+    sampler = dataset.BalancedSampler(labels, torch.Generator().manual_seed(0))
+    epochs = [list(sampler) for _ in range(5)]
+    for order in epochs:
+        assert len(order) == len(sampler) == 61 and all(0 <= i < 61 for i in order)
+        counts = [sum(labels[i] == c for i in order) for c in ("glioma", "meningioma", "pituitary")]
+        assert sorted(counts) == [20, 20, 21]  # equal within 1, the one extra to a class drawn at random
+    draws = [i for order in epochs for i in order]
+    # Shuffled cycling: over 5 epochs (about 101 draws of the 50 gliomas) every glioma slice comes up
+    # twice or three times, never once or 4 times, as draws with replacement would allow.
+    assert {draws.count(i) for i in range(50)} <= {2, 3}
+    small = [draws.count(i) for i in range(57, 61)]  # 4 pituitary slices share 100 to 105 draws: evenly
+    assert max(small) - min(small) <= 1 and sum(small) in range(100, 106)
+    assert epochs[0] != epochs[1]
+
+
+def test_balanced_sampler_repeats_its_epochs_from_its_state_and_the_generators_and_refuses_a_foreign_state():
+    generator = torch.Generator().manual_seed(3)
+    first = dataset.BalancedSampler(SKEWED, generator)
+    list(first)
+    state, generator_state = first.state_dict(), generator.get_state()
+    expected = [list(first) for _ in range(2)]
+    resumed_generator = torch.Generator().manual_seed(99)  # a fresh run's generator, put back as a resume does
+    resumed = dataset.BalancedSampler(SKEWED, resumed_generator)
+    resumed.load_state_dict(state)
+    resumed_generator.set_state(generator_state)
+    assert [list(resumed) for _ in range(2)] == expected
+    with pytest.raises(ValueError, match="do not fit this split's 2 classes of 5 slices"):
+        dataset.BalancedSampler([0, 0, 1, 1, 1], torch.Generator()).load_state_dict(state)
+    with pytest.raises(ValueError, match="at least one"):
+        dataset.BalancedSampler([], torch.Generator())
+
+
 def test_three_way_split_draws_validation_from_the_other_folds_only():
     groups = [f"p{i // 4}" for i in range(80)]
     for fold in range(4):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import runpy
@@ -169,6 +170,30 @@ def test_type_head_is_exported_as_a_second_output(real_root, tmp_path, form):
     assert info["type_classes"] == list(CLASSES) and info["check"]["type_max_abs_difference"] <= 1e-4
     if form == "onnx":
         assert [o.name for o in onnx.load(str(out)).graph.output] == ["probability", "type_probabilities"]
+
+
+@pytest.mark.parametrize("form", ["onnx", "torchscript"])
+def test_a_deep_supervision_checkpoint_exports_the_plain_networks_single_output(real_root, tmp_path, form):
+    checkpoint = tiny_checkpoint(tmp_path / "deep.pt", real_root, DEEP_SUPERVISION=1)
+    out = tmp_path / f"deep.{form}"
+    assert run_export("--checkpoint", checkpoint, "--format", form, "--out", out, "--check-data", real_root) == 0
+    loaded = load_checkpoint(checkpoint)  # loads with the flag on: the heads are rebuilt and their weights loaded
+    assert loaded.state["model_args"]["deep_supervision"] == 1 and len(loaded.model.deep_heads) == 1
+    # The same network without heads, given every other weight of the checkpoint: what a plain run exports.
+    plain = build_model(dataclasses.replace(loaded.config, DEEP_SUPERVISION=0))
+    plain.load_state_dict({k: v for k, v in loaded.state["model"].items() if not k.startswith("deep_heads.")})
+    batch = real_batch(real_root, loaded.config)
+    expected = inference.probabilities(loaded.model.eval(), batch, tta=False).numpy()
+    assert np.array_equal(expected, inference.probabilities(plain.eval(), batch, tta=False).numpy())
+    for size in (1, 3):
+        outputs = run_file(out, form, batch[:size])
+        assert len(outputs) == 1 and outputs[0].shape == (size, 1, 64, 64)  # no head's output in the graph
+        assert np.abs(outputs[0] - expected[:size]).max() <= 1e-4
+    info = json.loads((tmp_path / f"deep.{form}.json").read_text())
+    assert [o["name"] for o in info["outputs"]] == ["probability"] and info["check"]["passed"]
+    assert info["model"]["deep_supervision"] == 1
+    if form == "onnx":
+        assert [o.name for o in onnx.load(str(out)).graph.output] == ["probability"]
 
 
 def test_without_data_the_check_runs_on_random_inputs_and_says_so(real_root, tmp_path, capsys):

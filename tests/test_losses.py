@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import BCEDiceLoss, soft_dice_loss
+from losses import BCEDiceLoss, deep_supervision_weights, downsample_mask, soft_dice_loss
 
 
 def test_dice_loss_is_zero_for_confident_correct_predictions():
@@ -110,3 +110,41 @@ def test_recall_weight_outside_zero_one_is_refused(weight):
         BCEDiceLoss(recall_weight=weight)
     with pytest.raises(ValueError, match="recall_weight"):
         soft_dice_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), recall_weight=weight)
+
+
+# ----------------------------------------------------------------------------- deep supervision
+
+
+def test_deep_supervision_weights_halve_per_level_and_sum_to_one():
+    assert deep_supervision_weights(1) == [1.0]
+    assert deep_supervision_weights(2) == pytest.approx([2 / 3, 1 / 3])
+    assert deep_supervision_weights(4) == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15])
+
+
+def test_deep_supervision_loss_is_the_weighted_sum_of_each_levels_loss_against_the_max_pooled_mask():
+    torch.manual_seed(0)
+    target = torch.zeros(2, 1, 16, 16)
+    target[0, :, 3:9, 4:10] = 1
+    target[1, :, 13, 2] = 1  # a one-pixel tumour: nearest-neighbour pooling could drop it, max-pooling keeps it
+    levels = [torch.randn(2, 1, 16 // 2**k, 16 // 2**k) for k in range(3)]
+    type_logits, types = torch.randn(2, 3), torch.tensor([2, 0])
+    loss_fn = BCEDiceLoss(0.7, 1.3, reduction="none", type_weight=0.25, recall_weight=0.6)
+    plain = BCEDiceLoss(0.7, 1.3, reduction="none", recall_weight=0.6)
+    # By hand: weights 1, 1/2, 1/4 over their sum 7/4; masks max-pooled by blocks of 2**k; the type term once.
+    expected = sum(w / 1.75 * plain(level, F.max_pool2d(target, 2**k))
+                   for k, (w, level) in enumerate(zip([1, 0.5, 0.25], levels, strict=True)))
+    expected = expected + 0.25 * F.cross_entropy(type_logits, types, reduction="none")
+    assert torch.allclose(loss_fn(levels, target, type_logits, types), expected)
+    assert torch.allclose(BCEDiceLoss(0.7, 1.3, type_weight=0.25, recall_weight=0.6)(levels, target, type_logits,
+                                                                                      types), expected.mean())
+    assert downsample_mask(target, (4, 4))[1, 0, 3, 0] == 1  # the one-pixel tumour, still there at 1/4
+    # One level, as a tensor or a list of one: exactly the loss without deep supervision.
+    assert torch.equal(plain([levels[0]], target), plain(levels[0], target))
+
+
+def test_masks_of_sides_not_divisible_by_the_factor_pool_to_the_heads_ceil_sized_outputs():
+    target = torch.zeros(1, 1, 37, 50)
+    target[..., 36, 49] = 1  # the last pixel: in the last, partial block
+    pooled = downsample_mask(target, (10, 13))  # ceil(37 / 4), ceil(50 / 4), as UNet's heads give
+    assert pooled.shape == (1, 1, 10, 13) and pooled[..., 9, 12] == 1 and pooled.sum() == 1
+    assert downsample_mask(target, (37, 50)) is target

@@ -171,3 +171,41 @@ def test_space_to_depth_at_256_px_costs_what_the_plain_network_costs_at_128_px()
 def test_unknown_stem_is_refused():
     with pytest.raises(ValueError, match="space_to_depth"):
         build_unet("unet", stem="pixel_shuffle")
+
+
+# ----------------------------------------------------------------------------- deep supervision
+
+
+@pytest.mark.parametrize("name, stem", [("unet", "none"), ("attention_unet", "none"), ("unet", "space_to_depth")])
+def test_deep_supervision_heads_add_coarser_logits_in_training_only(name, stem):
+    torch.manual_seed(0)
+    model = build_unet(name, in_channels=1, base_channels=4, depth=3, stem=stem, deep_supervision=2)
+    x = torch.randn(2, 1, 37, 50)
+    levels = model.train()(x)
+    assert isinstance(levels, list)
+    # Full resolution, then 1/2 and 1/4 of the input, ceil-sized: the padding is cropped off as for the output.
+    assert [tuple(level.shape) for level in levels] == [(2, 1, 37, 50), (2, 1, 19, 25), (2, 1, 10, 13)]
+    model.eval()
+    with torch.no_grad():
+        plain = build_unet(name, in_channels=1, base_channels=4, depth=3, stem=stem).eval()
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("deep_heads.")})
+        assert torch.equal(model(x), plain(x))  # eval: exactly the network without heads, one tensor
+    typed = build_unet(name, 1, 4, 3, stem=stem, type_classes=("a", "b"), deep_supervision=1)
+    (full, half), type_logits = typed.train()(x, return_type=True)
+    assert full.shape == (2, 1, 37, 50) and half.shape == (2, 1, 19, 25) and type_logits.shape == (2, 2)
+    logits, type_logits = typed.eval()(x, return_type=True)
+    assert logits.shape == (2, 1, 37, 50) and type_logits.shape == (2, 2)
+
+
+def test_deep_supervision_adds_only_head_weights_and_their_prior_and_refuses_levels_beyond_the_decoder():
+    plain, deep = UNet(1, 4, 3), UNet(1, 4, 3, deep_supervision=2)
+    extra = set(deep.state_dict()) - set(plain.state_dict())
+    assert extra == {f"deep_heads.{k}.{p}" for k in (0, 1) for p in ("weight", "bias")}
+    assert deep.deep_heads[0].in_channels == 8 and deep.deep_heads[1].in_channels == 16  # levels 1/2 and 1/4
+    assert not hasattr(plain, "deep_heads") and plain.deep_supervision == 0
+    deep.set_output_prior(0.02)
+    for head in deep.deep_heads:
+        assert torch.allclose(torch.sigmoid(head.bias), torch.tensor(0.02))
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match="deep_supervision must lie from 0 to depth-1 = 2"):
+            UNet(1, 4, 3, deep_supervision=bad)

@@ -510,10 +510,11 @@ def assert_same_training(run_a, run_b):
             assert torch.allclose(value.float(), state_b[key][name].float(), atol=1e-6), (key, name)
 
 
-@pytest.mark.parametrize("workers, hard_sampling, ema_decay", [(0, 0.0, 0.0), (2, 0.0, 0.0), (2, 0.5, 0.0),
-                                                                (0, 0.0, 0.5)])
+@pytest.mark.parametrize("workers, hard_sampling, balance_column, ema_decay",
+                         [(0, 0.0, "", 0.0), (2, 0.0, "", 0.0), (2, 0.5, "", 0.0), (2, 0.0, "tumor_class", 0.0),
+                          (0, 0.0, "", 0.5)])
 def test_resumed_run_repeats_the_uninterrupted_one(demo_root, tmp_path, monkeypatch, capsys, workers, hard_sampling,
-                                                   ema_decay):
+                                                   balance_column, ema_decay):
     """3 epochs in one go == 1 epoch, Ctrl-C in epoch 2, --resume: same history, weights and curves.
 
     With EMA_DECAY also the same average (weights and update count) and the same last step's weights.
@@ -521,7 +522,8 @@ def test_resumed_run_repeats_the_uninterrupted_one(demo_root, tmp_path, monkeypa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--epochs", "3", *TINY,
             "--learning-rate", "0.01", "--lr-schedule", "cosine", "--aug-intensity", "true",
-            "--num-workers", str(workers), "--hard-sampling", str(hard_sampling), "--ema-decay", str(ema_decay)]
+            "--num-workers", str(workers), "--hard-sampling", str(hard_sampling), "--balance-column", balance_column,
+            "--ema-decay", str(ema_decay)]
     assert train.main([*args, "--run-name", "whole"]) == 0
     interrupt_at_epoch(monkeypatch, 2, KeyboardInterrupt())
     assert train.main([*args, "--run-name", "split"]) == 130
@@ -564,6 +566,38 @@ def test_hard_sampling_records_each_drawn_slices_loss_and_is_refused_under_torch
     err = capsys.readouterr().err
     assert "HARD_SAMPLING works in one process only" in err and "Traceback" not in err
     assert not (tmp_path / "hard2").exists()
+
+
+def test_balanced_sampling_draws_each_class_equally_often_and_refuses_what_cannot_work(demo_root, tmp_path,
+                                                                                      monkeypatch, capsys):
+    import dataset
+    config = Config(DATA_ROOT=str(demo_root), IMAGE_SIZE=32, IN_CHANNELS=1, BATCH_SIZE=4,
+                    BALANCE_COLUMN="tumor_class")
+    data = dataset.load_dataset(demo_root, 32, 1)
+    classes = [row["tumor_class"] for row in (dataset.read_metadata(demo_root)[1][p.stem] for p in data.pairs)]
+    train_idx = [i for i in range(len(data.pairs)) if classes[i] != "pituitary"][:14]  # 14 slices, skewed
+    train_idx += [i for i, c in enumerate(classes) if c == "pituitary"][:2]
+    loader, _ = train.make_loaders(data, train_idx, [0, 1], config)
+    assert isinstance(loader.sampler, dataset.BalancedSampler)
+    for _ in range(3):
+        drawn = [classes[train_idx[i]] for i in loader.sampler]
+        assert len(drawn) == 16 and sorted(drawn.count(c) for c in set(classes)) == [5, 5, 6]
+    args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path / "runs"), "--epochs", "1", *TINY]
+    assert train.main([*args, "--balance-column", "grade"]) == 1
+    assert "no column 'grade'" in capsys.readouterr().err
+    blanked = shutil.copytree(demo_root, tmp_path / "blanked")
+    metadata = (blanked / "metadata.csv").read_text().splitlines()
+    metadata[4] = ",".join(metadata[4].split(",")[:-1]) + ","  # the 4th image's tumor_class emptied
+    (blanked / "metadata.csv").write_text("\n".join(metadata) + "\n")
+    stem = metadata[4].split(",")[0]
+    assert train.main([*args, "--data-root", str(blanked), "--balance-column", "tumor_class"]) == 1
+    err = capsys.readouterr().err
+    assert f"images/{stem}.png: no 'tumor_class' for image_id '{stem}'" in err and "Traceback" not in err
+    monkeypatch.setattr(train, "rank_and_world", lambda: (0, 2))  # as if started by torchrun with 2 processes
+    assert train.main([*args, "--balance-column", "tumor_class"]) == 1
+    err = capsys.readouterr().err
+    assert "BALANCE_COLUMN works in one process only" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no run folder left
 
 
 def test_sigkill_mid_epoch_then_resume_finishes_with_every_epoch_once(demo_root, tmp_path):
@@ -1089,6 +1123,42 @@ def test_space_to_depth_stem_trains_at_twice_the_size(demo_root, tmp_path):
     assert loaded.model.eval()(torch.randn(2, 1, 32, 32)).shape == (2, 1, 32, 32)
     with pytest.raises(ValueError, match="STEM space_to_depth"):
         Config(IMAGE_SIZE=4, DEPTH=2, STEM="space_to_depth")
+
+
+def test_deep_supervision_trains_and_its_checkpoint_predicts_with_the_plain_single_output(demo_root, tmp_path):
+    runs = tmp_path / "runs"
+    assert train.main(["--data-root", str(demo_root), "--runs-dir", str(runs), "--run-name", "deep", "--epochs", "2",
+                       "--deep-supervision", "1", *TINY]) == 0  # DEPTH 2: one head, at 1/2 resolution
+    best = load_checkpoint(runs / "deep" / "best.pt")  # as test.py and export.py load it, flag still on
+    assert best.state["model_args"]["deep_supervision"] == 1 and best.config.DEEP_SUPERVISION == 1
+    assert {"deep_heads.0.weight", "deep_heads.0.bias"} <= set(best.state["model"])
+    assert "decision_rule" in best.state  # the rule search predicted the validation images with it
+    assert best.model.eval()(torch.randn(2, 1, 32, 32)).shape == (2, 1, 32, 32)
+    test_script = load_script(ROOT / "test.py")
+    assert test_script.main(["--checkpoint", str(runs / "deep" / "best.pt"), "--data-root", str(demo_root),
+                             "--subset", "test", "--report", "false",
+                             "--prediction-root", str(tmp_path / "predictions")]) == 0
+
+
+def test_a_deep_supervision_step_lowers_the_summed_loss_of_every_level(demo_root):
+    import dataset
+    from losses import BCEDiceLoss
+    from model import UNet
+    data = dataset.load_dataset(demo_root, 32, 1)
+    samples = dataset.SegmentationDataset(data.images, data.masks, "zscore", indices=range(16))
+    images, masks = (torch.stack(column) for column in zip(*(samples[i] for i in range(16)), strict=True))
+    torch.manual_seed(0)
+    model = UNet(1, 4, 3, deep_supervision=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = BCEDiceLoss(reduction="none")
+    with torch.no_grad():
+        first_levels = model.train()(images)
+    losses, logits = train.train_step(model, images, masks, loss_fn, optimizer)
+    assert torch.allclose(losses, loss_fn(first_levels, masks))  # the step's loss took all 3 levels
+    assert logits.shape == (16, 1, 32, 32)  # and it returns the full-resolution logits for the Dice
+    for _ in range(20):
+        losses = train.train_step(model, images, masks, loss_fn, optimizer)[0]
+    assert losses.mean().item() < 0.8 * loss_fn(first_levels, masks).mean().item()
 
 
 def test_type_head_on_real_slices_beats_chance_on_held_out_patients(real_subset, tmp_path):
