@@ -228,6 +228,15 @@ def field_comments() -> dict[str, str]:
             for node in class_body if isinstance(node, ast.AnnAssign)}
 
 
+def reference_table() -> str:
+    """docs/reference.md's table of every config key: its default and its comment (`python config.py --reference`)."""
+    comments = field_comments()
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{field.name}` | `{field.default!r}` | {comments[field.name]} |"
+              for field in dataclasses.fields(Config)]
+    return "\n".join(lines) + "\n"
+
+
 class _Refused(argparse.Action):
     """A config key the script does not take: parsing stops with the parser's `refusal` message."""
 
@@ -284,3 +293,10 @@ def with_recipe(base: Config, overrides: dict[str, Any]) -> Config:
     if recipe and recipe not in RECIPES:
         raise ValueError(f"invalid config: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     return dataclasses.replace(base, **{**RECIPES.get(recipe, {}), **overrides})
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] != ["--reference"]:
+        sys.exit("usage: python config.py --reference   # prints docs/reference.md's config table")
+    print(reference_table(), end="")
