@@ -1,4 +1,4 @@
-"""report.py: the page test.py writes, opened in a real headless browser, and the generated tables of docs/reference.md."""
+"""report.py: the page test.py writes, opened in a real headless browser, and docs/reference.md's generated tables."""
 
 import csv
 import html
