@@ -8,7 +8,7 @@ line without touching this file: key `FOO_BAR` is `--foo-bar VALUE`
 The defaults reproduce the seed pipeline (RGB input, ImageNet statistics,
 256 px, 64 base channels). On a CPU, `--image-size 128 --base-channels 16
 --in-channels 1 --normalization zscore --lr-schedule cosine` trains about 60x
-faster per image; see README.md for the measured speed and Dice.
+faster per image; see docs/speed.md and docs/results.md for the measured speed and Dice.
 """
 
 from __future__ import annotations
@@ -177,12 +177,12 @@ RECIPES: dict[str, dict[str, Any]] = {
              "SEARCH_RULE": False},
     # At most 20 minutes per run on one CPU core with bf16 instructions (AVX512-BF16 or AMX): small, grayscale,
     # four levels, a 22-epoch cosine, head crop and every augmentation. Chosen over the 13-epoch five-level
-    # recipe (now the baseline of README "Results") by the inner validation of 3 patient folds.
+    # recipe (now the baseline of docs/results.md) by the inner validation of 3 patient folds.
     "cpu": {"IMAGE_SIZE": 128, "IN_CHANNELS": 1, "NORMALIZATION": "zscore", "BASE_CHANNELS": 16, "DEPTH": 4,
             "LEARNING_RATE": 1e-3, "BATCH_SIZE": 16, "EPOCHS": 22, "LR_SCHEDULE": "cosine", "CROP": True,
             "AUGMENT": True, "AUG_AFFINE": True, "AUG_INTENSITY": True, "AUG_ELASTIC": True,
             "AMP": "auto", "CHANNELS_LAST": True},
-    # The budget curve's best measured point (README "Results"): the 13-epoch five-level baseline trained 44
+    # The budget curve's best measured point (docs/results.md): the 13-epoch five-level baseline trained 44
     # epochs, about 50 minutes on one core; still improving there, so more epochs may pay further.
     "cpu-long": {"IMAGE_SIZE": 128, "IN_CHANNELS": 1, "NORMALIZATION": "zscore", "BASE_CHANNELS": 16, "DEPTH": 5,
                  "LEARNING_RATE": 1e-3, "BATCH_SIZE": 16, "EPOCHS": 44, "LR_SCHEDULE": "cosine", "CROP": True,
