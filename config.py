@@ -8,7 +8,7 @@ line without touching this file: key `FOO_BAR` is `--foo-bar VALUE`
 The defaults reproduce the seed pipeline (RGB input, ImageNet statistics,
 256 px, 64 base channels). On a CPU, `--image-size 128 --base-channels 16
 --in-channels 1 --normalization zscore --lr-schedule cosine` trains about 60x
-faster per image; see README.md for the measured speed and Dice.
+faster per image; see docs/speed.md and docs/results.md for the measured speed and Dice.
 """
 
 from __future__ import annotations
@@ -188,12 +188,12 @@ RECIPES: dict[str, dict[str, Any]] = {
              "SEARCH_RULE": False},
     # At most 20 minutes per run on one CPU core with bf16 instructions (AVX512-BF16 or AMX): small, grayscale,
     # four levels, a 22-epoch cosine, head crop and every augmentation. Chosen over the 13-epoch five-level
-    # recipe (now the baseline of README "Results") by the inner validation of 3 patient folds.
+    # recipe (now the baseline of docs/results.md) by the inner validation of 3 patient folds.
     "cpu": {"IMAGE_SIZE": 128, "IN_CHANNELS": 1, "NORMALIZATION": "zscore", "BASE_CHANNELS": 16, "DEPTH": 4,
             "LEARNING_RATE": 1e-3, "BATCH_SIZE": 16, "EPOCHS": 22, "LR_SCHEDULE": "cosine", "CROP": True,
             "AUGMENT": True, "AUG_AFFINE": True, "AUG_INTENSITY": True, "AUG_ELASTIC": True,
             "AMP": "auto", "CHANNELS_LAST": True},
-    # The budget curve's best measured point (README "Results"): the 13-epoch five-level baseline trained 44
+    # The budget curve's best measured point (docs/results.md): the 13-epoch five-level baseline trained 44
     # epochs, about 50 minutes on one core; still improving there, so more epochs may pay further.
     "cpu-long": {"IMAGE_SIZE": 128, "IN_CHANNELS": 1, "NORMALIZATION": "zscore", "BASE_CHANNELS": 16, "DEPTH": 5,
                  "LEARNING_RATE": 1e-3, "BATCH_SIZE": 16, "EPOCHS": 44, "LR_SCHEDULE": "cosine", "CROP": True,
@@ -237,6 +237,15 @@ def field_comments() -> dict[str, str]:
     class_body = ast.parse(source).body[0].body
     return {node.target.id: comments.get(node.lineno, "")
             for node in class_body if isinstance(node, ast.AnnAssign)}
+
+
+def reference_table() -> str:
+    """docs/reference.md's table of every config key: its default and its comment (`python config.py --reference`)."""
+    comments = field_comments()
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{field.name}` | `{field.default!r}` | {comments[field.name]} |"
+              for field in dataclasses.fields(Config)]
+    return "\n".join(lines) + "\n"
 
 
 class _Refused(argparse.Action):
@@ -295,3 +304,10 @@ def with_recipe(base: Config, overrides: dict[str, Any]) -> Config:
     if recipe and recipe not in RECIPES:
         raise ValueError(f"invalid config: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     return dataclasses.replace(base, **{**RECIPES.get(recipe, {}), **overrides})
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] != ["--reference"]:
+        sys.exit("usage: python config.py --reference   # prints docs/reference.md's config table")
+    print(reference_table(), end="")

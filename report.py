@@ -1,7 +1,7 @@
 """Turn a test.py prediction folder's numbers and images into report.html, one self-contained page.
 
     python report.py predictions/<run name>     # (re)write predictions/<run name>/report.html
-    python report.py --readme                   # the metric and failure-rule tables README.md carries
+    python report.py --readme                   # the metric and failure-rule tables docs/reference.md carries
 
 test.py writes the page by default. It reads the folder's summary.json and
 metrics.csv; its CSS, script and figures (matplotlib PNGs, base64) are inline
@@ -27,7 +27,7 @@ from metrics import FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY
 from utils import tolerant_console, write_atomic
 
 # Every per-image number metrics.csv may hold: (column, name, unit, meaning). The page's tables and
-# README.md's metric table (`python report.py --readme`) both come from here.
+# docs/reference.md's metric table (`python report.py --readme`) both come from here.
 METRICS = [
     ("dice", "Dice", "", "2 x overlap / (predicted + true pixels), 0 to 1; both masks empty: 1, one empty: 0"),
     ("iou", "IoU", "", "overlap / union (Jaccard); empty masks as Dice"),
@@ -483,7 +483,7 @@ if (/[?&]selftest=1\\b/.test(location.search)) {
 
 
 def readme_tables() -> str:
-    """The Markdown tables of metrics and failure rules that README.md carries, from METRICS and FAILURE_RULES."""
+    """The Markdown tables of metrics and failure rules docs/reference.md carries, from METRICS and FAILURE_RULES."""
     lines = ["| metrics.csv column | unit | meaning |", "| --- | --- | --- |"]
     lines += [f"| `{key}` | {unit} | {meaning} |" for key, _, unit, meaning in METRICS]
     lines += ["", "| category | rule (checked in this order; the first that holds names the image) |",

@@ -12,7 +12,7 @@ The folder needs `images/` (any sizes); with `masks/` each image is also
 scored against its mask at the image's own resolution. `images/` may also
 hold volumes: NIfTI files (.nii, .nii.gz) and DICOM series (one folder per
 series), with optional `masks/<name>.nii.gz`; each is predicted slice by
-slice and its mask written as NIfTI with the input's affine (README
+slice and its mask written as NIfTI with the input's affine (docs/reference.md
 "Volumes"). The model runs at the size it was trained at, as rebuilt from
 the config inside the checkpoint; its probability map is resized back to
 each image before thresholding.

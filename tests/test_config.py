@@ -132,13 +132,29 @@ def test_help_shows_each_keys_comment_from_config_py_and_its_default(monkeypatch
         assert default == f"{field.default!r})"
 
 
-def test_readme_lists_every_config_key_with_its_default_and_comment():
-    from conftest import ROOT
-    from config import field_comments
-    readme = (ROOT / "README.md").read_text()
+def test_reference_table_lists_every_config_key_with_its_default_and_comment():
+    from config import field_comments, reference_table
+    table = reference_table()
     for field in dataclasses.fields(Config):
-        row = f"| `{field.name}` | `{field.default!r}` | {field_comments()[field.name]} |"
-        assert row in readme, f"README's config table is out of date for {field.name}: {row}"
+        assert f"| `{field.name}` | `{field.default!r}` | {field_comments()[field.name]} |\n" in table
+
+
+def test_docs_reference_carries_the_generated_config_table():
+    from conftest import ROOT
+    from config import reference_table
+    reference = (ROOT / "docs" / "reference.md").read_text()
+    assert reference_table() in reference, (
+        "docs/reference.md's config table is out of date: paste `python config.py --reference` into it")
+
+
+def test_config_py_prints_the_reference_table():
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from config import reference_table
+    printed = subprocess.run([sys.executable, "config.py", "--reference"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout
+    assert printed == reference_table()
 
 
 def test_the_long_cpu_recipe_is_the_cpu_recipe_trained_longer():

@@ -1,4 +1,4 @@
-"""report.py: the page test.py writes, opened in a real headless browser, and README's generated tables."""
+"""report.py: the page test.py writes, opened in a real headless browser, and docs/reference.md's generated tables."""
 
 import csv
 import html
@@ -130,9 +130,10 @@ def test_summary_json_is_strict_json(real_predictions):
     json.loads(text, parse_constant=lambda name: pytest.fail(f"summary.json holds {name}"))
 
 
-def test_readme_carries_the_generated_metric_and_rule_tables():
-    readme = (ROOT / "README.md").read_text()
-    assert report.readme_tables() in readme, "README is out of date: paste `python report.py --readme` into it"
+def test_docs_reference_carries_the_generated_metric_and_rule_tables():
+    reference = (ROOT / "docs" / "reference.md").read_text()
+    assert report.readme_tables() in reference, (
+        "docs/reference.md is out of date: paste `python report.py --readme` into it")
 
 
 def test_number_cells_sort_undefined_values_last():
