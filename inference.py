@@ -29,6 +29,16 @@ def prepare_image(image: np.ndarray, config: Config) -> tuple[torch.Tensor, data
     return torch.from_numpy(dataset.normalize(resized, config.NORMALIZATION)), box
 
 
+def sigmoid32(logits: torch.Tensor) -> torch.Tensor:
+    """sigmoid(logits) computed in float32, whatever precision the logits came in.
+
+    Under bf16 autocast the model's logits are bf16; a sigmoid applied to them
+    stays bf16, whose step near 0.5 (2**-8) is coarser than the decision rule
+    chosen on float32 maps. Casting first keeps only the logits quantised.
+    """
+    return torch.sigmoid(logits.float())
+
+
 def view_probabilities(model: torch.nn.Module, inputs: torch.Tensor, tta: bool) -> list[torch.Tensor]:
     """sigmoid(model(view)) in float32 for each view of `inputs`, turned back to the inputs' orientation.
 
@@ -36,13 +46,13 @@ def view_probabilities(model: torch.nn.Module, inputs: torch.Tensor, tta: bool) 
     """
     with torch.no_grad():
         if not tta:
-            return [torch.sigmoid(model(inputs)).float()]
+            return [sigmoid32(model(inputs))]
         views = []
         for turns in range(4):
             for flip in (False, True):
                 view = torch.rot90(inputs, turns, dims=(2, 3))
                 view = view.flip(3) if flip else view
-                output = torch.sigmoid(model(view)).float()
+                output = sigmoid32(model(view))
                 output = output.flip(3) if flip else output
                 views.append(torch.rot90(output, -turns, dims=(2, 3)))
         return views

@@ -109,6 +109,19 @@ def test_tta_averages_the_eight_orientations():
     assert torch.allclose(averaged, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("tta", [False, True])
+def test_bf16_logits_give_float32_probabilities(tta):
+    # Logits a little either side of 0 (probability 0.5, the usual threshold): bf16's step there is 2**-8,
+    # coarser than the decision rule tuned on float32 maps, so the sigmoid must run on float32 logits.
+    inputs = torch.linspace(-0.02, 0.02, 64).reshape(1, 1, 8, 8)
+    bf16_model = lambda x: x.to(torch.bfloat16)  # noqa: E731  (what autocast's bf16 forward pass returns)
+    maps = inference.probabilities(bf16_model, inputs, tta=tta)
+    expected = torch.sigmoid(inputs.to(torch.bfloat16).float())
+    assert maps.dtype == torch.float32
+    assert torch.allclose(maps, expected, rtol=0, atol=1e-6)  # bf16's step near 0.5 is 0.004
+    assert not torch.equal(maps, maps.to(torch.bfloat16).float())  # not on the bf16 grid
+
+
 def test_tta_run_writes_the_same_outputs(tiny_run, mixed_sizes, tmp_path):
     preds = tmp_path / "preds"
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
