@@ -211,6 +211,20 @@ def test_bad_input_is_refused_by_name_and_writes_nothing(checkpoint_in, tmp_path
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_an_opset_the_exporter_cannot_reach_is_refused_naming_the_lowest_that_works(checkpoint_in, tmp_path,
+                                                                                     capsys):
+    out = tmp_path / "out" / "model.onnx"
+    args = ["--checkpoint", checkpoint_in, "--format", "onnx", "--out", out]
+    assert run_export(*args, "--opset", "17") == 1  # the exporter makes 18 and cannot take Pad down to 17
+    captured = capsys.readouterr()
+    assert "written" not in captured.out and "Traceback" not in captured.err
+    assert "--opset 17 is not available" in captured.err and "the lowest opset that works is 18" in captured.err
+    assert str(checkpoint_in) in captured.err and "nothing was written" in captured.err
+    assert list((tmp_path / "out").iterdir()) == []
+    assert run_export(*args, "--opset", "18") == 0
+    assert [entry.version for entry in onnx.load(str(out)).opset_import if entry.domain in ("", "ai.onnx")] == [18]
+
+
 @pytest.mark.parametrize("existing", ["model.pt", "model.pt.json"])
 def test_existing_output_is_kept_without_overwrite_and_replaced_with_it(checkpoint_in, tmp_path, capsys, existing):
     out = tmp_path / "out" / "model.pt"
