@@ -410,7 +410,9 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
     Readers see the old file or the new one, never half of one; after a crash
     only a hidden staging file can be left (see `remove_stale_staging`). On a
-    write error the staging file is removed and OutputError names `path`.
+    write error the staging file is removed and OutputError names `path`; on
+    an interruption (Ctrl-C, SIGTERM under `sigterm_as_interrupt`) it is
+    removed too and the interruption goes on.
     """
     path = Path(path)
     tmp = path.with_name(staging_name(path.name))
@@ -422,9 +424,11 @@ def write_atomic(path: Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except BaseException as error:  # KeyboardInterrupt too: callers that say "nothing was written" must be right
         tmp.unlink(missing_ok=True)
-        raise OutputError(describe_write_error(path, error)) from error
+        if isinstance(error, OSError):
+            raise OutputError(describe_write_error(path, error)) from error
+        raise
 
 
 def remove_stale_staging(folder: Path) -> list[Path]:

@@ -279,6 +279,27 @@ def test_an_interruption_while_publishing_undoes_it(checkpoint_in, tmp_path, cap
         assert left == []
 
 
+@pytest.mark.parametrize("signal_name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_while_a_file_is_written_leaves_no_staging_file(checkpoint_in, tmp_path, capsys, monkeypatch,
+                                                                 signal_name, code):
+    import os
+    import signal
+    real_fsync, sent = os.fsync, []
+
+    def signalled_fsync(descriptor):
+        if not sent:  # the model's bytes are in its staging file, not yet renamed: a real signal to this process
+            sent.append(signal_name)
+            os.kill(os.getpid(), getattr(signal, signal_name))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", signalled_fsync)
+    out = tmp_path / "out" / "model.pt"
+    assert run_export("--checkpoint", checkpoint_in, "--format", "torchscript", "--out", out) == code
+    monkeypatch.undo()
+    assert sent and "nothing was written" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []  # hidden staging files included
+
+
 def test_readme_example_runs_without_torch_and_matches_the_pipeline(plain, real_root, tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Export: export.py", 1)[1].split("\n## ", 1)[0]
