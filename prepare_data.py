@@ -8,7 +8,8 @@
 
 Every subcommand writes into `<out>.partial` beside `--out` and renames it at
 the end, so an interrupted run never leaves an output that looks complete; on
-an error or Ctrl-C the `.partial` folder is removed again.
+an error, Ctrl-C or SIGTERM the `.partial` folder is removed again (exit code
+1, 130, 143).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from utils import interruption, sigterm_as_interrupt
 from volumes import (AXIS_LETTERS, WINDOW_PERCENTILES, VolumeError, is_nifti, read_nifti, slice_name, slice_spacing,
                      thinnest_axis, volume_stem, window_to_uint8)
 
@@ -924,6 +926,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """prepare_data.py's command line; the exit code."""
     args = build_parser().parse_args(argv)
+    with sigterm_as_interrupt():  # SIGTERM removes the .partial folder like Ctrl-C
+        return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand; the exit code (1 on an error, 130 on Ctrl-C, 143 on SIGTERM)."""
     try:
         if args.command == "demo":
             out = make_demo_dataset(args.out, count=args.count, size=args.size, seed=args.seed,
@@ -941,9 +949,10 @@ def main(argv: list[str] | None = None) -> int:
     except (PrepareError, OSError) as error:  # OSError: a full disk or a folder we may not write to
         print(f"error: {error}", *getattr(error, "__notes__", ()), sep="\n", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as interrupt:
-        print("interrupted", *getattr(interrupt, "__notes__", ()), sep="\n", file=sys.stderr)
-        return 130  # the shell's code for Ctrl-C
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (utils.Terminated)
+        cause, code = interruption(interrupt)
+        print(f"interrupted ({cause})", *getattr(interrupt, "__notes__", ()), sep="\n", file=sys.stderr)
+        return code
     return 0
 
 
