@@ -117,10 +117,27 @@ def unusable_entries(folder: Path) -> dict[Path, str]:
         if path.is_file():
             continue
         if path.is_symlink() and not path.exists():
-            found[path] = f"broken link (target missing: {os.readlink(path)})"
+            found[path] = broken_link_reason(path)
         else:
             found[path] = "not a regular file (a folder or special file with an image name)"
     return found
+
+
+def broken_links(folder: Path) -> dict[Path, str]:
+    """Every link in `folder` whose target is missing, whatever its name, with the reason.
+
+    A volume (.nii.gz) or DICOM series folder that is such a link is neither a
+    file nor a folder, so the volume search passes it over without a word.
+    """
+    if not Path(folder).is_dir():
+        return {}
+    return {path: broken_link_reason(path) for path in sorted(Path(folder).iterdir())
+            if path.is_symlink() and not path.exists()}
+
+
+def broken_link_reason(path: Path) -> str:
+    """Why a link to nothing is skipped, with the target it names."""
+    return f"broken link (target missing: {os.readlink(path)})"
 
 
 def read_image(path: Path, in_channels: int) -> np.ndarray:

@@ -158,7 +158,7 @@ def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
         raise FileNotFoundError(f"{image_dir}: folder of images to predict is missing")
     by_stem = dataset.files_by_stem(image_dir)
     if not by_stem and not volumes.find_volumes(data_root):
-        unusable = "".join(f"; {path.name}: {reason}" for path, reason in dataset.unusable_entries(image_dir).items())
+        unusable = "".join(f"; {path.name}: {reason}" for path, reason in unusable_inputs(image_dir).items())
         raise FileNotFoundError(f"{image_dir}: no {'/'.join(dataset.IMAGE_EXTENSIONS)} images or NIfTI/DICOM "
                                 f"volumes{unusable}")
     shared = sorted(stem for stem, files in by_stem.items() if len(files) > 1)
@@ -169,6 +169,15 @@ def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
     if not mask_dir.is_dir():
         return images, None
     return images, {stem: files[0] for stem, files in dataset.files_by_stem(mask_dir).items()}
+
+
+def unusable_inputs(folder: Path) -> dict[Path, str]:
+    """Entries of an images/ or masks/ folder that neither `find_images` nor `volumes.find_volumes` takes, and why.
+
+    Image-named entries that are not regular files, and links to nothing
+    whatever their name (a volume or DICOM series that is gone).
+    """
+    return {**dataset.unusable_entries(folder), **dataset.broken_links(folder)}
 
 
 def combined_spread(means: list[np.ndarray], spreads: list[np.ndarray]) -> np.ndarray:

@@ -41,7 +41,7 @@ import evaluation
 import report
 from comparison import compare_predictions
 from config import Config, build_parser, config_from_args, parse_bool
-from inference import find_images
+from inference import find_images, unusable_inputs
 from outputs import output_name, publish, start_staging
 from runfolder import newest_checkpoint, subset_images, subset_stems, unfinished_run_warning
 from scoring import Scoring, print_summary, settle_scoring
@@ -189,10 +189,11 @@ def prepare(options: Config, args: argparse.Namespace) -> Job:
             loaded.model.to(memory_format=torch.channels_last)
     images, masks = find_images(Path(options.DATA_ROOT))
     volumes = find_volumes(Path(options.DATA_ROOT))
-    # find_images lists regular files (or links to them) only: the rest would vanish without a word.
-    skipped = dataset.unusable_entries(Path(options.DATA_ROOT) / "images")
+    # find_images and find_volumes list regular files and folders (or links to them) only: the rest would vanish
+    # without a word.
+    skipped = unusable_inputs(Path(options.DATA_ROOT) / "images")
     # A mask that is a broken link leaves its image unscored: say why, not just "no mask".
-    unusable_masks = dataset.unusable_entries(Path(options.DATA_ROOT) / "masks") if masks is not None else {}
+    unusable_masks = unusable_inputs(Path(options.DATA_ROOT) / "masks") if masks is not None else {}
     if args.subset != "all":
         for path in checkpoint_paths:  # in that subset for every member of an ensemble
             images = subset_images(images, path, args.subset)

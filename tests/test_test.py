@@ -1084,6 +1084,26 @@ def test_bad_volumes_are_named_and_the_good_ones_still_predicted(tiny_run, tmp_p
     assert sum("flat.nii.gz" in problem or "offsize.nii" in problem for problem in summary["problems"]) == 2
 
 
+def test_a_broken_link_among_the_volumes_is_named_and_exit_code_says_so(tiny_run, tmp_path, capsys):
+    import nibabel as nib
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    good = np.random.default_rng(6).normal(size=(32, 30, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(good, np.eye(4)), str(root / "images" / "good.nii.gz"))
+    link = root / "images" / "x.nii.gz"
+    link.symlink_to(tmp_path / "gone.nii.gz")
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root",
+                    tmp_path / "out") == 2  # as for a PNG link: predicted, but not everything
+    assert f"warning: {link}: skipped, broken link (target missing: {tmp_path / 'gone.nii.gz'})" in \
+        capsys.readouterr().err
+    assert (tmp_path / "out" / "tiny" / "masks" / "good.nii.gz").is_file()
+    good_path = root / "images" / "good.nii.gz"
+    good_path.unlink()  # only the link left: refused, naming it
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root",
+                    tmp_path / "out2") == 1
+    assert "x.nii.gz: broken link" in capsys.readouterr().err
+
+
 def test_slice_axis_flag_cuts_volumes_across_the_axis_given(tiny_run, tmp_path):
     import nibabel as nib
     root = tmp_path / "data"
