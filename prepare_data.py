@@ -614,16 +614,28 @@ def check_pair(pair: VolumePair, options: NiftiOptions, problems: list[str]) -> 
 
 
 def label_values(labels: np.ndarray, path: Path) -> np.ndarray:
-    """A label volume's values as integers; raises PrepareError for fractions or NaN (an image given as labels)."""
+    """A label volume's values as integers; raises PrepareError for fractions or NaN.
+
+    Such labels come from a label map resampled with linear interpolation
+    (0.9999999, 1.5), or from an image volume the mask pattern caught.
+    """
     if np.issubdtype(labels.dtype, np.integer):
         return labels
-    values = np.asarray(labels, dtype=np.float64)
+    values = np.asarray(labels)  # in its own dtype, so the values are shown as stored (float32 0.9999999, not 1)
     whole = np.isfinite(values) & (values == np.round(values))
     if not whole.all():
-        example = values[~whole].flat[0]
-        raise PrepareError(f"{path}: label volume holds {np.count_nonzero(~whole)} values that are not whole "
-                           f"numbers (e.g. {example:.6g}); is it an image volume? Check --mask-pattern")
+        raise PrepareError(fractional_labels_message(values[~whole], path))
     return values.astype(np.int64)
+
+
+def fractional_labels_message(offending: np.ndarray, path: Path, shown: int = 5) -> str:
+    """Why a label volume with the `offending` (not whole) values is refused, with the values and the remedies."""
+    distinct = np.unique(offending)
+    values = ", ".join(str(value) for value in distinct[:shown]) + (", ..." if len(distinct) > shown else "")
+    return (f"{path}: label volume holds {offending.size} voxel(s) whose value is not a whole number "
+            f"({len(distinct)} distinct: {values}); labels must be whole numbers: resample label volumes with "
+            "nearest-neighbour interpolation, or round them (numpy.rint) where they are whole numbers off by "
+            "rounding; if this file is an image volume, check --mask-pattern")
 
 
 def tumour_mask(labels: np.ndarray, tumour_labels: tuple[int, ...] | None) -> np.ndarray:

@@ -770,6 +770,21 @@ def test_nifti_bad_volume_refuses_the_whole_conversion(tmp_path: Path, capsys: p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no out, no out.partial
 
 
+def test_nifti_resampled_float_labels_are_refused_showing_the_real_values(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    images, masks = tmp_path / "in" / "images", tmp_path / "in" / "labels"
+    write_cases(images, masks)
+    labels = case_volumes("caseB")[1].astype(np.float32)  # as a linear resampling leaves them
+    labels[labels == 1] = np.float32(0.9999999)
+    labels.flat[np.flatnonzero(labels == 0)[:3]] = 1.5
+    write_nifti(masks / "caseB.nii.gz", labels)
+    assert nifti("--images", images, "--masks", masks, "--out", tmp_path / "out") == 1
+    error = capsys.readouterr().err
+    assert "(2 distinct: 0.9999999, 1.5)" in error and "e.g. 1)" not in error
+    assert "nearest-neighbour" in error and "round them" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 def test_nifti_lists_every_input_problem_at_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     images, masks = tmp_path / "images", tmp_path / "labels"
     write_cases(images, masks)
