@@ -201,8 +201,8 @@ def check_output(out: Path, sidecar_path: Path, overwrite: bool) -> None:
 def check_inputs(folder: Path | None, config: Config) -> tuple[torch.Tensor, str]:
     """Up to CHECK_IMAGES slices of `folder` (default: DATA_ROOT) as the model's input, or random ones; and whence.
 
-    An explicit folder must hold readable images (FileNotFoundError,
-    ValueError otherwise); the checkpoint's DATA_ROOT is used only where it
+    An explicit folder must hold readable 2-D images, not only volumes
+    (FileNotFoundError, ValueError otherwise); the checkpoint's DATA_ROOT is used only where it
     has images/, else SYNTHETIC_INPUTS random normal inputs stand in.
     """
     if folder is None:
@@ -217,6 +217,10 @@ def check_inputs(folder: Path | None, config: Config) -> tuple[torch.Tensor, str
     if not (folder / "images").is_dir():
         raise FileNotFoundError(f"{folder}: has no images/ folder for the check")
     images, _ = inference.find_images(folder)
+    if not images:  # find_images accepts a folder of volumes, which the check does not cut into slices
+        raise ValueError(f"{folder / 'images'}: holds no 2-D {'/'.join(dataset.IMAGE_EXTENSIONS)} images for the "
+                         f"check (only NIfTI/DICOM volumes); give --check-data a folder of slices, such as "
+                         "prepare_data.py nifti writes")
     chosen = images[::max(1, len(images) // CHECK_IMAGES)][:CHECK_IMAGES]
     prepared = []
     for path in chosen:

@@ -225,6 +225,18 @@ def test_an_opset_the_exporter_cannot_reach_is_refused_naming_the_lowest_that_wo
     assert [entry.version for entry in onnx.load(str(out)).opset_import if entry.domain in ("", "ai.onnx")] == [18]
 
 
+def test_check_data_with_volumes_only_is_refused_saying_it_holds_no_2d_images(checkpoint_in, tmp_path, capsys):
+    import nibabel as nib
+    volumes_only = tmp_path / "volumes"
+    (volumes_only / "images").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 3), np.float32), np.eye(4)), str(volumes_only / "images" / "v.nii.gz"))
+    assert run_export("--checkpoint", checkpoint_in, "--format", "torchscript", "--out", tmp_path / "out" / "m.pt",
+                      "--check-data", volumes_only) == 1
+    err = capsys.readouterr().err
+    assert f"error: {volumes_only / 'images'}: holds no 2-D .png/.jpg/.jpeg images for the check" in err
+    assert "0 images" not in err and list((tmp_path / "out").iterdir()) == []
+
+
 @pytest.mark.parametrize("existing", ["model.pt", "model.pt.json"])
 def test_existing_output_is_kept_without_overwrite_and_replaced_with_it(checkpoint_in, tmp_path, capsys, existing):
     out = tmp_path / "out" / "model.pt"
