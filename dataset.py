@@ -743,8 +743,37 @@ def three_way_split(count: int, val_fraction: float, test_fraction: float, seed:
     else:
         kept, test = list(range(count)), []
     kept_groups = None if groups is None else [groups[i] for i in kept]
-    train, val = split_indices(len(kept), val_fraction, seed, kept_groups, group_column, root)
+    try:
+        train, val = split_indices(len(kept), val_fraction, seed, kept_groups, group_column, root)
+    except ValueError as error:
+        if not test:
+            raise
+        # Else the message counts only what the held-out set left, as if the data were that small.
+        held_out = held_out_share(test_fraction, folds, fold, fold_column)
+        unit, total = ("image", count) if groups is None else ("group", len(set(groups)))
+        taken = len(test) if groups is None else len({groups[i] for i in test})
+        raise ValueError(f"{error}: {held_out} took {taken} of the {total} {unit}s first and left "
+                         f"{total - taken} for training and validation; use more {unit}s, or "
+                         f"{held_out_remedy(folds, fold_column)}") from error
     return Split([kept[i] for i in train], [kept[i] for i in val], test)
+
+
+def held_out_share(test_fraction: float, folds: int, fold: int, fold_column: str) -> str:
+    """Which setting chose the held-out images, as `three_way_split` gives them precedence, in words."""
+    if fold_column:
+        return f"the held-out fold (--fold-column {fold_column}, --fold {fold})"
+    if folds:
+        return f"the held-out fold (--fold {fold} of --folds {folds})"
+    return f"the held-out share (--test-fraction {test_fraction:g})"
+
+
+def held_out_remedy(folds: int, fold_column: str) -> str:
+    """How to hold out less, for the setting `held_out_share` names."""
+    if fold_column:
+        return "fewer images in that fold"
+    if folds:
+        return "more --folds"
+    return "a smaller --test-fraction (0 holds out none)"
 
 
 # ----------------------------------------------------------------------------- torch dataset

@@ -564,6 +564,17 @@ def test_hard_sampler_repeats_its_epochs_from_the_same_generator_state_and_refus
         dataset.HardExampleSampler(5, 1.5, 2, torch.Generator())
 
 
+def test_a_tiny_set_whose_held_out_share_takes_a_patient_says_so():
+    with pytest.raises(ValueError) as caught:
+        three_way_split(2, 0.2, 0.2, seed=0, groups=["p1", "p2"], group_column="patient_id")
+    message = str(caught.value)
+    assert message.startswith("grouped split needs at least 2 groups in column 'patient_id', found 1")
+    assert "the held-out share (--test-fraction 0.2) took 1 of the 2 groups first and left 1" in message
+    assert "a smaller --test-fraction" in message
+    with pytest.raises(ValueError, match="--folds 2.*took 1 of the 2 groups first.*more --folds"):
+        three_way_split(2, 0.2, 0.0, seed=0, folds=2, fold=0, groups=["p1", "p2"])
+
+
 def test_three_way_split_draws_validation_from_the_other_folds_only():
     groups = [f"p{i // 4}" for i in range(80)]
     for fold in range(4):
