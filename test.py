@@ -47,7 +47,7 @@ from runfolder import newest_checkpoint, subset_images, subset_stems, unfinished
 from scoring import Scoring, print_summary, settle_scoring
 from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, interruption,
                    load_checkpoint, setup_runtime, sigterm_as_interrupt, tolerant_console)
-from volumes import VolumeEntry, find_volumes
+from volumes import VolumeEntry, find_volumes, slice_name_clashes
 
 # The only config keys inference uses; training keys (size, channels...) come from the checkpoint.
 INFERENCE_KEYS = ("DATA_ROOT", "RUNS_DIR", "PREDICTION_ROOT", "BATCH_SIZE", "DEVICE", "THRESHOLD", "TTA", "AMP",
@@ -205,6 +205,10 @@ def prepare(options: Config, args: argparse.Namespace) -> Job:
     if volumes and args.subset != "all":  # a run's split lists images, not volumes
         notes.append(f"{len(volumes)} volume(s) left out: --subset {args.subset} selects the run's split images")
         volumes = []
+    clashes = slice_name_clashes(volumes, images, args.slice_axis)
+    if clashes:  # refused before predicting: one output would silently replace the other
+        raise ValueError(f"{len(clashes)} name clash(es) between images and volume slices; rename one of each "
+                         "pair: " + "; ".join(clashes))
     scoring, scoring_notes = settle_scoring(Path(options.DATA_ROOT), images, checkpoint_paths[0], args,
                                             [entry.stem for entry in volumes])
     notes += scoring_notes

@@ -10,6 +10,7 @@ input in any viewer. nibabel and pydicom are imported when first needed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,3 +256,19 @@ def find_volumes(data_root: Path) -> list[VolumeEntry]:
             raise ValueError(f"{folder}: several volumes share the name(s) {', '.join(shared)}")
     mask_by_stem = {volume_stem(path): path for path in masks}
     return [VolumeEntry(volume_stem(path), path, mask_by_stem.get(volume_stem(path))) for path in found]
+
+
+def slice_name_clashes(entries: list[VolumeEntry], images: list[Path], axis: str = "auto") -> list[str]:
+    """Each image whose name is that of a slice of one of the volumes (`slice_name`), named with the volume.
+
+    Their outputs (masks/<name>.png, metrics.csv rows...) would overwrite each
+    other. Matched by name alone, before any volume is read: with `axis`
+    "auto" any axis letter counts, else only that axis's.
+    """
+    letters = AXIS_LETTERS if axis == "auto" else AXIS_LETTERS[int(axis)]
+    clashes = []
+    for entry in entries:
+        pattern = re.compile(rf"{re.escape(entry.stem)}_[{letters}]\d{{3,}}")
+        clashes += [f"{image} and the slice {image.stem} of the volume {entry.path} would write the same outputs"
+                    for image in images if pattern.fullmatch(image.stem)]
+    return clashes

@@ -1104,6 +1104,23 @@ def test_a_broken_link_among_the_volumes_is_named_and_exit_code_says_so(tiny_run
     assert "x.nii.gz: broken link" in capsys.readouterr().err
 
 
+def test_an_image_named_like_a_volume_slice_is_refused_before_predicting(tiny_run, tmp_path, capsys):
+    import nibabel as nib
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.zeros((32, 30, 4), np.float32), np.eye(4)), str(root / "images" / "case.nii.gz"))
+    Image.fromarray(np.zeros((30, 32), np.uint8)).save(root / "images" / "case_k002.png")  # slice 2 along axis 2
+    Image.fromarray(np.zeros((30, 32), np.uint8)).save(root / "images" / "case_notes.png")  # no slice name
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root",
+                    tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert f"{root / 'images' / 'case_k002.png'} and the slice case_k002 of the volume " \
+           f"{root / 'images' / 'case.nii.gz'} would write the same outputs" in err and "case_notes" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root",
+                    tmp_path / "out", "--slice-axis", "0") == 0  # across axis 0 its slices are case_i000...
+
+
 def test_slice_axis_flag_cuts_volumes_across_the_axis_given(tiny_run, tmp_path):
     import nibabel as nib
     root = tmp_path / "data"
