@@ -21,7 +21,7 @@ import socket
 import sys
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -81,6 +81,21 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def run_interruptible(body: Callable[[], int], outcome: str) -> int:
+    """`body()`'s exit code, SIGTERM handled like Ctrl-C: either is said with `outcome`, and gives 143 or 130.
+
+    For the commands that have nothing of their own to clean up (their
+    temporary folders and `write_atomic` staging files go on the way out).
+    """
+    with sigterm_as_interrupt():
+        try:
+            return body()
+        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (Terminated)
+            cause, code = interruption(error)
+            print(f"\ninterrupted ({cause}): {outcome}", file=sys.stderr)
+            return code
 
 
 def interruption(error: KeyboardInterrupt) -> tuple[str, int]:
