@@ -44,7 +44,8 @@ from inference import find_images, native_probabilities
 from scoring import Scoring
 from model import count_parameters
 from train import build_optimisation, load_data, make_loaders, train_step
-from utils import LoadedCheckpoint, build_model, check_amp, compile_model, memory_format_for, set_seed, setup_runtime
+from utils import (LoadedCheckpoint, build_model, check_amp, compile_model, memory_format_for, run_interruptible,
+                   set_seed, setup_runtime)
 
 SPEED_KEYS = ("AMP", "CHANNELS_LAST", "COMPILE")
 
@@ -171,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.inference is not None and (args.inference < 1 or args.native_size < 1):
         parser.error("--inference and --native-size must be at least 1")
     config = config_from_args(parser, args)
+    return run_interruptible(lambda: run_benchmark(args, config), "the timings stop here")
+
+
+def run_benchmark(args: argparse.Namespace, config: Config) -> int:
+    """Time what the parsed flags ask for and print it; the exit code."""
     if args.inference is not None:
         return bench_inference(config, args.inference, args.native_size)
     try:

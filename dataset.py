@@ -118,10 +118,27 @@ def unusable_entries(folder: Path) -> dict[Path, str]:
         if path.is_file():
             continue
         if path.is_symlink() and not path.exists():
-            found[path] = f"broken link (target missing: {os.readlink(path)})"
+            found[path] = broken_link_reason(path)
         else:
             found[path] = "not a regular file (a folder or special file with an image name)"
     return found
+
+
+def broken_links(folder: Path) -> dict[Path, str]:
+    """Every link in `folder` whose target is missing, whatever its name, with the reason.
+
+    A volume (.nii.gz) or DICOM series folder that is such a link is neither a
+    file nor a folder, so the volume search passes it over without a word.
+    """
+    if not Path(folder).is_dir():
+        return {}
+    return {path: broken_link_reason(path) for path in sorted(Path(folder).iterdir())
+            if path.is_symlink() and not path.exists()}
+
+
+def broken_link_reason(path: Path) -> str:
+    """Why a link to nothing is skipped, with the target it names."""
+    return f"broken link (target missing: {os.readlink(path)})"
 
 
 def read_image(path: Path, in_channels: int) -> np.ndarray:
@@ -727,7 +744,18 @@ def three_way_split(count: int, val_fraction: float, test_fraction: float, seed:
     else:
         kept, test = list(range(count)), []
     kept_groups = None if groups is None else [groups[i] for i in kept]
-    train, val = split_indices(len(kept), val_fraction, seed, kept_groups, group_column, root)
+    try:
+        train, val = split_indices(len(kept), val_fraction, seed, kept_groups, group_column, root)
+    except ValueError as error:
+        if not test:
+            raise
+        # Else the message counts only what the held-out set left, as if the data were that small.
+        held_out = held_out_share(test_fraction, folds, fold, fold_column)
+        unit, total = ("image", count) if groups is None else ("group", len(set(groups)))
+        taken = len(test) if groups is None else len({groups[i] for i in test})
+        raise ValueError(f"{error}: {held_out} took {taken} of the {total} {unit}s first and left "
+                         f"{total - taken} for training and validation; use more {unit}s, or "
+                         f"{held_out_remedy(folds, fold_column)}") from error
     return Split([kept[i] for i in train], [kept[i] for i in val], test)
 
 
@@ -826,6 +854,24 @@ def data_fingerprint(root: Path) -> dict[str, object]:
     metadata = root / METADATA_FILE
     digest.update(metadata.read_bytes() if metadata.is_file() else b"no metadata")
     return {"pairs": len(listed_pairs(root)), "sha256": digest.hexdigest()}
+
+
+def held_out_share(test_fraction: float, folds: int, fold: int, fold_column: str) -> str:
+    """Which setting chose the held-out images, as `three_way_split` gives them precedence, in words."""
+    if fold_column:
+        return f"the held-out fold (--fold-column {fold_column}, --fold {fold})"
+    if folds:
+        return f"the held-out fold (--fold {fold} of --folds {folds})"
+    return f"the held-out share (--test-fraction {test_fraction:g})"
+
+
+def held_out_remedy(folds: int, fold_column: str) -> str:
+    """How to hold out less, for the setting `held_out_share` names."""
+    if fold_column:
+        return "fewer images in that fold"
+    if folds:
+        return "more --folds"
+    return "a smaller --test-fraction (0 holds out none)"
 
 
 # ----------------------------------------------------------------------------- torch dataset

@@ -31,7 +31,8 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ EXAMPLE_BATCH = 2  # batch traced or exported; not 1, which torch.export would f
 INPUT_NAME = "image"
 PROBABILITY_OUTPUT = "probability"
 TYPE_OUTPUT = "type_probabilities"
+CONVERTER_LOG = "onnxscript.version_converter"  # where the exporter says it could not reach the asked opset
 METADATA_KEY = "segmentation_pipeline"  # ONNX metadata_props key; TorchScript extra file METADATA_KEY + ".json"
 
 
@@ -124,7 +126,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--check-data", type=Path, metavar="DIR",
                         help="folder with images/ whose slices check the export (default: the checkpoint's "
                              "DATA_ROOT where it has images/, else random inputs)")
-    parser.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: the exporter's choice)")
+    parser.add_argument("--opset", type=int, metavar="N",
+                        help="ONNX opset (default: the exporter's own); one the graph cannot be converted to is "
+                             "refused, naming the lowest that works")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing FILE and FILE.json")
     return parser.parse_args(argv)
 
@@ -197,8 +201,8 @@ def check_output(out: Path, sidecar_path: Path, overwrite: bool) -> None:
 def check_inputs(folder: Path | None, config: Config) -> tuple[torch.Tensor, str]:
     """Up to CHECK_IMAGES slices of `folder` (default: DATA_ROOT) as the model's input, or random ones; and whence.
 
-    An explicit folder must hold readable images (FileNotFoundError,
-    ValueError otherwise); the checkpoint's DATA_ROOT is used only where it
+    An explicit folder must hold readable 2-D images, not only volumes
+    (FileNotFoundError, ValueError otherwise); the checkpoint's DATA_ROOT is used only where it
     has images/, else SYNTHETIC_INPUTS random normal inputs stand in.
     """
     if folder is None:
@@ -213,6 +217,10 @@ def check_inputs(folder: Path | None, config: Config) -> tuple[torch.Tensor, str
     if not (folder / "images").is_dir():
         raise FileNotFoundError(f"{folder}: has no images/ folder for the check")
     images, _ = inference.find_images(folder)
+    if not images:  # find_images accepts a folder of volumes, which the check does not cut into slices
+        raise ValueError(f"{folder / 'images'}: holds no 2-D {'/'.join(dataset.IMAGE_EXTENSIONS)} images for the "
+                         f"check (only NIfTI/DICOM volumes); give --check-data a folder of slices, such as "
+                         "prepare_data.py nifti writes")
     chosen = images[::max(1, len(images) // CHECK_IMAGES)][:CHECK_IMAGES]
     prepared = []
     for path in chosen:
@@ -255,6 +263,8 @@ def export_network(network: ProbabilityNetwork, job: Job) -> Exported:
         with torch.no_grad():
             return export_onnx(network, example, job.opset) if job.form == "onnx" else \
                 export_torchscript(network, example)
+    except ExportError as error:  # said in full already; only the checkpoint is added
+        raise ExportError(f"{job.checkpoint}: {error}") from error
     except Exception as error:  # the exporters raise many kinds; any of them means "cannot export"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportError(f"{job.checkpoint}: cannot be exported as {job.form} ({reason})") from error
@@ -266,13 +276,17 @@ def export_onnx(network: ProbabilityNetwork, example: torch.Tensor, opset: int |
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)  # it lists every optional torchvision operator it cannot register
     try:
-        program = torch.onnx.export(network, (example,), input_names=[INPUT_NAME],
-                                    output_names=output_names(network.network), opset_version=opset,
-                                    dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
-                                    dynamo=True, verbose=False)
+        with captured_log(CONVERTER_LOG) as log:
+            program = torch.onnx.export(network, (example,), input_names=[INPUT_NAME],
+                                        output_names=output_names(network.network), opset_version=opset,
+                                        dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+                                        dynamo=True, verbose=False)
     finally:
         exporter_log.setLevel(level)
     model = program.model_proto
+    version = next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+    if opset is not None and version != opset:  # never write another opset than the one asked for
+        raise ExportError(opset_refusal(opset, version, log))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -286,8 +300,43 @@ def export_onnx(network: ProbabilityNetwork, example: torch.Tensor, opset: int |
         onnx.helper.set_model_props(model, {METADATA_KEY: text})
         return model.SerializeToString()
 
-    version = next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
     return Exported(run, file_bytes, version)
+
+
+@contextmanager
+def captured_log(name: str) -> Iterator[list[logging.LogRecord]]:
+    """The records of logger `name` inside the block, kept from the console.
+
+    The exporter converts its graph to a requested opset by a pass that, when
+    it cannot, logs a library traceback and keeps the graph as it was; the
+    caller reads the records to say why instead.
+    """
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def opset_refusal(opset: int, version: int, records: list[logging.LogRecord]) -> str:
+    """Why the asked `opset` cannot be written, the exporter having made `version`, and which opset to ask for.
+
+    The converter steps one opset at a time, so one that fails below
+    `version` fails for every lower opset too: `version` is the lowest that works.
+    """
+    reason = next((str(record.exc_info[1]).strip().splitlines()[-1].split(": ")[-1].replace("$", "")
+                   for record in records if record.exc_info and record.exc_info[1] is not None), "")
+    because = f" ({reason})" if reason else ""
+    works = f"the lowest opset that works is {version}" if opset < version else f"opset {version} works"
+    return (f"--opset {opset} is not available for this network: the exporter makes opset {version} and could "
+            f"not convert it to {opset}{because}; {works}: pass --opset {version} or leave --opset out")
 
 
 def export_torchscript(network: ProbabilityNetwork, example: torch.Tensor) -> Exported:

@@ -29,6 +29,16 @@ def prepare_image(image: np.ndarray, config: Config) -> tuple[torch.Tensor, data
     return torch.from_numpy(dataset.normalize(resized, config.NORMALIZATION)), box
 
 
+def sigmoid32(logits: torch.Tensor) -> torch.Tensor:
+    """sigmoid(logits) computed in float32, whatever precision the logits came in.
+
+    Under bf16 autocast the model's logits are bf16; a sigmoid applied to them
+    stays bf16, whose step near 0.5 (2**-8) is coarser than the decision rule
+    chosen on float32 maps. Casting first keeps only the logits quantised.
+    """
+    return torch.sigmoid(logits.float())
+
+
 def view_probabilities(model: torch.nn.Module, inputs: torch.Tensor, tta: bool) -> list[torch.Tensor]:
     """sigmoid(model(view)) in float32 for each view of `inputs`, turned back to the inputs' orientation.
 
@@ -36,13 +46,13 @@ def view_probabilities(model: torch.nn.Module, inputs: torch.Tensor, tta: bool) 
     """
     with torch.no_grad():
         if not tta:
-            return [torch.sigmoid(model(inputs)).float()]
+            return [sigmoid32(model(inputs))]
         views = []
         for turns in range(4):
             for flip in (False, True):
                 view = torch.rot90(inputs, turns, dims=(2, 3))
                 view = view.flip(3) if flip else view
-                output = torch.sigmoid(model(view)).float()
+                output = sigmoid32(model(view))
                 output = output.flip(3) if flip else output
                 views.append(torch.rot90(output, -turns, dims=(2, 3)))
         return views
@@ -148,7 +158,7 @@ def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
         raise FileNotFoundError(f"{image_dir}: folder of images to predict is missing")
     by_stem = dataset.files_by_stem(image_dir)
     if not by_stem and not volumes.find_volumes(data_root):
-        unusable = "".join(f"; {path.name}: {reason}" for path, reason in dataset.unusable_entries(image_dir).items())
+        unusable = "".join(f"; {path.name}: {reason}" for path, reason in unusable_inputs(image_dir).items())
         raise FileNotFoundError(f"{image_dir}: no {'/'.join(dataset.IMAGE_EXTENSIONS)} images or NIfTI/DICOM "
                                 f"volumes{unusable}")
     shared = sorted(stem for stem, files in by_stem.items() if len(files) > 1)
@@ -159,6 +169,15 @@ def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
     if not mask_dir.is_dir():
         return images, None
     return images, {stem: files[0] for stem, files in dataset.files_by_stem(mask_dir).items()}
+
+
+def unusable_inputs(folder: Path) -> dict[Path, str]:
+    """Entries of an images/ or masks/ folder that neither `find_images` nor `volumes.find_volumes` takes, and why.
+
+    Image-named entries that are not regular files, and links to nothing
+    whatever their name (a volume or DICOM series that is gone).
+    """
+    return {**dataset.unusable_entries(folder), **dataset.broken_links(folder)}
 
 
 def combined_spread(means: list[np.ndarray], spreads: list[np.ndarray]) -> np.ndarray:

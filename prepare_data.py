@@ -8,7 +8,8 @@
 
 Every subcommand writes into `<out>.partial` beside `--out` and renames it at
 the end, so an interrupted run never leaves an output that looks complete; on
-an error or Ctrl-C the `.partial` folder is removed again.
+an error, Ctrl-C or SIGTERM the `.partial` folder is removed again (exit code
+1, 130, 143).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from utils import interruption, sigterm_as_interrupt
 from volumes import (AXIS_LETTERS, WINDOW_PERCENTILES, VolumeError, is_nifti, read_nifti, slice_name, slice_spacing,
                      thinnest_axis, volume_stem, window_to_uint8)
 
@@ -612,16 +614,28 @@ def check_pair(pair: VolumePair, options: NiftiOptions, problems: list[str]) -> 
 
 
 def label_values(labels: np.ndarray, path: Path) -> np.ndarray:
-    """A label volume's values as integers; raises PrepareError for fractions or NaN (an image given as labels)."""
+    """A label volume's values as integers; raises PrepareError for fractions or NaN.
+
+    Such labels come from a label map resampled with linear interpolation
+    (0.9999999, 1.5), or from an image volume the mask pattern caught.
+    """
     if np.issubdtype(labels.dtype, np.integer):
         return labels
-    values = np.asarray(labels, dtype=np.float64)
+    values = np.asarray(labels)  # in its own dtype, so the values are shown as stored (float32 0.9999999, not 1)
     whole = np.isfinite(values) & (values == np.round(values))
     if not whole.all():
-        example = values[~whole].flat[0]
-        raise PrepareError(f"{path}: label volume holds {np.count_nonzero(~whole)} values that are not whole "
-                           f"numbers (e.g. {example:.6g}); is it an image volume? Check --mask-pattern")
+        raise PrepareError(fractional_labels_message(values[~whole], path))
     return values.astype(np.int64)
+
+
+def fractional_labels_message(offending: np.ndarray, path: Path, shown: int = 5) -> str:
+    """Why a label volume with the `offending` (not whole) values is refused, with the values and the remedies."""
+    distinct = np.unique(offending)
+    values = ", ".join(str(value) for value in distinct[:shown]) + (", ..." if len(distinct) > shown else "")
+    return (f"{path}: label volume holds {offending.size} voxel(s) whose value is not a whole number "
+            f"({len(distinct)} distinct: {values}); labels must be whole numbers: resample label volumes with "
+            "nearest-neighbour interpolation, or round them (numpy.rint) where they are whole numbers off by "
+            "rounding; if this file is an image volume, check --mask-pattern")
 
 
 def tumour_mask(labels: np.ndarray, tumour_labels: tuple[int, ...] | None) -> np.ndarray:
@@ -924,6 +938,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """prepare_data.py's command line; the exit code."""
     args = build_parser().parse_args(argv)
+    with sigterm_as_interrupt():  # SIGTERM removes the .partial folder like Ctrl-C
+        return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand; the exit code (1 on an error, 130 on Ctrl-C, 143 on SIGTERM)."""
     try:
         if args.command == "demo":
             out = make_demo_dataset(args.out, count=args.count, size=args.size, seed=args.seed,
@@ -941,9 +961,10 @@ def main(argv: list[str] | None = None) -> int:
     except (PrepareError, OSError) as error:  # OSError: a full disk or a folder we may not write to
         print(f"error: {error}", *getattr(error, "__notes__", ()), sep="\n", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as interrupt:
-        print("interrupted", *getattr(interrupt, "__notes__", ()), sep="\n", file=sys.stderr)
-        return 130  # the shell's code for Ctrl-C
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (utils.Terminated)
+        cause, code = interruption(interrupt)
+        print(f"interrupted ({cause})", *getattr(interrupt, "__notes__", ()), sep="\n", file=sys.stderr)
+        return code
     return 0
 
 

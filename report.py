@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from metrics import FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY
-from utils import tolerant_console, write_atomic
+from utils import run_interruptible, tolerant_console, write_atomic
 
 # Every per-image number metrics.csv may hold: (column, name, unit, meaning). The page's tables and
 # docs/reference.md's metric table (`python report.py --readme`) both come from here.
@@ -506,6 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (folder / "summary.json").is_file():
         print(f"error: {folder}: no summary.json; give a prediction folder written by test.py", file=sys.stderr)
         return 1
+    return run_interruptible(lambda: report_folder(folder), f"{folder / 'report.html'} was not changed")
+
+
+def report_folder(folder: Path) -> int:
+    """Write `folder`'s report.html and print its path; the exit code (1 when the folder's files are unusable)."""
     try:
         print(write_report(folder))
     except (FileNotFoundError, ValueError) as error:

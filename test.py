@@ -41,13 +41,13 @@ import evaluation
 import report
 from comparison import compare_predictions
 from config import Config, build_parser, config_from_args, parse_bool
-from inference import find_images
+from inference import find_images, unusable_inputs
 from outputs import output_name, publish, start_staging
 from runfolder import newest_checkpoint, subset_images, subset_stems, unfinished_run_warning
 from scoring import Scoring, print_summary, settle_scoring
 from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, interruption,
                    load_checkpoint, setup_runtime, sigterm_as_interrupt, tolerant_console)
-from volumes import VolumeEntry, find_volumes
+from volumes import VolumeEntry, find_volumes, slice_name_clashes
 
 # The only config keys inference uses; training keys (size, channels...) come from the checkpoint.
 INFERENCE_KEYS = ("DATA_ROOT", "RUNS_DIR", "PREDICTION_ROOT", "BATCH_SIZE", "DEVICE", "THRESHOLD", "TTA", "AMP",
@@ -193,10 +193,11 @@ def prepare(options: Config, args: argparse.Namespace) -> Job:
             loaded.model.to(memory_format=torch.channels_last)
     images, masks = find_images(Path(options.DATA_ROOT))
     volumes = find_volumes(Path(options.DATA_ROOT))
-    # find_images lists regular files (or links to them) only: the rest would vanish without a word.
-    skipped = dataset.unusable_entries(Path(options.DATA_ROOT) / "images")
+    # find_images and find_volumes list regular files and folders (or links to them) only: the rest would vanish
+    # without a word.
+    skipped = unusable_inputs(Path(options.DATA_ROOT) / "images")
     # A mask that is a broken link leaves its image unscored: say why, not just "no mask".
-    unusable_masks = dataset.unusable_entries(Path(options.DATA_ROOT) / "masks") if masks is not None else {}
+    unusable_masks = unusable_inputs(Path(options.DATA_ROOT) / "masks") if masks is not None else {}
     if args.subset != "all":
         for path in checkpoint_paths:  # in that subset for every member of an ensemble
             images = subset_images(images, path, args.subset)
@@ -208,6 +209,10 @@ def prepare(options: Config, args: argparse.Namespace) -> Job:
     if volumes and args.subset != "all":  # a run's split lists images, not volumes
         notes.append(f"{len(volumes)} volume(s) left out: --subset {args.subset} selects the run's split images")
         volumes = []
+    clashes = slice_name_clashes(volumes, images, args.slice_axis)
+    if clashes:  # refused before predicting: one output would silently replace the other
+        raise ValueError(f"{len(clashes)} name clash(es) between images and volume slices; rename one of each "
+                         "pair: " + "; ".join(clashes))
     scoring, scoring_notes = settle_scoring(Path(options.DATA_ROOT), images, checkpoint_paths[0], args,
                                             [entry.stem for entry in volumes])
     notes += scoring_notes

@@ -40,6 +40,7 @@ import dataset
 from checkpoints import restore_random_draws, restore_training_state, training_state
 from config import TRAINING_KEYS, Config, build_parser, config_from_args
 from ema import ModelEMA
+from inference import sigmoid32
 from losses import BCEDiceLoss
 from metrics import MetricTracker, dice_per_image
 from model import count_parameters
@@ -216,7 +217,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, op
         if isinstance(loader.sampler, dataset.HardExampleSampler):
             loader.sampler.record(step - 1, image_losses)
         loss = image_losses.mean()
-        dice = dice_per_image(torch.sigmoid(logits.detach()) > threshold, masks > 0.5).mean()
+        dice = dice_per_image(sigmoid32(logits.detach()) > threshold, masks > 0.5).mean()
         # Averaged over all processes, so a NaN anywhere stops every process at the same step.
         loss_value, dice_value = average_over_processes(torch.stack([loss.detach().float(), dice])).tolist()
         if not math.isfinite(loss_value):
@@ -257,7 +258,7 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, device: t
         logits = model(images)
         total_loss += loss_fn(logits, masks).mean().item() * len(images)
         count += len(images)
-        probs = torch.sigmoid(logits)
+        probs = sigmoid32(logits)
         tracker.update(probs > threshold, masks > 0.5)
         kept = sum(len(p) for p in probabilities)
         if kept < keep:

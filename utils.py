@@ -21,7 +21,7 @@ import socket
 import sys
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -81,6 +81,21 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def run_interruptible(body: Callable[[], int], outcome: str) -> int:
+    """`body()`'s exit code, SIGTERM handled like Ctrl-C: either is said with `outcome`, and gives 143 or 130.
+
+    For the commands that have nothing of their own to clean up (their
+    temporary folders and `write_atomic` staging files go on the way out).
+    """
+    with sigterm_as_interrupt():
+        try:
+            return body()
+        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (Terminated)
+            cause, code = interruption(error)
+            print(f"\ninterrupted ({cause}): {outcome}", file=sys.stderr)
+            return code
 
 
 def interruption(error: KeyboardInterrupt) -> tuple[str, int]:
@@ -414,7 +429,9 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
     Readers see the old file or the new one, never half of one; after a crash
     only a hidden staging file can be left (see `remove_stale_staging`). On a
-    write error the staging file is removed and OutputError names `path`.
+    write error the staging file is removed and OutputError names `path`; on
+    an interruption (Ctrl-C, SIGTERM under `sigterm_as_interrupt`) it is
+    removed too and the interruption goes on.
     """
     path = Path(path)
     tmp = path.with_name(staging_name(path.name))
@@ -426,9 +443,11 @@ def write_atomic(path: Path, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except BaseException as error:  # KeyboardInterrupt too: callers that say "nothing was written" must be right
         tmp.unlink(missing_ok=True)
-        raise OutputError(describe_write_error(path, error)) from error
+        if isinstance(error, OSError):
+            raise OutputError(describe_write_error(path, error)) from error
+        raise
 
 
 def remove_stale_staging(folder: Path) -> list[Path]:

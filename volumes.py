@@ -10,6 +10,7 @@ input in any viewer. nibabel and pydicom are imported when first needed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 WINDOW_PERCENTILES = (0.5, 99.5)  # intensity window of a non-8-bit volume: robust to a few hot or dark voxels
 AXIS_LETTERS = "ijk"  # array axes 0, 1, 2 as they appear in slice names
+DICOMDIR = "DICOMDIR"  # the file name DICOM media give their directory of files
+PIXEL_KEYWORDS = {"PixelData", "FloatPixelData", "DoubleFloatPixelData"}  # a DICOM file holding an image has one
 
 
 class VolumeError(ValueError):
@@ -52,13 +55,15 @@ def volume_stem(path: Path) -> str:
 
 
 def is_dicom_series(folder: Path) -> bool:
-    """True for a folder whose files include at least one DICOM file (the 'DICM' marker at byte 128)."""
-    if not folder.is_dir():
-        return False
+    """True for a folder whose files include at least one DICOM file (the 'DICM' marker at byte 128), DICOMDIR aside."""
+    return folder.is_dir() and next(_dicom_files(folder), None) is not None
+
+
+def _dicom_files(folder: Path) -> Iterator[Path]:
+    """The DICOM files of `folder`, sorted, without a DICOMDIR: an index of the medium, not a slice of a series."""
     for path in sorted(folder.iterdir()):
-        if path.is_file() and _has_dicom_marker(path):
-            return True
-    return False
+        if path.is_file() and path.name.upper() != DICOMDIR and _has_dicom_marker(path):
+            yield path
 
 
 def _has_dicom_marker(path: Path) -> bool:
@@ -106,18 +111,20 @@ def read_dicom_series(folder: Path) -> Volume:
     import pydicom
 
     datasets = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        if not _has_dicom_marker(path):
-            continue
+    for path in _dicom_files(folder):
         try:
             ds = pydicom.dcmread(path)
+            if not any(keyword in ds for keyword in PIXEL_KEYWORDS):  # a report, a presentation state...: no slice of the series
+                continue
             pixels = ds.pixel_array.astype(np.float64)
-        except Exception as error:
-            raise VolumeError(f"{path}: cannot read as DICOM ({error})") from error
+        except Exception as error:  # one unreadable slice makes the volume unusable: say the series goes
+            raise VolumeError(f"{folder}: the whole DICOM series is left out, its file {path.name} cannot be "
+                              f"read as a DICOM image ({error})") from error
         datasets.append((ds, pixels * float(getattr(ds, "RescaleSlope", 1) or 1)
                          + float(getattr(ds, "RescaleIntercept", 0) or 0), path))
     if not datasets:
-        raise VolumeError(f"{folder}: no DICOM files")
+        raise VolumeError(f"{folder}: no DICOM image files (DICOMDIR and DICOM files without pixel data are "
+                          "ignored)")
     series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds, _, _ in datasets}
     if len(series) > 1:
         raise VolumeError(f"{folder}: holds {len(series)} DICOM series; put each series in its own folder")
@@ -249,3 +256,19 @@ def find_volumes(data_root: Path) -> list[VolumeEntry]:
             raise ValueError(f"{folder}: several volumes share the name(s) {', '.join(shared)}")
     mask_by_stem = {volume_stem(path): path for path in masks}
     return [VolumeEntry(volume_stem(path), path, mask_by_stem.get(volume_stem(path))) for path in found]
+
+
+def slice_name_clashes(entries: list[VolumeEntry], images: list[Path], axis: str = "auto") -> list[str]:
+    """Each image whose name is that of a slice of one of the volumes (`slice_name`), named with the volume.
+
+    Their outputs (masks/<name>.png, metrics.csv rows...) would overwrite each
+    other. Matched by name alone, before any volume is read: with `axis`
+    "auto" any axis letter counts, else only that axis's.
+    """
+    letters = AXIS_LETTERS if axis == "auto" else AXIS_LETTERS[int(axis)]
+    clashes = []
+    for entry in entries:
+        pattern = re.compile(rf"{re.escape(entry.stem)}_[{letters}]\d{{3,}}")
+        clashes += [f"{image} and the slice {image.stem} of the volume {entry.path} would write the same outputs"
+                    for image in images if pattern.fullmatch(image.stem)]
+    return clashes

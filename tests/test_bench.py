@@ -48,3 +48,20 @@ def test_inference_mode_runs_the_network_as_the_speed_keys_say(demo_root, capsys
                        "--channels-last", "true"]) == 0
     speeds = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images_per_second"]
     assert list(speeds)[1].startswith("bf16, channels last, ")
+
+
+def test_sigterm_stops_like_ctrl_c_and_leaves_no_temporary_folder(demo_root, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the native-size copies go
+
+    def terminated(*args, **kwargs):  # the copies are written, the first timing starts: a real SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(bench, "predict_and_write", terminated)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    assert bench.main(["--data-root", str(demo_root), "--image-size", "32", "--base-channels", "4", "--depth", "2",
+                       "--batch-size", "4", "--inference", "2", "--native-size", "64"]) == 143
+    assert "interrupted (SIGTERM): the timings stop here" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) is handler_before

@@ -236,6 +236,32 @@ def test_bad_input_is_refused_by_name_and_writes_nothing(checkpoint_in, tmp_path
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_an_opset_the_exporter_cannot_reach_is_refused_naming_the_lowest_that_works(checkpoint_in, tmp_path,
+                                                                                     capsys):
+    out = tmp_path / "out" / "model.onnx"
+    args = ["--checkpoint", checkpoint_in, "--format", "onnx", "--out", out]
+    assert run_export(*args, "--opset", "17") == 1  # the exporter makes 18 and cannot take Pad down to 17
+    captured = capsys.readouterr()
+    assert "written" not in captured.out and "Traceback" not in captured.err
+    assert "--opset 17 is not available" in captured.err and "the lowest opset that works is 18" in captured.err
+    assert str(checkpoint_in) in captured.err and "nothing was written" in captured.err
+    assert list((tmp_path / "out").iterdir()) == []
+    assert run_export(*args, "--opset", "18") == 0
+    assert [entry.version for entry in onnx.load(str(out)).opset_import if entry.domain in ("", "ai.onnx")] == [18]
+
+
+def test_check_data_with_volumes_only_is_refused_saying_it_holds_no_2d_images(checkpoint_in, tmp_path, capsys):
+    import nibabel as nib
+    volumes_only = tmp_path / "volumes"
+    (volumes_only / "images").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 3), np.float32), np.eye(4)), str(volumes_only / "images" / "v.nii.gz"))
+    assert run_export("--checkpoint", checkpoint_in, "--format", "torchscript", "--out", tmp_path / "out" / "m.pt",
+                      "--check-data", volumes_only) == 1
+    err = capsys.readouterr().err
+    assert f"error: {volumes_only / 'images'}: holds no 2-D .png/.jpg/.jpeg images for the check" in err
+    assert "0 images" not in err and list((tmp_path / "out").iterdir()) == []
+
+
 @pytest.mark.parametrize("existing", ["model.pt", "model.pt.json"])
 def test_existing_output_is_kept_without_overwrite_and_replaced_with_it(checkpoint_in, tmp_path, capsys, existing):
     out = tmp_path / "out" / "model.pt"
@@ -288,6 +314,27 @@ def test_an_interruption_while_publishing_undoes_it(checkpoint_in, tmp_path, cap
         assert out.read_bytes() == b"old model" and (tmp_path / "out" / "model.pt.json").read_text() == "old json"
     else:
         assert left == []
+
+
+@pytest.mark.parametrize("signal_name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_while_a_file_is_written_leaves_no_staging_file(checkpoint_in, tmp_path, capsys, monkeypatch,
+                                                                 signal_name, code):
+    import os
+    import signal
+    real_fsync, sent = os.fsync, []
+
+    def signalled_fsync(descriptor):
+        if not sent:  # the model's bytes are in its staging file, not yet renamed: a real signal to this process
+            sent.append(signal_name)
+            os.kill(os.getpid(), getattr(signal, signal_name))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", signalled_fsync)
+    out = tmp_path / "out" / "model.pt"
+    assert run_export("--checkpoint", checkpoint_in, "--format", "torchscript", "--out", out) == code
+    monkeypatch.undo()
+    assert sent and "nothing was written" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []  # hidden staging files included
 
 
 def test_readme_example_runs_without_torch_and_matches_the_pipeline(plain, real_root, tmp_path, monkeypatch):

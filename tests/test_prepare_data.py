@@ -511,7 +511,7 @@ def test_ctrl_c_during_demo_removes_the_partial_folder(tmp_path: Path, capsys: p
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prepare_data, "make_demo_slice", interrupt_on_call(3, prepare_data.make_demo_slice))
     assert prepare_data.main(["demo", "--out", str(tmp_path / "demo"), "--count", "5", "--size", "24"]) == 130
-    assert capsys.readouterr().err == f"interrupted\nthe unfinished {tmp_path / 'demo.partial'} was removed\n"
+    assert capsys.readouterr().err == f"interrupted (Ctrl-C)\nthe unfinished {tmp_path / 'demo.partial'} was removed\n"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -770,6 +770,21 @@ def test_nifti_bad_volume_refuses_the_whole_conversion(tmp_path: Path, capsys: p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no out, no out.partial
 
 
+def test_nifti_resampled_float_labels_are_refused_showing_the_real_values(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    images, masks = tmp_path / "in" / "images", tmp_path / "in" / "labels"
+    write_cases(images, masks)
+    labels = case_volumes("caseB")[1].astype(np.float32)  # as a linear resampling leaves them
+    labels[labels == 1] = np.float32(0.9999999)
+    labels.flat[np.flatnonzero(labels == 0)[:3]] = 1.5
+    write_nifti(masks / "caseB.nii.gz", labels)
+    assert nifti("--images", images, "--masks", masks, "--out", tmp_path / "out") == 1
+    error = capsys.readouterr().err
+    assert "(2 distinct: 0.9999999, 1.5)" in error and "e.g. 1)" not in error
+    assert "nearest-neighbour" in error and "round them" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
 def test_nifti_lists_every_input_problem_at_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     images, masks = tmp_path / "images", tmp_path / "labels"
     write_cases(images, masks)
@@ -802,6 +817,26 @@ def test_nifti_ctrl_c_leaves_nothing(volume_pairs: Path, tmp_path: Path, capsys:
     assert convert_pairs(volume_pairs, tmp_path / "out") == 130
     assert f"the unfinished {tmp_path / 'out.partial'} was removed" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nifti_sigterm_leaves_nothing_like_ctrl_c(volume_pairs: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+    convert_case, calls = prepare_data.convert_case, []
+
+    def terminated_on_the_second_case(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:  # the first case's slices are in out.partial: a real SIGTERM to this process
+            os.kill(os.getpid(), signal.SIGTERM)
+        return convert_case(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_data, "convert_case", terminated_on_the_second_case)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    assert convert_pairs(volume_pairs, tmp_path / "out") == 143
+    assert f"interrupted (SIGTERM)\nthe unfinished {tmp_path / 'out.partial'} was removed" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the previous handler is back
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -125,6 +125,21 @@ def test_report_cli_rewrites_the_page_and_refuses_other_folders(real_predictions
     assert "summary.json: not one test.py wrote (no 'calibration')" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("signal_name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_while_reporting_is_said_with_its_exit_code(tmp_path, capsys, monkeypatch, signal_name, code):
+    import signal
+    (tmp_path / "summary.json").write_text("{}")
+
+    def signalled(folder):
+        os.kill(os.getpid(), getattr(signal, signal_name))  # a real signal, as a scheduler or Ctrl-C sends
+        return folder / "report.html"
+
+    monkeypatch.setattr(report, "write_report", signalled)
+    assert report.main([str(tmp_path)]) == code
+    cause = "SIGTERM" if signal_name == "SIGTERM" else "Ctrl-C"
+    assert f"interrupted ({cause}): {tmp_path / 'report.html'} was not changed" in capsys.readouterr().err
+
+
 def test_summary_json_is_strict_json(real_predictions):
     text = (real_predictions / "summary.json").read_text()
     json.loads(text, parse_constant=lambda name: pytest.fail(f"summary.json holds {name}"))

@@ -109,6 +109,19 @@ def test_tta_averages_the_eight_orientations():
     assert torch.allclose(averaged, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("tta", [False, True])
+def test_bf16_logits_give_float32_probabilities(tta):
+    # Logits a little either side of 0 (probability 0.5, the usual threshold): bf16's step there is 2**-8,
+    # coarser than the decision rule tuned on float32 maps, so the sigmoid must run on float32 logits.
+    inputs = torch.linspace(-0.02, 0.02, 64).reshape(1, 1, 8, 8)
+    bf16_model = lambda x: x.to(torch.bfloat16)  # noqa: E731  (what autocast's bf16 forward pass returns)
+    maps = inference.probabilities(bf16_model, inputs, tta=tta)
+    expected = torch.sigmoid(inputs.to(torch.bfloat16).float())
+    assert maps.dtype == torch.float32
+    assert torch.allclose(maps, expected, rtol=0, atol=1e-6)  # bf16's step near 0.5 is 0.004
+    assert not torch.equal(maps, maps.to(torch.bfloat16).float())  # not on the bf16 grid
+
+
 def test_tta_run_writes_the_same_outputs(tiny_run, mixed_sizes, tmp_path):
     preds = tmp_path / "preds"
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
@@ -1138,6 +1151,43 @@ def test_bad_volumes_are_named_and_the_good_ones_still_predicted(tiny_run, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     assert summary["volumes"]["count"] == 1 and summary["volumes"]["of"] == 3
     assert sum("flat.nii.gz" in problem or "offsize.nii" in problem for problem in summary["problems"]) == 2
+
+
+def test_a_broken_link_among_the_volumes_is_named_and_exit_code_says_so(tiny_run, tmp_path, capsys):
+    import nibabel as nib
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    good = np.random.default_rng(6).normal(size=(32, 30, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(good, np.eye(4)), str(root / "images" / "good.nii.gz"))
+    link = root / "images" / "x.nii.gz"
+    link.symlink_to(tmp_path / "gone.nii.gz")
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root",
+                    tmp_path / "out") == 2  # as for a PNG link: predicted, but not everything
+    assert f"warning: {link}: skipped, broken link (target missing: {tmp_path / 'gone.nii.gz'})" in \
+        capsys.readouterr().err
+    assert (tmp_path / "out" / "tiny" / "masks" / "good.nii.gz").is_file()
+    good_path = root / "images" / "good.nii.gz"
+    good_path.unlink()  # only the link left: refused, naming it
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root",
+                    tmp_path / "out2") == 1
+    assert "x.nii.gz: broken link" in capsys.readouterr().err
+
+
+def test_an_image_named_like_a_volume_slice_is_refused_before_predicting(tiny_run, tmp_path, capsys):
+    import nibabel as nib
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.zeros((32, 30, 4), np.float32), np.eye(4)), str(root / "images" / "case.nii.gz"))
+    Image.fromarray(np.zeros((30, 32), np.uint8)).save(root / "images" / "case_k002.png")  # slice 2 along axis 2
+    Image.fromarray(np.zeros((30, 32), np.uint8)).save(root / "images" / "case_notes.png")  # no slice name
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root",
+                    tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert f"{root / 'images' / 'case_k002.png'} and the slice case_k002 of the volume " \
+           f"{root / 'images' / 'case.nii.gz'} would write the same outputs" in err and "case_notes" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root",
+                    tmp_path / "out", "--slice-axis", "0") == 0  # across axis 0 its slices are case_i000...
 
 
 def test_slice_axis_flag_cuts_volumes_across_the_axis_given(tiny_run, tmp_path):

@@ -486,8 +486,24 @@ def test_attention_unet_and_head_crop_train_and_store_the_rule(demo_root, tmp_pa
     assert best.state["model_args"]["name"] == "attention_unet" and best.config.CROP
     rule = json.loads((tmp_path / "att" / "decision_rule.json").read_text())
     assert rule["rule"] == best.state["decision_rule"]
-    assert rule["val_dice_with_rule"] >= rule["val_dice_threshold_only"] - 1e-9
+    # Both Dice scores recomputed apart from the search (its per-label pixel counts), from the stored model.
+    stems = json.loads((tmp_path / "att" / "split.json").read_text())["val"]
+    recomputed = validation_dice(best, demo_root, stems, [rule["rule"], {"threshold": rule["threshold_only"]}])
+    assert recomputed == pytest.approx([rule["val_dice_with_rule"], rule["val_dice_threshold_only"]], abs=1e-6)
     assert len(rule["candidates"]) == 144
+
+
+def validation_dice(loaded, data_root, stems, rules):
+    """Mean per-image Dice at native size of each of `rules` (dicts) on the images `stems`, as test.py scores."""
+    import dataset
+    from inference import native_probabilities
+    from metrics import dice_per_image
+    from postprocess import DecisionRule
+    images = [dataset.read_image(data_root / "images" / f"{stem}.png", loaded.config.IN_CHANNELS) for stem in stems]
+    maps = native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"))
+    masks = [dataset.read_mask(data_root / "masks" / f"{stem}.png") for stem in stems]
+    return [float(np.mean([dice_per_image(DecisionRule.from_dict(rule).apply(p)[None], m[None]).item()
+                           for p, m in zip(maps, masks, strict=True)])) for rule in rules]
 # ----------------------------------------------------------------------------- resume
 
 def history_rows(run):
@@ -793,9 +809,11 @@ def test_unsupported_precision_is_refused_before_any_run_folder(demo_root, tmp_p
     with pytest.raises(SystemExit) as stop:
         train.main(["--amp", "fp8"])
     assert stop.value.code == 2 and "'fp8' is not one of ('off', 'bf16', 'fp16', 'auto')" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="use --amp off"):
-        real = utils.autocast  # an autocast that silently stays in float32 is caught by the dtype check
-        monkeypatch.setattr(utils, "autocast", lambda device, amp: real(device, "off"))
+    monkeypatch.undo()  # the real check from here on, not the stand-in above
+    real = utils.autocast  # an autocast that silently stays in float32 is caught by the dtype check
+    monkeypatch.setattr(utils, "autocast", lambda device, amp: real(device, "off"))
+    with pytest.raises(ValueError, match=r"AMP 'bf16' is not supported on cpu .*\(the convolution ran in "
+                                         r"torch.float32\); use --amp off"):
         utils.check_amp(torch.device("cpu"), "bf16")
 
 

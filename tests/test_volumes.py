@@ -139,6 +139,41 @@ def test_a_dicom_series_reads_sorted_by_position_with_its_spacing_and_world_geom
     assert written.header.get_zooms() == pytest.approx((0.7, 0.8, 4.0))
 
 
+def write_pixelless_dicom(path: Path, sop_class: str) -> None:
+    """A valid DICOM file without pixel data, as a DICOMDIR (1.2.840.10008.1.3.10) or a structured report is."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+
+
+def test_a_dicomdir_and_non_image_dicom_files_in_a_series_folder_are_ignored(tmp_path):
+    data = np.random.default_rng(5).integers(0, 4000, size=(12, 10, 3)).astype(np.uint16)
+    write_dicom_series(tmp_path / "series", data)
+    write_pixelless_dicom(tmp_path / "series" / "DICOMDIR", "1.2.840.10008.1.3.10")  # Media Storage Directory
+    write_pixelless_dicom(tmp_path / "series" / "report.dcm", "1.2.840.10008.5.1.4.1.1.88.11")  # Basic Text SR
+    assert np.array_equal(volumes.read_volume(tmp_path / "series").data, data)
+    only_index = tmp_path / "only_index"
+    only_index.mkdir()
+    write_pixelless_dicom(only_index / "DICOMDIR", "1.2.840.10008.1.3.10")
+    assert not volumes.is_dicom_series(only_index)  # an index alone is no series
+
+
+def test_an_unreadable_slice_says_the_whole_series_is_left_out(tmp_path):
+    write_dicom_series(tmp_path / "series", np.zeros((8, 8, 3), np.uint16))
+    broken = sorted((tmp_path / "series").iterdir())[1]
+    broken.write_bytes(broken.read_bytes()[:-40])  # pixel data cut short
+    with pytest.raises(VolumeError, match=f"series: the whole DICOM series is left out, its file {broken.name} "):
+        volumes.read_volume(tmp_path / "series")
+
+
 def test_a_folder_mixing_two_series_is_refused(tmp_path):
     data = np.zeros((8, 8, 2), np.uint16)
     write_dicom_series(tmp_path / "mixed", data, series_uid="1.1")
