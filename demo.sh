@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The first hour in one command: install into .venv (once), make the synthetic demo set (once),
+# The first hour in one command: install into .venv (what is missing), make the synthetic demo set (once),
 # train the CPU recipe briefly, predict the held-out demo patients and say where the report is.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
-  .venv/bin/pip install -r requirements.txt
 fi
+.venv/bin/pip install --quiet -r requirements.txt  # every time: quick when satisfied, and a reused .venv may lack some
 python=.venv/bin/python
 if [ ! -d data/demo ]; then
   "$python" prepare_data.py demo --out data/demo

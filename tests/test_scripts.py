@@ -30,3 +30,15 @@ def test_demo_sh_runs_the_readme_commands():
                     "train.py --data-root data/demo --recipe cpu --epochs 8",
                     "test.py --data-root data/demo --subset test", "report.html"):
         assert command in demo
+
+
+def test_each_script_installs_its_requirements_even_into_an_existing_venv():
+    # demo.sh then test.sh on a fresh clone: demo.sh's .venv has no pytest, so test.sh must install anyway
+    for script, requirements in (("demo.sh", "-r requirements.txt"), ("test.sh", "-r requirements-test.txt")):
+        lines = (ROOT / script).read_text().splitlines()
+        install = next(i for i, line in enumerate(lines) if requirements in line)
+        guard = next(i for i, line in enumerate(lines) if line.startswith("if [ ! -x .venv/bin/python ]"))
+        fi = next(i for i, line in enumerate(lines) if i > guard and line.strip() == "fi")
+        assert not guard < install < fi, f"{script} installs only when .venv is missing"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.index("bash demo.sh") < ci.index("bash test.sh")
