@@ -88,10 +88,24 @@ def test_compare_with_itself_is_no_difference_and_other_splits_are_refused_by_na
     assert crossval.main(["compare", str(a), str(a)]) == 0
     out = capsys.readouterr().out
     assert "held-out patients (they report only): 6," in out and "mean difference +0.0000" in out and "not applicable" in out
-    assert "fold 0: A 0.0000 (epoch 1), B 0.0000 (epoch 1), B - A +0.0000" in out and "NOT adopted" in out
+    assert ("fold 0: best epoch A 0.0000 (epoch 1), B 0.0000 (epoch 1); with its rule A 0.0000, B 0.0000; "
+            "B - A +0.0000") in out and "NOT adopted" in out
     other = copy_of(cv_dir, tmp_path / "runs" / "other", plan_change={"SPLIT_SEED": 7})
     assert crossval.main(["compare", str(a), str(other)]) == 1
     assert "train_config.SPLIT_SEED: 42 -> 7" in capsys.readouterr().err
+
+
+def test_the_inner_validation_verdict_follows_the_adoption_rule(cv_dir, tmp_path, capsys):
+    a = copy_of(cv_dir, tmp_path / "runs" / "a")
+    for gains, adopted in (((0.001, 0.001, 0.001), True), ((0.02, 0.0, -0.004), True), ((0.02, 0.0, -0.006), False),
+                           ((0.004, 0.004, 0.0), False)):
+        b = copy_of(cv_dir, tmp_path / "runs" / f"b{gains}")
+        for fold, gain in enumerate(gains):
+            summary = json.loads((b / f"fold{fold}" / "summary.json").read_text())
+            summary["decision_rule"]["val_dice_with_rule"] += gain
+            (b / f"fold{fold}" / "summary.json").write_text(json.dumps(summary))
+        lines = crossval.inner_validation_lines(a, b, [0, 1, 2])
+        assert ("is ADOPTED" in lines[-1]) == adopted, (gains, lines[-1])
 
 
 def test_compare_reports_a_known_shift_per_patient_and_counts_the_looks(cv_dir, tmp_path, capsys):
