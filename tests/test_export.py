@@ -126,7 +126,8 @@ def test_sidecar_holds_the_checkpoints_preprocessing_and_decision_rule(plain, re
     assert {key: pre[key] for key in ("IMAGE_SIZE", "IN_CHANNELS", "NORMALIZATION", "CROP", "CROP_MARGIN")} == \
         {"IMAGE_SIZE": config.IMAGE_SIZE, "IN_CHANNELS": config.IN_CHANNELS, "NORMALIZATION": config.NORMALIZATION,
          "CROP": config.CROP, "CROP_MARGIN": config.CROP_MARGIN}
-    assert info["decision_rule"] == loaded.state["decision_rule"] == RULE
+    assert loaded.state["decision_rule"] == RULE  # as written into the checkpoint
+    assert info["decision_rule"] == {**RULE, "keep_most_probable": False}  # every field of the rule, defaults too
     assert info["format"] == form and info["file"] == files[form].name
     assert info["input"] == {"name": "image", "shape": ["batch", 1, 64, 64], "dtype": "float32"}
     assert [o["name"] for o in info["outputs"]] == ["probability"] and info["type_classes"] == []
