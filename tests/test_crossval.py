@@ -149,6 +149,7 @@ def test_a_config_key_added_since_the_plan_is_no_difference_at_its_default(cv_di
 
 def test_rerule_searches_each_folds_rule_again_without_retraining(cv_dir, tmp_path, capsys):
     import torch
+    from utils import load_checkpoint
     source = copy_of(cv_dir, tmp_path / "runs" / "a")
     for fold in range(3):  # copy_of leaves out checkpoints: rerule needs the source's weights
         shutil.copy(cv_dir / f"fold{fold}" / "best.pt", source / f"fold{fold}" / "best.pt")
@@ -160,8 +161,8 @@ def test_rerule_searches_each_folds_rule_again_without_retraining(cv_dir, tmp_pa
     for fold in range(3):
         candidates = json.loads((target / f"fold{fold}" / "decision_rule.json").read_text())["candidates"]
         assert len(candidates) == 9 * 3 * 4 * 2 and any(row["keep_most_probable"] for row in candidates)
-        before = torch.load(source / f"fold{fold}" / "best.pt", weights_only=False)["model"]
-        after = torch.load(target / f"fold{fold}" / "best.pt", weights_only=False)["model"]
+        before = load_checkpoint(source / f"fold{fold}" / "best.pt").state["model"]
+        after = load_checkpoint(target / f"fold{fold}" / "best.pt").state["model"]
         assert all(torch.equal(before[key], after[key]) for key in before)  # the weights are not retrained
         assert (target / "heldout" / f"fold{fold}" / "metrics.csv").is_file()
     assert not list(target.glob(".*partial"))
