@@ -613,7 +613,8 @@ def record_look(first: Path, second: Path, splits: str, folds: list[int], patien
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(first.parent / LOOKS_FILE, text.getvalue())
-    overlapping = [r for r in rows if r["splits_sha256"] == splits and set(r["folds"].split()) & set(row["folds"].split())]
+    folds_looked_at = set(row["folds"].split())
+    overlapping = [r for r in rows if r["splits_sha256"] == splits and folds_looked_at & set(r["folds"].split())]
     return len(overlapping), holm_adjusted([float(r["p_value"]) for r in overlapping])[-1]
 
 
@@ -738,11 +739,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(train_flags)}")
     if args.command == "run":
         return run(args, train_flags)
-    if args.command == "rerule":
-        return rerule(args, train_flags)
-    if args.command == "table":
-        return write_table(args.cv_dir, args.class_mix)
-    return compare(args.first, args.second)
+    try:
+        if args.command == "rerule":
+            return rerule(args, train_flags)
+        if args.command == "table":
+            return write_table(args.cv_dir, args.class_mix)
+        return compare(args.first, args.second)
+    except KeyboardInterrupt:  # files are written whole (staged, renamed); a rerule's half-copied fold is redone
+        print(f"\ninterrupted: nothing half-written was left in place; run `crossval.py {args.command}` again "
+              "to finish", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

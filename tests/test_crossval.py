@@ -172,6 +172,19 @@ def test_rerule_searches_each_folds_rule_again_without_retraining(cv_dir, tmp_pa
     assert "changes training" in capsys.readouterr().err and not (tmp_path / "runs" / "c").exists()
 
 
+def test_ctrl_c_during_rerule_is_said_and_leaves_no_fold_that_looks_finished(cv_dir, tmp_path, monkeypatch, capsys):
+    source = copy_of(cv_dir, tmp_path / "runs" / "a")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(crossval, "choose_decision_rule", interrupted)
+    assert crossval.main(["rerule", str(source), "--name", "b", "--rule-most-probable", "true"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "b" / "fold0").exists()  # only its staging copy, redone by the next rerule
+
+
 def test_a_stray_fold_folder_is_refused_and_never_pooled(cv_dir, demo_root, tmp_path, capsys):
     a = copy_of(cv_dir, tmp_path / "runs" / "a")
     shutil.copytree(a / "fold0", a / "fold3")
