@@ -38,10 +38,10 @@ from PIL import Image
 
 import dataset
 from config import Config, build_parser, config_from_args
-import outputs
-from evaluation import predict_and_write
-from inference import find_images, native_probabilities
-from scoring import Scoring
+from tumorseg.inference import outputs
+from tumorseg.evaluation.evaluate import predict_and_write
+from tumorseg.inference.predict import find_images, native_probabilities
+from tumorseg.evaluation.scoring import Scoring
 from model import count_parameters
 from train import build_optimisation, load_data, make_loaders, train_step
 from utils import (LoadedCheckpoint, build_model, check_amp, compile_model, memory_format_for, run_interruptible,

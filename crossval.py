@@ -56,9 +56,9 @@ import dataset
 from config import TRAINING_KEYS, Config, build_parser, config_from_args
 from metrics import FAILURE_RULES, describe_paired_comparison, holm_adjusted, paired_comparison
 from report import read_metrics
-from postprocess import choose_decision_rule
-from runfolder import read_saved_config, read_split, read_summary
-from scoring import TAIL_DICE  # the table's "share of slices below" this Dice, as in test.py's summary
+from tumorseg.inference.postprocess import choose_decision_rule
+from tumorseg.runs.runfolder import read_saved_config, read_split, read_summary
+from tumorseg.evaluation.scoring import TAIL_DICE  # the table's "share of slices below" this Dice, as in test.py's summary
 from utils import json_ready, pick_device, resolve_amp, save_json, write_atomic
 
 HERE = Path(__file__).resolve().parent

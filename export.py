@@ -4,7 +4,7 @@
     python export.py --checkpoint runs/x/best.pt --format torchscript --out model.pt --check-data DATA
     python export.py --checkpoint runs/x/best.pt --format onnx --out model.onnx --opset 18 --overwrite
 
-The exported network takes the batch inference.prepare_image makes: float32
+The exported network takes the batch predict.prepare_image makes: float32
 (N, IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE), any N; it gives the tumour
 probability (the sigmoid is inside the graph), (N, 1, IMAGE_SIZE, IMAGE_SIZE),
 named `probability`, and with a type head also the type probabilities
@@ -44,11 +44,11 @@ import torch
 from torch import nn
 
 import dataset
-import evaluation
-import inference
+from tumorseg.evaluation import evaluate
+from tumorseg.inference import predict
 from config import Config
 from model import UNet
-from postprocess import DecisionRule
+from tumorseg.inference.postprocess import DecisionRule
 from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, interruption,
                    load_checkpoint, model_arguments, remove_stale_staging, sigterm_as_interrupt, staging_name,
                    tolerant_console, write_atomic)
@@ -82,7 +82,7 @@ class Job:
     overwrite: bool
     rule: DecisionRule  # the one test.py applies by default
     rule_source: str
-    check_inputs: torch.Tensor  # (N, C, S, S) float32, prepared as inference.prepare_image prepares
+    check_inputs: torch.Tensor  # (N, C, S, S) float32, prepared as predict.prepare_image prepares
     check_source: str  # where check_inputs came from, in words
 
 
@@ -175,7 +175,7 @@ def prepare(args: argparse.Namespace) -> Job:
     loaded = load_checkpoint(args.checkpoint, "cpu")
     loaded.model.float().eval()
     try:
-        rule, rule_source = evaluation.decision_rule(loaded, argparse.Namespace(postprocess="checkpoint"))
+        rule, rule_source = evaluate.decision_rule(loaded, argparse.Namespace(postprocess="checkpoint"))
     except ValueError as error:
         raise CheckpointError(f"{args.checkpoint}: its decision rule is not valid ({error})") from error
     inputs, source = check_inputs(args.check_data, loaded.config)
@@ -216,7 +216,7 @@ def check_inputs(folder: Path | None, config: Config) -> tuple[torch.Tensor, str
         folder = data_root
     if not (folder / "images").is_dir():
         raise FileNotFoundError(f"{folder}: has no images/ folder for the check")
-    images, _ = inference.find_images(folder)
+    images, _ = predict.find_images(folder)
     if not images:  # find_images accepts a folder of volumes, which the check does not cut into slices
         raise ValueError(f"{folder / 'images'}: holds no 2-D {'/'.join(dataset.IMAGE_EXTENSIONS)} images for the "
                          f"check (only NIfTI/DICOM volumes); give --check-data a folder of slices, such as "
@@ -229,7 +229,7 @@ def check_inputs(folder: Path | None, config: Config) -> tuple[torch.Tensor, str
         except Exception as error:  # any decoder error: name the file, use the others
             print(f"warning: {path}: skipped by the check, {error}", file=sys.stderr)
             continue
-        prepared.append(inference.prepare_image(image, config)[0])
+        prepared.append(predict.prepare_image(image, config)[0])
     if not prepared:
         raise ValueError(f"{folder / 'images'}: none of the {len(chosen)} images tried could be read for the check")
     return torch.stack(prepared), f"{len(prepared)} slices of {folder}"
@@ -372,13 +372,13 @@ def check_export(exported: Exported, job: Job) -> dict[str, Any]:
     """Compare the exported network with the PyTorch model on the check's inputs; raises ExportError past TOLERANCE.
 
     Batch sizes N and 1 (neither is the exported example's), against the
-    pipeline's own sigmoid (inference.probabilities) in float32, and the
+    pipeline's own sigmoid (predict.probabilities) in float32, and the
     TypeHead's softmax where there is one.
     """
     model, config = job.loaded.model, job.loaded.config
     inputs = job.check_inputs
     with torch.no_grad():
-        expected = [inference.probabilities(model, inputs, tta=False)]
+        expected = [predict.probabilities(model, inputs, tta=False)]
         if model.type_classes:
             expected.append(torch.softmax(model(inputs, return_type=True)[1].float(), dim=1))
     names = output_names(model)
@@ -409,7 +409,7 @@ def check_export(exported: Exported, job: Job) -> dict[str, Any]:
 
 
 def preprocessing(config: Config) -> dict[str, Any]:
-    """How a slice becomes the exported network's input, as values and in words (what inference.prepare_image does)."""
+    """How a slice becomes the exported network's input, as values and in words (what predict.prepare_image does)."""
     decode = ("decode to 8-bit grey (PIL convert('L'))" if config.IN_CHANNELS == 1
               else "decode to 8-bit RGB (PIL convert('RGB'); grey replicated to 3 channels)")
     crop = (f"crop to the head's bounding box, widened by CROP_MARGIN = {config.CROP_MARGIN:g} of its side on each "

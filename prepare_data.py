@@ -41,7 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils import interruption, sigterm_as_interrupt
-from volumes import (AXIS_LETTERS, WINDOW_PERCENTILES, VolumeError, is_nifti, read_nifti, slice_name, slice_spacing,
+from tumorseg.data.volumes import (AXIS_LETTERS, WINDOW_PERCENTILES, VolumeError, is_nifti, read_nifti, slice_name, slice_spacing,
                      thinnest_axis, volume_stem, window_to_uint8)
 
 

@@ -37,17 +37,17 @@ from pathlib import Path
 import torch
 
 import dataset
-import evaluation
+from tumorseg.evaluation import evaluate
 import report
-from comparison import compare_predictions
+from tumorseg.evaluation.comparison import compare_predictions
 from config import Config, build_parser, config_from_args, parse_bool
-from inference import find_images, unusable_inputs
-from outputs import output_name, publish, start_staging
-from runfolder import newest_checkpoint, subset_images, subset_stems, unfinished_run_warning
-from scoring import Scoring, print_summary, settle_scoring
+from tumorseg.inference.predict import find_images, unusable_inputs
+from tumorseg.inference.outputs import output_name, publish, start_staging
+from tumorseg.runs.runfolder import newest_checkpoint, subset_images, subset_stems, unfinished_run_warning
+from tumorseg.evaluation.scoring import Scoring, print_summary, settle_scoring
 from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, interruption,
                    load_checkpoint, setup_runtime, sigterm_as_interrupt, tolerant_console)
-from volumes import VolumeEntry, find_volumes, slice_name_clashes
+from tumorseg.data.volumes import VolumeEntry, find_volumes, slice_name_clashes
 
 # The only config keys inference uses; training keys (size, channels...) come from the checkpoint.
 INFERENCE_KEYS = ("DATA_ROOT", "RUNS_DIR", "PREDICTION_ROOT", "BATCH_SIZE", "DEVICE", "THRESHOLD", "TTA", "AMP",
@@ -147,13 +147,13 @@ def predict_and_publish(argv: list[str] | None) -> int:
         return 1
     announce(job, args)
     try:
-        summary, failures = evaluation.predict_and_write(
+        summary, failures = evaluate.predict_and_write(
             job.models, job.checkpoint_paths, job.images, job.masks, job.scoring, job.staging, job.device,
             job.options, args, started,
             skipped=[*(f"{entry}: skipped, {why}" for entry, why in job.skipped.items()),
                      *(f"{entry}: mask unusable, {why}; its image is predicted, not scored"
                        for entry, why in job.unusable_masks.items())],
-            volume_inputs=evaluation.VolumeInputs(job.volumes, args.slice_axis))
+            volume_inputs=evaluate.VolumeInputs(job.volumes, args.slice_axis))
         report_seconds = None
         if args.report and summary["scored"]:
             report_started = time.perf_counter()
@@ -239,7 +239,7 @@ def announce(job: Job, args: argparse.Namespace) -> None:
           + ("" if job.masks is not None else " (predict only)")
           + (f", {len(job.skipped)} more skipped (named below)" if job.skipped else ""))
     if job.volumes:
-        axis = (evaluation.SLICE_AXIS_RULE if args.slice_axis == "auto" else f"array axis {args.slice_axis}")
+        axis = (evaluate.SLICE_AXIS_RULE if args.slice_axis == "auto" else f"array axis {args.slice_axis}")
         print(f"volumes:    {len(job.volumes)} ({sum(e.mask is not None for e in job.volumes)} with a mask volume), "
               f"cut across {axis}")
     for note in job.notes:

@@ -37,15 +37,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import dataset
-from checkpoints import restore_random_draws, restore_training_state, training_state
+from tumorseg.runs.checkpoints import restore_random_draws, restore_training_state, training_state
 from config import TRAINING_KEYS, Config, build_parser, config_from_args
-from ema import ModelEMA
-from inference import sigmoid32
+from tumorseg.training.ema import ModelEMA
+from tumorseg.inference.predict import sigmoid32
 from losses import BCEDiceLoss
 from metrics import MetricTracker, dice_per_image
 from model import count_parameters
-from postprocess import choose_decision_rule
-from runfolder import SUMMARY_FILE, is_unfinished_run, read_saved_config, read_split, read_summary, run_progress
+from tumorseg.inference.postprocess import choose_decision_rule
+from tumorseg.runs.runfolder import SUMMARY_FILE, is_unfinished_run, read_saved_config, read_split, read_summary, run_progress
 from utils import (CheckpointError, OutputError, RunFolderBusy, autocast, average_over_processes, build_model,
                    compile_model, from_main_process, gather_objects, interruption, is_main_process, load_checkpoint,
                    lock_run_folder, memory_format_for, new_output_dir, pick_device, rank_and_world,

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ema import ModelEMA
+from tumorseg.training.ema import ModelEMA
 
 
 def toy_model(weight: float) -> nn.Sequential:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import dataset
-import inference
+from tumorseg.inference import predict
 from config import Config
 from conftest import ROOT, load_script
 from utils import build_model, load_checkpoint, model_arguments, save_checkpoints
@@ -54,7 +54,7 @@ def run_export(*args) -> int:
 
 def real_batch(real_root, config) -> torch.Tensor:
     """SLICES of the real data prepared as the pipeline prepares them: (3, C, S, S)."""
-    return torch.stack([inference.prepare_image(dataset.read_image(real_root / "images" / f"{stem}.png",
+    return torch.stack([predict.prepare_image(dataset.read_image(real_root / "images" / f"{stem}.png",
                                                                    config.IN_CHANNELS), config)[0]
                         for stem in SLICES])
 
@@ -94,7 +94,7 @@ def test_export_matches_pytorch_on_real_slices_at_batch_1_and_3(plain, real_root
     checkpoint, files = plain
     loaded = load_checkpoint(checkpoint)
     batch = real_batch(real_root, loaded.config)
-    expected = inference.probabilities(loaded.model.eval(), batch, tta=False).numpy()
+    expected = predict.probabilities(loaded.model.eval(), batch, tta=False).numpy()
     assert 0.01 < expected.min() and expected.max() < 0.99  # a map worth comparing, not saturated
     for size in (1, 3):
         (probability,) = run_file(files[form], form, batch[:size])
@@ -184,8 +184,8 @@ def test_a_deep_supervision_checkpoint_exports_the_plain_networks_single_output(
     plain = build_model(dataclasses.replace(loaded.config, DEEP_SUPERVISION=0))
     plain.load_state_dict({k: v for k, v in loaded.state["model"].items() if not k.startswith("deep_heads.")})
     batch = real_batch(real_root, loaded.config)
-    expected = inference.probabilities(loaded.model.eval(), batch, tta=False).numpy()
-    assert np.array_equal(expected, inference.probabilities(plain.eval(), batch, tta=False).numpy())
+    expected = predict.probabilities(loaded.model.eval(), batch, tta=False).numpy()
+    assert np.array_equal(expected, predict.probabilities(plain.eval(), batch, tta=False).numpy())
     for size in (1, 3):
         outputs = run_file(out, form, batch[:size])
         assert len(outputs) == 1 and outputs[0].shape == (size, 1, 64, 64)  # no head's output in the graph
@@ -278,8 +278,8 @@ def test_existing_output_is_kept_without_overwrite_and_replaced_with_it(checkpoi
 
 
 def test_a_failing_check_leaves_nothing_behind(checkpoint_in, tmp_path, capsys, monkeypatch):
-    pipeline = inference.probabilities
-    monkeypatch.setattr(inference, "probabilities", lambda model, x, tta: pipeline(model, x, tta) + 3e-3)
+    pipeline = predict.probabilities
+    monkeypatch.setattr(predict, "probabilities", lambda model, x, tta: pipeline(model, x, tta) + 3e-3)
     out = tmp_path / "out" / "model.pt"
     assert run_export("--checkpoint", checkpoint_in, "--format", "torchscript", "--out", out) == 1
     err = capsys.readouterr().err
@@ -350,8 +350,8 @@ def test_readme_example_runs_without_torch_and_matches_the_pipeline(plain, real_
     monkeypatch.setattr(sys, "argv", ["predict_onnx.py", str(files["onnx"]), str(image)])
     namespace = runpy.run_path(str(tmp_path / "predict_onnx.py"), run_name="__main__")
     loaded = load_checkpoint(checkpoint)
-    prepared = inference.prepare_image(dataset.read_image(image, 1), loaded.config)[0]
-    expected = inference.probabilities(loaded.model.eval(), prepared[None], tta=False)[0, 0].numpy()
+    prepared = predict.prepare_image(dataset.read_image(image, 1), loaded.config)[0]
+    expected = predict.probabilities(loaded.model.eval(), prepared[None], tta=False)[0, 0].numpy()
     assert np.abs(namespace["probability"] - expected).max() <= 1e-4
     mask = np.asarray(Image.open(tmp_path / "mask.png"))
     assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 255}

@@ -6,7 +6,7 @@ import pytest
 from scipy import ndimage
 
 from metrics import dice_per_image
-from postprocess import DecisionRule, search_rule
+from tumorseg.inference.postprocess import DecisionRule, search_rule
 
 
 def square(size: int, top: int, left: int, side: int, value: float = 0.9) -> np.ndarray:

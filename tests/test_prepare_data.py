@@ -619,7 +619,7 @@ def convert_pairs(volume_pairs: Path, out: Path, *options: object) -> int:
 
 def test_nifti_writes_one_png_pair_per_tumour_slice_with_the_volume_window(volume_pairs: Path, tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture) -> None:
-    from volumes import read_nifti, window_to_uint8
+    from tumorseg.data.volumes import read_nifti, window_to_uint8
 
     out = tmp_path / "out"
     assert convert_pairs(volume_pairs, out) == 0

@@ -3,7 +3,7 @@
 import numpy as np
 
 from metrics import FAILURE_RULES, CalibrationTracker
-from scoring import Scoring, label_rows, score_image, score_summary
+from tumorseg.evaluation.scoring import Scoring, label_rows, score_image, score_summary
 
 SIZE = 16
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-import inference
+from tumorseg.inference import predict
 import train
 from conftest import ROOT, link_subset, load_script
 import dataset
-import evaluation
-import outputs
+from tumorseg.evaluation import evaluate
+from tumorseg.inference import outputs
 from dataset import read_mask
 from metrics import dice_per_image, iou_per_image, per_image_report
 from config import Config
@@ -99,11 +99,11 @@ def test_mixed_sizes_give_native_resolution_outputs_and_matching_metrics(tiny_ru
 def test_tta_averages_the_eight_orientations():
     inputs = torch.randn(2, 1, 8, 8)
     pointwise = lambda x: 3 * x  # noqa: E731  (commutes with every flip and rotation)
-    assert torch.allclose(inference.probabilities(pointwise, inputs, tta=True),
-                          inference.probabilities(pointwise, inputs, tta=False), atol=1e-6)
+    assert torch.allclose(predict.probabilities(pointwise, inputs, tta=True),
+                          predict.probabilities(pointwise, inputs, tta=False), atol=1e-6)
     ramp = torch.arange(8.0).expand(1, 1, 8, 8)
     biased = lambda x: x + ramp  # noqa: E731  (prefers one side of the image)
-    averaged = inference.probabilities(biased, inputs, tta=True)
+    averaged = predict.probabilities(biased, inputs, tta=True)
     expected = sum(torch.sigmoid(inputs + torch.rot90(r, -k, (2, 3)))
                    for k in range(4) for r in (ramp, ramp.flip(3))) / 8
     assert torch.allclose(averaged, expected, atol=1e-6)
@@ -115,7 +115,7 @@ def test_bf16_logits_give_float32_probabilities(tta):
     # coarser than the decision rule tuned on float32 maps, so the sigmoid must run on float32 logits.
     inputs = torch.linspace(-0.02, 0.02, 64).reshape(1, 1, 8, 8)
     bf16_model = lambda x: x.to(torch.bfloat16)  # noqa: E731  (what autocast's bf16 forward pass returns)
-    maps = inference.probabilities(bf16_model, inputs, tta=tta)
+    maps = predict.probabilities(bf16_model, inputs, tta=tta)
     expected = torch.sigmoid(inputs.to(torch.bfloat16).float())
     assert maps.dtype == torch.float32
     assert torch.allclose(maps, expected, rtol=0, atol=1e-6)  # bf16's step near 0.5 is 0.004
@@ -143,9 +143,9 @@ def test_bf16_channels_last_inference_matches_float32(tiny_run, mixed_sizes, tmp
     assert (summary["amp"], summary["channels_last"]) == ("bf16", True)
     loaded = load_checkpoint(tiny_run / "best.pt")
     images = [dataset.read_image(p, loaded.config.IN_CHANNELS) for p in sorted((mixed_sizes / "images").iterdir())]
-    plain = inference.native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"))
+    plain = predict.native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"))
     loaded.model.to(memory_format=torch.channels_last)
-    fast = inference.native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"), amp="bf16",
+    fast = predict.native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"), amp="bf16",
                                           channels_last=True)
     for a, b in zip(plain, fast, strict=True):
         assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
@@ -157,8 +157,8 @@ def test_threaded_writing_gives_the_same_outputs_as_a_sequential_run(tiny_run, m
     assert outputs.WRITE_THREADS > 0 and outputs.PNG_COMPRESS_LEVEL != 6
     assert run_test(*args, "--prediction-root", tmp_path / "threaded") == 0
     # as test.py wrote before: inline, PIL's default compression
-    monkeypatch.setattr(evaluation, "predict_and_write",
-                        functools.partial(evaluation.predict_and_write, write_threads=0, compress_level=6))
+    monkeypatch.setattr(evaluate, "predict_and_write",
+                        functools.partial(evaluate.predict_and_write, write_threads=0, compress_level=6))
     assert run_test(*args, "--prediction-root", tmp_path / "sequential") == 0
     threaded, sequential = tmp_path / "threaded" / "tiny", tmp_path / "sequential" / "tiny"
     for sub in (*outputs.OUTPUT_FOLDERS, "uncertainty"):
@@ -470,7 +470,7 @@ def test_ctrl_c_leaves_no_partial_output(tiny_run, mixed_sizes, tmp_path, monkey
         yield from ()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(inference, "predict", interrupted)
+    monkeypatch.setattr(predict, "predict", interrupted)
     preds = tmp_path / "preds"
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds) == 130
     assert "interrupted" in capsys.readouterr().err and list(preds.iterdir()) == []
@@ -479,7 +479,7 @@ def test_ctrl_c_leaves_no_partial_output(tiny_run, mixed_sizes, tmp_path, monkey
 def test_sigterm_mid_output_cleans_up_like_ctrl_c(tiny_run, mixed_sizes, tmp_path, monkeypatch, capsys):
     import os
     import signal
-    real_predict = inference.predict
+    real_predict = predict.predict
 
     def terminated_after_the_first_batch(*args, **kwargs):
         for number, result in enumerate(real_predict(*args, **kwargs)):
@@ -487,7 +487,7 @@ def test_sigterm_mid_output_cleans_up_like_ctrl_c(tiny_run, mixed_sizes, tmp_pat
                 os.kill(os.getpid(), signal.SIGTERM)
             yield result
 
-    monkeypatch.setattr(inference, "predict", terminated_after_the_first_batch)
+    monkeypatch.setattr(predict, "predict", terminated_after_the_first_batch)
     preds = tmp_path / "preds"
     handler_before = signal.getsignal(signal.SIGTERM)
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
@@ -532,7 +532,7 @@ def test_threshold_comes_from_the_checkpoint_unless_given(tiny_run, mixed_sizes,
 
 def test_the_rule_chosen_on_validation_is_applied_by_default(tiny_run, mixed_sizes, tmp_path):
     """train.py stored a rule; test.py applies it unless --postprocess none, and says so in summary.json."""
-    from postprocess import DecisionRule
+    from tumorseg.inference.postprocess import DecisionRule
     checkpoint = torch.load(tiny_run / "best.pt", weights_only=True)
     stored = DecisionRule.from_dict(checkpoint["decision_rule"])
     assert json.loads((tiny_run / "decision_rule.json").read_text())["rule"] == stored.to_dict()
@@ -626,7 +626,7 @@ def test_training_and_test_py_prepare_one_file_identically(demo_root, tmp_path):
                                     crop_margin=config.CROP_MARGIN)
         training_input = dataset.SegmentationDataset(data.images, data.masks, config.NORMALIZATION)[3][0]
         image = dataset.read_image(data.pairs[3].image_path, config.IN_CHANNELS)
-        inference_input, _ = inference.prepare_image(image, config)
+        inference_input, _ = predict.prepare_image(image, config)
         assert torch.equal(training_input, inference_input)
 
 
@@ -756,10 +756,10 @@ def test_spread_over_tta_views_is_their_standard_deviation():
             return x + ramp  # each view sees the ramp differently
 
     biased = Biased()
-    inputs = torch.stack([inference.prepare_image(image, config)[0] for image in images])
+    inputs = torch.stack([predict.prepare_image(image, config)[0] for image in images])
     views = torch.stack([torch.sigmoid(inputs + torch.rot90(r, -k, (2, 3)))
                          for k in range(4) for r in (ramp, ramp.flip(3))])
-    means, spreads = inference.native_probabilities_and_spreads(biased, config, images, torch.device("cpu"), tta=True)
+    means, spreads = predict.native_probabilities_and_spreads(biased, config, images, torch.device("cpu"), tta=True)
     assert np.allclose(np.stack(means), views.mean(0)[:, 0], atol=1e-6)
     assert np.allclose(np.stack(spreads), views.std(0, correction=0)[:, 0], atol=1e-6)
     assert np.stack(spreads).max() > 0.05  # the views do disagree
@@ -770,7 +770,7 @@ def test_members_spread_adds_their_disagreement_to_their_views_spread():
     views_spread = [np.array([0.0, 0.1], np.float32), np.array([0.0, 0.3], np.float32)]
     # two members of two views each: views 0.2 0.2 0.4 0.4, and 0.4 0.6 0.2 0.8
     expected = [np.std([0.2, 0.2, 0.4, 0.4]), np.std([0.4, 0.6, 0.2, 0.8])]
-    assert np.allclose(inference.combined_spread(members, views_spread), expected, atol=1e-6)
+    assert np.allclose(predict.combined_spread(members, views_spread), expected, atol=1e-6)
 
 
 def dihedral_invariant_model() -> torch.nn.Module:
@@ -786,10 +786,10 @@ def dihedral_invariant_model() -> torch.nn.Module:
 def test_views_that_agree_have_no_uncertainty_at_any_image_size(mixed_sizes, amp):
     config = Config(IMAGE_SIZE=32, IN_CHANNELS=1, NORMALIZATION="zscore", DEPTH=1)  # the images: 200x240, 512
     member = LoadedCheckpoint(dihedral_invariant_model(), config, {}, [])
-    images, masks = inference.find_images(mixed_sizes)
+    images, masks = predict.find_images(mixed_sizes)
     options = Config(TTA=True, AMP=amp, BATCH_SIZE=2)
     for models in ([member], [member, member]):  # TTA alone, and an ensemble of one model twice
-        predictions = list(inference.predict(models, images, masks, torch.device("cpu"), options, True, []))
+        predictions = list(predict.predict(models, images, masks, torch.device("cpu"), options, True, []))
         assert len(predictions) == 3
         for p in predictions:
             assert p.spread.shape == p.probability.shape and p.spread.dtype == np.float32
@@ -826,9 +826,9 @@ def test_an_ensemble_of_one_model_twice_is_certain(tiny_run, mixed_sizes, tmp_pa
     for path in (preds / "tiny-ensemble2" / "uncertainty").iterdir():
         assert np.asarray(Image.open(path)).max() == 0
     loaded = load_checkpoint(best)  # the maps themselves, finer than the PNGs' 256 levels
-    images, masks = inference.find_images(mixed_sizes)
+    images, masks = predict.find_images(mixed_sizes)
     options = Config(AMP=amp, BATCH_SIZE=2)
-    for p in inference.predict([loaded, loaded], images, masks, torch.device("cpu"), options, True, []):
+    for p in predict.predict([loaded, loaded], images, masks, torch.device("cpu"), options, True, []):
         assert p.spread.max() < 1e-6, (p.stem, p.spread.max())
 
 
@@ -1005,7 +1005,7 @@ def test_a_type_head_adds_its_answer_per_image_and_the_confusion_matrices(typed_
 
 
 def test_patient_vote_is_the_majority_and_a_tie_goes_to_the_larger_summed_probability():
-    from scoring import type_classification
+    from tumorseg.evaluation.scoring import type_classification
     rows = [{"image": "a1", "predicted_type": "x", "type_probability": 0.9},
             {"image": "a2", "predicted_type": "y", "type_probability": 0.6},
             {"image": "b1", "predicted_type": "y", "type_probability": 0.5},
@@ -1031,7 +1031,7 @@ def test_a_checkpoint_without_a_head_loads_and_predicts_as_before(tiny_run, demo
     reference.load_state_dict(loaded.state["model"])  # strict: the same weights, no more, no fewer
     x = torch.randn(3, 1, 32, 32)
     assert torch.equal(loaded.model.eval()(x), reference.eval()(x))
-    assert inference.head_classes([loaded]) == ()
+    assert predict.head_classes([loaded]) == ()
     out = tmp_path / "pred"
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", out) == 0
     assert "predicted_type" not in next(csv.DictReader(open(out / "tiny" / "metrics.csv")))
@@ -1115,7 +1115,7 @@ def test_a_volume_of_real_slices_scores_as_its_png_slices_and_its_mask_keeps_the
 
 def test_a_dicom_series_is_predicted_into_a_nifti_mask_with_its_geometry(tiny_run, tmp_path, capsys):
     import nibabel as nib
-    import volumes
+    from tumorseg.data import volumes
     from test_volumes import write_dicom_series
     data = np.random.default_rng(4).integers(0, 3000, size=(40, 36, 5)).astype(np.uint16)
     write_dicom_series(tmp_path / "data" / "images" / "series1", data)

@@ -496,9 +496,9 @@ def test_attention_unet_and_head_crop_train_and_store_the_rule(demo_root, tmp_pa
 def validation_dice(loaded, data_root, stems, rules):
     """Mean per-image Dice at native size of each of `rules` (dicts) on the images `stems`, as test.py scores."""
     import dataset
-    from inference import native_probabilities
+    from tumorseg.inference.predict import native_probabilities
     from metrics import dice_per_image
-    from postprocess import DecisionRule
+    from tumorseg.inference.postprocess import DecisionRule
     images = [dataset.read_image(data_root / "images" / f"{stem}.png", loaded.config.IN_CHANNELS) for stem in stems]
     maps = native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"))
     masks = [dataset.read_mask(data_root / "masks" / f"{stem}.png") for stem in stems]
@@ -723,7 +723,7 @@ def test_resume_of_a_finished_run_has_nothing_to_do_unless_extended(demo_root, t
 
 
 def test_a_killed_extension_of_a_finished_run_is_an_unfinished_run(demo_root, tmp_path, monkeypatch, capsys):
-    from runfolder import is_unfinished_run, unfinished_run_warning
+    from tumorseg.runs.runfolder import is_unfinished_run, unfinished_run_warning
     run = tmp_path / "f"
     assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "f",
                        "--epochs", "1", *TINY]) == 0

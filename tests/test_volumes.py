@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import volumes
-from volumes import Volume, VolumeError
+from tumorseg.data import volumes
+from tumorseg.data.volumes import Volume, VolumeError
 
 
 def oblique_affine(spacing: tuple[float, float, float] = (0.9, 0.9, 5.0)) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from metrics import mask_border
-from runfolder import run_folder
+from tumorseg.runs.runfolder import run_folder
 from utils import OutputError, describe_write_error, remove_stale_staging, staging_name
 
 PREDICTION_COLOUR = np.array([255, 40, 40], np.float32)  # red fill, semi-transparent

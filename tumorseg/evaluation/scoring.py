@@ -23,7 +23,7 @@ import numpy as np
 import dataset
 from metrics import (FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY, CalibrationTracker, Spacing,
                      auroc, classification_scores, per_image_report, pooled_scores, rank_correlation, region_uncertainty, summarise)
-from runfolder import split_group_column
+from tumorseg.runs.runfolder import split_group_column
 from utils import write_atomic
 
 # metrics.csv's numeric columns, in order; those an image lacks (mm without a spacing, uncertainty

@@ -1,6 +1,6 @@
 """One test.py evaluation: predict every image, write and score each one, and summarise the run in summary.json.
 
-Ties the pieces together: `inference.predict` gives probability maps, the
+Ties the pieces together: `predict.predict` gives probability maps, the
 decision rule turns them into masks, `outputs` writes the PNGs, `scoring`
 scores and aggregates, `runfolder` tells which images the run trained on.
 """
@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 import dataset
-import inference
-import volumes
+from tumorseg.inference import predict
+from tumorseg.data import volumes
 from config import Config
 from metrics import CalibrationTracker, Spacing, summarise, volume_report
-from outputs import PNG_COMPRESS_LEVEL, WRITE_THREADS, OrderedJobs, write_image_outputs
-from postprocess import DecisionRule
-from runfolder import count_training_images, split_group_column
-from scoring import (Scoring, label_rows, metadata_column, score_image, score_summary, type_classification,
+from tumorseg.inference.outputs import PNG_COMPRESS_LEVEL, WRITE_THREADS, OrderedJobs, write_image_outputs
+from tumorseg.inference.postprocess import DecisionRule
+from tumorseg.runs.runfolder import count_training_images, split_group_column
+from tumorseg.evaluation.scoring import (Scoring, label_rows, metadata_column, score_image, score_summary, type_classification,
                      type_columns, write_metrics, write_volume_table)
 from utils import LoadedCheckpoint, json_ready, save_json
 
@@ -48,14 +48,14 @@ def decision_rule(loaded: LoadedCheckpoint, args: argparse.Namespace) -> tuple[D
     return rule, source
 
 
-def finish_image(p: inference.Prediction, rule: DecisionRule, scoring: Scoring, staging: Path,
+def finish_image(p: predict.Prediction, rule: DecisionRule, scoring: Scoring, staging: Path,
                  compress_level: int) -> dict | None:
     """Threshold one prediction, write its PNGs into `staging` and score it: its metrics.csv row, None unscored."""
     spacing = None if scoring.spacing is None else scoring.spacing[p.stem]
     return write_and_score(p, rule.apply(p.probability), staging, compress_level, spacing)
 
 
-def write_and_score(p: inference.Prediction, predicted: np.ndarray, staging: Path, compress_level: int,
+def write_and_score(p: predict.Prediction, predicted: np.ndarray, staging: Path, compress_level: int,
                     spacing: Spacing | None, columns: dict | None = None) -> dict | None:
     """Write one thresholded prediction's PNGs and score it: its metrics.csv row (plus `columns`), None unscored."""
     write_image_outputs(staging, p.stem, p.image, predicted, p.mask, p.spread, compress_level)
@@ -93,7 +93,7 @@ def predict_and_score(models: list[LoadedCheckpoint], images: list[Path], masks:
     calibration = CalibrationTracker()
     volume_rows, volume_problems = [], []
     with OrderedJobs(write_threads) as jobs:
-        for p in inference.predict(models, images, masks, device, options, with_spread, unreadable):
+        for p in predict.predict(models, images, masks, device, options, with_spread, unreadable):
             if p.mask is not None:
                 calibration.update(np.clip(p.probability, 0, 1), p.mask)  # resizing back may overshoot 1 slightly
             done = jobs.submit(finish_image, p, rule, scoring, staging, compress_level)
@@ -132,14 +132,14 @@ def predict_volume(models: list[LoadedCheckpoint], entry: volumes.VolumeEntry, a
     volume = volumes.read_volume(entry.path)
     truth = None if entry.mask is None else volumes.read_mask_volume(entry.mask, volume.data.shape)
     axis = volumes.thinnest_axis(volume) if axis_option == "auto" else int(axis_option)
-    channels = inference.input_channels(models)
+    channels = predict.input_channels(models)
     truths = None if truth is None else list(volumes.slices_along(truth, axis))
-    items = ((volumes.slice_name(entry.stem, axis, index), inference.grey_as_channels(grey, channels),
+    items = ((volumes.slice_name(entry.stem, axis, index), predict.grey_as_channels(grey, channels),
               None if truths is None else truths[index])
              for index, grey in enumerate(volumes.slices_along(volumes.window_to_uint8(volume.data), axis)))
     spacing = volumes.slice_spacing(volume, axis)
     predicted_slices, finished = [], []
-    for index, p in enumerate(inference.predict_decoded(models, items, device, options, with_spread)):
+    for index, p in enumerate(predict.predict_decoded(models, items, device, options, with_spread)):
         predicted = rule.apply(p.probability)
         predicted_slices.append(predicted)
         if not (predicted.any() or (p.mask is not None and p.mask.any())):
@@ -173,7 +173,7 @@ def type_summary(rows: list[dict], loaded: LoadedCheckpoint, checkpoint_path: Pa
                  data_root: Path) -> dict | None:
     """summary.json's type_classification for a checkpoint with a TypeHead, per image and per patient (the run's
     split group column); None without a head or where data_root/metadata.csv lacks the head's column."""
-    classes = inference.head_classes([loaded])
+    classes = predict.head_classes([loaded])
     column = loaded.config.TYPE_COLUMN
     if not classes or not column:
         return None

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import dataset
 from config import Config
-from inference import native_probabilities
+from tumorseg.inference.predict import native_probabilities
 from metrics import Counts, dice_from_counts, dice_per_image
 from utils import load_checkpoint, save_checkpoints, save_json
 

@@ -19,7 +19,7 @@ import numpy as np
 import dataset
 import report
 from metrics import describe_paired_comparison, paired_comparison
-from scoring import metadata_column
+from tumorseg.evaluation.scoring import metadata_column
 
 PATIENT_COLUMN = dataset.PATIENT_COLUMN
 

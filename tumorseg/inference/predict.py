@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 import dataset
-import volumes
+from tumorseg.data import volumes
 from config import Config
 from utils import LoadedCheckpoint, autocast, memory_format_for
 

@@ -19,7 +19,7 @@ from torch import nn
 
 import dataset
 from config import Config
-from ema import ModelEMA
+from tumorseg.training.ema import ModelEMA
 from utils import gather_objects, model_arguments, random_states, restore_random_states
 
 
