@@ -162,16 +162,17 @@ class Config:
     def from_saved(cls, values: dict[str, Any]) -> tuple[Config, list[str]]:
         """Rebuild from a saved `to_dict`, e.g. a checkpoint's: returns (config, keys ignored).
 
-        Keys this version does not know (renamed or removed since) are ignored
-        and listed; keys added since take their defaults, which reproduce the
-        old behaviour.
+        Keys this version does not know (renamed or removed ones) are ignored
+        and listed. A key missing from `values` takes its default, chosen so
+        that a config saved without the key runs as it was trained; the few
+        keys whose meaning moved are translated below (see CHANGELOG.md).
         """
         known = {f.name for f in dataclasses.fields(cls)}
-        if "SEED" in values and "SPLIT_SEED" not in values:  # saved before SPLIT_SEED: SEED seeded the split too
+        if "SEED" in values and "SPLIT_SEED" not in values:  # without SPLIT_SEED, SEED seeded the split too
             values = {**values, "SPLIT_SEED": values["SEED"]}
-        if values.get("SPLIT_GROUP_COLUMN") == "":  # saved when "" meant a random split
+        if values.get("SPLIT_GROUP_COLUMN") == "":  # "" in a saved config means a random split
             values = {**values, "SPLIT_GROUP_COLUMN": "none"}
-        if "TEST_FRACTION" not in values:  # saved before held-out patients: the split had two sides
+        if "TEST_FRACTION" not in values:  # without TEST_FRACTION the split has two sides, no held-out patients
             values = {**values, "TEST_FRACTION": 0.0}
         return cls(**{k: v for k, v in values.items() if k in known}), sorted(set(values) - known)
 
@@ -188,7 +189,7 @@ RECIPES: dict[str, dict[str, Any]] = {
              "SEARCH_RULE": False},
     # At most 20 minutes per run on one CPU core with bf16 instructions (AVX512-BF16 or AMX): small, grayscale,
     # four levels, a 22-epoch cosine, head crop and every augmentation. Chosen over the 13-epoch five-level
-    # recipe (now the baseline of docs/results.md) by the inner validation of 3 patient folds.
+    # recipe (the baseline of docs/results.md) by the inner validation of 3 patient folds.
     "cpu": {"IMAGE_SIZE": 128, "IN_CHANNELS": 1, "NORMALIZATION": "zscore", "BASE_CHANNELS": 16, "DEPTH": 4,
             "LEARNING_RATE": 1e-3, "BATCH_SIZE": 16, "EPOCHS": 22, "LR_SCHEDULE": "cosine", "CROP": True,
             "AUGMENT": True, "AUG_AFFINE": True, "AUG_INTENSITY": True, "AUG_ELASTIC": True,

@@ -6,8 +6,8 @@ up-sampling it is the classic 31.0 M-parameter U-Net. Any input size works:
 the input is padded to a multiple of 2**depth and the output cropped back.
 `build_unet` picks either network by name.
 
-Three optional parts, all off by default (a network without them has exactly
-the parameters and outputs it always had): a `TypeHead` that classifies the
+Three optional parts, all off by default (without them the network has
+exactly the plain U-Net's parameters and outputs): a `TypeHead` that classifies the
 image (e.g. the tumour type) from the bottleneck, a space-to-depth stem
 (`stem="space_to_depth"`) that folds each 2x2 block of the input into
 channels before the first level and unfolds the output the same way, so a
