@@ -27,6 +27,14 @@ from typing import Any
 
 @dataclass
 class Config:
+    """Every setting of one run with its default; key `FOO_BAR` is the flag `--foo-bar`.
+
+    Raises:
+        ValueError: at construction, "invalid config: " and the problems joined by "; ": the NaN or
+            infinite floats alone when there are any (they would slip through the range checks),
+            otherwise every value out of range, every clashing pair of keys and every unknown choice.
+    """
+
     # --- data
     DATA_ROOT: str = "data/demo"  # folder holding images/ and masks/ (+ optional metadata.csv)
     IMAGE_SIZE: int = 256  # side length the network sees; inputs are resized to it
@@ -216,7 +224,11 @@ def _is_plain_folder_name(name: str) -> bool:
 
 
 def parse_bool(text: str) -> bool:
-    """'true/false', 'yes/no', 'on/off', '1/0' in any case."""
+    """'true/false', 'yes/no', 'on/off', '1/0' in any case, surrounding spaces ignored.
+
+    Raises:
+        argparse.ArgumentTypeError: any other text (argparse reports it as a bad value of the flag).
+    """
     lowered = text.strip().lower()
     if lowered in ("true", "yes", "on", "1"):
         return True
@@ -300,7 +312,11 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 def with_recipe(base: Config, overrides: dict[str, Any]) -> Config:
-    """`base` with its RECIPE's values (RECIPE from `overrides` if given there) and then `overrides` applied."""
+    """`base` with its RECIPE's values (RECIPE from `overrides` if given there) and then `overrides` applied.
+
+    Raises:
+        ValueError: an unknown recipe, or a combination that Config refuses.
+    """
     recipe = overrides.get("RECIPE", base.RECIPE)
     if recipe and recipe not in RECIPES:
         raise ValueError(f"invalid config: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
