@@ -47,7 +47,7 @@ def test_counts_and_ratios_need_no_float64_which_mps_lacks():
     assert [t.dtype for t in (c.tp, c.fp, c.fn, c.tn)] == [torch.int64] * 4  # Dice runs every step on the device
     assert [t.tolist() for t in (c.tp, c.fp, c.fn, c.tn)] == [[4, 0], [2, 0], [0, 4], [10, 12]]
     assert ratio_dtype(torch.device("mps")) == torch.float32 and ratio_dtype(torch.device("cpu")) == torch.float64
-    # elsewhere the ratios are float64 of exact counts, as before
+    # elsewhere the ratios are float64 of exact counts
     assert dice_per_image(pred, target).tolist() == [8 / 10, 0.0] and iou_per_image(pred, target)[0] == 4 / 6
     assert pixel_accuracy_per_image(pred, target).tolist() == [14 / 16, 12 / 16]
     assert precision_per_image(pred, target)[0] == 4 / 6 and math.isnan(precision_per_image(pred, target)[1])
