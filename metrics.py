@@ -45,8 +45,16 @@ def confusion_counts(pred: ArrayLike, target: ArrayLike) -> Counts:
     """True/false positive/negative pixel counts per image.
 
     Args:
-        pred: binary prediction, shape (N, H, W) or (N, 1, H, W); nonzero = tumour.
-        target: ground-truth mask of the same shape; nonzero = tumour.
+        pred: binary prediction, shape (N, H, W) or (N, 1, H, W); nonzero = tumour (NaN too, being nonzero).
+        target: ground-truth mask with as many pixels per image; nonzero = tumour.
+
+    Returns:
+        Counts of int64 tensors of shape (N,): tp, fp, fn, tn. Empty masks give zeros where expected,
+        e.g. tp = fp = fn = 0 when both masks of an image are empty.
+
+    Raises:
+        ValueError: `pred` and `target` differ in shape once each image is flattened (so (N, 1, H, W)
+            against (N, H, W) is accepted).
     """
     pred = torch.as_tensor(pred).flatten(1).bool()
     target = torch.as_tensor(target).flatten(1).bool()
@@ -73,17 +81,26 @@ def _ratio_or_one(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.T
 
 
 def dice_from_counts(c: Counts) -> torch.Tensor:
-    """2 TP / (2 TP + FP + FN); 1.0 when both masks are empty."""
+    """Dice 2 TP / (2 TP + FP + FN) per image, of `ratio_dtype`, shape (N,).
+
+    Returns:
+        1.0 where both masks are empty (nothing to find, nothing claimed), 0.0 where exactly one is
+        (a miss, or a false alarm on an empty truth).
+    """
     return _ratio_or_one(2 * c.tp, 2 * c.tp + c.fp + c.fn)
 
 
 def iou_from_counts(c: Counts) -> torch.Tensor:
-    """TP / (TP + FP + FN); 1.0 when both masks are empty."""
+    """IoU (Jaccard) TP / (TP + FP + FN) per image, of `ratio_dtype`, shape (N,).
+
+    Returns:
+        1.0 where both masks are empty, 0.0 where exactly one is, as for Dice.
+    """
     return _ratio_or_one(c.tp, c.tp + c.fp + c.fn)
 
 
 def pixel_accuracy_from_counts(c: Counts) -> torch.Tensor:
-    """(TP + TN) / all pixels."""
+    """(TP + TN) / all pixels per image, of `ratio_dtype`, shape (N,); 1.0 where both masks are empty."""
     return _real(c.tp + c.tn) / _real(c.tp + c.fp + c.fn + c.tn)
 
 
@@ -101,51 +118,94 @@ def _ratio_one_if_both_empty(numerator: torch.Tensor, denominator: torch.Tensor,
 
 
 def precision_from_counts(c: Counts) -> torch.Tensor:
-    """Positive predictive value TP / (TP + FP).
+    """Positive predictive value TP / (TP + FP) per image, of `ratio_dtype`, shape (N,).
 
-    Nothing predicted: 1.0 when the ground truth is empty too, NaN (undefined)
-    when it holds tumour; that image counts as a miss through sensitivity 0.0.
+    Returns:
+        Where nothing is predicted: 1.0 if the ground truth is empty too, NaN (undefined) if it holds
+        tumour; that image counts as a miss through sensitivity 0.0. A false alarm on an empty ground
+        truth gives 0.0.
     """
     return _ratio_one_if_both_empty(c.tp, c.tp + c.fp, c)
 
 
 def sensitivity_from_counts(c: Counts) -> torch.Tensor:
-    """Sensitivity (recall) TP / (TP + FN).
+    """Sensitivity (recall) TP / (TP + FN) per image, of `ratio_dtype`, shape (N,).
 
-    Empty ground truth: 1.0 when nothing is predicted either, NaN (undefined)
-    otherwise; that image's false alarm shows in precision 0.0.
+    Returns:
+        Where the ground truth is empty: 1.0 if nothing is predicted either, NaN (undefined) otherwise;
+        that image's false alarm shows in precision 0.0. A tumour with nothing predicted gives 0.0.
     """
     return _ratio_one_if_both_empty(c.tp, c.tp + c.fn, c)
 
 
 def dice_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
-    """Dice of each image, shape (N,)."""
+    """Dice of each image, shape (N,): 1.0 for two empty masks, 0.0 when exactly one is empty.
+
+    Args:
+        pred, target: binary prediction and ground truth, (N, H, W) or (N, 1, H, W); nonzero = tumour.
+
+    Raises:
+        ValueError: the shapes differ (see `confusion_counts`).
+    """
     return dice_from_counts(confusion_counts(pred, target))
 
 
 def iou_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
-    """IoU (Jaccard) of each image, shape (N,)."""
+    """IoU (Jaccard) of each image, shape (N,): 1.0 for two empty masks, 0.0 when exactly one is empty.
+
+    Args:
+        pred, target: binary prediction and ground truth, (N, H, W) or (N, 1, H, W); nonzero = tumour.
+
+    Raises:
+        ValueError: the shapes differ (see `confusion_counts`).
+    """
     return iou_from_counts(confusion_counts(pred, target))
 
 
 def pixel_accuracy_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
-    """Share of correctly classified pixels of each image, shape (N,)."""
+    """Share of correctly classified pixels of each image, shape (N,); 1.0 for two empty masks.
+
+    Args:
+        pred, target: binary prediction and ground truth, (N, H, W) or (N, 1, H, W); nonzero = tumour.
+
+    Raises:
+        ValueError: the shapes differ (see `confusion_counts`).
+    """
     return pixel_accuracy_from_counts(confusion_counts(pred, target))
 
 
 def precision_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
-    """Precision of each image, shape (N,); see `precision_from_counts` for empty masks."""
+    """Precision of each image, shape (N,); empty masks as `precision_from_counts`.
+
+    Args:
+        pred, target: binary prediction and ground truth, (N, H, W) or (N, 1, H, W); nonzero = tumour.
+
+    Raises:
+        ValueError: the shapes differ (see `confusion_counts`).
+    """
     return precision_from_counts(confusion_counts(pred, target))
 
 
 def sensitivity_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
-    """Sensitivity of each image, shape (N,); see `sensitivity_from_counts` for empty masks."""
+    """Sensitivity of each image, shape (N,); empty masks as `sensitivity_from_counts`.
+
+    Args:
+        pred, target: binary prediction and ground truth, (N, H, W) or (N, 1, H, W); nonzero = tumour.
+
+    Raises:
+        ValueError: the shapes differ (see `confusion_counts`).
+    """
     return sensitivity_from_counts(confusion_counts(pred, target))
 
 
 @dataclass
 class MetricTracker:
-    """Accumulates per-image metrics over batches; `summary()` gives means and pooled figures."""
+    """Accumulates per-image metrics over batches; `summary()` gives means and pooled figures.
+
+    Each image's Dice, IoU and pixel accuracy follow `dice_from_counts` and its
+    neighbours (two empty masks score 1.0, exactly one empty mask 0.0 on Dice
+    and IoU), so Dice and IoU are never NaN and every image enters their means.
+    """
 
     dice: list[float] = field(default_factory=list)
     iou: list[float] = field(default_factory=list)
@@ -153,7 +213,14 @@ class MetricTracker:
     totals: np.ndarray = field(default_factory=lambda: np.zeros(4))  # pooled tp, fp, fn, tn
 
     def update(self, pred: ArrayLike, target: ArrayLike) -> Counts:
-        """Add a batch of binary predictions and masks; returns the batch's per-image counts."""
+        """Add a batch of binary predictions and masks; returns the batch's per-image counts.
+
+        Args:
+            pred, target: as `confusion_counts`.
+
+        Raises:
+            ValueError: the shapes differ; nothing is added then.
+        """
         c = confusion_counts(pred, target)
         self.dice += dice_from_counts(c).tolist()
         self.iou += iou_from_counts(c).tolist()
@@ -162,7 +229,15 @@ class MetricTracker:
         return c
 
     def summary(self) -> dict[str, float]:
-        """Mean per-image Dice, IoU and pixel accuracy, plus pooled Dice and IoU over all pixels."""
+        """Mean per-image Dice, IoU and pixel accuracy, plus pooled Dice and IoU over all pixels.
+
+        Returns:
+            {"dice", "iou", "pixel_accuracy", "dice_pooled", "iou_pooled"} as floats; the pooled
+            figures are 1.0 when no image held or predicted any tumour (see `pooled_scores`).
+
+        Raises:
+            ValueError: no images were added.
+        """
         if not self.dice:
             raise ValueError("no images were added")
         tp, fp, fn, _ = self.totals
@@ -177,12 +252,14 @@ class MetricTracker:
 def pooled_scores(tp: float, fp: float, fn: float) -> dict[str, float]:
     """dice_pooled and iou_pooled of pixel counts summed over images (large tumours weigh more).
 
-    Both are 1.0 when the summed counts hold no tumour pixel at all, as for one image.
-
     Args:
         tp: true positive pixels of all images together.
         fp: false positive pixels of all images together.
         fn: false negative pixels of all images together.
+
+    Returns:
+        {"dice_pooled": ..., "iou_pooled": ...}; both 1.0 when the summed counts hold no tumour pixel
+        at all (tp = fp = fn = 0), as for one image.
     """
     pooled = Counts(*(torch.tensor([float(v)], dtype=torch.float64) for v in (tp, fp, fn, 0)))
     return {"dice_pooled": dice_from_counts(pooled).item(), "iou_pooled": iou_from_counts(pooled).item()}
@@ -251,13 +328,21 @@ def surface_distances(pred: np.ndarray, target: np.ndarray,
     """Distances from each border pixel (see `mask_border`) of one mask to the nearest of the other.
 
     Works on images and on volumes alike (a volume's border is its surface).
-    Edge case: when either mask is empty, both arrays are empty, since there is
-    no border to measure to; the metrics built on them are then NaN.
 
     Args:
         pred: predicted bool mask (H, W), or (X, Y, Z).
         target: ground-truth bool mask of the same shape.
         spacing: pixel (voxel) size along each axis; distances come out in its unit. None = 1 per axis.
+
+    Returns:
+        SurfaceDistances (pred_to_target, target_to_pred), float arrays with one value per border pixel
+        of the mask they start from. When either mask is empty (or both), both arrays are empty, since
+        there is no border to measure to; the metrics built on them are then NaN. Identical masks give
+        all zeros.
+
+    Raises:
+        ValueError: the masks are not both 2-D or both 3-D of one shape, or `spacing` has another
+            number of values than the masks have axes.
     """
     pred, target = _mask_pair(pred, target, dims=(2, 3))
     spacing = (1.0,) * pred.ndim if spacing is None else tuple(spacing)
@@ -278,10 +363,13 @@ def hausdorff95_from_distances(distances: SurfaceDistances) -> float:
     As MONAI's `compute_hausdorff_distance(percentile=95)`: each direction's
     percentile uses linear interpolation between the sorted distances, and the
     maximum of the two is taken (not the percentile of both directions pooled).
-    NaN when either mask is empty.
 
     Args:
         distances: the output of `surface_distances`.
+
+    Returns:
+        The distance in the spacing's unit; 0.0 for identical non-empty masks, NaN when either mask
+        is empty (never inf).
     """
     if distances.pred_to_target.size == 0:
         return math.nan
@@ -294,11 +382,14 @@ def average_surface_distance_from_distances(distances: SurfaceDistances) -> floa
 
     As MONAI's `compute_average_surface_distance(symmetric=True)`: a sum over
     all border pixels of both masks divided by their total number, so the
-    larger border weighs more (not the mean of the two directed means). NaN
-    when either mask is empty.
+    larger border weighs more (not the mean of the two directed means).
 
     Args:
         distances: the output of `surface_distances`.
+
+    Returns:
+        The distance in the spacing's unit; 0.0 for identical non-empty masks, NaN when either mask
+        is empty (never inf).
     """
     if distances.pred_to_target.size == 0:
         return math.nan
@@ -312,6 +403,13 @@ def hausdorff95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] |
         pred: predicted bool mask (H, W), or (X, Y, Z).
         target: ground-truth bool mask of the same shape.
         spacing: pixel size along each axis; the distance comes out in its unit (None: pixels).
+
+    Returns:
+        The distance; 0.0 for identical non-empty masks, NaN when either mask is empty (a missed
+        tumour, a false alarm on an empty slice, or both empty), never inf.
+
+    Raises:
+        ValueError: as `surface_distances` (shapes, dimensions, spacing).
     """
     return hausdorff95_from_distances(surface_distances(pred, target, spacing))
 
@@ -323,6 +421,12 @@ def average_surface_distance(pred: np.ndarray, target: np.ndarray, spacing: Sequ
         pred: predicted bool mask (H, W), or (X, Y, Z).
         target: ground-truth bool mask of the same shape.
         spacing: pixel size along each axis; the distance comes out in its unit (None: pixels).
+
+    Returns:
+        The distance; 0.0 for identical non-empty masks, NaN when either mask is empty, never inf.
+
+    Raises:
+        ValueError: as `surface_distances` (shapes, dimensions, spacing).
     """
     return average_surface_distance_from_distances(surface_distances(pred, target, spacing))
 
@@ -330,15 +434,20 @@ def average_surface_distance(pred: np.ndarray, target: np.ndarray, spacing: Sequ
 def volume_report(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float]) -> dict[str, float | int]:
     """3-D scores of one predicted volume against its ground truth: every voxel counts once.
 
-    Keys: dice, iou, precision, sensitivity, hd95_mm, assd_mm (surface
-    distances over the 3-D surfaces, in the voxel spacing's unit), gt_voxels,
-    pred_voxels, overlap_voxels. As per image: Dice is 1 when both volumes are
-    empty, 0 when one is; distances are NaN when either is empty.
-
     Args:
         pred: predicted bool volume (X, Y, Z).
         target: ground-truth bool volume of the same shape.
         spacing: voxel size in mm along X, Y, Z.
+
+    Returns:
+        dice, iou, precision, sensitivity, hd95_mm, assd_mm (surface distances over the 3-D surfaces,
+        in the voxel spacing's unit), gt_voxels, pred_voxels, overlap_voxels. As per image: Dice and
+        IoU are 1.0 when both volumes are empty, 0.0 when exactly one is; precision is NaN with
+        nothing predicted on a tumour, sensitivity NaN with a false alarm on an empty truth (both
+        1.0 when both are empty); distances are NaN when either volume is empty.
+
+    Raises:
+        ValueError: the volumes are not 3-D of one shape, or `spacing` does not have 3 values.
     """
     pred, target = _mask_pair(pred, target, dims=(3,))
     counts = confusion_counts(pred.reshape(1, -1), target.reshape(1, -1))
@@ -358,10 +467,13 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def component_count(mask: np.ndarray) -> int:
-    """Number of 8-connected components of a bool mask (H, W): diagonal neighbours join; 0 when empty.
+    """Number of 8-connected components of a bool mask: diagonal neighbours join.
 
     Args:
-        mask: bool array (H, W).
+        mask: bool array (H, W); nonzero = foreground.
+
+    Returns:
+        The number of components; 0 when the mask is empty.
     """
     mask = np.asarray(mask, dtype=bool)
     box = _bounding_box(mask, margin=0)
@@ -427,7 +539,7 @@ def failure_category(dice: float, precision: float, sensitivity: float, pred_com
     Images without tumour get "no tumour: correct" or "no tumour: false
     positive"; the other categories describe images with tumour. NaN precision
     or sensitivity (nothing predicted, or no tumour) only occurs in images that
-    the first rules already settle.
+    the first rules already settle, so NaN never reaches a comparison.
 
     Args:
         dice: the image's Dice.
@@ -437,6 +549,9 @@ def failure_category(dice: float, precision: float, sensitivity: float, pred_com
         true_pixels: tumour pixels in the ground truth.
         pred_pixels: predicted tumour pixels.
         overlap_pixels: pixels both predicted and in the ground truth (true positives).
+
+    Returns:
+        One category name of `FAILURE_RULES`; there always is one, "fair" being the last resort.
     """
     outcome = _Outcome(dice, precision, sensitivity, pred_components, true_pixels, pred_pixels,
                        overlap_pixels)
@@ -447,16 +562,21 @@ def per_image_report(pred: np.ndarray, target: np.ndarray,
                      spacing: Spacing | None = None) -> dict[str, float | int | str]:
     """Every per-image number of one prediction against its ground truth, at the image's resolution.
 
-    Keys: dice, iou, pixel_accuracy, precision, sensitivity, hd95_px, assd_px,
-    hd95_mm and assd_mm (only with spacing), pred_components, true_components,
-    gt_pixels, pred_pixels, overlap_pixels, category. Undefined values are NaN,
-    as each metric's docstring states (distances when either mask is empty;
-    precision with nothing predicted; sensitivity with no tumour).
-
     Args:
         pred: predicted bool mask (H, W).
         target: ground-truth bool mask (H, W).
         spacing: pixel size in mm along H then W; None when unknown (no mm distances).
+
+    Returns:
+        dice, iou, pixel_accuracy, precision, sensitivity, hd95_px, assd_px, hd95_mm and assd_mm
+        (only with spacing), pred_components, true_components, gt_pixels, pred_pixels,
+        overlap_pixels, category. Undefined values are NaN, as each metric states: the distances
+        when either mask is empty, precision with nothing predicted on a tumour, sensitivity with a
+        false alarm on an empty truth. Two empty masks give Dice, IoU, precision and sensitivity 1.0,
+        NaN distances and the category "no tumour: correct".
+
+    Raises:
+        ValueError: the masks are not 2-D of one shape, or `spacing` does not have 2 values.
     """
     pred, target = _mask_pair(pred, target)
     counts = confusion_counts(pred[None], target[None])
@@ -502,11 +622,18 @@ UNCERTAINTY_REGION_PROBABILITY = 0.1
 
 def region_uncertainty(spread: np.ndarray, probability: np.ndarray) -> float:
     """One image's uncertainty: the mean spread over pixels whose mean probability reaches
-    UNCERTAINTY_REGION_PROBABILITY; 0.0 when none does (every view agreed there is no tumour).
+    UNCERTAINTY_REGION_PROBABILITY.
 
     Args:
         spread: per-pixel standard deviation of the views' (or ensemble members') probabilities (H, W).
-        probability: their mean probability (H, W).
+        probability: their mean probability, of the same shape.
+
+    Returns:
+        The mean spread over that region; 0.0 when no pixel reaches it (every view agreed there is no
+        tumour). A NaN probability is outside the region; a NaN spread inside it makes the result NaN.
+
+    Raises:
+        IndexError: the two maps differ in shape.
     """
     region = np.asarray(probability) >= UNCERTAINTY_REGION_PROBABILITY
     return float(np.asarray(spread)[region].mean()) if region.any() else 0.0
@@ -530,6 +657,9 @@ class CalibrationTracker:
 
     Args:
         bins: number of equal-width probability bins, at least 1.
+
+    Raises:
+        ValueError: `bins` is below 1.
     """
 
     bins: int = 10
@@ -555,6 +685,10 @@ class CalibrationTracker:
         Args:
             prob_map: predicted tumour probability of each pixel, in [0, 1].
             mask: ground truth of the same shape; nonzero = tumour.
+
+        Raises:
+            ValueError: the shapes differ, or a probability lies outside [0, 1] or is NaN; nothing is
+                added then.
         """
         if np.shape(prob_map) != np.shape(mask):
             raise ValueError(f"probabilities {np.shape(prob_map)} and mask {np.shape(mask)} differ in shape")
@@ -568,7 +702,15 @@ class CalibrationTracker:
         self.positive_counts += np.bincount(index[tumour], minlength=self.bins)
 
     def summary(self) -> dict[str, float | list[float] | list[int]]:
-        """bin_edges, counts, mean_confidence and observed_frequency per bin (lists), and ece."""
+        """The reliability diagram and ECE of every pixel added so far.
+
+        Returns:
+            bin_edges (bins + 1 values), and per bin (lists of `bins` values) counts, mean_confidence and
+            observed_frequency (NaN for an empty bin), and ece (a float in [0, 1]).
+
+        Raises:
+            ValueError: no pixels were added.
+        """
         total = int(self.counts.sum())
         if total == 0:
             raise ValueError("no pixels were added")

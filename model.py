@@ -6,8 +6,8 @@ up-sampling it is the classic 31.0 M-parameter U-Net. Any input size works:
 the input is padded to a multiple of 2**depth and the output cropped back.
 `build_unet` picks either network by name.
 
-Three optional parts, all off by default (a network without them has exactly
-the parameters and outputs it always had): a `TypeHead` that classifies the
+Three optional parts, all off by default (without them the network has
+exactly the plain U-Net's parameters and outputs): a `TypeHead` that classifies the
 image (e.g. the tumour type) from the bottleneck, a space-to-depth stem
 (`stem="space_to_depth"`) that folds each 2x2 block of the input into
 channels before the first level and unfolds the output the same way, so a
@@ -63,6 +63,7 @@ class Up(nn.Module):
             self.conv = DoubleConv(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Up-sample `x` 2x, concatenate `skip` (of that size, its channels first), then DoubleConv."""
         return self.conv(torch.cat([skip, self.up(x)], dim=1))
 
 
@@ -99,6 +100,7 @@ class AttentionGate(nn.Module):
         return self.psi(F.relu(g + self.w_x(skip)))
 
     def forward(self, gate: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """`skip` scaled pixel by pixel by its attention coefficients (same shape as `skip`)."""
         return skip * self.coefficients(gate, skip)
 
 
@@ -116,6 +118,7 @@ class AttentionUp(Up):
         self.gate = AttentionGate(up_channels, skip_channels, max(skip_channels // 2, 1))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Up-sample `x`, gate `skip` with it, concatenate (gated skip first) and convolve."""
         x = self.up(x)
         return self.conv(torch.cat([self.gate(x, skip), x], dim=1))
 

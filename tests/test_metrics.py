@@ -47,7 +47,7 @@ def test_counts_and_ratios_need_no_float64_which_mps_lacks():
     assert [t.dtype for t in (c.tp, c.fp, c.fn, c.tn)] == [torch.int64] * 4  # Dice runs every step on the device
     assert [t.tolist() for t in (c.tp, c.fp, c.fn, c.tn)] == [[4, 0], [2, 0], [0, 4], [10, 12]]
     assert ratio_dtype(torch.device("mps")) == torch.float32 and ratio_dtype(torch.device("cpu")) == torch.float64
-    # elsewhere the ratios are float64 of exact counts, as before
+    # elsewhere the ratios are float64 of exact counts
     assert dice_per_image(pred, target).tolist() == [8 / 10, 0.0] and iou_per_image(pred, target)[0] == 4 / 6
     assert pixel_accuracy_per_image(pred, target).tolist() == [14 / 16, 12 / 16]
     assert precision_per_image(pred, target)[0] == 4 / 6 and math.isnan(precision_per_image(pred, target)[1])
@@ -367,3 +367,58 @@ def test_holm_adjustment_matches_the_step_down_by_hand_and_leaves_one_p_alone():
     # sorted 0.01, 0.02, 0.04 times 3, 2, 1 -> 0.03, 0.04, 0.04 (kept monotone), in the order given
     assert holm_adjusted([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
     assert holm_adjusted([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def test_a_perfect_prediction_scores_one_on_every_overlap_metric_and_zero_distance():
+    target = square(4, 6, 9)[None]
+    for metric in (dice_per_image, iou_per_image, pixel_accuracy_per_image, precision_per_image,
+                   sensitivity_per_image):
+        assert metric(target, target).tolist() == [1.0]
+    assert hausdorff95(target[0], target[0]) == 0.0 and average_surface_distance(target[0], target[0]) == 0.0
+
+
+def test_two_empty_masks_are_a_correct_no_tumour_with_undefined_distances():
+    empty = np.zeros((8, 8), bool)
+    report = per_image_report(empty, empty, spacing=(1.0, 1.0))
+    assert all(report[key] == 1.0 for key in ("dice", "iou", "pixel_accuracy", "precision", "sensitivity"))
+    assert all(math.isnan(report[key]) for key in ("hd95_px", "assd_px", "hd95_mm", "assd_mm"))
+    assert report["category"] == "no tumour: correct" and report["pred_components"] == 0
+    assert failure_category(1.0, math.nan, math.nan, 0, 0, 0, 0) == "no tumour: correct"
+
+
+def test_a_nan_prediction_pixel_counts_as_tumour():
+    counts = confusion_counts(np.array([[math.nan, 0.0]]), np.array([[1, 0]]))
+    assert [t.tolist() for t in (counts.tp, counts.fp, counts.fn, counts.tn)] == [[1], [0], [0], [1]]
+
+
+def test_a_batch_of_mismatched_shapes_adds_nothing_and_all_empty_images_pool_to_one():
+    tracker = MetricTracker()
+    with pytest.raises(ValueError, match="differ in shape"):
+        tracker.update(torch.ones(2, 6, 6), torch.ones(2, 6, 5))
+    assert tracker.dice == [] and not tracker.totals.any()
+    tracker.update(torch.zeros(3, 1, 6, 6), torch.zeros(3, 6, 6))
+    assert tracker.summary() == {"dice": 1.0, "iou": 1.0, "pixel_accuracy": 1.0, "dice_pooled": 1.0,
+                                 "iou_pooled": 1.0}
+
+
+def test_distances_refuse_a_spacing_of_another_dimension():
+    with pytest.raises(ValueError, match="has 3 values for 2-D masks"):
+        hausdorff95(square(1, 1, 3, (8, 8)), square(2, 2, 3, (8, 8)), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="has 2 values for 3-D masks"):
+        surface_distances(np.ones((4, 4, 4), bool), np.ones((4, 4, 4), bool), (1.0, 1.0))
+
+
+def test_region_uncertainty_leaves_out_nan_probabilities_and_refuses_other_shapes():
+    assert region_uncertainty(np.array([0.1, 0.2]), np.array([math.nan, 0.5])) == pytest.approx(0.2)
+    assert math.isnan(region_uncertainty(np.array([math.nan, 0.2]), np.array([0.5, 0.5])))
+    with pytest.raises(IndexError):
+        region_uncertainty(np.zeros((2, 2)), np.ones((2, 3)))
+
+
+def test_calibration_refuses_nan_probabilities_and_fewer_than_one_bin():
+    tracker = CalibrationTracker()
+    with pytest.raises(ValueError, match="must lie in"):
+        tracker.update(np.array([0.5, math.nan]), np.array([True, False]))
+    assert not tracker.counts.any()
+    with pytest.raises(ValueError, match="bins must be at least 1"):
+        CalibrationTracker(bins=0)

@@ -27,7 +27,7 @@ from PIL import Image
 
 import prepare_data
 from dataset import verify_dataset
-from test_volumes import oblique_affine, write_nifti as write_volume
+from conftest import oblique_affine, write_nifti as write_volume
 
 # ----------------------------------------------------------------------------- a small fake release
 

@@ -52,7 +52,7 @@ def training_state(config: Config, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def model_entries(model: nn.Module, ema: ModelEMA | None) -> dict[str, Any]:
-    """A checkpoint's weights: {"model": ...} alone without `ema` (as before EMA_DECAY existed).
+    """A checkpoint's weights: {"model": ...} alone without `ema` (EMA_DECAY 0).
 
     With `ema`, "model" is the averaged weights, the key every loader reads
     (utils.load_checkpoint: test.py, export.py, the decision rule's search),
