@@ -1077,7 +1077,7 @@ def test_a_volume_of_real_slices_scores_as_its_png_slices_and_its_mask_keeps_the
                                                                                           tmp_path):
     """Stacked into a NIfTI volume, real slices get the predictions and scores their PNGs get."""
     import nibabel as nib
-    from test_volumes import oblique_affine
+    from conftest import oblique_affine
     stems = patient_slices(real_root, 5)
     pngs = link_subset(real_root, tmp_path / "pngs", stems)
     grey = np.stack([np.asarray(Image.open(real_root / "images" / f"{s}.png").convert("L")) for s in stems], -1)
@@ -1116,7 +1116,7 @@ def test_a_volume_of_real_slices_scores_as_its_png_slices_and_its_mask_keeps_the
 def test_a_dicom_series_is_predicted_into_a_nifti_mask_with_its_geometry(tiny_run, tmp_path, capsys):
     import nibabel as nib
     from tumorseg.data import volumes
-    from test_volumes import write_dicom_series
+    from conftest import write_dicom_series
     data = np.random.default_rng(4).integers(0, 3000, size=(40, 36, 5)).astype(np.uint16)
     write_dicom_series(tmp_path / "data" / "images" / "series1", data)
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", tmp_path / "data",
@@ -1131,7 +1131,7 @@ def test_a_dicom_series_is_predicted_into_a_nifti_mask_with_its_geometry(tiny_ru
 
 def test_bad_volumes_are_named_and_the_good_ones_still_predicted(tiny_run, tmp_path, capsys):
     import nibabel as nib
-    from test_volumes import oblique_affine
+    from conftest import oblique_affine
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
@@ -1215,7 +1215,7 @@ def test_a_volume_predicts_as_its_prepare_data_nifti_slices(tiny_run, tmp_path):
     """`prepare_data.py nifti` and the volume path window and cut a volume alike: same slices, same scores."""
     import nibabel as nib
     import prepare_data
-    from test_volumes import oblique_affine
+    from conftest import oblique_affine
     rng = np.random.default_rng(7)
     image = rng.normal(400, 120, size=(30, 28, 5)).astype(np.float32)  # not 8-bit: windowed to percentiles
     labels = np.zeros(image.shape, np.uint8)

@@ -1,4 +1,4 @@
-"""volumes.py: NIfTI and DICOM volumes read with their geometry, windowed, sliced and written back."""
+"""tumorseg/data/volumes.py: NIfTI and DICOM volumes read with their geometry, windowed, sliced and written back."""
 
 from pathlib import Path
 
@@ -6,25 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import oblique_affine, write_dicom_series, write_nifti
 from tumorseg.data import volumes
 from tumorseg.data.volumes import Volume, VolumeError
-
-
-def oblique_affine(spacing: tuple[float, float, float] = (0.9, 0.9, 5.0)) -> np.ndarray:
-    """A non-trivial voxel-to-world map: voxels of `spacing` mm, rotated 20 degrees, shifted."""
-    angle = np.deg2rad(20)
-    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    affine = np.eye(4)
-    affine[:3, :3] = rotation @ np.diag(spacing)
-    affine[:3, 3] = [-80.5, 12.25, -30.0]
-    return affine
-
-
-def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
-    """`data` saved as NIfTI at `path` (folders created) with the oblique affine unless another is given."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, oblique_affine() if affine is None else affine), str(path))
-    return path
 
 
 def test_a_nifti_volume_reads_with_its_geometry_and_a_mask_is_written_with_the_same(tmp_path):
@@ -87,37 +71,6 @@ def test_bad_volumes_are_named(tmp_path):
     mask = write_nifti(tmp_path / "mask.nii.gz", np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(VolumeError, match=r"mask\.nii\.gz.*\(8, 8, 3\).*\(8, 8, 4\)"):
         volumes.read_mask_volume(mask, (8, 8, 4))
-
-
-def write_dicom_series(folder: Path, data: np.ndarray, spacing=(0.8, 0.7), gap=4.0, series_uid="1.2.3.4.5",
-                       origin=(-100.0, -90.0, 20.0)) -> None:
-    """Write (columns, rows, slices) `data` as one axial DICOM file per slice, in shuffled file-name order."""
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    order = np.random.default_rng(2).permutation(data.shape[2])
-    for file_index, k in enumerate(order):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-        ds.SeriesInstanceUID, ds.Modality = series_uid, "MR"
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + gap * float(k)]
-        ds.PixelSpacing = [spacing[0], spacing[1]]  # between rows, between columns
-        ds.SliceThickness = gap
-        pixels = data[:, :, k].T.astype(np.uint16)  # DICOM stores (rows, columns)
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
-        ds.PixelData = pixels.tobytes()
-        pydicom.dcmwrite(folder / f"img{file_index:03d}.dcm", ds, enforce_file_format=True)
 
 
 def test_a_dicom_series_reads_sorted_by_position_with_its_spacing_and_world_geometry(tmp_path):
