@@ -15,8 +15,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from tumorseg.data.volumes import (AXIS_LETTERS, WINDOW_PERCENTILES, VolumeError, is_nifti, read_nifti, slice_name,
-                                   slice_spacing, thinnest_axis, volume_stem, window_to_uint8)
+from tumorseg.data.volumes import (AXIS_LETTERS, WINDOW_PERCENTILES, VolumeError, affine_mismatch, is_nifti,
+                                   read_geometry, read_nifti, slice_name, slice_spacing, thinnest_axis, volume_stem,
+                                   window_to_uint8)
 from tumorseg.sources.output import PrepareError, refuse_existing_output, staging_folder, write_metadata
 
 # Every volume is checked (pairing, header, shape, geometry) before anything is written; a bad one stops the
@@ -28,9 +29,6 @@ NIFTI_METADATA_COLUMNS = ["image_id", "patient_id", "source_volume", "source_mas
 # A pattern's NIfTI ending, dropped before its fixed end is taken: `*_seg.nii*` ends in `_seg`, like `*_seg.nii.gz`.
 PATTERN_NIFTI_END = re.compile(r"\.nii(\.gz)?\*?$", re.IGNORECASE)
 WILDCARD_ENDS = "*?]"  # the last of these in a pattern closes its last wildcard
-# Largest difference between a label's and its image's affine entries (mm, or direction cosine x mm) that
-# still counts as the same voxel grid; float32 header storage alone differs by far less.
-AFFINE_TOLERANCE = 1e-3
 MAX_LISTED_PROBLEMS = 50  # input problems named in the error; the rest are counted
 
 
@@ -153,23 +151,11 @@ def pair_volumes(images_root: Path, masks_root: Path, options: NiftiOptions, pro
 
 def volume_header(path: Path, problems: list[str]) -> tuple[tuple[int, ...], np.ndarray] | None:
     """Shape (3-D, as volumes.read_nifti sees it) and affine from a NIfTI header; None after adding a problem."""
-    import nibabel as nib
-
     try:
-        image = nib.load(str(path))
-        shape, affine = tuple(image.shape), np.asarray(image.affine, dtype=np.float64)
-    except Exception as error:  # nibabel raises many kinds for a damaged or foreign file
-        problems.append(f"{path}: cannot read as NIfTI ({error})")
+        return read_geometry(path)
+    except VolumeError as error:
+        problems.append(str(error))
         return None
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        problems.append(f"{path}: a 3-D volume is needed, this one has shape {shape}")
-        return None
-    if min(shape) < 1:
-        problems.append(f"{path}: the volume is empty (shape {shape})")
-        return None
-    return shape, affine
 
 
 def check_pair(pair: VolumePair, options: NiftiOptions, problems: list[str]) -> None:
@@ -180,11 +166,9 @@ def check_pair(pair: VolumePair, options: NiftiOptions, problems: list[str]) -> 
     if mask[0] != image[0]:
         problems.append(f"{pair.mask}: label volume has shape {mask[0]}, its image volume {pair.image} "
                         f"has {image[0]}")
-    elif not options.ignore_affine and not np.allclose(mask[1], image[1], rtol=0, atol=AFFINE_TOLERANCE):
-        difference = float(np.abs(mask[1] - image[1]).max())
-        problems.append(f"{pair.mask}: label volume's affine differs from that of its image volume {pair.image} "
-                        f"(by up to {difference:.4g}), so their voxels may not line up; check the files, or give "
-                        "--ignore-affine if the voxels do match by index (a label saved without geometry)")
+    elif not options.ignore_affine and (mismatch := affine_mismatch(pair.image, image[1], pair.mask, mask[1])):
+        problems.append(f"{mismatch}; check the files, or give --ignore-affine if the voxels do match by index "
+                        "(a label saved without geometry)")
 
 
 def label_values(labels: np.ndarray, path: Path) -> np.ndarray:
