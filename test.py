@@ -47,7 +47,7 @@ from tumorseg.runs.runfolder import newest_checkpoint, subset_images, subset_ste
 from tumorseg.evaluation.scoring import Scoring, print_summary, settle_scoring
 from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, interruption,
                    load_checkpoint, setup_runtime, sigterm_as_interrupt, tolerant_console)
-from tumorseg.data.volumes import VolumeEntry, find_volumes, slice_name_clashes
+from tumorseg.data.volumes import VolumeEntry, find_volumes, misaligned_masks, slice_name_clashes
 
 # The only config keys inference uses; training keys (size, channels...) come from the checkpoint.
 INFERENCE_KEYS = ("DATA_ROOT", "RUNS_DIR", "PREDICTION_ROOT", "BATCH_SIZE", "DEVICE", "THRESHOLD", "TTA", "AMP",
@@ -213,6 +213,10 @@ def prepare(options: Config, args: argparse.Namespace) -> Job:
     if clashes:  # refused before predicting: one output would silently replace the other
         raise ValueError(f"{len(clashes)} name clash(es) between images and volume slices; rename one of each "
                          "pair: " + "; ".join(clashes))
+    misaligned = misaligned_masks(volumes)
+    if misaligned:  # refused before predicting: voxel-by-voxel scores against such a mask would be wrong
+        raise ValueError(f"{len(misaligned)} mask volume(s) not on their image volume's voxel grid; resample each "
+                         "mask onto its image's grid (or save it with the image's affine): " + "; ".join(misaligned))
     scoring, scoring_notes = settle_scoring(Path(options.DATA_ROOT), images, checkpoint_paths[0], args,
                                             [entry.stem for entry in volumes])
     notes += scoring_notes

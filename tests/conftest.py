@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers: a tiny synthetic dataset, the shared real MRI data, synthetic NIfTI and DICOM."""
+"""Shared fixtures and helpers: a tiny synthetic dataset, the shared real MRI data, test volumes and readers."""
 
 from __future__ import annotations
 
@@ -6,17 +6,18 @@ import csv
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from types import ModuleType
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prepare_data import make_demo_dataset  # noqa: E402
+from tumorseg.sources.demo import make_demo_dataset  # noqa: E402
 
 REAL_DATA = Path(os.environ.get("REAL_DATA_ROOT", ROOT.parent / "shared" / "data" / "figshare-brain-tumor"))
 
@@ -86,6 +87,31 @@ def spread_stems(source: Path, every_nth_group: int, per_group: int) -> list[str
     return stems
 
 
+def metadata_rows(root: Path) -> list[dict[str, str]]:
+    """Rows of root/metadata.csv."""
+    with open(root / "metadata.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def png_pixels(path: Path) -> np.ndarray:
+    """Pixels of a PNG."""
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def interrupt_on_call(number: int, function: Callable) -> Callable:
+    """`function`, except that its `number`-th call raises KeyboardInterrupt, as Ctrl-C would."""
+    calls = []
+
+    def wrapped(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
 def oblique_affine(spacing: tuple[float, float, float] = (0.9, 0.9, 5.0)) -> np.ndarray:
     """A non-trivial voxel-to-world map: voxels of `spacing` mm, rotated 20 degrees, shifted."""
     angle = np.deg2rad(20)
@@ -98,6 +124,8 @@ def oblique_affine(spacing: tuple[float, float, float] = (0.9, 0.9, 5.0)) -> np.
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
     """`data` saved as NIfTI at `path` (folders created) with the oblique affine unless another is given."""
+    import nibabel as nib
+
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data, oblique_affine() if affine is None else affine), str(path))
     return path

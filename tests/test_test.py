@@ -1153,6 +1153,27 @@ def test_bad_volumes_are_named_and_the_good_ones_still_predicted(tiny_run, tmp_p
     assert sum("flat.nii.gz" in problem or "offsize.nii" in problem for problem in summary["problems"]) == 2
 
 
+def test_a_mask_volume_on_another_voxel_grid_is_refused_naming_both_files_and_orientations(tiny_run, tmp_path,
+                                                                                            capsys):
+    """A mask of its image's shape saved flipped would be scored against the wrong voxels: refused, nothing written."""
+    import nibabel as nib
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    image = np.random.default_rng(7).normal(size=(32, 30, 4)).astype(np.float32)
+    truth = (image > 1).astype(np.uint8)
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(root / "images" / "case.nii.gz"))
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])  # x and y reversed: the same shape in another orientation
+    lps[:2, 3] = [31, 29]  # the same voxel positions in the world, stored in reverse order
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(truth[::-1, ::-1]), lps), str(root / "masks" / "case.nii.gz"))
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root",
+                    tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert f"{root / 'masks' / 'case.nii.gz'}: label volume's affine differs from that of its image volume " \
+           f"{root / 'images' / 'case.nii.gz'} (orientation LPS vs RAS" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_broken_link_among_the_volumes_is_named_and_exit_code_says_so(tiny_run, tmp_path, capsys):
     import nibabel as nib
     root = tmp_path / "data"

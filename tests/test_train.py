@@ -154,7 +154,7 @@ def test_steps_per_epoch_leave_out_a_dropped_batch_of_one(images, batch, world, 
 
 
 def test_a_run_that_could_make_no_optimiser_step_is_refused_before_any_run_folder(tmp_path, capsys):
-    from prepare_data import make_demo_dataset
+    from tumorseg.sources.demo import make_demo_dataset
     data = make_demo_dataset(tmp_path / "two", count=2, size=64, seed=1)  # 1 train / 1 val image
     runs = tmp_path / "runs"
     code = train.main(["--data-root", str(data), "--runs-dir", str(runs), "--run-name", "never",
@@ -168,7 +168,7 @@ def test_a_run_that_could_make_no_optimiser_step_is_refused_before_any_run_folde
 
 
 def test_an_epoch_without_a_step_stops_the_run_and_removes_its_folder(tmp_path, monkeypatch, capsys):
-    from prepare_data import make_demo_dataset
+    from tumorseg.sources.demo import make_demo_dataset
     data = make_demo_dataset(tmp_path / "two", count=2, size=64, seed=1)
     monkeypatch.setattr(train, "check_steps", lambda *args: None)  # as if the up-front check had missed it
     code = train.main(["--data-root", str(data), "--runs-dir", str(tmp_path / "runs"), "--run-name", "never",

@@ -1,4 +1,4 @@
-"""volumes.py: NIfTI and DICOM volumes read with their geometry, windowed, sliced and written back."""
+"""tumorseg/data/volumes.py: NIfTI and DICOM volumes read with their geometry, windowed, sliced and written back."""
 
 from pathlib import Path
 
@@ -6,10 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import oblique_affine, write_dicom_series, write_nifti
 from tumorseg.data import volumes
 from tumorseg.data.volumes import Volume, VolumeError
-
-from conftest import oblique_affine, write_dicom_series, write_nifti
 
 
 def test_a_nifti_volume_reads_with_its_geometry_and_a_mask_is_written_with_the_same(tmp_path):
@@ -24,7 +23,7 @@ def test_a_nifti_volume_reads_with_its_geometry_and_a_mask_is_written_with_the_s
     written = nib.load(str(tmp_path / "mask.nii.gz"))
     assert written.shape == data.shape and np.allclose(written.affine, oblique_affine())
     assert written.get_data_dtype() == np.uint8 and np.array_equal(np.asarray(written.dataobj), mask)
-    assert np.array_equal(volumes.read_mask_volume(tmp_path / "mask.nii.gz", data.shape), mask)
+    assert np.array_equal(volumes.read_mask_volume(tmp_path / "mask.nii.gz", volume), mask)
 
 
 def test_stem_and_suffix_of_nifti_names():
@@ -70,8 +69,9 @@ def test_bad_volumes_are_named(tmp_path):
     with pytest.raises(VolumeError, match=r"junk\.nii\.gz.*cannot read"):
         volumes.read_volume(junk)
     mask = write_nifti(tmp_path / "mask.nii.gz", np.zeros((8, 8, 3), np.uint8))
+    image = volumes.read_volume(write_nifti(tmp_path / "image.nii.gz", np.zeros((8, 8, 4), np.float32)))
     with pytest.raises(VolumeError, match=r"mask\.nii\.gz.*\(8, 8, 3\).*\(8, 8, 4\)"):
-        volumes.read_mask_volume(mask, (8, 8, 4))
+        volumes.read_mask_volume(mask, image)
 
 
 def test_a_dicom_series_reads_sorted_by_position_with_its_spacing_and_world_geometry(tmp_path):
@@ -136,3 +136,61 @@ def test_a_folder_mixing_two_series_is_refused(tmp_path):
         path.rename(tmp_path / "mixed" / f"b_{path.name}")
     with pytest.raises(VolumeError, match="mixed.*2 DICOM series"):
         volumes.read_volume(tmp_path / "mixed")
+
+
+def flipped(affine: np.ndarray, axis: int = 0) -> np.ndarray:
+    """The affine of the same voxels stored with `axis` reversed: same shape, other orientation."""
+    flip = np.eye(4)
+    flip[axis, axis] = -1
+    return affine @ flip
+
+
+def test_read_geometry_gives_the_shape_and_affine_read_volume_gives(tmp_path):
+    data = np.zeros((6, 5, 4, 1), np.float32)  # 4-D with one volume: 3-D, as read_volume takes it
+    path = write_nifti(tmp_path / "one.nii.gz", data)
+    shape, affine = volumes.read_geometry(path)
+    assert shape == (6, 5, 4) == volumes.read_volume(path).data.shape and np.allclose(affine, oblique_affine())
+    write_dicom_series(tmp_path / "series", np.zeros((8, 6, 3), np.uint16))
+    shape, affine = volumes.read_geometry(tmp_path / "series")
+    assert shape == (8, 6, 3) and np.allclose(affine, volumes.read_volume(tmp_path / "series").affine)
+    with pytest.raises(VolumeError, match=r"flat\.nii.*a 3-D volume is needed"):
+        volumes.read_geometry(write_nifti(tmp_path / "flat.nii", np.zeros((8, 8), np.float32)))
+
+
+def test_a_mask_off_its_images_voxel_grid_is_named_with_both_files_and_orientations(tmp_path):
+    image, mask = tmp_path / "case.nii.gz", tmp_path / "case_seg.nii.gz"
+    assert volumes.affine_mismatch(image, np.eye(4), mask, np.eye(4) + 5e-4) is None  # within the tolerance
+    problem = volumes.affine_mismatch(image, np.eye(4), mask, flipped(np.eye(4)))
+    assert problem == (f"{mask}: label volume's affine differs from that of its image volume {image} (orientation "
+                       "LAS vs RAS, entries apart by up to 2), so their voxels may not line up")
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM's patient axes
+    assert "orientation LPS vs RAS" in volumes.affine_mismatch(image, np.eye(4), mask, lps)
+    shifted = np.eye(4)
+    shifted[:3, 3] = [0, 0, 2.5]  # same orientation, another place
+    assert "orientation RAS vs RAS, entries apart by up to 2.5" in volumes.affine_mismatch(image, np.eye(4), mask,
+                                                                                            shifted)
+
+
+def test_read_mask_volume_refuses_a_mask_of_the_images_shape_but_another_affine(tmp_path):
+    data = np.zeros((8, 8, 4), np.float32)
+    image = volumes.read_volume(write_nifti(tmp_path / "image.nii.gz", data))
+    labels = np.zeros((8, 8, 4), np.uint8)
+    labels[1:3, 2:4, 1] = 1
+    mask = write_nifti(tmp_path / "mask.nii.gz", labels[::-1], flipped(oblique_affine()))  # same voxels, stored flipped
+    with pytest.raises(VolumeError, match=r"mask\.nii\.gz: label volume's affine differs .*image\.nii\.gz"):
+        volumes.read_mask_volume(mask, image)
+    assert np.array_equal(volumes.read_mask_volume(write_nifti(tmp_path / "same.nii.gz", labels), image), labels)
+
+
+def test_misaligned_masks_names_only_masks_of_the_right_shape_on_another_grid(tmp_path):
+    data = np.zeros((8, 8, 4), np.float32)
+    for stem in ("good", "flipped", "offsize", "unreadable", "nomask"):
+        write_nifti(tmp_path / "images" / f"{stem}.nii.gz", data)
+    write_nifti(tmp_path / "masks" / "good.nii.gz", data.astype(np.uint8))
+    write_nifti(tmp_path / "masks" / "flipped.nii.gz", data.astype(np.uint8), flipped(oblique_affine(), 1))
+    write_nifti(tmp_path / "masks" / "offsize.nii.gz", np.zeros((8, 8, 3), np.uint8), np.eye(4))
+    (tmp_path / "masks" / "unreadable.nii.gz").write_bytes(b"not a volume")
+    problems = volumes.misaligned_masks(volumes.find_volumes(tmp_path))
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{tmp_path / 'masks' / 'flipped.nii.gz'}: label volume's affine differs from "
+                                  f"that of its image volume {tmp_path / 'images' / 'flipped.nii.gz'} (orientation ")

@@ -11,7 +11,7 @@ input in any viewer. nibabel and pydicom are imported when first needed.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,9 @@ WINDOW_PERCENTILES = (0.5, 99.5)  # intensity window of a non-8-bit volume: robu
 AXIS_LETTERS = "ijk"  # array axes 0, 1, 2 as they appear in slice names
 DICOMDIR = "DICOMDIR"  # the file name DICOM media give their directory of files
 PIXEL_KEYWORDS = {"PixelData", "FloatPixelData", "DoubleFloatPixelData"}  # a DICOM file holding an image has one
+# Largest difference between a label's and its image's affine entries (mm, or direction cosine x mm) that
+# still counts as the same voxel grid; float32 header storage alone differs by far less.
+AFFINE_TOLERANCE = 1e-3
 
 
 class VolumeError(ValueError):
@@ -83,21 +86,47 @@ def read_volume(path: Path) -> Volume:
 
 def read_nifti(path: Path) -> Volume:
     """A .nii/.nii.gz file as a Volume (a 4-D file with one volume is taken as 3-D); raises VolumeError."""
-    import nibabel as nib
-
+    image = _load_nifti(path)
     try:
-        image = nib.load(str(path))
         data = np.asanyarray(image.dataobj)
     except Exception as error:  # nibabel raises many kinds for a damaged or foreign file
         raise VolumeError(f"{path}: cannot read as NIfTI ({error})") from error
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise VolumeError(f"{path}: a 3-D volume is needed, this one has shape {data.shape}")
-    if min(data.shape) < 1:
-        raise VolumeError(f"{path}: the volume is empty (shape {data.shape})")
+    data = data.reshape(_volume_shape(path, data.shape))
     spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
     return Volume(data, np.asarray(image.affine, dtype=np.float64), spacing, path, image.header)
+
+
+def read_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape (3-D) and voxel-to-world affine of a volume: a NIfTI file's header alone, or a DICOM series read whole.
+
+    Raises VolumeError naming the file, with the messages `read_volume` gives.
+    """
+    if path.is_dir():
+        volume = read_dicom_series(path)
+        return volume.data.shape, volume.affine
+    image = _load_nifti(path)
+    return _volume_shape(path, tuple(image.shape)), np.asarray(image.affine, dtype=np.float64)
+
+
+def _load_nifti(path: Path) -> Any:
+    """The nibabel image of a NIfTI file, its voxels not yet read; raises VolumeError."""
+    import nibabel as nib
+
+    try:
+        return nib.load(str(path))
+    except Exception as error:  # nibabel raises many kinds for a damaged or foreign file
+        raise VolumeError(f"{path}: cannot read as NIfTI ({error})") from error
+
+
+def _volume_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A NIfTI shape as 3-D (a 4-D file with one volume is 3-D); raises VolumeError unless 3-D and non-empty."""
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise VolumeError(f"{path}: a 3-D volume is needed, this one has shape {shape}")
+    if min(shape) < 1:
+        raise VolumeError(f"{path}: the volume is empty (shape {shape})")
+    return shape
 
 
 def read_dicom_series(folder: Path) -> Volume:
@@ -205,12 +234,40 @@ def slice_spacing(volume: Volume, axis: int) -> tuple[float, float]:
     return volume.spacing[rows], volume.spacing[columns]
 
 
-def read_mask_volume(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """A label volume as uint8 {0, 1} (any label above 0 is tumour); raises VolumeError if not of `shape`."""
-    labels = read_nifti(path).data
-    if labels.shape != tuple(shape):
-        raise VolumeError(f"{path}: mask volume is {labels.shape}, its image volume is {tuple(shape)}")
-    return (labels > 0).astype(np.uint8)
+def orientation(affine: np.ndarray) -> str:
+    """The world directions the voxel axes point to, as nibabel names them: 'RAS', 'LPS', 'PIR'..."""
+    import nibabel as nib
+
+    return "".join(nib.aff2axcodes(affine))
+
+
+def affine_mismatch(image: Path, image_affine: np.ndarray, mask: Path, mask_affine: np.ndarray) -> str | None:
+    """Why a label volume does not lie on its image's voxel grid, naming both files and orientations; None if it does.
+
+    The grids match when every affine entry agrees within AFFINE_TOLERANCE;
+    a mask saved flipped, with permuted axes or shifted does not, even with
+    the image's shape, and scoring it voxel by voxel would be wrong.
+    """
+    if np.allclose(mask_affine, image_affine, rtol=0, atol=AFFINE_TOLERANCE):
+        return None
+    difference = float(np.abs(mask_affine - image_affine).max())
+    return (f"{mask}: label volume's affine differs from that of its image volume {image} (orientation "
+            f"{orientation(mask_affine)} vs {orientation(image_affine)}, entries apart by up to {difference:.4g}), "
+            "so their voxels may not line up")
+
+
+def read_mask_volume(path: Path, image: Volume) -> np.ndarray:
+    """A label volume as uint8 {0, 1} (any label above 0 is tumour); raises VolumeError off `image`'s voxel grid.
+
+    Off the grid: another shape, or an affine that `affine_mismatch` refuses.
+    """
+    mask = read_nifti(path)
+    if mask.data.shape != image.data.shape:
+        raise VolumeError(f"{path}: mask volume is {mask.data.shape}, its image volume is {image.data.shape}")
+    problem = affine_mismatch(image.source, image.affine, path, mask.affine)
+    if problem:
+        raise VolumeError(problem)
+    return (mask.data > 0).astype(np.uint8)
 
 
 def write_mask_like(path: Path, mask: np.ndarray, like: Volume) -> None:
@@ -272,3 +329,23 @@ def slice_name_clashes(entries: list[VolumeEntry], images: list[Path], axis: str
         clashes += [f"{image} and the slice {image.stem} of the volume {entry.path} would write the same outputs"
                     for image in images if pattern.fullmatch(image.stem)]
     return clashes
+
+
+def misaligned_masks(entries: Sequence[VolumeEntry]) -> list[str]:
+    """`affine_mismatch` of each volume whose mask volume has its shape but not its voxel grid, read from headers.
+
+    A volume or mask that cannot be read, or differs in shape, is left to
+    `read_mask_volume` when the volume is predicted, which names it.
+    """
+    problems = []
+    for entry in entries:
+        if entry.mask is None:
+            continue
+        try:
+            image_shape, image_affine = read_geometry(entry.path)
+            mask_shape, mask_affine = read_geometry(entry.mask)
+        except VolumeError:
+            continue
+        if image_shape == mask_shape:
+            problems += filter(None, [affine_mismatch(entry.path, image_affine, entry.mask, mask_affine)])
+    return problems

@@ -130,7 +130,7 @@ def predict_volume(models: list[LoadedCheckpoint], entry: volumes.VolumeEntry, a
     VolumeError naming the file when it cannot be read.
     """
     volume = volumes.read_volume(entry.path)
-    truth = None if entry.mask is None else volumes.read_mask_volume(entry.mask, volume.data.shape)
+    truth = None if entry.mask is None else volumes.read_mask_volume(entry.mask, volume)
     axis = volumes.thinnest_axis(volume) if axis_option == "auto" else int(axis_option)
     channels = predict.input_channels(models)
     truths = None if truth is None else list(volumes.slices_along(truth, axis))
