@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 import prepare_data
-from dataset import verify_dataset
+from tumorseg.data.checks import verify_dataset
 from test_volumes import oblique_affine, write_nifti as write_volume
 
 # ----------------------------------------------------------------------------- a small fake release
