@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-import dataset
+from tumorseg.data import checks, reading, splits
 from config import TRAINING_KEYS, Config, build_parser, config_from_args
 from metrics import FAILURE_RULES, describe_paired_comparison, holm_adjusted, paired_comparison
 from report import read_metrics
@@ -103,7 +103,7 @@ def resolved_train_config(train_flags: list[str], data_root: Path) -> dict:
     config = config_from_args(parser, parser.parse_args(train_flags))
     config = dataclasses.replace(
         config, DATA_ROOT=str(data_root), AMP=resolve_amp(pick_device(config.DEVICE), config.AMP),
-        SPLIT_GROUP_COLUMN=dataset.resolve_split_column(data_root, config.SPLIT_GROUP_COLUMN)[0] or "none")
+        SPLIT_GROUP_COLUMN=splits.resolve_split_column(data_root, config.SPLIT_GROUP_COLUMN)[0] or "none")
     return {key: value for key, value in config.to_dict().items() if key not in PER_FOLD_KEYS}
 
 
@@ -129,13 +129,13 @@ def make_plan(args: argparse.Namespace, train_flags: list[str], folds: int) -> t
     root = Path(args.data_root)
     train_config = resolved_train_config(train_flags, root)
     group_column = "" if train_config["SPLIT_GROUP_COLUMN"] == "none" else train_config["SPLIT_GROUP_COLUMN"]
-    problems = dataset.verify_dataset(root, group_column)
+    problems = checks.verify_dataset(root, group_column)
     if problems:
-        raise ValueError(str(dataset.DatasetError(root, problems)))
-    lists = dataset.fold_split_lists(root, folds, args.fold_column, group_column, train_config["SPLIT_SEED"],
-                                     train_config["VAL_FRACTION"])
+        raise ValueError(str(checks.DatasetError(root, problems)))
+    lists = splits.fold_split_lists(root, folds, args.fold_column, group_column, train_config["SPLIT_SEED"],
+                                    train_config["VAL_FRACTION"])
     splits_text = json.dumps({"group_column": group_column, "folds": lists}, indent=1) + "\n"
-    plan = {"data_root": str(root.resolve()), "data": dataset.data_fingerprint(root), "folds": len(lists),
+    plan = {"data_root": str(root.resolve()), "data": splits.data_fingerprint(root), "folds": len(lists),
             "fold_column": args.fold_column, "pixel_spacing_mm": args.pixel_spacing_mm,
             "train_config": train_config, "splits_sha256": hashlib.sha256(splits_text.encode()).hexdigest(),
             "train_flags": train_flags, "code": code_version(),
@@ -270,12 +270,12 @@ def score_fold(cv_dir: Path, fold: int, args: argparse.Namespace, columns: list[
 
 def metadata_columns(data_root: Path) -> tuple[list[str], list[dict[str, str]]]:
     """data_root/metadata.csv's columns and rows; ([], []) without one. Raises ValueError naming a bad file."""
-    if not (data_root / dataset.METADATA_FILE).is_file():
+    if not (data_root / reading.METADATA_FILE).is_file():
         return [], []
     try:
-        columns, rows = dataset.read_metadata(data_root)
+        columns, rows = reading.read_metadata(data_root)
     except (OSError, ValueError, csv.Error) as error:  # read_metadata's messages do not name the file
-        raise ValueError(f"{data_root / dataset.METADATA_FILE}: {error}") from error
+        raise ValueError(f"{data_root / reading.METADATA_FILE}: {error}") from error
     return columns, list(rows.values())
 
 
@@ -284,8 +284,8 @@ def fold_count(args: argparse.Namespace, columns: list[str], rows: list[dict[str
     if not args.fold_column:
         return args.folds
     if args.fold_column not in columns:
-        raise ValueError(f"{Path(args.data_root) / dataset.METADATA_FILE}: no column '{args.fold_column}'")
-    return len(dataset.fold_values([row[args.fold_column] or "" for row in rows]))
+        raise ValueError(f"{Path(args.data_root) / reading.METADATA_FILE}: no column '{args.fold_column}'")
+    return len(splits.fold_values([row[args.fold_column] or "" for row in rows]))
 
 
 def run(args: argparse.Namespace, train_flags: list[str]) -> int:
@@ -364,7 +364,7 @@ def rerule_fold(source: Path, target: Path, fold: int, changes: dict, data_root:
     saved = read_saved_config(staging)
     config, _ = Config.from_saved({**saved, **changes})
     save_json(staging / "config.json", {**saved, **changes})
-    pairs = {pair.stem: pair for pair in dataset.listed_pairs(data_root)}
+    pairs = {pair.stem: pair for pair in reading.listed_pairs(data_root)}
     val_pairs = [pairs[stem] for stem in read_split(staging)["val"]]
     rule = choose_decision_rule(staging / "best.pt", val_pairs, config, pick_device("cpu"))
     save_json(staging / "summary.json", {**read_summary(source / f"fold{fold}"), "decision_rule": rule,

@@ -43,7 +43,7 @@ import onnxruntime
 import torch
 from torch import nn
 
-import dataset
+from tumorseg.data import preprocess, reading
 from tumorseg.evaluation import evaluate
 from tumorseg.inference import predict
 from config import Config
@@ -218,14 +218,14 @@ def check_inputs(folder: Path | None, config: Config) -> tuple[torch.Tensor, str
         raise FileNotFoundError(f"{folder}: has no images/ folder for the check")
     images, _ = predict.find_images(folder)
     if not images:  # find_images accepts a folder of volumes, which the check does not cut into slices
-        raise ValueError(f"{folder / 'images'}: holds no 2-D {'/'.join(dataset.IMAGE_EXTENSIONS)} images for the "
+        raise ValueError(f"{folder / 'images'}: holds no 2-D {'/'.join(reading.IMAGE_EXTENSIONS)} images for the "
                          f"check (only NIfTI/DICOM volumes); give --check-data a folder of slices, such as "
                          "prepare_data.py nifti writes")
     chosen = images[::max(1, len(images) // CHECK_IMAGES)][:CHECK_IMAGES]
     prepared = []
     for path in chosen:
         try:
-            image = dataset.read_image(path, config.IN_CHANNELS)
+            image = reading.read_image(path, config.IN_CHANNELS)
         except Exception as error:  # any decoder error: name the file, use the others
             print(f"warning: {path}: skipped by the check, {error}", file=sys.stderr)
             continue
@@ -413,16 +413,16 @@ def preprocessing(config: Config) -> dict[str, Any]:
     decode = ("decode to 8-bit grey (PIL convert('L'))" if config.IN_CHANNELS == 1
               else "decode to 8-bit RGB (PIL convert('RGB'); grey replicated to 3 channels)")
     crop = (f"crop to the head's bounding box, widened by CROP_MARGIN = {config.CROP_MARGIN:g} of its side on each "
-            "side and made square (dataset.head_box: pixels above "
-            f"{dataset.HEAD_THRESHOLD_FRACTION:g} x the 99th percentile of a block-sum thumbnail about "
-            f"{dataset.HEAD_THUMBNAIL_SIDE} px wide, largest blob); the exported graph does NOT crop"
+            "side and made square (tumorseg.data.preprocess.head_box: pixels above "
+            f"{preprocess.HEAD_THRESHOLD_FRACTION:g} x the 99th percentile of a block-sum thumbnail about "
+            f"{preprocess.HEAD_THUMBNAIL_SIDE} px wide, largest blob); the exported graph does NOT crop"
             if config.CROP else "no crop (CROP false): the whole slice")
     if config.NORMALIZATION == "zscore":
-        normalization = {"method": "zscore", "min_std": dataset.ZSCORE_MIN_STD,
+        normalization = {"method": "zscore", "min_std": preprocess.ZSCORE_MIN_STD,
                          "formula": "x = pixel / 255; (x - mean(x)) / max(std(x), min_std), mean and population "
                                     "std over the image, per channel"}
     else:
-        mean, std = dataset.imagenet_statistics(config.IN_CHANNELS)
+        mean, std = preprocess.imagenet_statistics(config.IN_CHANNELS)
         normalization = {"method": "imagenet", "mean": mean.tolist(), "std": std.tolist(),
                          "formula": "x = pixel / 255; (x - mean[c]) / std[c] per channel c"}
     size = config.IMAGE_SIZE

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-import dataset
+from tumorseg.data import reading
 from tumorseg.evaluation import evaluate
 import report
 from tumorseg.evaluation.comparison import compare_predictions
@@ -202,9 +202,9 @@ def prepare(options: Config, args: argparse.Namespace) -> Job:
         for path in checkpoint_paths:  # in that subset for every member of an ensemble
             images = subset_images(images, path, args.subset)
             wanted = subset_stems(path, args.subset)
-            skipped = {entry: why for entry, why in skipped.items() if dataset.stem_key(entry) in wanted}
+            skipped = {entry: why for entry, why in skipped.items() if reading.stem_key(entry) in wanted}
             unusable_masks = {entry: why for entry, why in unusable_masks.items()
-                              if dataset.stem_key(entry) in wanted}
+                              if reading.stem_key(entry) in wanted}
     notes = []
     if volumes and args.subset != "all":  # a run's split lists images, not volumes
         notes.append(f"{len(volumes)} volume(s) left out: --subset {args.subset} selects the run's split images")

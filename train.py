@@ -37,6 +37,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import dataset
+from tumorseg.data import augmentation, checks, sampling, splits
 from tumorseg.runs.checkpoints import restore_random_draws, restore_training_state, training_state
 from config import TRAINING_KEYS, Config, build_parser, config_from_args
 from tumorseg.training.ema import ModelEMA
@@ -71,22 +72,22 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     Under torchrun each process loads its own share: a DistributedSampler's
     for training (call its set_epoch every epoch) and every world-th
     validation image, so no image is validated twice. HARD_SAMPLING > 0
-    draws training batches with a dataset.HardExampleSampler (one process
+    draws training batches with a sampling.HardExampleSampler (one process
     only: run refuses it under torchrun, see check_sampling), which train_one_epoch
-    feeds the losses; BALANCE_COLUMN draws them with a dataset.BalancedSampler
+    feeds the losses; BALANCE_COLUMN draws them with a sampling.BalancedSampler
     over that column's classes (one process only too). With `types` (a class
     index per image of `data`: TYPE_COLUMN) the training batches are
     (images, masks, type indices); validation's stay (images, masks).
     """
     rank, world = rank_and_world()
-    augment = dataset.training_augmentation(config.SEED + rank, flips=config.AUGMENT, affine=config.AUG_AFFINE,
-                                            intensity=config.AUG_INTENSITY, elastic=config.AUG_ELASTIC)
+    augment = augmentation.training_augmentation(config.SEED + rank, flips=config.AUGMENT, affine=config.AUG_AFFINE,
+                                                 intensity=config.AUG_INTENSITY, elastic=config.AUG_ELASTIC)
     train_set = dataset.SegmentationDataset(data.images, data.masks, config.NORMALIZATION, augment, train_idx,
                                             types)
     val_set = dataset.SegmentationDataset(data.images, data.masks, config.NORMALIZATION, indices=val_idx)
     # Workers are started afresh each epoch (not persistent): their augmentation seeds then come from the
     # loader's generator, which checkpoints save, so a resumed run draws exactly what it would have drawn.
-    common = dict(batch_size=config.BATCH_SIZE, num_workers=config.NUM_WORKERS, worker_init_fn=dataset.seed_worker,
+    common = dict(batch_size=config.BATCH_SIZE, num_workers=config.NUM_WORKERS, worker_init_fn=augmentation.seed_worker,
                   pin_memory=pin_memory)
     generator = torch.Generator().manual_seed(config.SEED)
     drop_last = drops_last_batch(len(train_set), config.BATCH_SIZE, world)
@@ -94,10 +95,10 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     train_sampler = DistributedSampler(train_set, seed=config.SEED) if world > 1 else None
     balance = balance_labels(config, data)
     if config.HARD_SAMPLING:
-        train_sampler = dataset.HardExampleSampler(len(train_set), config.HARD_SAMPLING, config.BATCH_SIZE,
-                                                   generator)
+        train_sampler = sampling.HardExampleSampler(len(train_set), config.HARD_SAMPLING, config.BATCH_SIZE,
+                                                    generator)
     elif balance is not None:  # Config refuses it together with HARD_SAMPLING
-        train_sampler = dataset.BalancedSampler([balance[i] for i in train_idx], generator)
+        train_sampler = sampling.BalancedSampler([balance[i] for i in train_idx], generator)
     return (DataLoader(train_set, shuffle=train_sampler is None, sampler=train_sampler, generator=generator,
                        drop_last=drop_last, **common),
             DataLoader(val_set, sampler=range(rank, len(val_set), world), **common))
@@ -214,7 +215,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, op
         image_losses, logits = train_step(model, images, masks, loss_fn, optimizer, scheduler, amp, scaler, types)
         if ema is not None:
             ema.update()  # the average follows every optimiser step
-        if isinstance(loader.sampler, dataset.HardExampleSampler):
+        if isinstance(loader.sampler, sampling.HardExampleSampler):
             loader.sampler.record(step - 1, image_losses)
         loss = image_losses.mean()
         dice = dice_per_image(sigmoid32(logits.detach()) > threshold, masks > 0.5).mean()
@@ -327,7 +328,7 @@ def run(argv: list[str] | None) -> int:
         # Check the device and the data before anything is written: a bad dataset leaves no run folder.
         try:
             config, device, data, split = check_run(config, args.resume if resumed is not None else None)
-        except (dataset.DatasetError, ValueError) as error:
+        except (checks.DatasetError, ValueError) as error:
             return fail(str(error))
         run_dir, new_lock = open_run_folder(config, Path(args.resume) if resumed is not None else None)
         lock = lock or new_lock
@@ -370,13 +371,13 @@ def finished_already(run_dir: Path, config: Config, resumed: dict) -> bool:
 
 
 def check_run(config: Config, resume_dir: str | None) -> tuple[Config, torch.device, dataset.LoadedDataset,
-                                                                dataset.Split]:
+                                                                splits.Split]:
     """Device, precision, split column, data and split, checked; raises DatasetError or ValueError."""
     device, config = setup_runtime(config, distributed=True)  # config.json records the resolved AMP
     if not is_main_process():
         sys.stdout = open(os.devnull, "w")  # one process speaks for all (errors still reach stderr)
     check_sampling(config, rank_and_world()[1])
-    group_column, split_note = dataset.resolve_split_column(Path(config.DATA_ROOT), config.SPLIT_GROUP_COLUMN)
+    group_column, split_note = splits.resolve_split_column(Path(config.DATA_ROOT), config.SPLIT_GROUP_COLUMN)
     config = dataclasses.replace(config, SPLIT_GROUP_COLUMN=group_column or "none")  # config.json: the result
     if is_main_process():
         print(("warning: " if not group_column else "") + split_note,
@@ -411,7 +412,7 @@ def open_run_folder(config: Config, resume_dir: Path | None) -> tuple[Path | str
     return from_main_process(run_dir), lock  # the other processes only need to know whether it exists
 
 
-def train_and_report(config: Config, data: dataset.LoadedDataset, split: dataset.Split, device: torch.device,
+def train_and_report(config: Config, data: dataset.LoadedDataset, split: splits.Split, device: torch.device,
                      progress: RunProgress, resumed: dict | None) -> int:
     """Train; on an interruption or failure, say what was kept. The exit code."""
     if resumed is not None and is_main_process():
@@ -463,7 +464,7 @@ def type_targets(config: Config, data: dataset.LoadedDataset) -> tuple[list[str]
     """TYPE_COLUMN's classes (sorted values) and each image's class index; ([], None) without a TYPE_COLUMN."""
     if not config.TYPE_COLUMN:
         return [], None
-    return dataset.type_labels(Path(config.DATA_ROOT), config.TYPE_COLUMN, data.pairs)
+    return checks.type_labels(Path(config.DATA_ROOT), config.TYPE_COLUMN, data.pairs)
 
 
 def balance_labels(config: Config, data: dataset.LoadedDataset) -> list[int] | None:
@@ -473,26 +474,26 @@ def balance_labels(config: Config, data: dataset.LoadedDataset) -> list[int] | N
     """
     if not config.BALANCE_COLUMN:
         return None
-    return dataset.type_labels(Path(config.DATA_ROOT), config.BALANCE_COLUMN, data.pairs)[1]
+    return checks.type_labels(Path(config.DATA_ROOT), config.BALANCE_COLUMN, data.pairs)[1]
 
 
-def split_run(config: Config, data: dataset.LoadedDataset) -> dataset.Split:
-    """The run's training, inner validation and held-out images (see dataset.three_way_split); raises ValueError."""
+def split_run(config: Config, data: dataset.LoadedDataset) -> splits.Split:
+    """The run's training, inner validation and held-out images (see splits.three_way_split); raises ValueError."""
     root = Path(config.DATA_ROOT)
     if config.SPLIT_FILE:
-        return dataset.read_split_file(Path(config.SPLIT_FILE), config.FOLD, [pair.stem for pair in data.pairs],
-                                       data.groups)
+        return splits.read_split_file(Path(config.SPLIT_FILE), config.FOLD, [pair.stem for pair in data.pairs],
+                                      data.groups)
     fold_labels = None
     if config.FOLD_COLUMN:
-        fold_labels, problems = dataset.group_labels(root, config.FOLD_COLUMN, data.pairs)
+        fold_labels, problems = checks.group_labels(root, config.FOLD_COLUMN, data.pairs)
         if problems:
-            raise dataset.DatasetError(root, problems)
-    return dataset.three_way_split(len(data.pairs), config.VAL_FRACTION, config.TEST_FRACTION, config.SPLIT_SEED,
-                                   config.FOLDS, config.FOLD, data.groups, fold_labels, split_column(config),
-                                   config.FOLD_COLUMN, root)
+            raise checks.DatasetError(root, problems)
+    return splits.three_way_split(len(data.pairs), config.VAL_FRACTION, config.TEST_FRACTION, config.SPLIT_SEED,
+                                  config.FOLDS, config.FOLD, data.groups, fold_labels, split_column(config),
+                                  config.FOLD_COLUMN, root)
 
 
-def split_record(config: Config, data: dataset.LoadedDataset, split: dataset.Split) -> dict:
+def split_record(config: Config, data: dataset.LoadedDataset, split: splits.Split) -> dict:
     """split.json: how the split was made and every image's role (train, val or test)."""
     stems = {role: [data.pairs[i].stem for i in getattr(split, role)] for role in SPLIT_ROLES}
     return {"group_column": split_column(config), "seed": config.SPLIT_SEED, "val_fraction": config.VAL_FRACTION,
@@ -504,7 +505,7 @@ def split_record(config: Config, data: dataset.LoadedDataset, split: dataset.Spl
 
 def split_column(config: Config) -> str:
     """The metadata column `config` splits by ("auto" resolved); "" for a random split."""
-    return dataset.resolve_split_column(Path(config.DATA_ROOT), config.SPLIT_GROUP_COLUMN)[0]
+    return splits.resolve_split_column(Path(config.DATA_ROOT), config.SPLIT_GROUP_COLUMN)[0]
 
 
 def fail(message: str) -> int:
@@ -563,11 +564,11 @@ def flag_matches(name: str, value: object, saved: Config) -> bool:
     if name == "AMP" and value == "auto":
         value = resolve_amp(pick_device(saved.DEVICE), value)
     if name == "SPLIT_GROUP_COLUMN" and value == "auto":
-        value = dataset.resolve_split_column(Path(saved.DATA_ROOT), value)[0] or "none"
+        value = splits.resolve_split_column(Path(saved.DATA_ROOT), value)[0] or "none"
     return value == getattr(saved, name)
 
 
-def check_same_split(run_dir: Path, data: dataset.LoadedDataset, split: dataset.Split) -> None:
+def check_same_split(run_dir: Path, data: dataset.LoadedDataset, split: splits.Split) -> None:
     """Raise ValueError unless the data gives the split `run_dir` was trained on (its split.json)."""
     saved = read_split(run_dir)
     if any(saved.get(role, []) != [data.pairs[i].stem for i in getattr(split, role)] for role in SPLIT_ROLES):
@@ -634,7 +635,7 @@ class Trainer:
     ema: ModelEMA | None = None  # the average of `model`'s weights (EMA_DECAY), updated after every step
 
 
-def train(config: Config, data: dataset.LoadedDataset, split: dataset.Split, device: torch.device,
+def train(config: Config, data: dataset.LoadedDataset, split: splits.Split, device: torch.device,
           progress: RunProgress, resumed: dict | None = None) -> None:
     """The training run: writes the run folder, records each finished epoch in `progress`.
 
@@ -653,7 +654,7 @@ def train(config: Config, data: dataset.LoadedDataset, split: dataset.Split, dev
         finish_run(trainer, data, split, progress, reason, training_minutes)
 
 
-def write_run_records(config: Config, data: dataset.LoadedDataset, split: dataset.Split, run_dir: Path,
+def write_run_records(config: Config, data: dataset.LoadedDataset, split: splits.Split, run_dir: Path,
                       new_run: bool) -> None:
     """config.json (on resume too: EPOCHS may have grown), split.json of a new run, and the data's line."""
     if is_main_process():
@@ -666,7 +667,7 @@ def write_run_records(config: Config, data: dataset.LoadedDataset, split: datase
           + (f", grouped by {split_column(config)}" if split_column(config) else ", random by slice"))
 
 
-def setup_training(config: Config, data: dataset.LoadedDataset, split: dataset.Split,
+def setup_training(config: Config, data: dataset.LoadedDataset, split: splits.Split,
                    device: torch.device) -> Trainer:
     """Loaders, model (on the device, compiled, DDP-wrapped as asked), optimisation and preview images."""
     type_classes, types = type_targets(config, data)
@@ -843,7 +844,7 @@ def save_epoch(trainer: Trainer, progress: RunProgress, epoch: int, val: dict[st
     return improved
 
 
-def finish_run(trainer: Trainer, data: dataset.LoadedDataset, split: dataset.Split, progress: RunProgress,
+def finish_run(trainer: Trainer, data: dataset.LoadedDataset, split: splits.Split, progress: RunProgress,
                reason: str, training_minutes: float) -> None:
     """After the last epoch (main process): the decision rule search, summary.json and TensorBoard's HParams."""
     config, run_dir = trainer.config, progress.run_dir

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -17,8 +18,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tumorseg.data.reading import read_image, read_mask  # noqa: E402
 from tumorseg.sources.demo import make_demo_dataset  # noqa: E402
 
+NFC, NFD = "caf\u00e9", "cafe\u0301"  # one name, two Unicode spellings (macOS writes NFD)
 REAL_DATA = Path(os.environ.get("REAL_DATA_ROOT", ROOT.parent / "shared" / "data" / "figshare-brain-tumor"))
 
 
@@ -47,6 +50,19 @@ def real_root() -> Path:
             pytest.fail(f"real data required but not found at {REAL_DATA}")
         pytest.skip(f"real data not found at {REAL_DATA}")
     return REAL_DATA
+
+
+@pytest.fixture
+def demo_copy(demo_root, tmp_path):
+    """A writable copy of the synthetic set, to break in one way per test."""
+    return shutil.copytree(demo_root, tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def real_slices(real_root) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One native 256 px slice from each of 56 patients: (image uint8 (H, W, 1), mask {0, 1} (H, W))."""
+    return [(read_image(real_root / "images" / f"{stem}.png", 1), read_mask(real_root / "masks" / f"{stem}.png"))
+            for stem in spread_stems(real_root, 3, 1)]
 
 
 @pytest.fixture(scope="session")

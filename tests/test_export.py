@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-import dataset
+from tumorseg.data import preprocess, reading
 from tumorseg.inference import predict
 from config import Config
 from conftest import ROOT, load_script
@@ -54,7 +54,7 @@ def run_export(*args) -> int:
 
 def real_batch(real_root, config) -> torch.Tensor:
     """SLICES of the real data prepared as the pipeline prepares them: (3, C, S, S)."""
-    return torch.stack([predict.prepare_image(dataset.read_image(real_root / "images" / f"{stem}.png",
+    return torch.stack([predict.prepare_image(reading.read_image(real_root / "images" / f"{stem}.png",
                                                                    config.IN_CHANNELS), config)[0]
                         for stem in SLICES])
 
@@ -134,10 +134,10 @@ def test_sidecar_holds_the_checkpoints_preprocessing_and_decision_rule(plain, re
     assert info["checkpoint"] == str(checkpoint) and info["epoch"] == 1
     assert info["torch_version"] == torch.__version__ and ("onnx_opset" in info) == (form == "onnx")
     # The recorded normalisation, applied by hand, is the pipeline's.
-    image = dataset.resize_image(dataset.read_image(real_root / "images" / "100.png", 1), 64)
+    image = preprocess.resize_image(reading.read_image(real_root / "images" / "100.png", 1), 64)
     x = image[..., 0].astype(np.float32) / 255
     by_hand = (x - x.mean()) / max(x.std(), pre["normalization"]["min_std"])
-    assert np.abs(by_hand - dataset.normalize(image, "zscore")[0]).max() < 1e-5
+    assert np.abs(by_hand - preprocess.normalize(image, "zscore")[0]).max() < 1e-5
 
 
 def test_sidecar_records_imagenet_statistics_and_crop(real_root, tmp_path):
@@ -147,8 +147,8 @@ def test_sidecar_records_imagenet_statistics_and_crop(real_root, tmp_path):
                       "--check-data", real_root) == 0
     pre = json.loads((tmp_path / "m.pt.json").read_text())["preprocessing"]
     assert pre["NORMALIZATION"] == "imagenet" and pre["CROP"] is True and pre["CROP_MARGIN"] == 0.1
-    assert pre["normalization"]["mean"] == pytest.approx(dataset.IMAGENET_MEAN.tolist())
-    assert pre["normalization"]["std"] == pytest.approx(dataset.IMAGENET_STD.tolist())
+    assert pre["normalization"]["mean"] == pytest.approx(preprocess.IMAGENET_MEAN.tolist())
+    assert pre["normalization"]["std"] == pytest.approx(preprocess.IMAGENET_STD.tolist())
     assert any("does NOT crop" in step for step in pre["steps"])
 
 
@@ -350,7 +350,7 @@ def test_readme_example_runs_without_torch_and_matches_the_pipeline(plain, real_
     monkeypatch.setattr(sys, "argv", ["predict_onnx.py", str(files["onnx"]), str(image)])
     namespace = runpy.run_path(str(tmp_path / "predict_onnx.py"), run_name="__main__")
     loaded = load_checkpoint(checkpoint)
-    prepared = predict.prepare_image(dataset.read_image(image, 1), loaded.config)[0]
+    prepared = predict.prepare_image(reading.read_image(image, 1), loaded.config)[0]
     expected = predict.probabilities(loaded.model.eval(), prepared[None], tta=False)[0, 0].numpy()
     assert np.abs(namespace["probability"] - expected).max() <= 1e-4
     mask = np.asarray(Image.open(tmp_path / "mask.png"))

@@ -18,9 +18,10 @@ from tumorseg.inference import predict
 import train
 from conftest import ROOT, link_subset, load_script
 import dataset
+from tumorseg.data import reading
 from tumorseg.evaluation import evaluate
 from tumorseg.inference import outputs
-from dataset import read_mask
+from tumorseg.data.reading import read_mask
 from metrics import dice_per_image, iou_per_image, per_image_report
 from config import Config
 from utils import LoadedCheckpoint, load_checkpoint, staging_host
@@ -142,7 +143,7 @@ def test_bf16_channels_last_inference_matches_float32(tiny_run, mixed_sizes, tmp
     summary = json.loads((preds / "tiny" / "summary.json").read_text())
     assert (summary["amp"], summary["channels_last"]) == ("bf16", True)
     loaded = load_checkpoint(tiny_run / "best.pt")
-    images = [dataset.read_image(p, loaded.config.IN_CHANNELS) for p in sorted((mixed_sizes / "images").iterdir())]
+    images = [reading.read_image(p, loaded.config.IN_CHANNELS) for p in sorted((mixed_sizes / "images").iterdir())]
     plain = predict.native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"))
     loaded.model.to(memory_format=torch.channels_last)
     fast = predict.native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"), amp="bf16",
@@ -625,7 +626,7 @@ def test_training_and_test_py_prepare_one_file_identically(demo_root, tmp_path):
         data = dataset.load_dataset(demo_root, config.IMAGE_SIZE, config.IN_CHANNELS, crop=config.CROP,
                                     crop_margin=config.CROP_MARGIN)
         training_input = dataset.SegmentationDataset(data.images, data.masks, config.NORMALIZATION)[3][0]
-        image = dataset.read_image(data.pairs[3].image_path, config.IN_CHANNELS)
+        image = reading.read_image(data.pairs[3].image_path, config.IN_CHANNELS)
         inference_input, _ = predict.prepare_image(image, config)
         assert torch.equal(training_input, inference_input)
 
@@ -982,7 +983,7 @@ def test_a_type_head_adds_its_answer_per_image_and_the_confusion_matrices(typed_
     classes = ["glioma", "meningioma", "pituitary"]
     assert len(rows) == 24 and all(row["predicted_type"] in classes for row in rows)
     assert all(1 / 3 <= float(row["type_probability"]) <= 1 for row in rows)
-    metadata = dataset.read_metadata(demo_root)[1]
+    metadata = reading.read_metadata(demo_root)[1]
     truth = {stem: row["tumor_class"] for stem, row in metadata.items()}
     types = json.loads((folder / "summary.json").read_text())["type_classification"]
     assert types["column"] == "tumor_class" and types["classes"] == classes

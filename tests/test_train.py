@@ -495,13 +495,13 @@ def test_attention_unet_and_head_crop_train_and_store_the_rule(demo_root, tmp_pa
 
 def validation_dice(loaded, data_root, stems, rules):
     """Mean per-image Dice at native size of each of `rules` (dicts) on the images `stems`, as test.py scores."""
-    import dataset
+    from tumorseg.data import reading
     from tumorseg.inference.predict import native_probabilities
     from metrics import dice_per_image
     from tumorseg.inference.postprocess import DecisionRule
-    images = [dataset.read_image(data_root / "images" / f"{stem}.png", loaded.config.IN_CHANNELS) for stem in stems]
+    images = [reading.read_image(data_root / "images" / f"{stem}.png", loaded.config.IN_CHANNELS) for stem in stems]
     maps = native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"))
-    masks = [dataset.read_mask(data_root / "masks" / f"{stem}.png") for stem in stems]
+    masks = [reading.read_mask(data_root / "masks" / f"{stem}.png") for stem in stems]
     return [float(np.mean([dice_per_image(DecisionRule.from_dict(rule).apply(p)[None], m[None]).item()
                            for p, m in zip(maps, masks, strict=True)])) for rule in rules]
 # ----------------------------------------------------------------------------- resume
@@ -587,14 +587,15 @@ def test_hard_sampling_records_each_drawn_slices_loss_and_is_refused_under_torch
 def test_balanced_sampling_draws_each_class_equally_often_and_refuses_what_cannot_work(demo_root, tmp_path,
                                                                                       monkeypatch, capsys):
     import dataset
+    from tumorseg.data import reading, sampling
     config = Config(DATA_ROOT=str(demo_root), IMAGE_SIZE=32, IN_CHANNELS=1, BATCH_SIZE=4,
                     BALANCE_COLUMN="tumor_class")
     data = dataset.load_dataset(demo_root, 32, 1)
-    classes = [row["tumor_class"] for row in (dataset.read_metadata(demo_root)[1][p.stem] for p in data.pairs)]
+    classes = [row["tumor_class"] for row in (reading.read_metadata(demo_root)[1][p.stem] for p in data.pairs)]
     train_idx = [i for i in range(len(data.pairs)) if classes[i] != "pituitary"][:14]  # 14 slices, skewed
     train_idx += [i for i, c in enumerate(classes) if c == "pituitary"][:2]
     loader, _ = train.make_loaders(data, train_idx, [0, 1], config)
-    assert isinstance(loader.sampler, dataset.BalancedSampler)
+    assert isinstance(loader.sampler, sampling.BalancedSampler)
     for _ in range(3):
         drawn = [classes[train_idx[i]] for i in loader.sampler]
         assert len(drawn) == 16 and sorted(drawn.count(c) for c in set(classes)) == [5, 5, 6]
@@ -753,6 +754,7 @@ def test_a_split_file_trains_exactly_its_lists(demo_root, tmp_path):
 @pytest.mark.parametrize("amp, channels_last", [("bf16", False), ("off", True), ("bf16", True), ("fp16", False)])
 def test_a_mixed_precision_or_channels_last_step_lowers_the_loss(demo_root, amp, channels_last):
     import dataset
+    from tumorseg.data import preprocess
     from losses import BCEDiceLoss
     from utils import build_model, check_amp, set_seed
     device = torch.device("cpu")
@@ -763,7 +765,7 @@ def test_a_mixed_precision_or_channels_last_step_lowers_the_loss(demo_root, amp,
         pytest.skip(f"check_amp refuses {amp} here: {error}")
     set_seed(0)
     data = dataset.load_dataset(demo_root, 32, 1)
-    images = torch.from_numpy(np.stack([dataset.normalize(i, "zscore") for i in data.images[:8]]))
+    images = torch.from_numpy(np.stack([preprocess.normalize(i, "zscore") for i in data.images[:8]]))
     masks = torch.from_numpy(data.masks[:8, None].astype(np.float32))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(Config(IN_CHANNELS=1, BASE_CHANNELS=4, DEPTH=2, IMAGE_SIZE=32)).to(memory_format=memory_format)
@@ -1105,15 +1107,16 @@ def test_type_head_trains_with_the_segmentation_and_its_classes_go_into_the_chec
 
 def test_a_type_head_step_lowers_the_summed_loss_and_the_dataset_carries_the_label(demo_root):
     import dataset
+    from tumorseg.data import augmentation, checks, reading
     from losses import BCEDiceLoss
     from model import UNet
     data = dataset.load_dataset(demo_root, 32, 1)
-    classes, types = dataset.type_labels(demo_root, "tumor_class", data.pairs)
-    augment = dataset.training_augmentation(0, flips=True, affine=True, intensity=True, elastic=True)
+    classes, types = checks.type_labels(demo_root, "tumor_class", data.pairs)
+    augment = augmentation.training_augmentation(0, flips=True, affine=True, intensity=True, elastic=True)
     samples = dataset.SegmentationDataset(data.images, data.masks, "zscore", augment, range(16), types)
     image, mask, label = samples[5]
     assert image.shape == (1, 32, 32) and mask.shape == (1, 32, 32) and label.dtype == torch.long
-    assert classes[int(label)] == dict(dataset.read_metadata(demo_root)[1])["demo_0005"]["tumor_class"]
+    assert classes[int(label)] == dict(reading.read_metadata(demo_root)[1])["demo_0005"]["tumor_class"]
     assert len(dataset.SegmentationDataset(data.images, data.masks, "zscore", indices=range(4))[0]) == 2  # unchanged
     torch.manual_seed(0)
     model = UNet(1, 4, 2, type_classes=classes)

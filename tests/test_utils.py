@@ -201,7 +201,7 @@ def test_random_states_survive_a_weights_only_checkpoint_and_repeat_the_draws(tm
 
     import numpy as np
 
-    from dataset import training_augmentation
+    from tumorseg.data.augmentation import training_augmentation
     from utils import random_states, restore_random_states
     generator, augmentation = torch.Generator().manual_seed(1), training_augmentation(3, intensity=True)
     image = np.zeros((8, 8, 1), np.uint8)

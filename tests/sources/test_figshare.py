@@ -24,7 +24,7 @@ import pytest
 
 import prepare_data
 from conftest import interrupt_on_call, metadata_rows, png_pixels
-from dataset import verify_dataset
+from tumorseg.data.checks import verify_dataset
 from tumorseg.sources.figshare import DOWNLOAD_ATTEMPTS, METADATA_COLUMNS, convert_slice
 
 # ----------------------------------------------------------------------------- a small fake release

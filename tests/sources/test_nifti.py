@@ -11,7 +11,7 @@ import pytest
 
 import prepare_data
 from conftest import interrupt_on_call, metadata_rows, oblique_affine, png_pixels, write_nifti as write_volume
-from dataset import verify_dataset
+from tumorseg.data.checks import verify_dataset
 from tumorseg.sources.nifti import NIFTI_METADATA_COLUMNS, convert_case, pattern_ending
 
 OBLIQUE = oblique_affine((0.9, 1.1, 5.0))  # in-plane voxels of 0.9 x 1.1 mm, 5 mm slices

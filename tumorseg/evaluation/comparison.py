@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-import dataset
+from tumorseg.data import reading
 import report
 from metrics import describe_paired_comparison, paired_comparison
 from tumorseg.evaluation.scoring import metadata_column
 
-PATIENT_COLUMN = dataset.PATIENT_COLUMN
+PATIENT_COLUMN = reading.PATIENT_COLUMN
 
 
 @dataclass
@@ -75,14 +75,14 @@ def patients_of(folder: Path, rows: list[dict[str, str]], data_root: Path | None
         return {row["image"]: found[row["image"]] or found.get(row.get("volume") or "", "") for row in rows}
 
     if data_root is not None:  # asked for: a missing file or column is an error (raised by metadata_column)
-        return look_up(data_root), f"{PATIENT_COLUMN} of {data_root / dataset.METADATA_FILE}"
+        return look_up(data_root), f"{PATIENT_COLUMN} of {data_root / reading.METADATA_FILE}"
     if rows and PATIENT_COLUMN in rows[0]:
         return {row["image"]: row[PATIENT_COLUMN] for row in rows}, f"{PATIENT_COLUMN} of {folder / 'metrics.csv'}"
     root = summary_data_root(folder)
     if root is None:
         return {}, f"{folder}: no {PATIENT_COLUMN} column in metrics.csv and no data root in summary.json"
     try:
-        return look_up(root), f"{PATIENT_COLUMN} of {root / dataset.METADATA_FILE}"
+        return look_up(root), f"{PATIENT_COLUMN} of {root / reading.METADATA_FILE}"
     except (FileNotFoundError, ValueError) as error:
         return {}, f"{folder}: no {PATIENT_COLUMN} column in metrics.csv, and its data root's: {error}"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import dataset
+from tumorseg.data import reading
 from tumorseg.inference import predict
 from tumorseg.data import volumes
 from config import Config
@@ -161,7 +161,7 @@ def predict_volume(models: list[LoadedCheckpoint], entry: volumes.VolumeEntry, a
 
 def training_overlap(rows: list[dict], checkpoint_paths: list[Path], data_root: Path) -> tuple[int | None, str]:
     """How many scored images the runs trained on, and a note for the problems ("" when there is nothing to say)."""
-    seen_in_training, note = count_training_images([dataset.name_key(r["image"]) for r in rows],
+    seen_in_training, note = count_training_images([reading.name_key(r["image"]) for r in rows],
                                                    checkpoint_paths, data_root)
     if seen_in_training:
         note = (f"{seen_in_training} of the {len(rows)} scored images were training images of this run: "
@@ -212,7 +212,7 @@ def predict_and_write(models: list[LoadedCheckpoint], checkpoint_paths: list[Pat
                                unreadable, write_threads, compress_level, volume_inputs)
     rows, calibration = scored.rows, scored.calibration
     unscored = [] if masks is None else [f"{options.DATA_ROOT}/masks: no mask for '{p.stem}', not scored"
-                                         for p in images if dataset.stem_key(p) not in masks]
+                                         for p in images if reading.stem_key(p) not in masks]
     unscored += [f"{options.DATA_ROOT}/masks: no mask volume for '{entry.stem}', not scored"
                  for entry in volume_inputs.entries if entry.mask is None]
     failures = [*skipped, *unreadable, *scored.volume_problems, *unscored]

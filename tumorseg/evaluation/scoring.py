@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-import dataset
+from tumorseg.data import reading
 from metrics import (FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY, CalibrationTracker, Spacing,
                      auroc, classification_scores, per_image_report, pooled_scores, rank_correlation, region_uncertainty, summarise)
 from tumorseg.runs.runfolder import split_group_column
@@ -59,14 +59,14 @@ class Scoring:
 
 def metadata_column(data_root: Path, column: str, images: list[Path], option: str) -> dict[str, str]:
     """Each image's value in metadata.csv's `column` ("" when its row is missing); `option` names the flag in errors."""
-    path = Path(data_root) / dataset.METADATA_FILE
+    path = Path(data_root) / reading.METADATA_FILE
     try:
-        columns, rows = dataset.read_metadata(Path(data_root))
+        columns, rows = reading.read_metadata(Path(data_root))
     except (OSError, ValueError, csv.Error) as error:
         raise FileNotFoundError(f"{path}: cannot read it for {option} ({error})") from error
     if column not in columns:
         raise ValueError(f"{path}: no column '{column}' for {option} (columns: {', '.join(columns)})")
-    return {p.stem: rows.get(dataset.stem_key(p), {}).get(column) or "" for p in images}
+    return {p.stem: rows.get(reading.stem_key(p), {}).get(column) or "" for p in images}
 
 
 def pixel_spacings(data_root: Path, images: list[Path], spacing_mm: float | None,
@@ -80,7 +80,7 @@ def pixel_spacings(data_root: Path, images: list[Path], spacing_mm: float | None
         if spacing_mm is None:
             return None, ""
         return {p.stem: (spacing_mm, spacing_mm) for p in images}, f"--pixel-spacing-mm {spacing_mm}"
-    path = Path(data_root) / dataset.METADATA_FILE
+    path = Path(data_root) / reading.METADATA_FILE
     spacing = {}
     for stem, text in metadata_column(data_root, column, images, "--spacing-column").items():
         if not text.strip():

@@ -30,7 +30,7 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-import dataset
+from tumorseg.data import reading
 from config import Config
 from tumorseg.inference.predict import native_probabilities
 from metrics import Counts, dice_from_counts, dice_per_image
@@ -286,7 +286,7 @@ def search_rule(probabilities: Sequence[np.ndarray], masks: Sequence[np.ndarray]
 # ----------------------------------------------------------------------------- a trained model's rule
 
 
-def choose_decision_rule(checkpoint_path: Path, pairs: Sequence[dataset.Pair], config: Config,
+def choose_decision_rule(checkpoint_path: Path, pairs: Sequence[reading.Pair], config: Config,
                          device: torch.device) -> dict:
     """Search threshold and component rules on the validation images at native size; store the best in the checkpoint.
 
@@ -303,9 +303,9 @@ def choose_decision_rule(checkpoint_path: Path, pairs: Sequence[dataset.Pair], c
     for start in tqdm(range(0, len(pairs), config.BATCH_SIZE), desc="choosing the decision rule", leave=False,
                       dynamic_ncols=True):
         batch = pairs[start:start + config.BATCH_SIZE]
-        images = [dataset.read_image(pair.image_path, config.IN_CHANNELS) for pair in batch]
+        images = [reading.read_image(pair.image_path, config.IN_CHANNELS) for pair in batch]
         probabilities += native_probabilities(loaded.model, loaded.config, images, device)
-        masks += [dataset.read_mask(pair.mask_path) for pair in batch]
+        masks += [reading.read_mask(pair.mask_path) for pair in batch]
     rule, table = search_rule(probabilities, masks, keep_most_probable=(False, True) if config.RULE_MOST_PROBABLE
                               else (False,))
     plain_rule = DecisionRule(threshold=config.THRESHOLD)

@@ -3,8 +3,8 @@
 One path serves train.py (choosing the decision rule on validation images)
 and test.py (`predict`: a folder's images, batched, through one model or an
 ensemble), so an image is prepared exactly as the model saw images in
-training: decoded with `dataset.read_image`, cropped and resized with
-`dataset.prepare_input`, normalised with `dataset.normalize`.
+training: decoded with `reading.read_image`, cropped and resized with
+`preprocess.prepare_input`, normalised with `preprocess.normalize`.
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import dataset
+from tumorseg.data import preprocess, reading
 from tumorseg.data import volumes
 from config import Config
 from utils import LoadedCheckpoint, autocast, memory_format_for
 
 
-def prepare_image(image: np.ndarray, config: Config) -> tuple[torch.Tensor, dataset.Box]:
+def prepare_image(image: np.ndarray, config: Config) -> tuple[torch.Tensor, preprocess.Box]:
     """uint8 (H, W, IN_CHANNELS) at native size to the model's float input (C, S, S), with the crop box used."""
-    resized, box = dataset.prepare_input(image, config.IMAGE_SIZE, config.CROP, config.CROP_MARGIN)
-    return torch.from_numpy(dataset.normalize(resized, config.NORMALIZATION)), box
+    resized, box = preprocess.prepare_input(image, config.IMAGE_SIZE, config.CROP, config.CROP_MARGIN)
+    return torch.from_numpy(preprocess.normalize(resized, config.NORMALIZATION)), box
 
 
 def sigmoid32(logits: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ def native_probabilities(model: torch.nn.Module, config: Config, images: Sequenc
                          channels_last: bool = False) -> list[np.ndarray]:
     """Probability maps (H, W) float32 at each image's own size, for a batch of native uint8 images.
 
-    `images` are (H, W, IN_CHANNELS) as `dataset.read_image(path, config.IN_CHANNELS)` gives;
+    `images` are (H, W, IN_CHANNELS) as `reading.read_image(path, config.IN_CHANNELS)` gives;
     each may have its own size. The model runs at the trained size, in the
     precision `amp` names ("off" or "bf16"/"fp16", already checked on `device`)
     and, with `channels_last`, on channels-last batches (the model must be
@@ -85,7 +85,7 @@ def native_probabilities(model: torch.nn.Module, config: Config, images: Sequenc
     in float32 before any thresholding.
     """
     views, boxes = model_views(model, config, images, device, tta, amp, channels_last)
-    return dataset.restore_probabilities(mean_view(views)[:, 0], boxes, [image.shape[:2] for image in images])
+    return preprocess.restore_probabilities(mean_view(views)[:, 0], boxes, [image.shape[:2] for image in images])
 
 
 def native_probabilities_and_spreads(model: torch.nn.Module, config: Config, images: Sequence[np.ndarray],
@@ -101,8 +101,8 @@ def native_probabilities_and_spreads(model: torch.nn.Module, config: Config, ima
     views, boxes = model_views(model, config, images, device, tta, amp, channels_last)
     shapes = [image.shape[:2] for image in images]
     spread = torch.stack(views).std(dim=0, correction=0)
-    return (dataset.restore_probabilities(mean_view(views)[:, 0], boxes, shapes),
-            dataset.restore_probabilities(spread[:, 0], boxes, shapes))
+    return (preprocess.restore_probabilities(mean_view(views)[:, 0], boxes, shapes),
+            preprocess.restore_probabilities(spread[:, 0], boxes, shapes))
 
 
 def type_probabilities(model: torch.nn.Module, config: Config, images: Sequence[np.ndarray], device: torch.device,
@@ -125,7 +125,7 @@ def head_classes(models: Sequence[LoadedCheckpoint]) -> tuple[str, ...]:
 
 
 def model_views(model: torch.nn.Module, config: Config, images: Sequence[np.ndarray], device: torch.device,
-                tta: bool, amp: str, channels_last: bool) -> tuple[list[torch.Tensor], list[dataset.Box]]:
+                tta: bool, amp: str, channels_last: bool) -> tuple[list[torch.Tensor], list[preprocess.Box]]:
     """`view_probabilities` (N, 1, S, S) of a batch of native images as the model was trained, and their crop boxes."""
     model.eval()
     prepared = [prepare_image(image, config) for image in images]
@@ -156,10 +156,10 @@ def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
     image_dir = Path(data_root) / "images"
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{image_dir}: folder of images to predict is missing")
-    by_stem = dataset.files_by_stem(image_dir)
+    by_stem = reading.files_by_stem(image_dir)
     if not by_stem and not volumes.find_volumes(data_root):
         unusable = "".join(f"; {path.name}: {reason}" for path, reason in unusable_inputs(image_dir).items())
-        raise FileNotFoundError(f"{image_dir}: no {'/'.join(dataset.IMAGE_EXTENSIONS)} images or NIfTI/DICOM "
+        raise FileNotFoundError(f"{image_dir}: no {'/'.join(reading.IMAGE_EXTENSIONS)} images or NIfTI/DICOM "
                                 f"volumes{unusable}")
     shared = sorted(stem for stem, files in by_stem.items() if len(files) > 1)
     if shared:  # their outputs would overwrite each other
@@ -168,7 +168,7 @@ def find_images(data_root: Path) -> tuple[list[Path], dict[str, Path] | None]:
     mask_dir = Path(data_root) / "masks"
     if not mask_dir.is_dir():
         return images, None
-    return images, {stem: files[0] for stem, files in dataset.files_by_stem(mask_dir).items()}
+    return images, {stem: files[0] for stem, files in reading.files_by_stem(mask_dir).items()}
 
 
 def unusable_inputs(folder: Path) -> dict[Path, str]:
@@ -177,7 +177,7 @@ def unusable_inputs(folder: Path) -> dict[Path, str]:
     Image-named entries that are not regular files, and links to nothing
     whatever their name (a volume or DICOM series that is gone).
     """
-    return {**dataset.unusable_entries(folder), **dataset.broken_links(folder)}
+    return {**reading.unusable_entries(folder), **reading.broken_links(folder)}
 
 
 def combined_spread(means: list[np.ndarray], spreads: list[np.ndarray]) -> np.ndarray:
@@ -196,18 +196,18 @@ def combined_spread(means: list[np.ndarray], spreads: list[np.ndarray]) -> np.nd
 def read_input(path: Path, channels: list[int],
                masks: dict[str, Path] | None) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
     """An image decoded once per channel count, and its mask (None without one); raises on a bad file."""
-    decoded = dataset.read_image_as(path, channels)  # RGB for display, and as each model was trained
-    key = dataset.stem_key(path)
+    decoded = reading.read_image_as(path, channels)  # RGB for display, and as each model was trained
+    key = reading.stem_key(path)
     if masks is None or key not in masks:
         return decoded, None
-    mask = dataset.read_mask(masks[key])
+    mask = reading.read_mask(masks[key])
     if mask.shape != decoded[3].shape[:2]:
         raise ValueError(f"mask {masks[key].name} is {mask.shape[1]}x{mask.shape[0]}, "
                          f"image is {decoded[3].shape[1]}x{decoded[3].shape[0]}")
     return decoded, mask
 
 
-# An image ready to predict: its output stem, its pixels per channel count (`dataset.read_image_as`), its mask or None.
+# An image ready to predict: its output stem, its pixels per channel count (`reading.read_image_as`), its mask or None.
 Decoded = tuple[str, dict[int, np.ndarray], np.ndarray | None]
 
 
@@ -263,7 +263,7 @@ def input_channels(models: Sequence[LoadedCheckpoint]) -> list[int]:
 
 
 def grey_as_channels(grey: np.ndarray, channel_counts: Sequence[int]) -> dict[int, np.ndarray]:
-    """A uint8 (H, W) grey image as `dataset.read_image_as` decodes a grey PNG: (H, W, 1) and (H, W, 3)."""
+    """A uint8 (H, W) grey image as `reading.read_image_as` decodes a grey PNG: (H, W, 1) and (H, W, 3)."""
     return {count: np.repeat(grey[..., None], count, axis=-1) for count in channel_counts}
 
 

@@ -17,17 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-import dataset
+from tumorseg.data import sampling
 from config import Config
 from tumorseg.training.ema import ModelEMA
 from utils import gather_objects, model_arguments, random_states, restore_random_states
 
 
-STATEFUL_SAMPLERS = (dataset.HardExampleSampler, dataset.BalancedSampler)  # their state goes into checkpoints
+STATEFUL_SAMPLERS = (sampling.HardExampleSampler, sampling.BalancedSampler)  # their state goes into checkpoints
 
 
 def stateful_sampler(
-        loader: torch.utils.data.DataLoader) -> dataset.HardExampleSampler | dataset.BalancedSampler | None:
+        loader: torch.utils.data.DataLoader) -> sampling.HardExampleSampler | sampling.BalancedSampler | None:
     """The loader's sampler when it keeps state across epochs (HARD_SAMPLING, BALANCE_COLUMN); None otherwise."""
     return loader.sampler if isinstance(loader.sampler, STATEFUL_SAMPLERS) else None
 

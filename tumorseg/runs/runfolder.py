@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-import dataset
+from tumorseg.data import reading
 from utils import CheckpointError
 
 SPLIT_FILE = "split.json"
@@ -96,7 +96,7 @@ def subset_stems(checkpoint_path: Path, subset: str) -> set[str]:
 def subset_images(images: list[Path], checkpoint_path: Path, subset: str) -> list[Path]:
     """The images whose stems the checkpoint's split.json lists under `subset`."""
     wanted = subset_stems(checkpoint_path, subset)
-    chosen = [p for p in images if dataset.stem_key(p) in wanted]
+    chosen = [p for p in images if reading.stem_key(p) in wanted]
     if not chosen:
         raise ValueError(f"{run_folder(checkpoint_path) / SPLIT_FILE}: none of its {len(wanted)} '{subset}' images "
                          "is in this folder")
