@@ -704,6 +704,41 @@ def test_pixel_spacing_in_mm_from_a_value_or_a_metadata_column(tiny_run, mixed_s
     assert sorted(p.name for p in preds.iterdir()) == ["tiny", "tiny-2"]  # refusals write nothing
 
 
+def test_pixel_spacing_as_rows_by_columns_gives_distances_on_non_square_pixels(tiny_run, mixed_sizes, tmp_path,
+                                                                              capsys):
+    """--pixel-spacing-mm ROWSxCOLS (and such a metadata.csv value) measures each axis in its own size."""
+    preds = tmp_path / "preds"
+    common = ["--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
+              "--threshold", "0.001", "--report", "false"]
+    assert run_test(*common, "--pixel-spacing-mm", "0.5x2") == 0
+    rows = metrics_rows(preds / "tiny")
+    assert json.loads((preds / "tiny" / "summary.json").read_text())["pixel_spacing_source"] == \
+        "--pixel-spacing-mm 0.5x2.0"
+    for row in rows:
+        predicted = read_mask(preds / "tiny" / "masks" / f"{row['image']}.png").astype(bool)
+        truth = read_mask(mixed_sizes / "masks" / f"{row['image']}.png").astype(bool)
+        expected = per_image_report(predicted, truth, (0.5, 2.0))
+        assert float(row["hd95_mm"]) == pytest.approx(expected["hd95_mm"])
+        assert float(row["assd_mm"]) == pytest.approx(expected["assd_mm"])
+    assert any(float(r["hd95_mm"]) != pytest.approx(1.25 * float(r["hd95_px"])) for r in rows)  # not the mean
+    assert run_test(*common, "--pixel-spacing-mm", "0.5 x 0.5") == 0  # an equal pair is the square size
+    assert run_test(*common, "--pixel-spacing-mm", "0.5") == 0
+    for square_pair, square in zip(metrics_rows(preds / "tiny-2"), metrics_rows(preds / "tiny-3"), strict=True):
+        assert (square_pair["hd95_mm"], square_pair["assd_mm"]) == (square["hd95_mm"], square["assd_mm"])
+    write_metadata(mixed_sizes, [{"image_id": stem, "mm": "0.5x2"} for stem in ("demo_0000", "demo_0001")])
+    assert run_test(*common, "--spacing-column", "mm", "--pixel-spacing-mm", "0.5X2") == 0
+    assert [r["hd95_mm"] for r in metrics_rows(preds / "tiny-4")] == [r["hd95_mm"] for r in rows]
+    for bad in ("0.5x", "x2", "1x2x3", "0.5,2", "0.5x-2", "0.5xnan"):
+        with pytest.raises(SystemExit) as exit_info:
+            run_test(*common, "--pixel-spacing-mm", bad)
+        assert exit_info.value.code == 2
+        assert f"or rows x columns (e.g. 0.9x1.2), got {bad!r}" in capsys.readouterr().err
+    write_metadata(mixed_sizes, [{"image_id": "demo_0000", "mm": "2x"}])
+    assert run_test(*common, "--spacing-column", "mm", "--pixel-spacing-mm", "1") == 1
+    assert "'mm' of image_id 'demo_0000' is '2x', not a pixel size in mm (one positive number (square pixels, " \
+           "e.g. 0.98) or rows x columns (e.g. 0.9x1.2))" in capsys.readouterr().err
+
+
 def test_scores_per_patient_by_default_and_per_stratum(tiny_run, demo_root, tmp_path, capsys):
     run = tmp_path / "grouped"  # tiny_run as if trained with --split-group-column patient_id
     shutil.copytree(tiny_run, run)

@@ -69,17 +69,49 @@ def metadata_column(data_root: Path, column: str, images: list[Path], option: st
     return {p.stem: rows.get(dataset.stem_key(p), {}).get(column) or "" for p in images}
 
 
-def pixel_spacings(data_root: Path, images: list[Path], spacing_mm: float | None,
-                   column: str | None) -> tuple[dict[str, Spacing] | None, str]:
-    """Each image's pixel size in mm, and where it came from; (None, "") when neither option gives one.
+SPACING_FORM = "one positive number (square pixels, e.g. 0.98) or rows x columns (e.g. 0.9x1.2)"
 
-    `column` (metadata.csv, one number per image: square pixels) wins; `spacing_mm`
-    serves every image without a value there, or all images without `column`.
+
+def parse_spacing(text: str) -> Spacing:
+    """A pixel size in mm as (rows, columns) from "0.98" (square pixels) or "0.9x1.2" (rows x columns).
+
+    Raises ValueError for anything else: a number that is not positive and
+    finite, an empty part, or more than two parts.
+    """
+    parts = text.strip().lower().split("x")
+    values = []
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{text!r} is not a pixel size in mm: give {SPACING_FORM}")
+        values.append(value)
+    if len(values) > 2:
+        raise ValueError(f"{text!r} is not a pixel size in mm: give {SPACING_FORM}")
+    return values[0], values[-1]
+
+
+def format_spacing(spacing: Spacing) -> str:
+    """A pixel size as `parse_spacing` reads it: one number when square, else rows x columns."""
+    rows, columns = spacing
+    return f"{rows}" if rows == columns else f"{rows}x{columns}"
+
+
+def pixel_spacings(data_root: Path, images: list[Path], spacing_mm: Spacing | None,
+                   column: str | None) -> tuple[dict[str, Spacing] | None, str]:
+    """Each image's pixel size in mm (rows, columns), and where it came from; (None, "") when neither option
+    gives one.
+
+    `column` (metadata.csv: one number per image for square pixels, or rows x
+    columns as `parse_spacing` reads it) wins; `spacing_mm` serves every image
+    without a value there, or all images without `column`.
     """
     if column is None:
         if spacing_mm is None:
             return None, ""
-        return {p.stem: (spacing_mm, spacing_mm) for p in images}, f"--pixel-spacing-mm {spacing_mm}"
+        return {p.stem: spacing_mm for p in images}, f"--pixel-spacing-mm {format_spacing(spacing_mm)}"
     path = Path(data_root) / dataset.METADATA_FILE
     spacing = {}
     for stem, text in metadata_column(data_root, column, images, "--spacing-column").items():
@@ -87,17 +119,14 @@ def pixel_spacings(data_root: Path, images: list[Path], spacing_mm: float | None
             if spacing_mm is None:
                 raise ValueError(f"{path}: no '{column}' value for image_id '{stem}'; fill it in or give "
                                  "--pixel-spacing-mm for images without one")
-            value = spacing_mm
-        else:
-            try:
-                value = float(text)
-            except ValueError:
-                value = math.nan
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{path}: '{column}' of image_id '{stem}' is {text!r}, "
-                                 "not a pixel size in mm (a positive number)")
-        spacing[stem] = (value, value)
-    fallback = "" if spacing_mm is None else f", else --pixel-spacing-mm {spacing_mm}"
+            spacing[stem] = spacing_mm
+            continue
+        try:
+            spacing[stem] = parse_spacing(text)
+        except ValueError:
+            raise ValueError(f"{path}: '{column}' of image_id '{stem}' is {text!r}, "
+                             f"not a pixel size in mm ({SPACING_FORM})") from None
+    fallback = "" if spacing_mm is None else f", else --pixel-spacing-mm {format_spacing(spacing_mm)}"
     return spacing, f"metadata.csv column '{column}'{fallback}"
 
 
