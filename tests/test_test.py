@@ -1272,6 +1272,69 @@ def test_a_volume_predicts_as_its_prepare_data_nifti_slices(tiny_run, tmp_path):
         assert (row["dice"], row["pred_pixels"]) == (by_volume[stem]["dice"], by_volume[stem]["pred_pixels"])
 
 
+def oracle_volume_run(tiny_run, tmp_path, monkeypatch, name: str, changed: dict):
+    """test.py on a 6-slice volume (tumour in slices 2 and 3; pixels 1 mm between rows, 2 mm between columns) whose
+    prediction is its own mask, with `changed` slices (index -> probability map function of the mask) instead.
+
+    Returns metrics.csv's rows, summary.json and the output folder.
+    """
+    import nibabel as nib
+    root = tmp_path / "data"
+    if not root.exists():
+        (root / "images").mkdir(parents=True)
+        (root / "masks").mkdir()
+        image = np.random.default_rng(8).normal(size=(24, 20, 6)).astype(np.float32)
+        mask = np.zeros(image.shape, np.uint8)
+        mask[8:14, 6:11, 2:4] = 1
+        nib.save(nib.Nifti1Image(image, np.diag([1.0, 2.0, 5.0, 1.0])), str(root / "images" / "case.nii.gz"))
+        nib.save(nib.Nifti1Image(mask, np.diag([1.0, 2.0, 5.0, 1.0])), str(root / "masks" / "case.nii.gz"))
+    real = predict.predict_decoded
+
+    def oracle(*args, **kwargs):
+        for p in real(*args, **kwargs):
+            index = int(p.stem[-3:])
+            probability = changed.get(index, lambda m: m)(p.mask).astype(np.float32)
+            yield predict.Prediction(p.stem, p.image, probability, p.mask, p.spread, p.types)
+
+    monkeypatch.setattr(predict, "predict_decoded", oracle)
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root", tmp_path / name,
+                    "--postprocess", "none", "--threshold", "0.5") == 0
+    out = tmp_path / name / "tiny"
+    return metrics_rows(out), json.loads((out / "summary.json").read_text()), out
+
+
+def test_every_volume_slice_is_scored_and_tumour_free_slices_are_their_own_stratum(tiny_run, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Correct empty slices count (Dice 1) as false alarms on empty slices do: a row per slice, as for PNGs."""
+    rows, summary, out = oracle_volume_run(tiny_run, tmp_path, monkeypatch, "exact", {})
+    assert sorted(int(r["slice_index"]) for r in rows) == list(range(6)) and summary["scored"] == 6
+    assert all(float(r["dice"]) == 1 for r in rows) and summary["dice_mean"] == 1
+    tumour_free = summary["strata"]["tumour_size"]["groups"]["no tumour"]
+    assert (tumour_free["count"], tumour_free["false_alarms"], tumour_free["false_alarm_rate"]) == (4, 0, 0)
+    assert tumour_free["dice_mean"] == 1 and summary["failure_counts"]["no tumour: correct"] == 4
+    assert "no tumour: 4 images with an empty mask, false alarm in 0 (0.0%)" in capsys.readouterr().out
+    # PNGs only where the mask or the prediction has tumour; the report leaves the others' thumbnails out
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["case_k002.png", "case_k003.png"]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["case.nii.gz", "case_k002.png", "case_k003.png"]
+    page = (out / "report.html").read_text()
+    assert 'src="overlays/case_k002.png"' in page and "overlays/case_k000.png" not in page
+
+    alarm = np.zeros((24, 20), np.uint8)
+    alarm[1:3, 1:3] = 1
+    changed = {5: lambda m: alarm, 3: lambda m: np.roll(m, 1, axis=1)}  # a false alarm; one column off
+    rows, summary, out = oracle_volume_run(tiny_run, tmp_path, monkeypatch, "alarm", changed)
+    by_index = {int(r["slice_index"]): r for r in rows}
+    assert len(rows) == 6 and float(by_index[5]["dice"]) == 0 and by_index[5]["category"] == "no tumour: false positive"
+    assert float(by_index[3]["dice"]) == pytest.approx(0.8)  # 24 of 30 pixels overlap
+    assert summary["dice_mean"] == pytest.approx((4 * 1 + 0.8 + 0) / 6)
+    tumour_free = summary["strata"]["tumour_size"]["groups"]["no tumour"]
+    assert (tumour_free["count"], tumour_free["false_alarms"], tumour_free["false_alarm_rate"]) == (4, 1, 0.25)
+    assert "no tumour: 4 images with an empty mask, false alarm in 1 (25.0%)" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["case_k002.png", "case_k003.png", "case_k005.png"]
+    # non-square pixels: the header's row (1 mm) and column (2 mm) spacing, not their mean
+    assert float(by_index[3]["hd95_px"]) == 1 and float(by_index[3]["hd95_mm"]) == pytest.approx(2.0)
+
+
 def test_a_broken_link_among_the_masks_is_named_and_exit_code_says_so(tiny_run, mixed_sizes, tmp_path, capsys):
     link = mixed_sizes / "masks" / "demo_0001.png"
     link.unlink()

@@ -41,6 +41,7 @@ TYPE_COLUMNS = ("predicted_type", "type_probability")
 PATIENT_VOTE = ("majority of the patient's slices' predicted types; a tie goes to the tied type whose votes carry "
                 "the larger summed probability")
 SIZE_STRATA = ("small", "medium", "large", "no tumour")  # terciles of the true tumour area, then empty masks
+NO_TUMOUR = SIZE_STRATA[-1]  # images (and volume slices) whose mask is empty: any predicted pixel is a false alarm
 TAIL_DICE = 0.3  # summary.json and the console give the share of images scoring below this Dice
 PRINTED_GROUPS = 12  # more groups than this (e.g. patients) are summed up in one console line
 
@@ -224,6 +225,16 @@ def failure_counts_by_stratum(rows: list[dict], strata_columns: list[str]) -> di
             for column in [SIZE_COLUMN, *strata_columns]}
 
 
+def size_scores(rows: list[dict]) -> dict[str, dict]:
+    """summary.json's tumour-size strata: `group_scores` per SIZE_STRATA value; the "no tumour" one also
+    counts its false alarms (images with any predicted pixel) and their share of its images."""
+    groups = scores_by_label(rows, SIZE_COLUMN, SIZE_STRATA)
+    if NO_TUMOUR in groups:
+        alarms = sum(r["pred_pixels"] > 0 for r in rows if r[SIZE_COLUMN] == NO_TUMOUR)
+        groups[NO_TUMOUR].update(false_alarms=alarms, false_alarm_rate=alarms / groups[NO_TUMOUR]["count"])
+    return groups
+
+
 def size_strata(rows: list[dict]) -> list[float]:
     """Label each row's SIZE_COLUMN by terciles of the true tumour area; returns the two edges in pixels.
 
@@ -299,7 +310,7 @@ def score_summary(rows: list[dict], scoring: Scoring, size_edges: list[float],
         "failure_rules": [{"category": name, "rule": rule} for name, rule in FAILURE_RULES],
         "failure_counts": failure_counts(rows),
         "failure_counts_by_stratum": failure_counts_by_stratum(rows, scoring.strata_columns),
-        "strata": {SIZE_COLUMN: {"edges_px": size_edges, "groups": scores_by_label(rows, SIZE_COLUMN, SIZE_STRATA)},
+        "strata": {SIZE_COLUMN: {"edges_px": size_edges, "groups": size_scores(rows)},
                    **{column: {"groups": scores_by_label(rows, column)} for column in scoring.strata_columns}},
         "calibration": calibration.summary(),
     }
@@ -418,6 +429,10 @@ def print_group_scores(summary: dict, scoring: Scoring) -> None:
     for column, stratum in summary["strata"].items():
         print(f"  by {column}: " + ", ".join(f"{label or '(none)'} {scores['dice_mean']:.3f} ({scores['count']})"
                                              for label, scores in stratum["groups"].items()))
+    tumour_free = summary["strata"][SIZE_COLUMN]["groups"].get(NO_TUMOUR)
+    if tumour_free is not None:
+        print(f"  {NO_TUMOUR}: {tumour_free['count']} images with an empty mask, false alarm in "
+              f"{tumour_free['false_alarms']} ({tumour_free['false_alarm_rate']:.1%})")
 
 
 def format_number(value: float | None) -> str:
