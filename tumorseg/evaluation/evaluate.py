@@ -58,7 +58,7 @@ def finish_image(p: predict.Prediction, rule: DecisionRule, scoring: Scoring, st
 
 def write_and_score(p: predict.Prediction, predicted: np.ndarray, staging: Path, compress_level: int,
                     spacing: Spacing | None, columns: dict | None = None, pngs: bool = True) -> dict | None:
-    """Write one thresholded prediction's PNGs (unless not `pngs`) and score it: its metrics.csv row (plus
+    """Write one thresholded prediction's PNGs (when `pngs`) and score it: its metrics.csv row (plus
     `columns`), None unscored."""
     if pngs:
         write_image_outputs(staging, p.stem, p.image, predicted, p.mask, p.spread, compress_level)
