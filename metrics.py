@@ -324,7 +324,7 @@ class SurfaceDistances(NamedTuple):
 
 
 def surface_distances(pred: np.ndarray, target: np.ndarray,
-                      spacing: Sequence[float] | None = None) -> SurfaceDistances:
+                      spacing: float | Sequence[float] | None = None) -> SurfaceDistances:
     """Distances from each border pixel (see `mask_border`) of one mask to the nearest of the other.
 
     Works on images and on volumes alike (a volume's border is its surface).
@@ -332,7 +332,8 @@ def surface_distances(pred: np.ndarray, target: np.ndarray,
     Args:
         pred: predicted bool mask (H, W), or (X, Y, Z).
         target: ground-truth bool mask of the same shape.
-        spacing: pixel (voxel) size along each axis; distances come out in its unit. None = 1 per axis.
+        spacing: pixel (voxel) size along each axis, e.g. (row_mm, col_mm) for an image, or one number
+            for every axis (square pixels); distances come out in its unit. None = 1 per axis.
 
     Returns:
         SurfaceDistances (pred_to_target, target_to_pred), float arrays with one value per border pixel
@@ -345,7 +346,9 @@ def surface_distances(pred: np.ndarray, target: np.ndarray,
             number of values than the masks have axes.
     """
     pred, target = _mask_pair(pred, target, dims=(2, 3))
-    spacing = (1.0,) * pred.ndim if spacing is None else tuple(spacing)
+    if spacing is None or isinstance(spacing, (int, float)):
+        spacing = (1.0 if spacing is None else float(spacing),) * pred.ndim
+    spacing = tuple(spacing)
     if len(spacing) != pred.ndim:
         raise ValueError(f"spacing {spacing} has {len(spacing)} values for {pred.ndim}-D masks")
     if not pred.any() or not target.any():
@@ -396,13 +399,15 @@ def average_surface_distance_from_distances(distances: SurfaceDistances) -> floa
     return float(np.concatenate(distances).mean())
 
 
-def hausdorff95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+def hausdorff95(pred: np.ndarray, target: np.ndarray,
+                spacing: float | Sequence[float] | None = None) -> float:
     """95th-percentile Hausdorff distance between two masks; see `hausdorff95_from_distances`.
 
     Args:
         pred: predicted bool mask (H, W), or (X, Y, Z).
         target: ground-truth bool mask of the same shape.
-        spacing: pixel size along each axis; the distance comes out in its unit (None: pixels).
+        spacing: pixel size along each axis (row_mm, col_mm), or one number for every axis; the distance
+            comes out in its unit (None: pixels).
 
     Returns:
         The distance; 0.0 for identical non-empty masks, NaN when either mask is empty (a missed
@@ -414,13 +419,15 @@ def hausdorff95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] |
     return hausdorff95_from_distances(surface_distances(pred, target, spacing))
 
 
-def average_surface_distance(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+def average_surface_distance(pred: np.ndarray, target: np.ndarray,
+                             spacing: float | Sequence[float] | None = None) -> float:
     """Average symmetric surface distance between two masks; see `average_surface_distance_from_distances`.
 
     Args:
         pred: predicted bool mask (H, W), or (X, Y, Z).
         target: ground-truth bool mask of the same shape.
-        spacing: pixel size along each axis; the distance comes out in its unit (None: pixels).
+        spacing: pixel size along each axis (row_mm, col_mm), or one number for every axis; the distance
+            comes out in its unit (None: pixels).
 
     Returns:
         The distance; 0.0 for identical non-empty masks, NaN when either mask is empty, never inf.
@@ -559,13 +566,14 @@ def failure_category(dice: float, precision: float, sensitivity: float, pred_com
 
 
 def per_image_report(pred: np.ndarray, target: np.ndarray,
-                     spacing: Spacing | None = None) -> dict[str, float | int | str]:
+                     spacing: float | Spacing | None = None) -> dict[str, float | int | str]:
     """Every per-image number of one prediction against its ground truth, at the image's resolution.
 
     Args:
         pred: predicted bool mask (H, W).
         target: ground-truth bool mask (H, W).
-        spacing: pixel size in mm along H then W; None when unknown (no mm distances).
+        spacing: pixel size in mm along H then W (rows, columns), or one number for square pixels;
+            None when unknown (no mm distances).
 
     Returns:
         dice, iou, pixel_accuracy, precision, sensitivity, hd95_px, assd_px, hd95_mm and assd_mm

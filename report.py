@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from metrics import FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY
+from tumorseg.inference.outputs import slice_has_pngs
 from utils import run_interruptible, tolerant_console, write_atomic
 
 # Every per-image number metrics.csv may hold: (column, name, unit, meaning). The page's tables and
@@ -287,6 +288,8 @@ def image_table(summary: dict, rows: list[dict], unit: str) -> str:
         name = row["image"]
         shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # any file name prints
         cells = [thumbnail("overlays", name)] + ([thumbnail("uncertainty", name)] if uncertainty else [])
+        if row.get("volume") and not slice_has_pngs(row["gt_pixels"], row["pred_pixels"]):
+            cells = ["<td></td>"] * len(cells)  # a tumour-free volume slice predicted empty has no PNGs
         cells += [text_cell(shown), text_cell(row["category"])]
         cells += [number_cell(row[label], 3) if label == TYPE_PROBABILITY else text_cell(row[label])
                   for label in labels]

@@ -41,10 +41,11 @@ from tumorseg.evaluation import evaluate
 import report
 from tumorseg.evaluation.comparison import compare_predictions
 from config import Config, build_parser, config_from_args, parse_bool
+from metrics import Spacing
 from tumorseg.inference.predict import find_images, unusable_inputs
 from tumorseg.inference.outputs import output_name, publish, start_staging
 from tumorseg.runs.runfolder import newest_checkpoint, subset_images, subset_stems, unfinished_run_warning
-from tumorseg.evaluation.scoring import Scoring, print_summary, settle_scoring
+from tumorseg.evaluation.scoring import Scoring, parse_spacing, print_summary, settle_scoring
 from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, interruption,
                    load_checkpoint, setup_runtime, sigterm_as_interrupt, tolerant_console)
 from tumorseg.data.volumes import VolumeEntry, find_volumes, misaligned_masks, slice_name_clashes
@@ -106,11 +107,13 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Config]
     parser.add_argument("--strata", metavar="COLUMN", nargs="+", default=[],
                         help="also scores per value of these metadata.csv columns (e.g. tumor_class); "
                              "tumour-size terciles are always scored")
-    parser.add_argument("--pixel-spacing-mm", type=positive_number, metavar="MM",
-                        help="pixel size of the images as they are, in mm: adds HD95 and ASSD in mm "
-                             "(the shared 256 px figshare slices: 0.98)")
+    parser.add_argument("--pixel-spacing-mm", type=pixel_spacing, metavar="MM",
+                        help="pixel size of the images as they are, in mm: adds HD95 and ASSD in mm; one number "
+                             "for square pixels (the shared 256 px figshare slices: 0.98) or rows x columns "
+                             "(e.g. 0.9x1.2)")
     parser.add_argument("--spacing-column", metavar="COLUMN",
-                        help="metadata.csv column holding each image's pixel size in mm; --pixel-spacing-mm "
+                        help="metadata.csv column holding each image's pixel size in mm (as --pixel-spacing-mm: "
+                             "0.98 or 0.9x1.2); --pixel-spacing-mm "
                              "then serves only images with an empty cell")
     parser.add_argument("--report", type=parse_bool, default=True, metavar="BOOL",
                         help="write report.html, one self-contained page of the scores (default: true)")
@@ -278,6 +281,15 @@ def positive_number(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
+
+
+def pixel_spacing(text: str) -> Spacing:
+    """argparse type: a pixel size in mm, "0.98" (square) or "0.9x1.2" (rows x columns), as (rows, columns)."""
+    try:
+        return parse_spacing(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number in mm (square pixels, e.g. 0.98) or rows x "
+                                         f"columns (e.g. 0.9x1.2), got {text!r}") from None
 
 
 if __name__ == "__main__":

@@ -149,6 +149,38 @@ def test_spacing_scales_distances_along_its_own_axis():
     assert hausdorff95(a, b, (3.0, 1.0)) == pytest.approx(10.0)
 
 
+def test_hd95_on_a_1_by_2_mm_grid_is_the_hand_computed_value():
+    """A 3x3 square against itself moved one pixel, on pixels 1 mm tall and 2 mm wide (rows x columns).
+
+    Moved one column, 4 border pixels of each square are 0 away from the other's border, 3 are one column
+    (2 mm) away and 1 (the side one reaches from the other's centre) one row (1 mm) away: sorted
+    [0, 0, 0, 0, 1, 2, 2, 2] mm each way, so HD95 = 2 mm and ASSD = 14 / 16 mm. Moved one row instead: 1 mm
+    and 0.5 mm. Square 1 mm or 1.5 mm pixels (one number, or the mean of the two) would give other values.
+    """
+    base = square(2, 2, 3, (8, 8))
+    across, down = square(2, 3, 3, (8, 8)), square(3, 2, 3, (8, 8))
+    assert hausdorff95(base, across, (1.0, 2.0)) == pytest.approx(2.0)
+    assert average_surface_distance(base, across, (1.0, 2.0)) == pytest.approx(14 / 16)
+    assert hausdorff95(base, down, (1.0, 2.0)) == pytest.approx(1.0)
+    assert average_surface_distance(base, down, (1.0, 2.0)) == pytest.approx(0.5)
+    assert per_image_report(across, base, (1.0, 2.0))["hd95_mm"] == pytest.approx(2.0)
+
+
+def test_one_number_is_a_square_pixel_and_agrees_with_the_equal_pair():
+    a, b = square(0, 0, 4), square(3, 10, 5)
+    for size in (0.7, 2):
+        assert hausdorff95(a, b, size) == hausdorff95(a, b, (size, size))
+        assert average_surface_distance(a, b, size) == average_surface_distance(a, b, (size, size))
+        assert surface_distances(a, b, size).pred_to_target.tolist() == \
+            surface_distances(a, b, (size, size)).pred_to_target.tolist()
+        assert per_image_report(a, b, size) == per_image_report(a, b, (size, size))
+    assert hausdorff95(a, b, 2) == pytest.approx(2 * hausdorff95(a, b))
+    volume = np.zeros((6, 6, 6), bool)
+    volume[1:3, 1:3, 1:3] = True
+    assert hausdorff95(volume, np.roll(volume, 2, axis=2), 1.5) == hausdorff95(volume, np.roll(volume, 2, axis=2),
+                                                                             (1.5, 1.5, 1.5))
+
+
 def test_distances_are_nan_when_either_mask_is_empty():
     empty, blob = np.zeros((8, 8), bool), square(2, 2, 3, (8, 8))
     for pred, target in [(empty, empty), (blob, empty), (empty, blob)]:

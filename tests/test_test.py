@@ -705,6 +705,41 @@ def test_pixel_spacing_in_mm_from_a_value_or_a_metadata_column(tiny_run, mixed_s
     assert sorted(p.name for p in preds.iterdir()) == ["tiny", "tiny-2"]  # refusals write nothing
 
 
+def test_pixel_spacing_as_rows_by_columns_gives_distances_on_non_square_pixels(tiny_run, mixed_sizes, tmp_path,
+                                                                              capsys):
+    """--pixel-spacing-mm ROWSxCOLS (and such a metadata.csv value) measures each axis in its own size."""
+    preds = tmp_path / "preds"
+    common = ["--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
+              "--threshold", "0.001", "--report", "false"]
+    assert run_test(*common, "--pixel-spacing-mm", "0.5x2") == 0
+    rows = metrics_rows(preds / "tiny")
+    assert json.loads((preds / "tiny" / "summary.json").read_text())["pixel_spacing_source"] == \
+        "--pixel-spacing-mm 0.5x2.0"
+    for row in rows:
+        predicted = read_mask(preds / "tiny" / "masks" / f"{row['image']}.png").astype(bool)
+        truth = read_mask(mixed_sizes / "masks" / f"{row['image']}.png").astype(bool)
+        expected = per_image_report(predicted, truth, (0.5, 2.0))
+        assert float(row["hd95_mm"]) == pytest.approx(expected["hd95_mm"])
+        assert float(row["assd_mm"]) == pytest.approx(expected["assd_mm"])
+    assert any(float(r["hd95_mm"]) != pytest.approx(1.25 * float(r["hd95_px"])) for r in rows)  # not the mean
+    assert run_test(*common, "--pixel-spacing-mm", "0.5 x 0.5") == 0  # an equal pair is the square size
+    assert run_test(*common, "--pixel-spacing-mm", "0.5") == 0
+    for square_pair, square in zip(metrics_rows(preds / "tiny-2"), metrics_rows(preds / "tiny-3"), strict=True):
+        assert (square_pair["hd95_mm"], square_pair["assd_mm"]) == (square["hd95_mm"], square["assd_mm"])
+    write_metadata(mixed_sizes, [{"image_id": stem, "mm": "0.5x2"} for stem in ("demo_0000", "demo_0001")])
+    assert run_test(*common, "--spacing-column", "mm", "--pixel-spacing-mm", "0.5X2") == 0
+    assert [r["hd95_mm"] for r in metrics_rows(preds / "tiny-4")] == [r["hd95_mm"] for r in rows]
+    for bad in ("0.5x", "x2", "1x2x3", "0.5,2", "0.5x-2", "0.5xnan"):
+        with pytest.raises(SystemExit) as exit_info:
+            run_test(*common, "--pixel-spacing-mm", bad)
+        assert exit_info.value.code == 2
+        assert f"or rows x columns (e.g. 0.9x1.2), got {bad!r}" in capsys.readouterr().err
+    write_metadata(mixed_sizes, [{"image_id": "demo_0000", "mm": "2x"}])
+    assert run_test(*common, "--spacing-column", "mm", "--pixel-spacing-mm", "1") == 1
+    assert "'mm' of image_id 'demo_0000' is '2x', not a pixel size in mm (one positive number (square pixels, " \
+           "e.g. 0.98) or rows x columns (e.g. 0.9x1.2))" in capsys.readouterr().err
+
+
 def test_scores_per_patient_by_default_and_per_stratum(tiny_run, demo_root, tmp_path, capsys):
     run = tmp_path / "grouped"  # tiny_run as if trained with --split-group-column patient_id
     shutil.copytree(tiny_run, run)
@@ -1257,6 +1292,69 @@ def test_a_volume_predicts_as_its_prepare_data_nifti_slices(tiny_run, tmp_path):
     assert set(by_png) <= set(by_volume) and len(by_png) == 3  # the 3 tumour slices (plus any false alarms)
     for stem, row in by_png.items():
         assert (row["dice"], row["pred_pixels"]) == (by_volume[stem]["dice"], by_volume[stem]["pred_pixels"])
+
+
+def oracle_volume_run(tiny_run, tmp_path, monkeypatch, name: str, changed: dict):
+    """test.py on a 6-slice volume (tumour in slices 2 and 3; pixels 1 mm between rows, 2 mm between columns) whose
+    prediction is its own mask, with `changed` slices (index -> probability map function of the mask) instead.
+
+    Returns metrics.csv's rows, summary.json and the output folder.
+    """
+    import nibabel as nib
+    root = tmp_path / "data"
+    if not root.exists():
+        (root / "images").mkdir(parents=True)
+        (root / "masks").mkdir()
+        image = np.random.default_rng(8).normal(size=(24, 20, 6)).astype(np.float32)
+        mask = np.zeros(image.shape, np.uint8)
+        mask[8:14, 6:11, 2:4] = 1
+        nib.save(nib.Nifti1Image(image, np.diag([1.0, 2.0, 5.0, 1.0])), str(root / "images" / "case.nii.gz"))
+        nib.save(nib.Nifti1Image(mask, np.diag([1.0, 2.0, 5.0, 1.0])), str(root / "masks" / "case.nii.gz"))
+    real = predict.predict_decoded
+
+    def oracle(*args, **kwargs):
+        for p in real(*args, **kwargs):
+            index = int(p.stem[-3:])
+            probability = changed.get(index, lambda m: m)(p.mask).astype(np.float32)
+            yield predict.Prediction(p.stem, p.image, probability, p.mask, p.spread, p.types)
+
+    monkeypatch.setattr(predict, "predict_decoded", oracle)
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root", tmp_path / name,
+                    "--postprocess", "none", "--threshold", "0.5") == 0
+    out = tmp_path / name / "tiny"
+    return metrics_rows(out), json.loads((out / "summary.json").read_text()), out
+
+
+def test_every_volume_slice_is_scored_and_tumour_free_slices_are_their_own_stratum(tiny_run, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Correct empty slices count (Dice 1) as false alarms on empty slices do: a row per slice, as for PNGs."""
+    rows, summary, out = oracle_volume_run(tiny_run, tmp_path, monkeypatch, "exact", {})
+    assert sorted(int(r["slice_index"]) for r in rows) == list(range(6)) and summary["scored"] == 6
+    assert all(float(r["dice"]) == 1 for r in rows) and summary["dice_mean"] == 1
+    tumour_free = summary["strata"]["tumour_size"]["groups"]["no tumour"]
+    assert (tumour_free["count"], tumour_free["false_alarms"], tumour_free["false_alarm_rate"]) == (4, 0, 0)
+    assert tumour_free["dice_mean"] == 1 and summary["failure_counts"]["no tumour: correct"] == 4
+    assert "no tumour: 4 images with an empty mask, false alarm in 0 (0.0%)" in capsys.readouterr().out
+    # PNGs only where the mask or the prediction has tumour; the report leaves the others' thumbnails out
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["case_k002.png", "case_k003.png"]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["case.nii.gz", "case_k002.png", "case_k003.png"]
+    page = (out / "report.html").read_text()
+    assert 'src="overlays/case_k002.png"' in page and "overlays/case_k000.png" not in page
+
+    alarm = np.zeros((24, 20), np.uint8)
+    alarm[1:3, 1:3] = 1
+    changed = {5: lambda m: alarm, 3: lambda m: np.roll(m, 1, axis=1)}  # a false alarm; one column off
+    rows, summary, out = oracle_volume_run(tiny_run, tmp_path, monkeypatch, "alarm", changed)
+    by_index = {int(r["slice_index"]): r for r in rows}
+    assert len(rows) == 6 and float(by_index[5]["dice"]) == 0 and by_index[5]["category"] == "no tumour: false positive"
+    assert float(by_index[3]["dice"]) == pytest.approx(0.8)  # 24 of 30 pixels overlap
+    assert summary["dice_mean"] == pytest.approx((4 * 1 + 0.8 + 0) / 6)
+    tumour_free = summary["strata"]["tumour_size"]["groups"]["no tumour"]
+    assert (tumour_free["count"], tumour_free["false_alarms"], tumour_free["false_alarm_rate"]) == (4, 1, 0.25)
+    assert "no tumour: 4 images with an empty mask, false alarm in 1 (25.0%)" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["case_k002.png", "case_k003.png", "case_k005.png"]
+    # non-square pixels: the header's row (1 mm) and column (2 mm) spacing, not their mean
+    assert float(by_index[3]["hd95_px"]) == 1 and float(by_index[3]["hd95_mm"]) == pytest.approx(2.0)
 
 
 def test_a_broken_link_among_the_masks_is_named_and_exit_code_says_so(tiny_run, mixed_sizes, tmp_path, capsys):

@@ -1,9 +1,11 @@
 """scoring.py: summary.json's scores from metrics rows, on hand-made masks whose every category is known."""
 
 import numpy as np
+import pytest
 
 from metrics import FAILURE_RULES, CalibrationTracker
-from tumorseg.evaluation.scoring import Scoring, label_rows, score_image, score_summary
+from tumorseg.evaluation.scoring import (Scoring, format_spacing, label_rows, parse_spacing, score_image,
+                                        score_summary)
 
 SIZE = 16
 
@@ -64,3 +66,30 @@ def test_without_strata_only_tumour_size_is_counted_like_summary_strata():
     by_size = summary["failure_counts_by_stratum"]["tumour_size"]
     assert by_size["no tumour"]["no tumour: correct"] == 1 and sum(by_size["no tumour"].values()) == 1
 
+
+
+def test_a_pixel_size_is_one_number_or_rows_by_columns():
+    assert parse_spacing("0.98") == (0.98, 0.98)
+    assert parse_spacing("0.9x1.2") == parse_spacing(" 0.9 X 1.2 ") == (0.9, 1.2)
+    for bad in ("", "x", "0.9x", "x1.2", "0.9x1.2x3", "0", "-1", "inf", "nan", "0.9,1.2", "1 mm"):
+        with pytest.raises(ValueError, match="not a pixel size in mm"):
+            parse_spacing(bad)
+    for spacing in ((0.98, 0.98), (0.9, 1.2)):
+        assert parse_spacing(format_spacing(spacing)) == spacing
+    assert format_spacing((0.98, 0.98)) == "0.98" and format_spacing((0.9, 1.2)) == "0.9x1.2"
+
+
+def test_tumour_free_images_are_a_stratum_with_their_false_alarm_rate():
+    cases = {"a": (EMPTY, EMPTY), "b": (EMPTY, EMPTY), "c": (square(1, 1, 2), EMPTY), "d": (EMPTY, EMPTY),
+             "e": (square(2, 2, 4), square(2, 2, 4))}
+    rows = [score_image(stem, predicted, truth, predicted.astype(np.float32), None, None)
+            for stem, (predicted, truth) in cases.items()]
+    scoring = Scoring("", [], {}, None, "", None)
+    calibration = CalibrationTracker()
+    for predicted, truth in cases.values():
+        calibration.update(predicted.astype(np.float32), truth)
+    summary = score_summary(rows, scoring, label_rows(rows, scoring), calibration)
+    groups = summary["strata"]["tumour_size"]["groups"]
+    assert (groups["no tumour"]["count"], groups["no tumour"]["false_alarms"]) == (4, 1)
+    assert groups["no tumour"]["false_alarm_rate"] == 0.25 and groups["no tumour"]["dice_mean"] == 0.75
+    assert all("false_alarm_rate" not in scores for label, scores in groups.items() if label != "no tumour")

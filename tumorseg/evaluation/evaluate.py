@@ -22,7 +22,8 @@ from tumorseg.inference import predict
 from tumorseg.data import volumes
 from config import Config
 from metrics import CalibrationTracker, Spacing, summarise, volume_report
-from tumorseg.inference.outputs import PNG_COMPRESS_LEVEL, WRITE_THREADS, OrderedJobs, write_image_outputs
+from tumorseg.inference.outputs import (PNG_COMPRESS_LEVEL, WRITE_THREADS, OrderedJobs, slice_has_pngs,
+                                        write_image_outputs)
 from tumorseg.inference.postprocess import DecisionRule
 from tumorseg.runs.runfolder import count_training_images, split_group_column
 from tumorseg.evaluation.scoring import (Scoring, label_rows, metadata_column, score_image, score_summary, type_classification,
@@ -56,9 +57,11 @@ def finish_image(p: predict.Prediction, rule: DecisionRule, scoring: Scoring, st
 
 
 def write_and_score(p: predict.Prediction, predicted: np.ndarray, staging: Path, compress_level: int,
-                    spacing: Spacing | None, columns: dict | None = None) -> dict | None:
-    """Write one thresholded prediction's PNGs and score it: its metrics.csv row (plus `columns`), None unscored."""
-    write_image_outputs(staging, p.stem, p.image, predicted, p.mask, p.spread, compress_level)
+                    spacing: Spacing | None, columns: dict | None = None, pngs: bool = True) -> dict | None:
+    """Write one thresholded prediction's PNGs (when `pngs`) and score it: its metrics.csv row (plus
+    `columns`), None unscored."""
+    if pngs:
+        write_image_outputs(staging, p.stem, p.image, predicted, p.mask, p.spread, compress_level)
     if p.mask is None:
         return None
     row = {**score_image(p.stem, predicted, p.mask, p.probability, p.spread, spacing), **(columns or {})}
@@ -121,10 +124,10 @@ def predict_volume(models: list[LoadedCheckpoint], entry: volumes.VolumeEntry, a
     """Predict a volume slice by slice, write its mask volume (NIfTI, the input's affine) and score it.
 
     Each slice is windowed as `prepare_data.py nifti` windows it, then
-    prepared like any image. Slices where the mask or the prediction has
-    tumour get the usual PNGs and a metrics.csv row (in-plane spacing from the
-    header); slices empty in both are counted, not scored. With a mask volume,
-    the volume is scored in 3-D (every voxel once, distances in mm).
+    prepared like any image. With a mask volume, every slice is scored as an
+    image is (a metrics.csv row; mm from the header's row and column spacing),
+    and the volume in 3-D (every voxel once, distances in mm). Only slices with
+    tumour in the mask or the prediction get the usual PNGs (`slice_has_pngs`).
     Returns its volumes.csv row, and the writing jobs' results that finished
     meanwhile (this volume's slice rows, or earlier images'). Raises
     VolumeError naming the file when it cannot be read.
@@ -142,12 +145,13 @@ def predict_volume(models: list[LoadedCheckpoint], entry: volumes.VolumeEntry, a
     for index, p in enumerate(predict.predict_decoded(models, items, device, options, with_spread)):
         predicted = rule.apply(p.probability)
         predicted_slices.append(predicted)
-        if not (predicted.any() or (p.mask is not None and p.mask.any())):
-            continue
+        pngs = slice_has_pngs(0 if p.mask is None else int(p.mask.sum()), int(predicted.sum()))
+        if not (pngs or p.mask is not None):
+            continue  # nothing to write, nothing to score
         if p.mask is not None:
             calibration.update(np.clip(p.probability, 0, 1), p.mask)
         columns = {"volume": entry.stem, "slice_axis": axis, "slice_index": index}
-        finished += jobs.submit(write_and_score, p, predicted, staging, compress_level, spacing, columns)
+        finished += jobs.submit(write_and_score, p, predicted, staging, compress_level, spacing, columns, pngs)
     predicted_volume = volumes.stack_along(predicted_slices, axis).astype(np.uint8)
     volumes.write_mask_like(staging / "masks" / f"{entry.stem}.nii.gz", predicted_volume, volume)
     row = {"volume": entry.stem, "source": str(entry.path), "shape": "x".join(map(str, volume.data.shape)),
@@ -258,8 +262,9 @@ def volume_summary(volume_rows: list[dict], count: int, axis: str) -> dict:
     summary = {"count": len(volume_rows), "of": count, "scored": len(scored),
                "slice_axis": SLICE_AXIS_RULE if axis == "auto" else f"array axis {axis} (--slice-axis)",
                "scores": "3-D per volume: every voxel counts once, HD95 and ASSD in mm over the 3-D surfaces "
-                         "from the header's voxel size; metrics.csv scores slices with tumour in the mask or the "
-                         "prediction, volumes.csv the whole volumes",
+                         "from the header's voxel size; metrics.csv scores every slice of a volume with a mask "
+                         "as an image (tumour-free slices in the 'no tumour' stratum), volumes.csv the whole "
+                         "volumes; PNGs only of slices with tumour in the mask or the prediction",
                "per_volume": volume_rows}
     for key in ("dice", "hd95_mm", "assd_mm"):
         if scored:

@@ -41,6 +41,7 @@ TYPE_COLUMNS = ("predicted_type", "type_probability")
 PATIENT_VOTE = ("majority of the patient's slices' predicted types; a tie goes to the tied type whose votes carry "
                 "the larger summed probability")
 SIZE_STRATA = ("small", "medium", "large", "no tumour")  # terciles of the true tumour area, then empty masks
+NO_TUMOUR = SIZE_STRATA[-1]  # images (and volume slices) whose mask is empty: any predicted pixel is a false alarm
 TAIL_DICE = 0.3  # summary.json and the console give the share of images scoring below this Dice
 PRINTED_GROUPS = 12  # more groups than this (e.g. patients) are summed up in one console line
 
@@ -69,17 +70,49 @@ def metadata_column(data_root: Path, column: str, images: list[Path], option: st
     return {p.stem: rows.get(reading.stem_key(p), {}).get(column) or "" for p in images}
 
 
-def pixel_spacings(data_root: Path, images: list[Path], spacing_mm: float | None,
-                   column: str | None) -> tuple[dict[str, Spacing] | None, str]:
-    """Each image's pixel size in mm, and where it came from; (None, "") when neither option gives one.
+SPACING_FORM = "one positive number (square pixels, e.g. 0.98) or rows x columns (e.g. 0.9x1.2)"
 
-    `column` (metadata.csv, one number per image: square pixels) wins; `spacing_mm`
-    serves every image without a value there, or all images without `column`.
+
+def parse_spacing(text: str) -> Spacing:
+    """A pixel size in mm as (rows, columns) from "0.98" (square pixels) or "0.9x1.2" (rows x columns).
+
+    Raises ValueError for anything else: a number that is not positive and
+    finite, an empty part, or more than two parts.
+    """
+    parts = text.strip().lower().split("x")
+    values = []
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{text!r} is not a pixel size in mm: give {SPACING_FORM}")
+        values.append(value)
+    if len(values) > 2:
+        raise ValueError(f"{text!r} is not a pixel size in mm: give {SPACING_FORM}")
+    return values[0], values[-1]
+
+
+def format_spacing(spacing: Spacing) -> str:
+    """A pixel size as `parse_spacing` reads it: one number when square, else rows x columns."""
+    rows, columns = spacing
+    return f"{rows}" if rows == columns else f"{rows}x{columns}"
+
+
+def pixel_spacings(data_root: Path, images: list[Path], spacing_mm: Spacing | None,
+                   column: str | None) -> tuple[dict[str, Spacing] | None, str]:
+    """Each image's pixel size in mm (rows, columns), and where it came from; (None, "") when neither option
+    gives one.
+
+    `column` (metadata.csv: one number per image for square pixels, or rows x
+    columns as `parse_spacing` reads it) wins; `spacing_mm` serves every image
+    without a value there, or all images without `column`.
     """
     if column is None:
         if spacing_mm is None:
             return None, ""
-        return {p.stem: (spacing_mm, spacing_mm) for p in images}, f"--pixel-spacing-mm {spacing_mm}"
+        return {p.stem: spacing_mm for p in images}, f"--pixel-spacing-mm {format_spacing(spacing_mm)}"
     path = Path(data_root) / reading.METADATA_FILE
     spacing = {}
     for stem, text in metadata_column(data_root, column, images, "--spacing-column").items():
@@ -87,17 +120,14 @@ def pixel_spacings(data_root: Path, images: list[Path], spacing_mm: float | None
             if spacing_mm is None:
                 raise ValueError(f"{path}: no '{column}' value for image_id '{stem}'; fill it in or give "
                                  "--pixel-spacing-mm for images without one")
-            value = spacing_mm
-        else:
-            try:
-                value = float(text)
-            except ValueError:
-                value = math.nan
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{path}: '{column}' of image_id '{stem}' is {text!r}, "
-                                 "not a pixel size in mm (a positive number)")
-        spacing[stem] = (value, value)
-    fallback = "" if spacing_mm is None else f", else --pixel-spacing-mm {spacing_mm}"
+            spacing[stem] = spacing_mm
+            continue
+        try:
+            spacing[stem] = parse_spacing(text)
+        except ValueError:
+            raise ValueError(f"{path}: '{column}' of image_id '{stem}' is {text!r}, "
+                             f"not a pixel size in mm ({SPACING_FORM})") from None
+    fallback = "" if spacing_mm is None else f", else --pixel-spacing-mm {format_spacing(spacing_mm)}"
     return spacing, f"metadata.csv column '{column}'{fallback}"
 
 
@@ -195,6 +225,16 @@ def failure_counts_by_stratum(rows: list[dict], strata_columns: list[str]) -> di
             for column in [SIZE_COLUMN, *strata_columns]}
 
 
+def size_scores(rows: list[dict]) -> dict[str, dict]:
+    """summary.json's tumour-size strata: `group_scores` per SIZE_STRATA value; the "no tumour" one also
+    counts its false alarms (images with any predicted pixel) and their share of its images."""
+    groups = scores_by_label(rows, SIZE_COLUMN, SIZE_STRATA)
+    if NO_TUMOUR in groups:
+        alarms = sum(r["pred_pixels"] > 0 for r in rows if r[SIZE_COLUMN] == NO_TUMOUR)
+        groups[NO_TUMOUR].update(false_alarms=alarms, false_alarm_rate=alarms / groups[NO_TUMOUR]["count"])
+    return groups
+
+
 def size_strata(rows: list[dict]) -> list[float]:
     """Label each row's SIZE_COLUMN by terciles of the true tumour area; returns the two edges in pixels.
 
@@ -270,7 +310,7 @@ def score_summary(rows: list[dict], scoring: Scoring, size_edges: list[float],
         "failure_rules": [{"category": name, "rule": rule} for name, rule in FAILURE_RULES],
         "failure_counts": failure_counts(rows),
         "failure_counts_by_stratum": failure_counts_by_stratum(rows, scoring.strata_columns),
-        "strata": {SIZE_COLUMN: {"edges_px": size_edges, "groups": scores_by_label(rows, SIZE_COLUMN, SIZE_STRATA)},
+        "strata": {SIZE_COLUMN: {"edges_px": size_edges, "groups": size_scores(rows)},
                    **{column: {"groups": scores_by_label(rows, column)} for column in scoring.strata_columns}},
         "calibration": calibration.summary(),
     }
@@ -389,6 +429,10 @@ def print_group_scores(summary: dict, scoring: Scoring) -> None:
     for column, stratum in summary["strata"].items():
         print(f"  by {column}: " + ", ".join(f"{label or '(none)'} {scores['dice_mean']:.3f} ({scores['count']})"
                                              for label, scores in stratum["groups"].items()))
+    tumour_free = summary["strata"][SIZE_COLUMN]["groups"].get(NO_TUMOUR)
+    if tumour_free is not None:
+        print(f"  {NO_TUMOUR}: {tumour_free['count']} images with an empty mask, false alarm in "
+              f"{tumour_free['false_alarms']} ({tumour_free['false_alarm_rate']:.1%})")
 
 
 def format_number(value: float | None) -> str:

@@ -69,6 +69,15 @@ def write_image_outputs(staging: Path, stem: str, image: np.ndarray, predicted: 
         save_png(staging / "uncertainty" / f"{stem}.png", heat_colours(spread), compress_level)
 
 
+def slice_has_pngs(mask_pixels: int, predicted_pixels: int) -> bool:
+    """Whether a volume slice gets PNGs: only with tumour in its mask or its prediction.
+
+    Every slice with a mask still gets its metrics.csv row; the tumour-free
+    slices predicted empty (most of a scan) would only add black images.
+    """
+    return mask_pixels > 0 or predicted_pixels > 0
+
+
 def output_name(checkpoint_path: Path) -> str:
     """The run's folder name, from the resolved path (so 'best.pt' inside the run folder names the run too)."""
     name = run_folder(checkpoint_path).name
