@@ -82,3 +82,21 @@ def spread_stems(source: Path, every_nth_group: int, per_group: int) -> list[str
         ids = by_group[group]
         stems += ids[:: max(1, len(ids) // per_group)][:per_group]
     return stems
+
+
+@pytest.fixture(scope="session")
+def real_predictions(real_root, tmp_path_factory) -> Path:
+    """test.py's output folder for ~60 real slices of ~20 patients, with TTA, a pixel spacing and strata."""
+    import train  # only this fixture trains
+    test_script = load_script(ROOT / "test.py")
+    tmp = tmp_path_factory.mktemp("report")
+    data = link_subset(real_root, tmp / "data", spread_stems(real_root, 8, 3))
+    # a high learning rate, so that 12 short epochs give masks of every kind: HD95 needs some predicted
+    assert train.main(["--data-root", str(data), "--runs-dir", str(tmp / "runs"), "--run-name", "r",
+                       "--epochs", "12", "--learning-rate", "0.01", "--batch-size", "8", "--image-size", "32",
+                       "--base-channels", "4", "--depth", "2", "--in-channels", "1", "--normalization", "zscore",
+                       "--split-group-column", "patient_id", "--search-rule", "false"]) == 0
+    assert test_script.main(["--checkpoint", str(tmp / "runs/r/best.pt"), "--data-root", str(data),
+                             "--prediction-root", str(tmp / "preds"), "--tta", "true",
+                             "--pixel-spacing-mm", "0.98", "--strata", "tumor_class"]) == 0
+    return tmp / "preds" / "r"

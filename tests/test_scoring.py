@@ -1,9 +1,12 @@
 """scoring.py: summary.json's scores from metrics rows, on hand-made masks whose every category is known."""
 
+import math
+
 import numpy as np
+import pytest
 
 from metrics import FAILURE_RULES, CalibrationTracker
-from tumorseg.evaluation.scoring import Scoring, label_rows, score_image, score_summary
+from tumorseg.evaluation.scoring import Scoring, label_rows, parse_metric, score_image, score_summary
 
 SIZE = 16
 
@@ -64,3 +67,9 @@ def test_without_strata_only_tumour_size_is_counted_like_summary_strata():
     by_size = summary["failure_counts_by_stratum"]["tumour_size"]
     assert by_size["no tumour"]["no tumour: correct"] == 1 and sum(by_size["no tumour"].values()) == 1
 
+
+def test_parse_metric_reads_an_empty_or_missing_cell_as_nan_and_refuses_text():
+    assert parse_metric("0.25") == 0.25 and parse_metric("3") == 3.0
+    assert math.isnan(parse_metric("")) and math.isnan(parse_metric(None)) and math.isnan(parse_metric("nan"))
+    with pytest.raises(ValueError):
+        parse_metric("high")
