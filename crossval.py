@@ -55,7 +55,7 @@ import numpy as np
 from tumorseg.data import checks, reading, splits
 from config import TRAINING_KEYS, Config, build_parser, config_from_args
 from metrics import FAILURE_RULES, describe_paired_comparison, holm_adjusted, paired_comparison
-from report import read_metrics
+from tumorseg.evaluation.scoring import read_metrics
 from tumorseg.inference.postprocess import choose_decision_rule
 from tumorseg.runs.runfolder import read_saved_config, read_split, read_summary
 from tumorseg.evaluation.scoring import TAIL_DICE  # the table's "share of slices below" this Dice, as in test.py's summary

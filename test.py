@@ -38,7 +38,7 @@ import torch
 
 from tumorseg.data import reading
 from tumorseg.evaluation import evaluate
-import report
+from tumorseg.evaluation import report_page
 from tumorseg.evaluation.comparison import compare_predictions
 from config import Config, build_parser, config_from_args, parse_bool
 from metrics import Spacing
@@ -160,7 +160,7 @@ def predict_and_publish(argv: list[str] | None) -> int:
         report_seconds = None
         if args.report and summary["scored"]:
             report_started = time.perf_counter()
-            report.write_report(job.staging)
+            report_page.write_report(job.staging)
             report_seconds = time.perf_counter() - report_started
         out_dir = publish(job.staging, Path(job.options.PREDICTION_ROOT), job.name, args.overwrite)
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (utils.Terminated)

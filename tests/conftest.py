@@ -176,3 +176,21 @@ def write_dicom_series(folder: Path, data: np.ndarray, spacing=(0.8, 0.7), gap=4
         ds.RescaleSlope, ds.RescaleIntercept = 1, 0
         ds.PixelData = pixels.tobytes()
         pydicom.dcmwrite(folder / f"img{file_index:03d}.dcm", ds, enforce_file_format=True)
+
+
+@pytest.fixture(scope="session")
+def real_predictions(real_root, tmp_path_factory) -> Path:
+    """test.py's output folder for ~60 real slices of ~20 patients, with TTA, a pixel spacing and strata."""
+    import train  # only this fixture trains
+    test_script = load_script(ROOT / "test.py")
+    tmp = tmp_path_factory.mktemp("report")
+    data = link_subset(real_root, tmp / "data", spread_stems(real_root, 8, 3))
+    # a high learning rate, so that 12 short epochs give masks of every kind: HD95 needs some predicted
+    assert train.main(["--data-root", str(data), "--runs-dir", str(tmp / "runs"), "--run-name", "r",
+                       "--epochs", "12", "--learning-rate", "0.01", "--batch-size", "8", "--image-size", "32",
+                       "--base-channels", "4", "--depth", "2", "--in-channels", "1", "--normalization", "zscore",
+                       "--split-group-column", "patient_id", "--search-rule", "false"]) == 0
+    assert test_script.main(["--checkpoint", str(tmp / "runs/r/best.pt"), "--data-root", str(data),
+                             "--prediction-root", str(tmp / "preds"), "--tta", "true",
+                             "--pixel-spacing-mm", "0.98", "--strata", "tumor_class"]) == 0
+    return tmp / "preds" / "r"

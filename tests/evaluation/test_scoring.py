@@ -1,11 +1,13 @@
 """scoring.py: summary.json's scores from metrics rows, on hand-made masks whose every category is known."""
 
+import math
+
 import numpy as np
 import pytest
 
 from metrics import FAILURE_RULES, CalibrationTracker
-from tumorseg.evaluation.scoring import (Scoring, format_spacing, label_rows, parse_spacing, score_image,
-                                        score_summary)
+from tumorseg.evaluation.scoring import (Scoring, format_spacing, label_rows, parse_metric, parse_spacing,
+                                        score_image, score_summary)
 
 SIZE = 16
 
@@ -93,3 +95,10 @@ def test_tumour_free_images_are_a_stratum_with_their_false_alarm_rate():
     assert (groups["no tumour"]["count"], groups["no tumour"]["false_alarms"]) == (4, 1)
     assert groups["no tumour"]["false_alarm_rate"] == 0.25 and groups["no tumour"]["dice_mean"] == 0.75
     assert all("false_alarm_rate" not in scores for label, scores in groups.items() if label != "no tumour")
+
+
+def test_parse_metric_reads_an_empty_or_missing_cell_as_nan_and_refuses_text():
+    assert parse_metric("0.25") == 0.25 and parse_metric("3") == 3.0
+    assert math.isnan(parse_metric("")) and math.isnan(parse_metric(None)) and math.isnan(parse_metric("nan"))
+    with pytest.raises(ValueError):
+        parse_metric("high")

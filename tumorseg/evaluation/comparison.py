@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from tumorseg.data import reading
-import report
 from metrics import describe_paired_comparison, paired_comparison
-from tumorseg.evaluation.scoring import metadata_column
+from tumorseg.evaluation.scoring import metadata_column, read_metrics
 
 PATIENT_COLUMN = reading.PATIENT_COLUMN
 
@@ -90,7 +89,7 @@ def patients_of(folder: Path, rows: list[dict[str, str]], data_root: Path | None
 def read_folder(folder: Path, data_root: Path | None) -> ScoredFolder:
     """A prediction folder's Dice and patients; FileNotFoundError or ValueError naming the file."""
     path = Path(folder) / "metrics.csv"
-    rows = report.read_metrics(path)
+    rows = read_metrics(path)
     patients, source = patients_of(Path(folder), rows, data_root)
     # an empty cell or a missing metadata row: unknown, left out so that the other folder may know it
     known = {image: patient for image, patient in patients.items() if patient}

@@ -3,7 +3,8 @@
 `settle_scoring` reads metadata.csv and the pixel spacing once, before
 predicting; `score_image` gives one image's row; `score_summary` aggregates
 the rows (overall, per group and stratum, calibration, uncertainty), and
-`print_summary` shows its main figures on the console.
+`print_summary` shows its main figures on the console. `write_metrics`
+writes metrics.csv; `read_metrics` and `parse_metric` read it back.
 """
 
 from __future__ import annotations
@@ -292,6 +293,41 @@ def write_table(path: Path, columns: list[str], rows: list[dict]) -> None:
     writer.writerows({key: "" if isinstance(value, float) and math.isnan(value) else value
                       for key, value in row.items()} for row in rows)
     write_atomic(path, table.getvalue())
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    """metrics.csv's rows as text; FileNotFoundError or ValueError naming the file when it is missing or not one."""
+    path = Path(path)
+    try:
+        # surrogateescape: image names that are not UTF-8 come back as test.py wrote them
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{path}: not found; test.py writes it when it scores images against masks") \
+            from error
+    except (OSError, csv.Error) as error:
+        raise ValueError(f"{path}: cannot be read ({error})") from error
+    missing = {"image", "dice"} - set(reader.fieldnames or [])
+    if missing:
+        raise ValueError(f"{path}: not a metrics.csv of test.py (no column {', '.join(sorted(missing))})")
+    return rows
+
+
+def parse_metric(text: str | None) -> float:
+    """One number cell of metrics.csv (as read_metrics gives it) as a float.
+
+    Args:
+        text: the cell; None where a short row lacks it.
+
+    Returns:
+        The number; NaN for '' (write_metrics leaves an undefined metric empty) and for None.
+        'nan' also gives NaN, and 'inf' infinity, as float() reads them.
+
+    Raises:
+        ValueError: text that is not a number.
+    """
+    return float(text) if text not in (None, "") else math.nan
 
 
 def score_summary(rows: list[dict], scoring: Scoring, size_edges: list[float],
