@@ -12,7 +12,7 @@ from tumorseg.data.splits import split_indices
 
 
 def test_disk_cache_serves_exactly_the_batches_of_the_memory_cache(demo_root, tmp_path, monkeypatch):
-    import train
+    from tumorseg.training import loaders
     from config import Config
     cache = tmp_path / "cache"
     memory = load_dataset(demo_root, 32, 1, "patient_id", crop=True)
@@ -25,8 +25,8 @@ def test_disk_cache_serves_exactly_the_batches_of_the_memory_cache(demo_root, tm
     config = Config(IMAGE_SIZE=32, IN_CHANNELS=1, NORMALIZATION="zscore", BATCH_SIZE=5, NUM_WORKERS=2,
                     AUG_AFFINE=True)
     train_idx, val_idx = split_indices(len(memory.pairs), 0.2, 0, memory.groups)
-    for memory_loader, disk_loader in zip(train.make_loaders(memory, train_idx, val_idx, config),
-                                          train.make_loaders(disk, train_idx, val_idx, config), strict=True):
+    for memory_loader, disk_loader in zip(loaders.make_loaders(memory, train_idx, val_idx, config),
+                                          loaders.make_loaders(disk, train_idx, val_idx, config), strict=True):
         for _ in range(2):  # two epochs, read by 2 worker processes
             for (image_a, mask_a), (image_b, mask_b) in zip(memory_loader, disk_loader, strict=True):
                 assert torch.equal(image_a, image_b) and torch.equal(mask_a, mask_b)

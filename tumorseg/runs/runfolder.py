@@ -1,23 +1,36 @@
-"""Reading a train.py run folder: its split.json, config.json, summary.json and whether the run finished.
+"""A train.py run folder: its states (new, unfinished, finished, resumed, extended) and the reading of its files.
 
-test.py, crossval.py and train.py's --resume read run folders only through
-here, so each file's format is parsed in one place.
+train.py opens, resumes and gives up run folders through here; test.py,
+crossval.py and train.py's --resume read them only through here, so each
+file's format is parsed in one place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
+import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import torch
 
-from tumorseg.data import reading
-from utils import CheckpointError
+import dataset
+from tumorseg.data import reading, splits
+from config import Config
+from tumorseg.training.timing import stop_reason
+from utils import (CheckpointError, from_main_process, is_main_process, load_checkpoint, lock_run_folder,
+                   new_output_dir, pick_device, rank_and_world, remove_stale_staging, resolve_amp)
 
 SPLIT_FILE = "split.json"
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"  # written last: a run folder without it has not finished
+# split.json's lists: what each set of images does in a run.
+SPLIT_ROLES = {"train": "fits the weights", "val": "chooses the epoch and the decision rule (inner validation)",
+               "test": "held out: chooses nothing; test.py --subset test scores it"}
 
 
 def run_folder(checkpoint_path: Path) -> Path:
@@ -131,3 +144,147 @@ def count_training_images(stems: list[str], checkpoint_paths: list[Path],
             return None, (f"DATA_ROOT {data_root} is not the folder {checkpoint_path} was trained on "
                           f"({trained_root}); which of these images it saw in training is unknown")
     return sum(stem in trained_on for stem in stems), ""
+
+
+@dataclass
+class RunProgress:
+    """What a run has finished so far: told to the user when it stops early."""
+
+    run_dir: Path
+    resumed: bool = False  # a resumed run's folder is never removed
+    epochs_done: int = 0
+    best_dice: float = -1.0
+    best_epoch: int = 0
+
+
+def resume_settings(run_dir: Path, flags: dict) -> tuple[Config, dict, IO[str] | None]:
+    """--resume: the run's config, its last.pt contents, and the run folder's lock (main process).
+
+    `flags` are the config keys given explicitly on the command line (see resume_point).
+    """
+    lock = None
+    if is_main_process() and (run_dir / "last.pt").is_file():  # taken before last.pt is read
+        lock = lock_run_folder(run_dir)
+    try:
+        config, resumed = resume_point(run_dir, flags)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return config, resumed, lock
+
+
+def resume_point(run_dir: Path, flags: dict) -> tuple[Config, dict]:
+    """The config saved in `run_dir` (EPOCHS from `flags` if given) and its last.pt contents.
+
+    Raises ValueError when a flag contradicts the saved config, when --epochs
+    would change a cosine schedule, or when last.pt cannot be resumed.
+    """
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{run_dir}: not a run folder of train.py (no config.json)")
+    saved, _ = Config.from_saved(read_saved_config(run_dir))
+    contradicting = [f"--{name.lower().replace('_', '-')} {value} (the run has {getattr(saved, name)})"
+                     for name, value in flags.items() if name != "EPOCHS" and not flag_matches(name, value, saved)]
+    if contradicting:
+        raise ValueError(f"--resume takes every setting from {config_path}; these flags contradict it: "
+                         f"{', '.join(contradicting)}. Only --epochs may change; start a new run to change others")
+    state = load_checkpoint(run_dir / "last.pt").state
+    if "rng" not in state:
+        raise ValueError(f"{run_dir / 'last.pt'}: written by a train.py without resume support "
+                         "(no optimiser schedule or random states saved); start a new run")
+    epochs = flags.get("EPOCHS", saved.EPOCHS)
+    if epochs != saved.EPOCHS and saved.LR_SCHEDULE == "cosine":
+        # T_max is EPOCHS x steps: another EPOCHS would bend the rest of a curve already half followed.
+        raise ValueError(f"--epochs {epochs}: {run_dir} uses the cosine schedule, which decays to 0 over its "
+                         f"{saved.EPOCHS} epochs; it cannot be extended or shortened. Start a new run instead")
+    if epochs < state["epoch"]:
+        raise ValueError(f"--epochs {epochs}: {run_dir} has already run {state['epoch']} epochs")
+    return dataclasses.replace(saved, EPOCHS=epochs), state
+
+
+def flag_matches(name: str, value: object, saved: Config) -> bool:
+    """Whether flag `name` asks for what the run's `saved` config holds; "auto" values as they resolve now."""
+    # config.json records what auto resolved to: AMP e.g. bf16 on this device, the split column e.g. patient_id
+    if name == "AMP" and value == "auto":
+        value = resolve_amp(pick_device(saved.DEVICE), value)
+    if name == "SPLIT_GROUP_COLUMN" and value == "auto":
+        value = splits.resolve_split_column(Path(saved.DATA_ROOT), value)[0] or "none"
+    return value == getattr(saved, name)
+
+
+def check_same_split(run_dir: Path, data: dataset.LoadedDataset, split: splits.Split) -> None:
+    """Raise ValueError unless the data gives the split `run_dir` was trained on (its split.json)."""
+    saved = read_split(run_dir)
+    if any(saved.get(role, []) != [data.pairs[i].stem for i in getattr(split, role)] for role in SPLIT_ROLES):
+        raise ValueError(f"the data at {saved['data_root']} no longer gives the split of "
+                         f"{run_dir / 'split.json'} (files added, removed or renamed); start a new run")
+
+
+def finished_already(run_dir: Path, config: Config, resumed: dict) -> bool:
+    """Whether a resumed run has nothing left to do (said so on the console)."""
+    if not ((run_dir / SUMMARY_FILE).is_file()
+            and stop_reason(config, resumed["epoch"], resumed["best_epoch"], resumed["minutes"])):
+        return False
+    summary = read_summary(run_dir)
+    if is_main_process():
+        print(f"{run_dir} has finished ({summary['epochs_run']} epochs, {summary['stop_reason']}): "
+              "nothing to do" + ("; give a larger --epochs to train it longer"
+                                 if config.LR_SCHEDULE == "constant" and not config.PATIENCE else ""))
+    return True
+
+
+def open_run_folder(config: Config, resume_dir: Path | None) -> tuple[Path | str, IO[str] | None]:
+    """The run folder (a new one, locked, or the resumed one) on every process, and its lock; a str says why not."""
+    run_dir: Path | str | None = None
+    lock = None
+    if is_main_process():
+        folders = [resume_dir] if resume_dir is not None else Path(config.RUNS_DIR).glob("*/")
+        for folder in folders:
+            for stale in remove_stale_staging(folder):
+                print(f"removed {stale}, a temporary file left by an interrupted run")
+        if resume_dir is not None:
+            run_dir = resume_dir
+        else:
+            try:
+                run_dir = new_output_dir(Path(config.RUNS_DIR), config.RUN_NAME)
+                lock = lock_run_folder(run_dir)  # a --resume of this run while it trains is refused
+            except OSError as error:
+                run_dir = run_folder_refusal(Path(config.RUNS_DIR) / config.RUN_NAME, error)
+    return from_main_process(run_dir), lock  # the other processes only need to know whether it exists
+
+
+def run_folder_refusal(folder: Path, error: OSError) -> str:
+    """Why the run folder cannot be created; for an unfinished run already there, the command that continues it."""
+    progress = run_progress(folder) if isinstance(error, FileExistsError) and is_unfinished_run(folder) else None
+    if progress is None:
+        return f"cannot create the run folder: {error}"
+    done, epochs = progress
+    _, world = rank_and_world()
+    launcher = f"torchrun --nproc_per_node={world} train.py" if world > 1 else "python train.py"  # as launched
+    return (f"cannot create the run folder: {folder} already exists and holds an unfinished train.py run "
+            f"(epoch {done} of {epochs} in last.pt, no summary.json: it was stopped or killed, or is still "
+            f"training). Continue it with\n    {launcher} --resume {shlex.quote(str(folder))}\n"
+            "or choose another --run-name (or remove the folder) to start afresh")
+
+
+def stop_early(progress: RunProgress, reason: str, code: int) -> int:
+    """Say why the run stopped and what it kept; remove its folder if no epoch finished (main process only)."""
+    if not is_main_process():
+        return code
+    if progress.epochs_done == 0 and not progress.resumed:
+        shutil.rmtree(progress.run_dir, ignore_errors=True)  # created by this run, holds no result
+        print(f"\nerror: {reason}\nno epoch had finished: removed the run folder {progress.run_dir}",
+              file=sys.stderr)
+        return code
+    print(f"\nerror: {reason}\nkept {progress.run_dir}: best.pt (epoch {progress.best_epoch}, validation Dice "
+          f"{progress.best_dice:.4f}) and last.pt (epoch {progress.epochs_done})", file=sys.stderr)
+    return code
+
+
+def reopen_extension(run_dir: Path) -> None:
+    """A resumed finished run (an extension) is unfinished again: its summary.json goes until its new last epoch."""
+    if (run_dir / SUMMARY_FILE).is_file():
+        (run_dir / SUMMARY_FILE).unlink()
+        print(f"{run_dir / SUMMARY_FILE} removed until the extension finishes (a killed extension "
+              "is an unfinished run); the decision rule is searched again at its end")
