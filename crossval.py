@@ -54,10 +54,11 @@ import numpy as np
 
 import dataset
 from config import TRAINING_KEYS, Config, build_parser, config_from_args
-from metrics import FAILURE_RULES, describe_paired_comparison, holm_adjusted, paired_comparison
 from report import read_metrics
 from tumorseg.inference.postprocess import choose_decision_rule
 from tumorseg.runs.runfolder import read_saved_config, read_split, read_summary
+from tumorseg.evaluation.failures import FAILURE_RULES
+from tumorseg.evaluation.stats import describe_paired_comparison, holm_adjusted, paired_comparison, patient_means
 from tumorseg.evaluation.scoring import TAIL_DICE  # the table's "share of slices below" this Dice, as in test.py's summary
 from utils import json_ready, pick_device, resolve_amp, save_json, write_atomic
 
@@ -448,11 +449,9 @@ def slice_scores(rows: list[dict[str, str]], patients: str, class_mix: dict[str,
               "share_below_tail": float((dice < TAIL_DICE).mean()),
               f"{hd95_key}_median": float(np.nanmedian(hd95)) if np.isfinite(hd95).any() else math.nan}
     if patients and patients in rows[0]:
-        by_patient: dict[str, list[float]] = {}
-        for row, value in zip(rows, dice, strict=True):
-            by_patient.setdefault(row[patients], []).append(value)
-        scores["patients"] = len(by_patient)
-        scores["patient_dice_mean"] = float(np.mean([np.mean(v) for v in by_patient.values()]))
+        means = patient_means(dice, [row[patients] for row in rows])
+        scores["patients"] = len(means)
+        scores["patient_dice_mean"] = float(np.mean(list(means.values())))
     if CLASS_COLUMN in rows[0]:
         for name in sorted({r[CLASS_COLUMN] for r in rows}):
             scores[f"dice_{name}"] = float(dice[[r[CLASS_COLUMN] == name for r in rows]].mean())
@@ -539,9 +538,10 @@ def write_table(cv_dir: Path, class_mix: dict[str, float] | None) -> int:
 # ----------------------------------------------------------------------------- paired comparison
 
 
-def patient_means(cv_dir: Path, folds: set[int]) -> tuple[dict[str, float], dict[str, str], dict[int, list[str]]]:
+def held_out_patients(cv_dir: Path, folds: set[int]) -> tuple[dict[str, float], dict[str, str], dict[int, list[str]]]:
     """Each held-out patient's mean Dice in `folds`, its tumour class ("" if unknown), and each fold's slices."""
-    dice: dict[str, list[float]] = {}
+    dice: list[float] = []
+    patients: list[str] = []
     classes: dict[str, str] = {}
     slices = {}
     for fold, (rows, column) in held_out_rows(cv_dir).items():
@@ -551,10 +551,11 @@ def patient_means(cv_dir: Path, folds: set[int]) -> tuple[dict[str, float], dict
             raise ValueError(f"{cv_dir}: fold {fold} was not split by patient (or its metrics.csv lacks the "
                              "patient column), so its patients cannot be paired")
         for row in rows:
-            dice.setdefault(row[column], []).append(number(row["dice"]))
+            dice.append(number(row["dice"]))
+            patients.append(row[column])
             classes[row[column]] = row.get(CLASS_COLUMN, "")
         slices[fold] = sorted(r["image"] for r in rows)
-    return {p: float(np.mean(v)) for p, v in dice.items()}, classes, slices
+    return patient_means(dice, patients), classes, slices
 
 
 def inner_validation_lines(first: Path, second: Path, folds: list[int]) -> list[str]:
@@ -653,8 +654,8 @@ def compare(first: Path, second: Path) -> int:
         common = sorted(set(held_out_rows(first)) & set(held_out_rows(second)))
         if not common:
             raise ValueError(f"{first} and {second} have no scored fold in common")
-        means_a, classes, slices_a = patient_means(first, set(common))
-        means_b, _, slices_b = patient_means(second, set(common))
+        means_a, classes, slices_a = held_out_patients(first, set(common))
+        means_b, _, slices_b = held_out_patients(second, set(common))
         if slices_a != slices_b:
             raise ValueError(f"{first} and {second} did not hold out the same slices in the same folds, so their "
                              "patients cannot be paired fold by fold")

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
-from metrics import FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY
+from tumorseg.evaluation.failures import FAILURE_RULES, POOR_MAX_DICE
+from tumorseg.evaluation.uncertainty import UNCERTAINTY_REGION_PROBABILITY
 from utils import run_interruptible, tolerant_console, write_atomic
 
 # Every per-image number metrics.csv may hold: (column, name, unit, meaning). The page's tables and

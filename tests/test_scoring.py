@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from metrics import FAILURE_RULES, CalibrationTracker
+from metrics import CalibrationTracker
+from tumorseg.evaluation.failures import FAILURE_RULES
 from tumorseg.evaluation.scoring import Scoring, label_rows, score_image, score_summary
 
 SIZE = 16

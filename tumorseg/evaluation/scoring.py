@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 
 import dataset
-from metrics import (FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY, CalibrationTracker, Spacing,
-                     auroc, classification_scores, per_image_report, pooled_scores, rank_correlation, region_uncertainty, summarise)
+from metrics import CalibrationTracker, Spacing, per_image_report, pooled_scores
+from tumorseg.evaluation.failures import FAILURE_RULES, POOR_MAX_DICE
+from tumorseg.evaluation.stats import auroc, classification_scores, rank_correlation, summarise
+from tumorseg.evaluation.uncertainty import UNCERTAINTY_REGION_PROBABILITY, region_uncertainty
 from tumorseg.runs.runfolder import split_group_column
 from utils import write_atomic
 

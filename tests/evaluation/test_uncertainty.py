@@ -1,0 +1,13 @@
+"""uncertainty.py: an image's uncertainty over the region any view could call tumour."""
+
+import numpy as np
+import pytest
+
+from tumorseg.evaluation.uncertainty import region_uncertainty
+
+
+def test_region_uncertainty_averages_where_any_view_sees_tumour():
+    probability = np.array([[0.0, 0.05, 0.1, 0.9]])
+    spread = np.array([[0.0, 0.04, 0.2, 0.1]])
+    assert region_uncertainty(spread, probability) == pytest.approx(0.15)  # the last two pixels
+    assert region_uncertainty(spread, np.zeros_like(probability)) == 0.0  # all agree: nothing there
