@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import math
 import sys
 from pathlib import Path
 
@@ -50,10 +49,11 @@ import dataset
 from config import build_parser
 from tumorseg.crossval.adoption import inner_validation_lines
 from tumorseg.crossval.folds import rerule_fold, score_fold, train_fold
-from tumorseg.crossval.heldout import category_lines, held_out_patients, held_out_rows, write_table
+from tumorseg.crossval.heldout import CLASS_COLUMN, category_lines, held_out_patients, held_out_rows, write_table
 from tumorseg.crossval.looks import LOOKS_FILE, record_look
 from tumorseg.crossval.plan import (RULE_KEYS, SPLIT_KEYS, SPLITS_FILE, code_version, make_plan, plan_differences,
                                     read_plan, settle_plan, stray_folds, with_new_keys)
+from tumorseg.evaluation.scoring import class_mix
 from tumorseg.evaluation.stats import describe_paired_comparison, paired_comparison
 
 # train.py flags that `run` sets itself for each fold.
@@ -222,17 +222,6 @@ def compare(first: Path, second: Path) -> int:
     return 0
 
 
-def class_mix(text: str) -> dict[str, float]:
-    """'glioma=0.465,pituitary=0.304,meningioma=0.231' as weights by tumour class (they must sum to 1)."""
-    try:
-        weights = {name.strip(): float(value) for name, value in (part.split("=") for part in text.split(","))}
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected CLASS=WEIGHT,..., got {text!r}") from error
-    if not math.isclose(sum(weights.values()), 1.0, abs_tol=1e-3) or min(weights.values()) < 0:
-        raise argparse.ArgumentTypeError(f"weights must be non-negative and sum to 1, got {text!r}")
-    return weights
-
-
 def fold_list(text: str) -> list[int]:
     """'0,2' as [0, 2]."""
     try:
@@ -265,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     rerule_parser.add_argument("--runs-dir", type=Path, help="where to put it (default: beside A)")
     for sub in (run_parser, rerule_parser,
                 table_parser := commands.add_parser("table", help="the table of the scored folds")):
-        sub.add_argument("--class-mix", type=class_mix, metavar="CLASS=W,...",
+        sub.add_argument("--class-mix", type=lambda text: class_mix(text, CLASS_COLUMN)[1], metavar="CLASS=W,...",
                          help="also the mean Dice re-weighted to this tumour class mix, e.g. "
                               "glioma=0.465,pituitary=0.304,meningioma=0.231")
     table_parser.add_argument("cv_dir", type=Path, help="a cross-validation's folder, e.g. runs/cv/cpu")

@@ -1,10 +1,13 @@
 """scoring.py: summary.json's scores from metrics rows, on hand-made masks whose every category is known."""
 
+import argparse
+
 import numpy as np
+import pytest
 
 from metrics import CalibrationTracker
 from tumorseg.evaluation.failures import FAILURE_RULES
-from tumorseg.evaluation.scoring import Scoring, label_rows, score_image, score_summary
+from tumorseg.evaluation.scoring import Scoring, class_mix, label_rows, score_image, score_summary
 
 SIZE = 16
 
@@ -65,3 +68,14 @@ def test_without_strata_only_tumour_size_is_counted_like_summary_strata():
     by_size = summary["failure_counts_by_stratum"]["tumour_size"]
     assert by_size["no tumour"]["no tumour: correct"] == 1 and sum(by_size["no tumour"].values()) == 1
 
+
+
+def test_class_mix_is_one_parser_for_test_py_and_crossval_py():
+    assert class_mix("tumor_class:glioma=3,meningioma=1") == ("tumor_class", {"glioma": 0.75, "meningioma": 0.25})
+    mix = "glioma=0.465,pituitary=0.304,meningioma=0.231"  # crossval.py's form: the column is its own
+    assert class_mix(mix, "tumor_class") == ("tumor_class", {"glioma": 0.465, "pituitary": 0.304, "meningioma": 0.231})
+    for bad in ("glioma=1", "tumor_class:glioma=-1", "tumor_class:glioma=0", "tumor_class:glioma", ":glioma=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="COLUMN:VALUE=WEIGHT"):
+            class_mix(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="values of tumor_class"):
+        class_mix("glioma=1,meningioma=x", "tumor_class")

@@ -326,6 +326,47 @@ def type_classification(rows: list[dict], column: str, truth: dict[str, str], cl
     return result
 
 
+def class_mix(text: str, column: str = "") -> tuple[str, dict[str, float]]:
+    """argparse type for --class-mix: a metadata.csv column and a weight per value, normalised to sum 1.
+
+    The one parser of test.py's and crossval.py's --class-mix. Weights must be
+    positive numbers; an empty weight, zero, a negative or no pair at all
+    raises argparse.ArgumentTypeError naming the expected form.
+
+    Args:
+        text: 'COLUMN:VALUE=WEIGHT,...', e.g. 'tumor_class:glioma=3,meningioma=1'; with `column`
+            given, 'VALUE=WEIGHT,...' of that column, e.g. 'glioma=0.465,pituitary=0.304,meningioma=0.231'.
+        column: the column the weights are of, when the text does not name it (crossval.py: tumor_class).
+    """
+    form = f"VALUE=WEIGHT,... (values of {column})" if column else "COLUMN:VALUE=WEIGHT,..."
+    pairs = text
+    if not column:
+        column, _, pairs = text.partition(":")
+    weights = {}
+    for pair in pairs.split(","):
+        value, _, weight = pair.partition("=")
+        try:
+            weights[value.strip()] = positive_number(weight)
+        except argparse.ArgumentTypeError:
+            weights = {}
+            break
+    if not column or not weights:
+        raise argparse.ArgumentTypeError(f"expected {form} with positive weights, got {text!r}")
+    total = sum(weights.values())
+    return column, {value: weight / total for value, weight in weights.items()}
+
+
+def positive_number(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def reweighted_dice(rows: list[dict], column: str, weights: dict[str, float]) -> dict:
     """Mean Dice with each value of `column` weighted as in `weights` (e.g. another set's class mix).
 
