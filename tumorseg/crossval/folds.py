@@ -10,12 +10,10 @@ from pathlib import Path
 import dataset
 from config import Config
 from tumorseg.crossval.heldout import CLASS_COLUMN
-from tumorseg.crossval.plan import SPLITS_FILE
+from tumorseg.crossval.plan import REPO_ROOT, SPLITS_FILE
 from tumorseg.inference.postprocess import choose_decision_rule
 from tumorseg.runs.runfolder import read_saved_config, read_split, read_summary
 from utils import pick_device, save_json
-
-REPO_ROOT = Path(__file__).resolve().parents[2]  # where train.py and test.py are
 
 
 def train_fold(cv_dir: Path, fold: int, data_root: Path, train_flags: list[str]) -> int:

@@ -22,7 +22,7 @@ from config import TRAINING_KEYS, Config, build_parser, config_from_args
 from tumorseg.runs.runfolder import read_saved_config
 from utils import json_ready, pick_device, resolve_amp, write_atomic
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # the git checkout whose commit a plan records
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout: the plan records its commit, folds run its train.py
 PLAN_FILE = "plan.json"
 SPLITS_FILE = "splits.json"
 # Config keys each fold sets for itself: left out of the plan's train_config.
