@@ -157,7 +157,7 @@ def test_ctrl_c_during_rerule_is_said_and_leaves_no_fold_that_looks_finished(cv_
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(crossval, "choose_decision_rule", interrupted)
+    monkeypatch.setattr("tumorseg.crossval.folds.choose_decision_rule", interrupted)
     assert crossval.main(["rerule", str(source), "--name", "b", "--rule-most-probable", "true"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
