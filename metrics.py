@@ -1,7 +1,7 @@
 """Segmentation metrics from thresholded predictions: Dice (primary), IoU, pixel accuracy,
-precision, sensitivity, boundary distances (HD95, ASSD), a failure category per
-image, an image's uncertainty from the spread of several probability maps,
-calibration of the probability maps, and summaries over images.
+precision, sensitivity, boundary distances (HD95, ASSD), components, a failure
+category per image (its rules: tumorseg/evaluation/failures.py), and calibration
+of the probability maps; statistics over images are in tumorseg/evaluation/stats.py.
 
 Each metric is computed per image, then averaged over images ("mean"), so a
 small tumour counts as much as a large one. The "pooled" figures sum the
@@ -10,7 +10,7 @@ pixel counts of all images first, which weighs large tumours more.
 Edge cases, per image: prediction and ground truth both empty scores 1.0 on
 every overlap metric (correctly found nothing); exactly one of them empty
 scores 0.0 on Dice and IoU. Metrics that are undefined for an image (a ratio
-over nothing, a distance to an empty mask) are NaN; `summarise` leaves them
+over nothing, a distance to an empty mask) are NaN; `stats.summarise` leaves them
 out of means and counts them separately. Each function's docstring states its
 own cases.
 """
@@ -18,7 +18,7 @@ own cases.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 from scipy.spatial import KDTree
+
+from tumorseg.evaluation.failures import failure_category
 
 ArrayLike = torch.Tensor | np.ndarray
 Spacing = tuple[float, float]  # pixel size along H then W, e.g. in mm
@@ -468,7 +470,7 @@ def volume_report(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float]
             "overlap_voxels": overlap}
 
 
-# ---- Components and failure categories -----------------------------------------------------------
+# ---- Components (the failure categories are in tumorseg/evaluation/failures.py) ------------------
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -487,82 +489,6 @@ def component_count(mask: np.ndarray) -> int:
     if box is None:
         return 0
     return int(ndimage.label(mask[box], structure=_EIGHT_CONNECTED)[1])  # the box alone: faster, same count
-
-
-FRAGMENTED_MIN_COMPONENTS = 3  # this many predicted components or more ...
-FRAGMENTED_MAX_DICE = 0.7  # ... with Dice below this is "fragmented"
-LOW_RATE = 0.6  # precision or sensitivity below this is low
-HIGH_RATE = 0.8  # precision or sensitivity at or above this is high
-POOR_MAX_DICE = 0.5  # Dice below this is "poor"
-GOOD_MIN_DICE = 0.8  # Dice at or above this is "good"
-
-
-class _Outcome(NamedTuple):
-    """The per-image numbers that the failure rules read; see `failure_category`."""
-
-    dice: float
-    precision: float
-    sensitivity: float
-    pred_components: int
-    true_pixels: int
-    pred_pixels: int
-    overlap_pixels: int
-
-
-# (name, rule in words, test), checked in order: the first rule that holds names the image.
-# One table, so the words written into reports cannot drift from the code.
-_FAILURE_RULE_TABLE: list[tuple[str, str, Callable[[_Outcome], bool]]] = [
-    ("no tumour: correct", "no tumour in the ground truth and nothing predicted",
-     lambda o: o.true_pixels == 0 and o.pred_pixels == 0),
-    ("no tumour: false positive", "no tumour in the ground truth but something predicted",
-     lambda o: o.true_pixels == 0),
-    ("missed", "tumour present, nothing predicted",
-     lambda o: o.pred_pixels == 0),
-    ("wrong place", "something predicted, but none of it on the tumour (false positive only)",
-     lambda o: o.overlap_pixels == 0),
-    ("fragmented", f"{FRAGMENTED_MIN_COMPONENTS} or more predicted components (8-connected) "
-                   f"and Dice below {FRAGMENTED_MAX_DICE}",
-     lambda o: o.pred_components >= FRAGMENTED_MIN_COMPONENTS and o.dice < FRAGMENTED_MAX_DICE),
-    ("under-segmented", f"sensitivity below {LOW_RATE} and precision at least {HIGH_RATE}",
-     lambda o: o.sensitivity < LOW_RATE and o.precision >= HIGH_RATE),
-    ("over-segmented", f"precision below {LOW_RATE} and sensitivity at least {HIGH_RATE}",
-     lambda o: o.precision < LOW_RATE and o.sensitivity >= HIGH_RATE),
-    ("poor", f"Dice below {POOR_MAX_DICE}",
-     lambda o: o.dice < POOR_MAX_DICE),
-    ("good", f"Dice at least {GOOD_MIN_DICE}",
-     lambda o: o.dice >= GOOD_MIN_DICE),
-    ("fair", f"none of the above (Dice from {POOR_MAX_DICE} to below {GOOD_MIN_DICE})",
-     lambda o: True),
-]
-
-FAILURE_RULES: list[tuple[str, str]] = [(name, rule) for name, rule, _ in _FAILURE_RULE_TABLE]
-"""(category, rule in plain English) in the order `failure_category` checks them; the first to hold wins."""
-
-
-def failure_category(dice: float, precision: float, sensitivity: float, pred_components: int,
-                     true_pixels: int, pred_pixels: int, overlap_pixels: int) -> str:
-    """Name of the first rule of `FAILURE_RULES` that an image's numbers satisfy.
-
-    Images without tumour get "no tumour: correct" or "no tumour: false
-    positive"; the other categories describe images with tumour. NaN precision
-    or sensitivity (nothing predicted, or no tumour) only occurs in images that
-    the first rules already settle, so NaN never reaches a comparison.
-
-    Args:
-        dice: the image's Dice.
-        precision: the image's precision (see `precision_from_counts`).
-        sensitivity: the image's sensitivity (see `sensitivity_from_counts`).
-        pred_components: 8-connected components of the prediction (`component_count`).
-        true_pixels: tumour pixels in the ground truth.
-        pred_pixels: predicted tumour pixels.
-        overlap_pixels: pixels both predicted and in the ground truth (true positives).
-
-    Returns:
-        One category name of `FAILURE_RULES`; there always is one, "fair" being the last resort.
-    """
-    outcome = _Outcome(dice, precision, sensitivity, pred_components, true_pixels, pred_pixels,
-                       overlap_pixels)
-    return next(name for name, _, holds in _FAILURE_RULE_TABLE if holds(outcome))
 
 
 def per_image_report(pred: np.ndarray, target: np.ndarray,
@@ -620,34 +546,7 @@ def per_image_report(pred: np.ndarray, target: np.ndarray,
     return report
 
 
-# ---- Uncertainty ------------------------------------------------------------------------------
-
-# Pixels whose mean probability reaches this form an image's uncertain region: what any view could
-# call tumour. Elsewhere every view agrees on background, and averaging their near-zero spread in would
-# only dilute the figure by the image's size.
-UNCERTAINTY_REGION_PROBABILITY = 0.1
-
-
-def region_uncertainty(spread: np.ndarray, probability: np.ndarray) -> float:
-    """One image's uncertainty: the mean spread over pixels whose mean probability reaches
-    UNCERTAINTY_REGION_PROBABILITY.
-
-    Args:
-        spread: per-pixel standard deviation of the views' (or ensemble members') probabilities (H, W).
-        probability: their mean probability, of the same shape.
-
-    Returns:
-        The mean spread over that region; 0.0 when no pixel reaches it (every view agreed there is no
-        tumour). A NaN probability is outside the region; a NaN spread inside it makes the result NaN.
-
-    Raises:
-        IndexError: the two maps differ in shape.
-    """
-    region = np.asarray(probability) >= UNCERTAINTY_REGION_PROBABILITY
-    return float(np.asarray(spread)[region].mean()) if region.any() else 0.0
-
-
-# ---- Calibration and ranking ---------------------------------------------------------------------
+# ---- Calibration ---------------------------------------------------------------------------------
 
 @dataclass
 class CalibrationTracker:
@@ -735,144 +634,3 @@ class CalibrationTracker:
             "observed_frequency": frequency.tolist(),
             "ece": float(ece),
         }
-
-
-def _defined_pairs(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """x and y as float arrays without the pairs in which either is NaN."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"expected two 1-D sequences of one length, got shapes {x.shape} and {y.shape}")
-    defined = ~(np.isnan(x) | np.isnan(y))
-    return x[defined], y[defined]
-
-
-def classification_scores(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> dict:
-    """Accuracy, balanced accuracy and confusion matrix of class labels; every label must be in `classes`.
-
-    The matrix's rows are the true classes and its columns the predicted ones,
-    both in `classes` order (a row sums to that class's count). Balanced
-    accuracy is the mean recall over the classes present in `truth`. NaN when
-    `truth` is empty.
-    """
-    index = {name: i for i, name in enumerate(classes)}
-    matrix = np.zeros((len(classes), len(classes)), np.int64)
-    for true, guess in zip(truth, predicted, strict=True):
-        matrix[index[true], index[guess]] += 1
-    present = matrix.sum(axis=1) > 0
-    recalls = np.diag(matrix)[present] / matrix.sum(axis=1)[present]
-    count = int(matrix.sum())
-    return {"count": count, "accuracy": float(np.trace(matrix) / count) if count else math.nan,
-            "balanced_accuracy": float(recalls.mean()) if count else math.nan,
-            "classes": list(classes), "confusion_matrix": matrix.tolist()}
-
-
-def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation of x and y, e.g. of per-image uncertainty and Dice.
-
-    Pairs in which either value is NaN (an undefined metric) are left out.
-    NaN when fewer than 2 pairs remain or either side is constant.
-
-    Args:
-        x: one value per image.
-        y: another value per image, in the same order.
-    """
-    from scipy import stats  # here, not at the top: it adds about 0.5 s to every `import metrics`
-
-    x, y = _defined_pairs(x, y)
-    if x.size < 2 or np.all(x == x[0]) or np.all(y == y[0]):
-        return math.nan
-    return float(stats.spearmanr(x, y).statistic)
-
-
-def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
-    """Area under the ROC curve of scores for telling labels apart, e.g. uncertainty for failed images.
-
-    1.0: every positive scores above every negative; 0.5: no better than
-    chance. Images whose score is NaN are left out; NaN when the remaining
-    labels are all of one class, or every score is the same (nothing ranks:
-    e.g. the zero uncertainty of a model ensembled with itself).
-
-    Args:
-        scores: one value per image; higher should mean "more likely positive".
-        labels: True for positive images (e.g. failures), in the same order.
-    """
-    from sklearn.metrics import roc_auc_score  # here, not at the top: it adds about 1 s to `import metrics`
-
-    scores, labels = _defined_pairs(scores, labels)
-    if labels.size == 0 or np.all(labels == labels[0]) or np.all(scores == scores[0]):
-        return math.nan
-    return float(roc_auc_score(labels.astype(bool), scores))
-
-
-def summarise(values: Sequence[float]) -> dict[str, float | int]:
-    """mean, median and std (population, ddof=0) of the defined values; count of defined and of NaN ones.
-
-    NaN marks an undefined per-image metric (e.g. HD95 with an empty mask): it
-    is left out of the statistics and counted in count_undefined. With no
-    defined value, mean, median and std are NaN.
-
-    Args:
-        values: one value per image.
-    """
-    array = np.asarray(values, dtype=np.float64)
-    defined = array[~np.isnan(array)]
-    has_values = defined.size > 0
-    return {
-        "mean": float(defined.mean()) if has_values else math.nan,
-        "median": float(np.median(defined)) if has_values else math.nan,
-        "std": float(defined.std()) if has_values else math.nan,
-        "count": int(defined.size),
-        "count_undefined": int(array.size - defined.size),
-    }
-
-
-def paired_comparison(differences: Sequence[float]) -> dict[str, float | int | None]:
-    """Summary of paired differences (B minus A, one per image or patient) with a two-sided Wilcoxon signed-rank test.
-
-    Zero differences are left out of the test, as in Wilcoxon's original
-    test; when every difference is zero (a model compared with itself),
-    `wilcoxon_p` is 1.0 and `wilcoxon_w` None: there is nothing to test.
-
-    Args:
-        differences: B's score minus A's for each paired unit; NaN is not allowed.
-    """
-    from scipy import stats  # here, not at the top: only comparisons need it
-
-    array = np.asarray(differences, dtype=np.float64)
-    if array.size == 0 or np.isnan(array).any():
-        raise ValueError("paired_comparison needs at least one difference and no NaN")
-    improved, worsened = int((array > 0).sum()), int((array < 0).sum())
-    result: dict[str, float | int | None] = {
-        "count": int(array.size), "mean_difference": float(array.mean()),
-        "median_difference": float(np.median(array)), "b_better": improved, "b_worse": worsened,
-        "equal": int(array.size) - improved - worsened, "wilcoxon_w": None, "wilcoxon_p": 1.0}
-    if improved + worsened:
-        test = stats.wilcoxon(array, zero_method="wilcox")
-        result.update(wilcoxon_w=float(test.statistic), wilcoxon_p=float(test.pvalue))
-    return result
-
-
-def holm_adjusted(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjustment of p-values for testing them together, in the order given.
-
-    The smallest p is multiplied by m, the next by m - 1, and so on, each kept
-    at least as large as the one before and at most 1. One p-value is returned
-    unchanged; an empty list gives an empty list.
-    """
-    order = np.argsort(np.asarray(p_values, dtype=np.float64), kind="stable")
-    adjusted = [0.0] * len(order)
-    running = 0.0
-    for rank, index in enumerate(order):
-        running = max(running, min(1.0, (len(order) - rank) * float(p_values[index])))
-        adjusted[index] = running
-    return adjusted
-
-
-def describe_paired_comparison(result: dict) -> str:
-    """paired_comparison's result in two lines of words."""
-    text = (f"mean difference {result['mean_difference']:+.4f} (median {result['median_difference']:+.4f}); "
-            f"B better on {result['b_better']}, worse on {result['b_worse']}, equal on {result['equal']}\n")
-    if result["wilcoxon_w"] is None:
-        return text + "Wilcoxon signed-rank test: not applicable, every difference is 0"
-    return text + (f"Wilcoxon signed-rank test (paired, two-sided): W = {result['wilcoxon_w']:.1f}, "
-                   f"p = {result['wilcoxon_p']:.4g}")

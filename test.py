@@ -27,7 +27,6 @@ Exit code 0 when every image and volume was processed, 1 on a fatal error,
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import sys
 import time
@@ -45,7 +44,7 @@ from metrics import Spacing
 from tumorseg.inference.predict import find_images, unusable_inputs
 from tumorseg.inference.outputs import output_name, publish, start_staging
 from tumorseg.runs.runfolder import newest_checkpoint, subset_images, subset_stems, unfinished_run_warning
-from tumorseg.evaluation.scoring import Scoring, parse_spacing, print_summary, settle_scoring
+from tumorseg.evaluation.scoring import Scoring, class_mix, parse_spacing, print_summary, settle_scoring
 from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, interruption,
                    load_checkpoint, setup_runtime, sigterm_as_interrupt, tolerant_console)
 from tumorseg.data.volumes import VolumeEntry, find_volumes, misaligned_masks, slice_name_clashes
@@ -253,34 +252,6 @@ def announce(job: Job, args: argparse.Namespace) -> None:
         print(f"note: {note}")
     if args.subset in SUBSET_NOTES:
         print(f"warning: {SUBSET_NOTES[args.subset]}", file=sys.stderr)
-
-
-def class_mix(text: str) -> tuple[str, dict[str, float]]:
-    """argparse type for --class-mix: 'COLUMN:VALUE=WEIGHT,...' with positive weights, normalised to sum 1."""
-    column, _, pairs = text.partition(":")
-    weights = {}
-    for pair in pairs.split(","):
-        value, _, weight = pair.partition("=")
-        try:
-            weights[value.strip()] = positive_number(weight)
-        except argparse.ArgumentTypeError:
-            weights = {}
-            break
-    if not column or not weights:
-        raise argparse.ArgumentTypeError(f"expected COLUMN:VALUE=WEIGHT,... with positive weights, got {text!r}")
-    total = sum(weights.values())
-    return column, {value: weight / total for value, weight in weights.items()}
-
-
-def positive_number(text: str) -> float:
-    """argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def pixel_spacing(text: str) -> Spacing:

@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import (FAILURE_RULES, FRAGMENTED_MAX_DICE, FRAGMENTED_MIN_COMPONENTS, GOOD_MIN_DICE, HIGH_RATE,
-                     LOW_RATE, POOR_MAX_DICE, CalibrationTracker, MetricTracker, auroc,
-                     average_surface_distance, component_count, confusion_counts,
-                     dice_per_image, failure_category, hausdorff95, iou_per_image, mask_border,
-                     per_image_report, pixel_accuracy_per_image, pooled_scores, precision_per_image,
-                     rank_correlation, ratio_dtype, region_uncertainty, sensitivity_per_image, summarise,
+from metrics import (CalibrationTracker, MetricTracker, average_surface_distance, component_count, confusion_counts,
+                     dice_per_image, hausdorff95, iou_per_image, mask_border, per_image_report,
+                     pixel_accuracy_per_image, pooled_scores, precision_per_image, ratio_dtype, sensitivity_per_image,
                      surface_distances)
+from tumorseg.evaluation.failures import (FAILURE_RULES, FRAGMENTED_MAX_DICE, FRAGMENTED_MIN_COMPONENTS, GOOD_MIN_DICE,
+                                          HIGH_RATE, LOW_RATE, POOR_MAX_DICE, failure_category)
 
 
 def calibration_bins(probabilities: np.ndarray, targets: np.ndarray, bins: int = 10) -> dict:
@@ -273,13 +272,6 @@ def test_every_failure_category_is_reached():
     assert str(POOR_MAX_DICE) in rules["poor"] and str(GOOD_MIN_DICE) in rules["good"]
 
 
-def test_failure_rules_apply_in_order():
-    # fragmented comes before under-segmented, though both hold
-    assert failure_category(0.3, 1.0, 0.2, 3, 100, 20, 20) == "fragmented"
-    assert failure_category(0.3, 1.0, 0.2, 2, 100, 20, 20) == "under-segmented"
-    assert failure_category(0.79, 0.7, 0.9, 1, 100, 130, 90) == "fair"
-
-
 def test_per_image_report_numbers():
     pred, target = square(0, 0, 4), square(0, 10, 4)
     report = per_image_report(pred, target)
@@ -323,46 +315,10 @@ def test_ece_is_near_zero_when_calibrated_and_large_when_overconfident():
     assert calibration_bins(overconfident, y)["ece"] > 0.1
 
 
-def test_rank_correlation_and_auroc():
-    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
-    assert rank_correlation([1, 2, 3, math.nan], [3, 2, 1, 0]) == pytest.approx(-1.0)  # NaN pair left out
-    assert math.isnan(rank_correlation([1, 1, 1], [1, 2, 3]))
-    assert auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == pytest.approx(0.75)
-    assert math.isnan(auroc([0.1, 0.2], [True, True]))
-    assert math.isnan(auroc([0.0, 0.0, 0.0], [True, False, True]))  # a self-ensemble's zero uncertainty ranks nothing
-
-
-def test_summarise_leaves_out_undefined_values():
-    s = summarise([1.0, math.nan, 3.0, 2.0])
-    assert s == {"mean": 2.0, "median": 2.0, "std": pytest.approx(math.sqrt(2 / 3)), "count": 3,
-                 "count_undefined": 1}
-    s = summarise([math.nan])
-    assert math.isnan(s["mean"]) and s["count"] == 0 and s["count_undefined"] == 1
-
-
-
 def test_pooled_scores_sum_pixels_over_images():
     # image 1: tp 10, fp 0, fn 0; image 2: tp 0, fp 5, fn 5
     assert pooled_scores(10, 5, 5) == {"dice_pooled": pytest.approx(20 / 30), "iou_pooled": pytest.approx(10 / 20)}
     assert pooled_scores(0, 0, 0) == {"dice_pooled": 1.0, "iou_pooled": 1.0}  # nothing anywhere, nothing claimed
-
-
-def test_region_uncertainty_averages_where_any_view_sees_tumour():
-    probability = np.array([[0.0, 0.05, 0.1, 0.9]])
-    spread = np.array([[0.0, 0.04, 0.2, 0.1]])
-    assert region_uncertainty(spread, probability) == pytest.approx(0.15)  # the last two pixels
-    assert region_uncertainty(spread, np.zeros_like(probability)) == 0.0  # all agree: nothing there
-
-
-def test_paired_comparison_of_a_model_with_itself_is_no_difference():
-    from metrics import describe_paired_comparison, paired_comparison
-    same = paired_comparison([0.0] * 7)
-    assert same["mean_difference"] == 0 and same["wilcoxon_p"] == 1.0 and same["wilcoxon_w"] is None
-    assert same["equal"] == 7 and "not applicable" in describe_paired_comparison(same)
-    better = paired_comparison([0.1, 0.2, 0.15, 0.05, 0.3, 0.12, 0.08, 0.2, 0.11, 0.09])
-    assert better["b_better"] == 10 and better["wilcoxon_p"] < 0.01
-    with pytest.raises(ValueError):
-        paired_comparison([0.1, float("nan")])
 
 
 def test_volume_report_identity_and_a_shift_measured_in_mm():
@@ -392,13 +348,6 @@ def test_volume_surface_distances_match_monai_on_random_blobs():
     assert hausdorff95(pred, target, spacing) == pytest.approx(expected_hd95, rel=1e-5, abs=1e-5)
     assert average_surface_distance(pred, target, spacing) == pytest.approx(expected_assd, rel=1e-5, abs=1e-5)
 
-
-def test_holm_adjustment_matches_the_step_down_by_hand_and_leaves_one_p_alone():
-    from metrics import holm_adjusted
-    assert holm_adjusted([0.03]) == [0.03] and holm_adjusted([]) == []
-    # sorted 0.01, 0.02, 0.04 times 3, 2, 1 -> 0.03, 0.04, 0.04 (kept monotone), in the order given
-    assert holm_adjusted([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
-    assert holm_adjusted([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
 
 
 def test_a_perfect_prediction_scores_one_on_every_overlap_metric_and_zero_distance():
@@ -438,13 +387,6 @@ def test_distances_refuse_a_spacing_of_another_dimension():
         hausdorff95(square(1, 1, 3, (8, 8)), square(2, 2, 3, (8, 8)), (1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="has 2 values for 3-D masks"):
         surface_distances(np.ones((4, 4, 4), bool), np.ones((4, 4, 4), bool), (1.0, 1.0))
-
-
-def test_region_uncertainty_leaves_out_nan_probabilities_and_refuses_other_shapes():
-    assert region_uncertainty(np.array([0.1, 0.2]), np.array([math.nan, 0.5])) == pytest.approx(0.2)
-    assert math.isnan(region_uncertainty(np.array([math.nan, 0.2]), np.array([0.5, 0.5])))
-    with pytest.raises(IndexError):
-        region_uncertainty(np.zeros((2, 2)), np.ones((2, 3)))
 
 
 def test_calibration_refuses_nan_probabilities_and_fewer_than_one_bin():

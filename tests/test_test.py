@@ -910,7 +910,7 @@ def write_scored_folder(folder, dice, patients=None, data_root=None):
 
 
 def test_compare_pairs_patients_not_their_slices(tmp_path, capsys):
-    from metrics import paired_comparison
+    from tumorseg.evaluation.stats import paired_comparison
     patients = {f"p0_s{i:02d}": "p0" for i in range(20)}  # one patient's 20 slices, all better in B
     patients |= {f"p{p}_s{i}": f"p{p}" for p in range(1, 6) for i in range(2)}
     rng = np.random.default_rng(0)

@@ -1,12 +1,14 @@
 """scoring.py: summary.json's scores from metrics rows, on hand-made masks whose every category is known."""
 
+import argparse
 import math
 
 import numpy as np
 import pytest
 
-from metrics import FAILURE_RULES, CalibrationTracker
-from tumorseg.evaluation.scoring import (Scoring, format_spacing, label_rows, parse_metric, parse_spacing,
+from metrics import CalibrationTracker
+from tumorseg.evaluation.failures import FAILURE_RULES
+from tumorseg.evaluation.scoring import (Scoring, class_mix, format_spacing, label_rows, parse_metric, parse_spacing,
                                         score_image, score_summary)
 
 SIZE = 16
@@ -102,3 +104,14 @@ def test_parse_metric_reads_an_empty_or_missing_cell_as_nan_and_refuses_text():
     assert math.isnan(parse_metric("")) and math.isnan(parse_metric(None)) and math.isnan(parse_metric("nan"))
     with pytest.raises(ValueError):
         parse_metric("high")
+
+
+def test_class_mix_is_one_parser_for_test_py_and_crossval_py():
+    assert class_mix("tumor_class:glioma=3,meningioma=1") == ("tumor_class", {"glioma": 0.75, "meningioma": 0.25})
+    mix = "glioma=0.465,pituitary=0.304,meningioma=0.231"  # crossval.py's form: the column is its own
+    assert class_mix(mix, "tumor_class") == ("tumor_class", {"glioma": 0.465, "pituitary": 0.304, "meningioma": 0.231})
+    for bad in ("glioma=1", "tumor_class:glioma=-1", "tumor_class:glioma=0", "tumor_class:glioma", ":glioma=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="COLUMN:VALUE=WEIGHT"):
+            class_mix(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="values of tumor_class"):
+        class_mix("glioma=1,meningioma=x", "tumor_class")

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from tumorseg.data import reading
-from metrics import describe_paired_comparison, paired_comparison
 from tumorseg.evaluation.scoring import metadata_column, read_metrics
+from tumorseg.evaluation.stats import describe_paired_comparison, paired_comparison, patient_means
 
 PATIENT_COLUMN = reading.PATIENT_COLUMN
 
@@ -135,7 +135,8 @@ def paired_differences(shared: list[str], a: ScoredFolder, b: ScoredFolder) -> t
     """
     units, unknown = patient_units(shared, a, b)
     if not unknown:
-        means = {side.path: {p: float(np.mean([side.dice[i] for i in images])) for p, images in units.items()}
+        patient = {image: p for p, images in units.items() for image in images}
+        means = {side.path: patient_means([side.dice[i] for i in shared], [patient[i] for i in shared])
                  for side in (a, b)}
         sources = "; ".join(dict.fromkeys(side.source for side in (a, b) if side.patients))
         return ([means[b.path][p] - means[a.path][p] for p in sorted(units)],

@@ -21,11 +21,12 @@ from tumorseg.data import reading
 from tumorseg.inference import predict
 from tumorseg.data import volumes
 from config import Config
-from metrics import CalibrationTracker, Spacing, summarise, volume_report
+from metrics import CalibrationTracker, Spacing, volume_report
 from tumorseg.inference.outputs import (PNG_COMPRESS_LEVEL, WRITE_THREADS, OrderedJobs, slice_has_pngs,
                                         write_image_outputs)
 from tumorseg.inference.postprocess import DecisionRule
 from tumorseg.runs.runfolder import count_training_images, split_group_column
+from tumorseg.evaluation.stats import summarise
 from tumorseg.evaluation.scoring import (Scoring, label_rows, metadata_column, score_image, score_summary, type_classification,
                      type_columns, write_metrics, write_volume_table)
 from utils import LoadedCheckpoint, json_ready, save_json

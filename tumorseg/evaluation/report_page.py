@@ -17,8 +17,9 @@ import math
 from pathlib import Path
 from urllib.parse import quote
 
-from metrics import FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY
+from tumorseg.evaluation.failures import FAILURE_RULES, POOR_MAX_DICE
 from tumorseg.evaluation.scoring import parse_metric, read_metrics
+from tumorseg.evaluation.uncertainty import UNCERTAINTY_REGION_PROBABILITY
 from tumorseg.inference.outputs import slice_has_pngs
 from utils import write_atomic
 

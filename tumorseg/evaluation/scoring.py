@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from tumorseg.data import reading
-from metrics import (FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY, CalibrationTracker, Spacing,
-                     auroc, classification_scores, per_image_report, pooled_scores, rank_correlation, region_uncertainty, summarise)
+from metrics import CalibrationTracker, Spacing, per_image_report, pooled_scores
+from tumorseg.evaluation.failures import FAILURE_RULES, POOR_MAX_DICE
+from tumorseg.evaluation.stats import auroc, classification_scores, rank_correlation, summarise
+from tumorseg.evaluation.uncertainty import UNCERTAINTY_REGION_PROBABILITY, region_uncertainty
 from tumorseg.runs.runfolder import split_group_column
 from utils import write_atomic
 
@@ -398,6 +400,47 @@ def type_classification(rows: list[dict], column: str, truth: dict[str, str], cl
         result["per_patient"] = {"group_column": group_column, "vote": PATIENT_VOTE,
                                  **classification_scores(true_types, votes, order)}
     return result
+
+
+def class_mix(text: str, column: str = "") -> tuple[str, dict[str, float]]:
+    """argparse type for --class-mix: a metadata.csv column and a weight per value, normalised to sum 1.
+
+    The one parser of test.py's and crossval.py's --class-mix. Weights must be
+    positive numbers; an empty weight, zero, a negative or no pair at all
+    raises argparse.ArgumentTypeError naming the expected form.
+
+    Args:
+        text: 'COLUMN:VALUE=WEIGHT,...', e.g. 'tumor_class:glioma=3,meningioma=1'; with `column`
+            given, 'VALUE=WEIGHT,...' of that column, e.g. 'glioma=0.465,pituitary=0.304,meningioma=0.231'.
+        column: the column the weights are of, when the text does not name it (crossval.py: tumor_class).
+    """
+    form = f"VALUE=WEIGHT,... (values of {column})" if column else "COLUMN:VALUE=WEIGHT,..."
+    pairs = text
+    if not column:
+        column, _, pairs = text.partition(":")
+    weights = {}
+    for pair in pairs.split(","):
+        value, _, weight = pair.partition("=")
+        try:
+            weights[value.strip()] = positive_number(weight)
+        except argparse.ArgumentTypeError:
+            weights = {}
+            break
+    if not column or not weights:
+        raise argparse.ArgumentTypeError(f"expected {form} with positive weights, got {text!r}")
+    total = sum(weights.values())
+    return column, {value: weight / total for value, weight in weights.items()}
+
+
+def positive_number(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def reweighted_dice(rows: list[dict], column: str, weights: dict[str, float]) -> dict:
