@@ -1,7 +1,5 @@
 """Segmentation metrics from thresholded predictions: Dice (primary), IoU, pixel accuracy,
-precision, sensitivity, boundary distances (HD95, ASSD), components, a failure
-category per image (its rules: tumorseg/evaluation/failures.py), and calibration
-of the probability maps; statistics over images are in tumorseg/evaluation/stats.py.
+precision, sensitivity, and boundary distances (HD95, ASSD).
 
 Each metric is computed per image, then averaged over images ("mean"), so a
 small tumour counts as much as a large one. The "pooled" figures sum the
@@ -12,7 +10,9 @@ every overlap metric (correctly found nothing); exactly one of them empty
 scores 0.0 on Dice and IoU. Metrics that are undefined for an image (a ratio
 over nothing, a distance to an empty mask) are NaN; `stats.summarise` leaves them
 out of means and counts them separately. Each function's docstring states its
-own cases.
+own cases. Built on these, in tumorseg/evaluation/: every per-image number with
+components and a failure category (image_report.py, failures.py), calibration
+(calibration.py) and statistics over images (stats.py).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import numpy as np
 import torch
 from scipy import ndimage
 from scipy.spatial import KDTree
-
-from tumorseg.evaluation.failures import failure_category
 
 ArrayLike = torch.Tensor | np.ndarray
 Spacing = tuple[float, float]  # pixel size along H then W, e.g. in mm
@@ -275,7 +273,7 @@ def pooled_scores(tp: float, fp: float, fn: float) -> dict[str, float]:
 HAUSDORFF_PERCENTILE = 95
 
 
-def _mask_pair(pred: np.ndarray, target: np.ndarray, dims: tuple[int, ...] = (2,)) -> tuple[np.ndarray, np.ndarray]:
+def mask_pair(pred: np.ndarray, target: np.ndarray, dims: tuple[int, ...] = (2,)) -> tuple[np.ndarray, np.ndarray]:
     """Both masks as bool arrays, checked to have one of `dims` dimensions and the same shape."""
     pred, target = np.asarray(pred, dtype=bool), np.asarray(target, dtype=bool)
     if pred.ndim not in dims or pred.shape != target.shape:
@@ -284,7 +282,7 @@ def _mask_pair(pred: np.ndarray, target: np.ndarray, dims: tuple[int, ...] = (2,
     return pred, target
 
 
-def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+def bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
     """The mask's bounding box grown by margin pixels, clipped to the array; None when the mask is empty."""
     if not mask.any():
         return None
@@ -313,7 +311,7 @@ def _border_points(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """Positions of a non-empty mask's border pixels (see `mask_border`) in units of spacing, shape (P, ndim)."""
     # Eroding the bounding box with a 1-pixel margin of background gives the same border as eroding
     # the whole array, at a fraction of the cost.
-    box = _bounding_box(mask, margin=1)
+    box = bounding_box(mask, margin=1)
     offset = tuple(axis.start for axis in box)
     return (np.argwhere(mask_border(mask[box])) + offset) * np.asarray(spacing, dtype=np.float64)
 
@@ -347,7 +345,7 @@ def surface_distances(pred: np.ndarray, target: np.ndarray,
         ValueError: the masks are not both 2-D or both 3-D of one shape, or `spacing` has another
             number of values than the masks have axes.
     """
-    pred, target = _mask_pair(pred, target, dims=(2, 3))
+    pred, target = mask_pair(pred, target, dims=(2, 3))
     if spacing is None or isinstance(spacing, (int, float)):
         spacing = (1.0 if spacing is None else float(spacing),) * pred.ndim
     spacing = tuple(spacing)
@@ -438,199 +436,3 @@ def average_surface_distance(pred: np.ndarray, target: np.ndarray,
         ValueError: as `surface_distances` (shapes, dimensions, spacing).
     """
     return average_surface_distance_from_distances(surface_distances(pred, target, spacing))
-
-
-def volume_report(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float]) -> dict[str, float | int]:
-    """3-D scores of one predicted volume against its ground truth: every voxel counts once.
-
-    Args:
-        pred: predicted bool volume (X, Y, Z).
-        target: ground-truth bool volume of the same shape.
-        spacing: voxel size in mm along X, Y, Z.
-
-    Returns:
-        dice, iou, precision, sensitivity, hd95_mm, assd_mm (surface distances over the 3-D surfaces,
-        in the voxel spacing's unit), gt_voxels, pred_voxels, overlap_voxels. As per image: Dice and
-        IoU are 1.0 when both volumes are empty, 0.0 when exactly one is; precision is NaN with
-        nothing predicted on a tumour, sensitivity NaN with a false alarm on an empty truth (both
-        1.0 when both are empty); distances are NaN when either volume is empty.
-
-    Raises:
-        ValueError: the volumes are not 3-D of one shape, or `spacing` does not have 3 values.
-    """
-    pred, target = _mask_pair(pred, target, dims=(3,))
-    counts = confusion_counts(pred.reshape(1, -1), target.reshape(1, -1))
-    distances = surface_distances(pred, target, spacing)
-    overlap = int(counts.tp.item())
-    return {"dice": dice_from_counts(counts).item(), "iou": iou_from_counts(counts).item(),
-            "precision": precision_from_counts(counts).item(), "sensitivity": sensitivity_from_counts(counts).item(),
-            "hd95_mm": hausdorff95_from_distances(distances),
-            "assd_mm": average_surface_distance_from_distances(distances),
-            "gt_voxels": overlap + int(counts.fn.item()), "pred_voxels": overlap + int(counts.fp.item()),
-            "overlap_voxels": overlap}
-
-
-# ---- Components (the failure categories are in tumorseg/evaluation/failures.py) ------------------
-
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-
-
-def component_count(mask: np.ndarray) -> int:
-    """Number of 8-connected components of a bool mask: diagonal neighbours join.
-
-    Args:
-        mask: bool array (H, W); nonzero = foreground.
-
-    Returns:
-        The number of components; 0 when the mask is empty.
-    """
-    mask = np.asarray(mask, dtype=bool)
-    box = _bounding_box(mask, margin=0)
-    if box is None:
-        return 0
-    return int(ndimage.label(mask[box], structure=_EIGHT_CONNECTED)[1])  # the box alone: faster, same count
-
-
-def per_image_report(pred: np.ndarray, target: np.ndarray,
-                     spacing: float | Spacing | None = None) -> dict[str, float | int | str]:
-    """Every per-image number of one prediction against its ground truth, at the image's resolution.
-
-    Args:
-        pred: predicted bool mask (H, W).
-        target: ground-truth bool mask (H, W).
-        spacing: pixel size in mm along H then W (rows, columns), or one number for square pixels;
-            None when unknown (no mm distances).
-
-    Returns:
-        dice, iou, pixel_accuracy, precision, sensitivity, hd95_px, assd_px, hd95_mm and assd_mm
-        (only with spacing), pred_components, true_components, gt_pixels, pred_pixels,
-        overlap_pixels, category. Undefined values are NaN, as each metric states: the distances
-        when either mask is empty, precision with nothing predicted on a tumour, sensitivity with a
-        false alarm on an empty truth. Two empty masks give Dice, IoU, precision and sensitivity 1.0,
-        NaN distances and the category "no tumour: correct".
-
-    Raises:
-        ValueError: the masks are not 2-D of one shape, or `spacing` does not have 2 values.
-    """
-    pred, target = _mask_pair(pred, target)
-    counts = confusion_counts(pred[None], target[None])
-    dice, precision, sensitivity = (dice_from_counts(counts).item(), precision_from_counts(counts).item(),
-                                    sensitivity_from_counts(counts).item())
-    overlap_pixels = int(counts.tp.item())
-    gt_pixels = overlap_pixels + int(counts.fn.item())
-    pred_pixels = overlap_pixels + int(counts.fp.item())
-    pred_components = component_count(pred)
-    in_pixels = surface_distances(pred, target)
-    report: dict[str, float | int | str] = {
-        "dice": dice,
-        "iou": iou_from_counts(counts).item(),
-        "pixel_accuracy": pixel_accuracy_from_counts(counts).item(),
-        "precision": precision,
-        "sensitivity": sensitivity,
-        "hd95_px": hausdorff95_from_distances(in_pixels),
-        "assd_px": average_surface_distance_from_distances(in_pixels),
-    }
-    if spacing is not None:
-        in_mm = surface_distances(pred, target, spacing)
-        report["hd95_mm"] = hausdorff95_from_distances(in_mm)
-        report["assd_mm"] = average_surface_distance_from_distances(in_mm)
-    report.update(
-        pred_components=pred_components,
-        true_components=component_count(target),
-        gt_pixels=gt_pixels,
-        pred_pixels=pred_pixels,
-        overlap_pixels=overlap_pixels,
-        category=failure_category(dice, precision, sensitivity, pred_components, gt_pixels, pred_pixels,
-                                  overlap_pixels),
-    )
-    return report
-
-
-# ---- Calibration ---------------------------------------------------------------------------------
-
-@dataclass
-class CalibrationTracker:
-    """Reliability of per-pixel tumour probabilities, accumulated over images.
-
-    Each pixel goes into one of `bins` equal-width bins of its predicted tumour
-    probability p over [0, 1]: bin floor(p * bins), and p = 1 into the last
-    (bin b holds b/bins <= p < (b+1)/bins, up to rounding). Per bin: n_b
-    pixels, mean confidence conf_b (mean p) and observed frequency acc_b (share
-    of those pixels that are tumour). The expected calibration error is
-    ECE = sum_b n_b / N * |acc_b - conf_b| over all N pixels: the
-    positive-class ECE of a binary reliability diagram, not the top-label ECE
-    that uses max(p, 1 - p) as confidence. Empty bins add nothing to ECE and
-    report NaN confidence and frequency.
-
-    Args:
-        bins: number of equal-width probability bins, at least 1.
-
-    Raises:
-        ValueError: `bins` is below 1.
-    """
-
-    bins: int = 10
-    counts: np.ndarray = field(init=False)  # pixels per bin
-    probability_sums: np.ndarray = field(init=False)  # sum of p per bin
-    positive_counts: np.ndarray = field(init=False)  # tumour pixels per bin
-
-    def __post_init__(self) -> None:
-        if self.bins < 1:
-            raise ValueError(f"bins must be at least 1, got {self.bins}")
-        self.counts = np.zeros(self.bins, dtype=np.int64)
-        self.probability_sums = np.zeros(self.bins)
-        self.positive_counts = np.zeros(self.bins, dtype=np.int64)
-
-    @property
-    def bin_edges(self) -> np.ndarray:
-        """The bins + 1 edges from 0 to 1."""
-        return np.linspace(0.0, 1.0, self.bins + 1)
-
-    def update(self, prob_map: np.ndarray, mask: np.ndarray) -> None:
-        """Add the pixels of one image (or of a batch: any shape, as long as both match).
-
-        Args:
-            prob_map: predicted tumour probability of each pixel, in [0, 1].
-            mask: ground truth of the same shape; nonzero = tumour.
-
-        Raises:
-            ValueError: the shapes differ, or a probability lies outside [0, 1] or is NaN; nothing is
-                added then.
-        """
-        if np.shape(prob_map) != np.shape(mask):
-            raise ValueError(f"probabilities {np.shape(prob_map)} and mask {np.shape(mask)} differ in shape")
-        p = np.asarray(prob_map, dtype=np.float64).ravel()
-        tumour = np.asarray(mask, dtype=bool).ravel()
-        if not np.all((p >= 0) & (p <= 1)):  # also catches NaN
-            raise ValueError("probabilities must lie in [0, 1]")
-        index = np.minimum((p * self.bins).astype(np.intp), self.bins - 1)  # 2x faster than searchsorted
-        self.counts += np.bincount(index, minlength=self.bins)
-        self.probability_sums += np.bincount(index, weights=p, minlength=self.bins)
-        self.positive_counts += np.bincount(index[tumour], minlength=self.bins)
-
-    def summary(self) -> dict[str, float | list[float] | list[int]]:
-        """The reliability diagram and ECE of every pixel added so far.
-
-        Returns:
-            bin_edges (bins + 1 values), and per bin (lists of `bins` values) counts, mean_confidence and
-            observed_frequency (NaN for an empty bin), and ece (a float in [0, 1]).
-
-        Raises:
-            ValueError: no pixels were added.
-        """
-        total = int(self.counts.sum())
-        if total == 0:
-            raise ValueError("no pixels were added")
-        filled = self.counts > 0
-        confidence = np.full(self.bins, np.nan)
-        frequency = np.full(self.bins, np.nan)
-        confidence[filled] = self.probability_sums[filled] / self.counts[filled]
-        frequency[filled] = self.positive_counts[filled] / self.counts[filled]
-        ece = np.sum(self.counts[filled] / total * np.abs(frequency[filled] - confidence[filled]))
-        return {
-            "bin_edges": self.bin_edges.tolist(),
-            "counts": self.counts.tolist(),
-            "mean_confidence": confidence.tolist(),
-            "observed_frequency": frequency.tolist(),
-            "ece": float(ece),
-        }

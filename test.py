@@ -44,7 +44,8 @@ from metrics import Spacing
 from tumorseg.inference.predict import find_images, unusable_inputs
 from tumorseg.inference.outputs import output_name, publish, start_staging
 from tumorseg.runs.runfolder import newest_checkpoint, subset_images, subset_stems, unfinished_run_warning
-from tumorseg.evaluation.scoring import Scoring, class_mix, parse_spacing, print_summary, settle_scoring
+from tumorseg.evaluation.console import print_summary
+from tumorseg.evaluation.scoring import Scoring, class_mix, parse_spacing, settle_scoring
 from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, interruption,
                    load_checkpoint, setup_runtime, sigterm_as_interrupt, tolerant_console)
 from tumorseg.data.volumes import VolumeEntry, find_volumes, misaligned_masks, slice_name_clashes

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import (CalibrationTracker, MetricTracker, average_surface_distance, component_count, confusion_counts,
-                     dice_per_image, hausdorff95, iou_per_image, mask_border, per_image_report,
-                     pixel_accuracy_per_image, pooled_scores, precision_per_image, ratio_dtype, sensitivity_per_image,
-                     surface_distances)
+from metrics import (MetricTracker, average_surface_distance, confusion_counts, dice_per_image, hausdorff95,
+                     iou_per_image, mask_border, pixel_accuracy_per_image, pooled_scores, precision_per_image,
+                     ratio_dtype, sensitivity_per_image, surface_distances)
+from tumorseg.evaluation.calibration import CalibrationTracker
+from tumorseg.evaluation.image_report import component_count, per_image_report
 from tumorseg.evaluation.failures import (FAILURE_RULES, FRAGMENTED_MAX_DICE, FRAGMENTED_MIN_COMPONENTS, GOOD_MIN_DICE,
                                           HIGH_RATE, LOW_RATE, POOR_MAX_DICE, failure_category)
 
@@ -322,7 +323,7 @@ def test_pooled_scores_sum_pixels_over_images():
 
 
 def test_volume_report_identity_and_a_shift_measured_in_mm():
-    from metrics import volume_report
+    from tumorseg.evaluation.image_report import volume_report
     cube = np.zeros((12, 12, 10), bool)
     cube[3:8, 3:8, 2:6] = True
     same = volume_report(cube, cube, (0.5, 0.5, 3.0))

@@ -22,7 +22,8 @@ from tumorseg.data import reading
 from tumorseg.evaluation import evaluate
 from tumorseg.inference import outputs
 from tumorseg.data.reading import read_mask
-from metrics import dice_per_image, iou_per_image, per_image_report
+from metrics import dice_per_image, iou_per_image
+from tumorseg.evaluation.image_report import per_image_report
 from config import Config
 from utils import LoadedCheckpoint, load_checkpoint, staging_host
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from metrics import CalibrationTracker
+from tumorseg.evaluation.calibration import CalibrationTracker
 from tumorseg.evaluation.failures import FAILURE_RULES
 from tumorseg.evaluation.scoring import (Scoring, class_mix, format_spacing, label_rows, parse_metric, parse_spacing,
                                         score_image, score_summary)

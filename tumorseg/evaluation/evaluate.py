@@ -21,7 +21,9 @@ from tumorseg.data import reading
 from tumorseg.inference import predict
 from tumorseg.data import volumes
 from config import Config
-from metrics import CalibrationTracker, Spacing, volume_report
+from metrics import Spacing
+from tumorseg.evaluation.calibration import CalibrationTracker
+from tumorseg.evaluation.image_report import volume_report
 from tumorseg.inference.outputs import (PNG_COMPRESS_LEVEL, WRITE_THREADS, OrderedJobs, slice_has_pngs,
                                         write_image_outputs)
 from tumorseg.inference.postprocess import DecisionRule
