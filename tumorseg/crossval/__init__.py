@@ -1,1 +1,1 @@
-"""crossval.py's rooms: its plan, one fold's work, the held-out scores, the looks and the adoption rule."""
+"""crossval.py's pieces: the plan, one fold's work, the held-out table, looks and the adoption rule."""

@@ -1,1 +1,1 @@
-"""data."""
+"""The slices: reading, integrity checks, splits, caches, preprocessing, augmentation, sampling; volumes."""

@@ -1,1 +1,1 @@
-"""evaluation."""
+"""Scoring predictions: per-image reports, failures, calibration, statistics, comparison, report page."""

@@ -1,1 +1,1 @@
-"""runs."""
+"""A run folder: its states, lock, records and checkpoints."""

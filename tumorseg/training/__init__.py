@@ -1,1 +1,1 @@
-"""training."""
+"""train.py's pieces: loaders, one step and one epoch, optimisation, the weight average, timing."""
