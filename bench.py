@@ -42,10 +42,10 @@ from tumorseg.inference import outputs
 from tumorseg.evaluation.evaluate import predict_and_write
 from tumorseg.inference.predict import find_images, native_probabilities
 from tumorseg.evaluation.scoring import Scoring
-from model import count_parameters
+from model import build_model, count_parameters
 from train import build_optimisation, load_data, make_loaders, train_step
-from utils import (LoadedCheckpoint, build_model, check_amp, compile_model, memory_format_for, run_interruptible,
-                   set_seed, setup_runtime)
+from tumorseg.runs.checkpoints import LoadedCheckpoint
+from utils import check_amp, compile_model, memory_format_for, run_interruptible, set_seed, setup_runtime
 
 SPEED_KEYS = ("AMP", "CHANNELS_LAST", "COMPILE")
 

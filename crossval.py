@@ -59,7 +59,8 @@ from report import read_metrics
 from tumorseg.inference.postprocess import choose_decision_rule
 from tumorseg.runs.runfolder import read_saved_config, read_split, read_summary
 from tumorseg.evaluation.scoring import TAIL_DICE  # the table's "share of slices below" this Dice, as in test.py's summary
-from utils import json_ready, pick_device, resolve_amp, save_json, write_atomic
+from tumorseg.files import json_ready, save_json, write_atomic
+from utils import pick_device, resolve_amp
 
 HERE = Path(__file__).resolve().parent
 CLASS_COLUMN = "tumor_class"  # scored per value where metadata.csv has it

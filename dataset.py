@@ -37,7 +37,7 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.model_selection import GroupKFold, GroupShuffleSplit, KFold, ShuffleSplit
 
-from utils import remove_stale_staging, staging_name
+from tumorseg.files import remove_stale_staging, staging_name
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 METADATA_FILE = "metadata.csv"

@@ -47,11 +47,11 @@ import dataset
 from tumorseg.evaluation import evaluate
 from tumorseg.inference import predict
 from config import Config
-from model import UNet
+from model import UNet, model_arguments
 from tumorseg.inference.postprocess import DecisionRule
-from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, interruption,
-                   load_checkpoint, model_arguments, remove_stale_staging, sigterm_as_interrupt, staging_name,
-                   tolerant_console, write_atomic)
+from tumorseg.files import OutputError, describe_write_error, remove_stale_staging, staging_name, write_atomic
+from tumorseg.runs.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint
+from utils import interruption, sigterm_as_interrupt, tolerant_console
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # largest |exported - PyTorch| probability the check accepts

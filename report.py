@@ -24,7 +24,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from metrics import FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY
-from utils import run_interruptible, tolerant_console, write_atomic
+from tumorseg.files import write_atomic
+from utils import run_interruptible, tolerant_console
 
 # Every per-image number metrics.csv may hold: (column, name, unit, meaning). The page's tables and
 # docs/reference.md's metric table (`python report.py --readme`) both come from here.

@@ -45,8 +45,9 @@ from tumorseg.inference.predict import find_images, unusable_inputs
 from tumorseg.inference.outputs import output_name, publish, start_staging
 from tumorseg.runs.runfolder import newest_checkpoint, subset_images, subset_stems, unfinished_run_warning
 from tumorseg.evaluation.scoring import Scoring, print_summary, settle_scoring
-from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, interruption,
-                   load_checkpoint, setup_runtime, sigterm_as_interrupt, tolerant_console)
+from tumorseg.files import OutputError, describe_write_error
+from tumorseg.runs.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint
+from utils import interruption, setup_runtime, sigterm_as_interrupt, tolerant_console
 from tumorseg.data.volumes import VolumeEntry, find_volumes, slice_name_clashes
 
 # The only config keys inference uses; training keys (size, channels...) come from the checkpoint.

@@ -43,14 +43,15 @@ from tumorseg.training.ema import ModelEMA
 from tumorseg.inference.predict import sigmoid32
 from losses import BCEDiceLoss
 from metrics import MetricTracker, dice_per_image
-from model import count_parameters
+from model import build_model, count_parameters
 from tumorseg.inference.postprocess import choose_decision_rule
 from tumorseg.runs.runfolder import SUMMARY_FILE, is_unfinished_run, read_saved_config, read_split, read_summary, run_progress
-from utils import (CheckpointError, OutputError, RunFolderBusy, autocast, average_over_processes, build_model,
-                   compile_model, from_main_process, gather_objects, interruption, is_main_process, load_checkpoint,
-                   lock_run_folder, memory_format_for, new_output_dir, pick_device, rank_and_world,
-                   remove_stale_staging, resolve_amp, save_checkpoints, save_json, set_seed, setup_runtime,
-                   sigterm_as_interrupt, write_atomic)
+from tumorseg.files import OutputError, new_output_dir, remove_stale_staging, save_json, write_atomic
+from tumorseg.runs.checkpoints import CheckpointError, load_checkpoint, save_checkpoints
+from tumorseg.runs.lock import RunFolderBusy, lock_run_folder
+from utils import (autocast, average_over_processes, compile_model, from_main_process, gather_objects, interruption,
+                   is_main_process, memory_format_for, pick_device, rank_and_world, resolve_amp, set_seed,
+                   setup_runtime, sigterm_as_interrupt)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",
                    "val_pixel_accuracy", "val_dice_pooled", "val_iou_pooled", "learning_rate",

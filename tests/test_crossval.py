@@ -149,7 +149,7 @@ def test_a_config_key_added_since_the_plan_is_no_difference_at_its_default(cv_di
 
 def test_rerule_searches_each_folds_rule_again_without_retraining(cv_dir, tmp_path, capsys):
     import torch
-    from utils import load_checkpoint
+    from tumorseg.runs.checkpoints import load_checkpoint
     source = copy_of(cv_dir, tmp_path / "runs" / "a")
     for fold in range(3):  # copy_of leaves out checkpoints: rerule needs the source's weights
         shutil.copy(cv_dir / f"fold{fold}" / "best.pt", source / f"fold{fold}" / "best.pt")

@@ -19,7 +19,8 @@ import dataset
 from tumorseg.inference import predict
 from config import Config
 from conftest import ROOT, load_script
-from utils import build_model, load_checkpoint, model_arguments, save_checkpoints
+from model import build_model, model_arguments
+from tumorseg.runs.checkpoints import load_checkpoint, save_checkpoints
 
 export = load_script(ROOT / "export.py")
 # Loading the TorchScript files back is the point of these tests; torch deprecates torch.jit and says so each time.

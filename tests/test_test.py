@@ -23,7 +23,8 @@ from tumorseg.inference import outputs
 from dataset import read_mask
 from metrics import dice_per_image, iou_per_image, per_image_report
 from config import Config
-from utils import LoadedCheckpoint, load_checkpoint, staging_host
+from tumorseg.files import staging_host
+from tumorseg.runs.checkpoints import LoadedCheckpoint, load_checkpoint
 
 test_script = load_script(ROOT / "test.py")
 

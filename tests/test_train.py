@@ -11,11 +11,12 @@ from PIL import Image
 import train
 from config import Config
 from conftest import ROOT, load_script
-from utils import load_checkpoint, staging_host
+from tumorseg.files import staging_host
+from tumorseg.runs.checkpoints import load_checkpoint
 
 def staging_left(run) -> list:
     """Hidden files in a run folder other than its lock: staging files an interrupted write left behind."""
-    from utils import RUN_LOCK_NAME
+    from tumorseg.runs.lock import RUN_LOCK_NAME
     return [p for p in run.iterdir() if p.name.startswith(".") and p.name != RUN_LOCK_NAME]
 
 
@@ -183,7 +184,7 @@ def test_an_epoch_without_a_step_raises_instead_of_reporting_nan():
     from torch.utils.data import DataLoader, TensorDataset
 
     from losses import BCEDiceLoss
-    from utils import build_model
+    from model import build_model
     model = build_model(Config(IMAGE_SIZE=32, BASE_CHANNELS=4, DEPTH=2, IN_CHANNELS=1))
     one_image = TensorDataset(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32))
     loader = DataLoader(one_image, batch_size=4, drop_last=True)  # gives no batch
@@ -294,7 +295,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo_r
 def test_full_disk_names_the_file_and_keeps_earlier_checkpoints(demo_root, tmp_path, monkeypatch, capsys):
     import errno
 
-    import utils
+    from tumorseg import files
     real_open = open
     opened = []
 
@@ -305,7 +306,7 @@ def test_full_disk_names_the_file_and_keeps_earlier_checkpoints(demo_root, tmp_p
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(utils, "open", full_on_second_last, raising=False)
+    monkeypatch.setattr(files, "open", full_on_second_last, raising=False)
     code = train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "full",
                        "--epochs", "3", *TINY])
     err = capsys.readouterr().err
@@ -430,7 +431,7 @@ def test_validation_keeps_only_the_preview_probabilities(demo_root):
 
     import dataset
     from losses import BCEDiceLoss
-    from utils import build_model
+    from model import build_model
     data = dataset.load_dataset(demo_root, 32, 1)
     loader = DataLoader(dataset.SegmentationDataset(data.images, data.masks, "zscore"), batch_size=5)
     model = build_model(Config(IN_CHANNELS=1, BASE_CHANNELS=4, DEPTH=2, IMAGE_SIZE=32))
@@ -692,14 +693,14 @@ def test_test_py_settings_are_refused_by_name(tmp_path, flag, capsys):
 
 
 def test_a_run_folder_in_use_is_refused_and_freed_when_its_holder_ends(demo_root, tmp_path, capsys):
-    import utils
+    from tumorseg.runs import lock
 
     args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "r", "--epochs", "1", *TINY]
     assert train.main(args) == 0
     run = tmp_path / "r"
     files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     capsys.readouterr()
-    held = utils.lock_run_folder(run)  # as a run still training there would hold it
+    held = lock.lock_run_folder(run)  # as a run still training there would hold it
     assert train.main(["--resume", str(run), "--epochs", "2"]) == 1
     err = capsys.readouterr().err
     assert f"is in use by process {os.getpid()}" in err and "Traceback" not in err
@@ -754,7 +755,8 @@ def test_a_split_file_trains_exactly_its_lists(demo_root, tmp_path):
 def test_a_mixed_precision_or_channels_last_step_lowers_the_loss(demo_root, amp, channels_last):
     import dataset
     from losses import BCEDiceLoss
-    from utils import build_model, check_amp, set_seed
+    from model import build_model
+    from utils import check_amp, set_seed
     device = torch.device("cpu")
     try:
         check_amp(device, amp)

@@ -24,7 +24,7 @@ import dataset
 from metrics import (FAILURE_RULES, POOR_MAX_DICE, UNCERTAINTY_REGION_PROBABILITY, CalibrationTracker, Spacing,
                      auroc, classification_scores, per_image_report, pooled_scores, rank_correlation, region_uncertainty, summarise)
 from tumorseg.runs.runfolder import split_group_column
-from utils import write_atomic
+from tumorseg.files import write_atomic
 
 # metrics.csv's numeric columns, in order; those an image lacks (mm without a spacing, uncertainty
 # without TTA or an ensemble) are left out. Text columns follow: category, tumour_size, metadata.

@@ -19,7 +19,7 @@ from PIL import Image
 
 from metrics import mask_border
 from tumorseg.runs.runfolder import run_folder
-from utils import OutputError, describe_write_error, remove_stale_staging, staging_name
+from tumorseg.files import OutputError, describe_write_error, remove_stale_staging, staging_name
 
 PREDICTION_COLOUR = np.array([255, 40, 40], np.float32)  # red fill, semi-transparent
 TRUTH_COLOUR = np.array([40, 255, 40], np.uint8)  # green outline

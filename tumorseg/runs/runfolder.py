@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import dataset
-from utils import CheckpointError
+from tumorseg.runs.checkpoints import CheckpointError
 
 SPLIT_FILE = "split.json"
 CONFIG_FILE = "config.json"
