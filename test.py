@@ -42,7 +42,7 @@ import report
 from tumorseg.evaluation.comparison import compare_predictions
 from config import Config, build_parser, config_from_args, parse_bool
 from tumorseg.inference.predict import find_images, unusable_inputs
-from tumorseg.inference.outputs import output_name, publish, start_staging
+from tumorseg.inference.outputs import output_name, publish_predictions, start_staging
 from tumorseg.runs.runfolder import newest_checkpoint, subset_images, subset_stems, unfinished_run_warning
 from tumorseg.evaluation.scoring import Scoring, print_summary, settle_scoring
 from tumorseg.files import OutputError, describe_write_error
@@ -160,7 +160,7 @@ def predict_and_publish(argv: list[str] | None) -> int:
             report_started = time.perf_counter()
             report.write_report(job.staging)
             report_seconds = time.perf_counter() - report_started
-        out_dir = publish(job.staging, Path(job.options.PREDICTION_ROOT), job.name, args.overwrite)
+        out_dir = publish_predictions(job.staging, Path(job.options.PREDICTION_ROOT), job.name, args.overwrite)
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (utils.Terminated)
         shutil.rmtree(job.staging, ignore_errors=True)
         cause, code = interruption(error)
