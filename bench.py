@@ -46,8 +46,9 @@ from tumorseg.training.loaders import load_data, make_loaders
 from tumorseg.training.optimisation import build_optimisation
 from tumorseg.training.steps import train_step
 from model import count_parameters
-from utils import (LoadedCheckpoint, build_model, check_amp, compile_model, memory_format_for, run_interruptible,
-                   set_seed, setup_runtime)
+from utils import check_amp, compile_model, memory_format_for, run_interruptible, set_seed, setup_runtime
+from tumorseg.runs.checkpoints import LoadedCheckpoint
+from model import build_model
 
 SPEED_KEYS = ("AMP", "CHANNELS_LAST", "COMPILE")
 

@@ -39,8 +39,9 @@ from tumorseg.inference import predict
 from config import Config
 from tumorseg.inference.export_formats import (FORMATS, TOLERANCE, ExportError, ExportJob, ProbabilityNetwork,
                                                check_export, export_network, sidecar)
-from utils import (CheckpointError, OutputError, describe_write_error, interruption, load_checkpoint,
-                   remove_stale_staging, sigterm_as_interrupt, staging_name, tolerant_console, write_atomic)
+from utils import interruption, sigterm_as_interrupt, tolerant_console
+from tumorseg.runs.checkpoints import CheckpointError, load_checkpoint
+from tumorseg.files import OutputError, publish_files, remove_stale_staging
 
 CHECK_IMAGES = 8  # slices the check runs, spread over the folder
 SYNTHETIC_INPUTS = 3  # random inputs the check runs when there is no data folder
@@ -84,7 +85,7 @@ def export_and_publish(argv: list[str] | None) -> int:
         print(f"check:      max |exported - PyTorch| probability {check['max_abs_difference']:.2e}{types} "
               f"(tolerance {TOLERANCE:g}) on {check['data']}, batch sizes {check['batch_sizes']}")
         text = json.dumps(sidecar(job, exported, check), indent=2) + "\n"
-        publish({job.out: exported.file_bytes(text), job.sidecar: text}, job.overwrite)
+        publish_export({job.out: exported.file_bytes(text), job.sidecar: text}, job.overwrite)
     except (CheckpointError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -186,45 +187,16 @@ def announce(job: ExportJob) -> None:
               "the consumer can read it")
 
 
-def publish(files: dict[Path, bytes | str], overwrite: bool) -> None:
-    """Write every file under a staging name beside it, then rename them all into place; on failure undo all of it.
+def publish_export(files: dict[Path, bytes | str], overwrite: bool) -> None:
+    """Write FILE and FILE.json under staging names and publish them together (tumorseg.files.publish_files).
 
-    Files replaced (`overwrite`) are first moved aside and deleted only once
-    every new file is in place, so a failure, Ctrl-C included, puts them back
-    and leaves no new or staging file behind. Raises OutputError naming the file.
+    An existing file is replaced only with `overwrite`, one made meanwhile by
+    another process never; on any failure, Ctrl-C included, the earlier files
+    are put back and no new or staging file is left. Raises OutputError naming the file.
     """
     for stale in remove_stale_staging(next(iter(files)).parent):
         print(f"removed {stale}, left by a writer that was stopped")
-    staged: dict[Path, Path] = {}
-    aside: dict[Path, Path] = {}
-    placed: list[Path] = []
-    current = next(iter(files))
-    try:
-        for current, payload in files.items():
-            staged[current] = current.with_name(staging_name(current.name, "partial"))
-            write_atomic(staged[current], payload)
-        for current, staging in staged.items():
-            if current.exists() or current.is_symlink():
-                if not overwrite:
-                    raise OutputError(f"{current}: appeared while exporting; pass --overwrite to replace it")
-                aside[current] = current.with_name(staging_name(current.name, "old"))
-                os.replace(current, aside[current])
-            placed.append(current)
-            os.replace(staging, current)
-    except BaseException as error:
-        for path in placed:
-            if not staged[path].exists():  # the new file got in
-                path.unlink(missing_ok=True)
-        for path, old in aside.items():
-            if os.path.lexists(old):
-                os.replace(old, path)
-        for staging in staged.values():
-            staging.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise OutputError(describe_write_error(current, error)) from error
-        raise
-    for old in aside.values():
-        old.unlink(missing_ok=True)
+    publish_files(files, overwrite)
 
 
 if __name__ == "__main__":

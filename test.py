@@ -42,12 +42,13 @@ from tumorseg.evaluation.comparison import compare_predictions
 from config import Config, build_parser, config_from_args, parse_bool
 from metrics import Spacing
 from tumorseg.inference.predict import find_images, unusable_inputs
-from tumorseg.inference.outputs import output_name, publish, start_staging
+from tumorseg.inference.outputs import output_name, publish_predictions, start_staging
 from tumorseg.runs.runfolder import newest_checkpoint, subset_images, subset_stems, unfinished_run_warning
 from tumorseg.evaluation.console import print_summary
 from tumorseg.evaluation.scoring import Scoring, class_mix, parse_spacing, settle_scoring
-from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, interruption,
-                   load_checkpoint, setup_runtime, sigterm_as_interrupt, tolerant_console)
+from utils import interruption, setup_runtime, sigterm_as_interrupt, tolerant_console
+from tumorseg.runs.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint
+from tumorseg.files import OutputError, describe_write_error
 from tumorseg.data.volumes import VolumeEntry, find_volumes, misaligned_masks, slice_name_clashes
 
 # The only config keys inference uses; training keys (size, channels...) come from the checkpoint.
@@ -162,7 +163,7 @@ def predict_and_publish(argv: list[str] | None) -> int:
             report_started = time.perf_counter()
             report_page.write_report(job.staging)
             report_seconds = time.perf_counter() - report_started
-        out_dir = publish(job.staging, Path(job.options.PREDICTION_ROOT), job.name, args.overwrite)
+        out_dir = publish_predictions(job.staging, Path(job.options.PREDICTION_ROOT), job.name, args.overwrite)
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (utils.Terminated)
         shutil.rmtree(job.staging, ignore_errors=True)
         cause, code = interruption(error)

@@ -39,9 +39,12 @@ from tumorseg.training.ema import ModelEMA
 from tumorseg.training.optimisation import Optimisation, build_optimisation
 from tumorseg.training.steps import NonFiniteLossError, NoStepError
 from tumorseg.training.timing import estimate_announcer, stop_reason
-from utils import (CheckpointError, OutputError, RunFolderBusy, build_model, compile_model, from_main_process,
-                   interruption, is_main_process, memory_format_for, rank_and_world, save_checkpoints, set_seed,
-                   setup_runtime, sigterm_as_interrupt)
+from utils import (compile_model, from_main_process, interruption, is_main_process, memory_format_for, rank_and_world,
+                   set_seed, setup_runtime, sigterm_as_interrupt)
+from tumorseg.runs.checkpoints import CheckpointError, save_checkpoints
+from tumorseg.files import OutputError
+from tumorseg.runs.runfolder import RunFolderBusy
+from model import build_model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,7 +128,7 @@ def test_run_with_other_flags_into_the_same_folder_stops_and_names_each_differen
 
 def test_rerule_searches_each_folds_rule_again_without_retraining(cv_dir, tmp_path, capsys):
     import torch
-    from utils import load_checkpoint
+    from tumorseg.runs.checkpoints import load_checkpoint
     source = copy_of(cv_dir, tmp_path / "runs" / "a")
     for fold in range(3):  # copy_of leaves out checkpoints: rerule needs the source's weights
         shutil.copy(cv_dir / f"fold{fold}" / "best.pt", source / f"fold{fold}" / "best.pt")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import runpy
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,10 +18,12 @@ import torch
 from PIL import Image
 
 from tumorseg.data import preprocess, reading
+from tumorseg import files
 from tumorseg.inference import predict
 from config import Config
 from conftest import ROOT, load_script
-from utils import build_model, load_checkpoint, model_arguments, save_checkpoints
+from model import build_model, model_arguments
+from tumorseg.runs.checkpoints import load_checkpoint, save_checkpoints
 
 export = load_script(ROOT / "export.py")
 # Loading the TorchScript files back is the point of these tests; torch deprecates torch.jit and says so each time.
@@ -82,11 +86,11 @@ def plain(real_root, tmp_path_factory):
     """A tiny checkpoint without a type head, exported as ONNX and as TorchScript, checked on real slices."""
     folder = tmp_path_factory.mktemp("export")
     checkpoint = tiny_checkpoint(folder / "best.pt", real_root)
-    files = {"onnx": folder / "model.onnx", "torchscript": folder / "model.pt"}
-    for form, out in files.items():
+    outputs = {"onnx": folder / "model.onnx", "torchscript": folder / "model.pt"}
+    for form, out in outputs.items():
         assert run_export("--checkpoint", checkpoint, "--format", form, "--out", out,
                           "--check-data", real_root) == 0
-    return checkpoint, files
+    return checkpoint, outputs
 
 
 @pytest.mark.parametrize("form", ["onnx", "torchscript"])
@@ -295,15 +299,19 @@ def test_an_interruption_while_publishing_undoes_it(checkpoint_in, tmp_path, cap
     if overwrite:
         out.write_bytes(b"old model")
         (tmp_path / "out" / "model.pt.json").write_text("old json")
-    real_replace, sidecar, stopped = export.os.replace, tmp_path / "out" / "model.pt.json", []
+    sidecar, stopped = tmp_path / "out" / "model.pt.json", []
 
-    def replace_then_stop(source, target):
-        if target == sidecar and not stopped:  # the model is in place (the old one moved aside), the JSON not yet
-            stopped.append(source)
-            raise KeyboardInterrupt
-        real_replace(source, target)
+    def stop_at_the_sidecar(rename):
+        def renaming(source, target, *args, **kwargs):
+            if Path(target) == sidecar and not stopped:  # the model is in place (the old one out), the JSON not
+                stopped.append(source)
+                raise KeyboardInterrupt
+            return rename(source, target, *args, **kwargs)
+        return renaming
 
-    monkeypatch.setattr(export.os, "replace", replace_then_stop)
+    for name in ("replace", "rename", "link"):  # every way the publisher renames a file in
+        monkeypatch.setattr(os, name, stop_at_the_sidecar(getattr(os, name)))
+    monkeypatch.setattr(files, "renameat2", stop_at_the_sidecar(files.renameat2))
     args = ["--checkpoint", checkpoint_in, "--format", "torchscript", "--out", out]
     assert run_export(*args, *(["--overwrite"] if overwrite else [])) == 130
     monkeypatch.undo()
@@ -315,6 +323,25 @@ def test_an_interruption_while_publishing_undoes_it(checkpoint_in, tmp_path, cap
         assert out.read_bytes() == b"old model" and (tmp_path / "out" / "model.pt.json").read_text() == "old json"
     else:
         assert left == []
+
+
+@pytest.mark.parametrize("appearing", ["model.pt", "model.pt.json"])
+def test_a_file_made_at_out_after_the_check_is_never_overwritten(checkpoint_in, tmp_path, capsys, monkeypatch,
+                                                                 appearing):
+    out = tmp_path / "out" / "model.pt"
+    real_renameat2 = files.renameat2
+
+    def another_process_writes(source, target, flags):  # after every check, right before the rename
+        if Path(target) == tmp_path / "out" / appearing and not os.path.lexists(target):
+            Path(target).write_bytes(b"theirs")
+        return real_renameat2(source, target, flags)
+
+    monkeypatch.setattr(files, "renameat2", another_process_writes)
+    assert run_export("--checkpoint", checkpoint_in, "--format", "torchscript", "--out", out) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'out' / appearing}: already exists" in err and "nothing was written" in err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [appearing]  # ours taken back, no staging left
+    assert (tmp_path / "out" / appearing).read_bytes() == b"theirs"
 
 
 @pytest.mark.parametrize("signal_name, code", [("SIGTERM", 143), ("SIGINT", 130)])

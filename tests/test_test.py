@@ -1,6 +1,7 @@
 """test.py: outputs at native resolution, metrics against original masks, and every failure mode."""
 
 import csv
+import errno
 import functools
 import json
 import math
@@ -25,7 +26,9 @@ from tumorseg.data.reading import read_mask
 from metrics import dice_per_image, iou_per_image
 from tumorseg.evaluation.image_report import per_image_report
 from config import Config
-from utils import LoadedCheckpoint, load_checkpoint, staging_host
+from tumorseg import files
+from tumorseg.files import staging_host
+from tumorseg.runs.checkpoints import LoadedCheckpoint, load_checkpoint
 
 test_script = load_script(ROOT / "test.py")
 
@@ -410,6 +413,30 @@ def test_bare_checkpoint_name_inside_the_run_folder_never_replaces_other_runs(ti
     assert sorted(p.name for p in preds.iterdir()) == ["other-run", "tiny"]
 
 
+@pytest.mark.parametrize("fault", ["Ctrl-C", "disk error"])
+def test_an_overwrite_interrupted_or_failing_while_swapping_keeps_the_earlier_predictions(
+        tiny_run, mixed_sizes, tmp_path, monkeypatch, capsys, fault):
+    preds = tmp_path / "preds"
+    args = ["--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
+            "--report", "false"]
+    assert run_test(*args) == 0
+    (preds / "tiny" / "notes.txt").write_text("earlier")
+    earlier = {p.relative_to(preds): p.read_bytes() for p in sorted(preds.rglob("*")) if p.is_file()}
+    real_put_in_place = files.put_in_place
+
+    def swapped_then_stopped(swap, overwrite):  # the new folder is in place, the earlier one not yet deleted
+        real_put_in_place(swap, overwrite)
+        if fault == "Ctrl-C":
+            raise KeyboardInterrupt
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files, "put_in_place", swapped_then_stopped)
+    assert run_test(*args, "--overwrite") == (130 if fault == "Ctrl-C" else 1)
+    assert "nothing was written; earlier predictions are untouched" in capsys.readouterr().err
+    assert {p.relative_to(preds): p.read_bytes() for p in sorted(preds.rglob("*")) if p.is_file()} == earlier
+    assert [p.name for p in preds.iterdir()] == ["tiny"]  # no staging folder left
+
+
 def test_overwrite_refuses_a_folder_that_is_not_a_prediction_output(tiny_run, mixed_sizes, tmp_path, capsys):
     preds = tmp_path / "preds"
     (preds / "tiny").mkdir(parents=True)
@@ -425,14 +452,14 @@ def test_two_writers_of_one_run_name_each_publish_their_own_folder(tmp_path):
     assert first != second and first.exists()
     (first / "summary.json").write_text('{"threshold": 0.3}')
     (second / "summary.json").write_text('{"threshold": 0.7}')
-    out_second = outputs.publish(second, tmp_path, "run", overwrite=False)
-    out_first = outputs.publish(first, tmp_path, "run", overwrite=False)
+    out_second = outputs.publish_predictions(second, tmp_path, "run", overwrite=False)
+    out_first = outputs.publish_predictions(first, tmp_path, "run", overwrite=False)
     assert {out_first.name, out_second.name} == {"run", "run-2"}
     assert json.loads((out_first / "summary.json").read_text())["threshold"] == 0.3
     assert json.loads((out_second / "summary.json").read_text())["threshold"] == 0.7
     third = outputs.start_staging(tmp_path, "run", overwrite=True)
     (third / "summary.json").write_text('{"threshold": 0.5}')
-    assert outputs.publish(third, tmp_path, "run", overwrite=True) == tmp_path / "run"
+    assert outputs.publish_predictions(third, tmp_path, "run", overwrite=True) == tmp_path / "run"
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["threshold"] == 0.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run-2"]
 

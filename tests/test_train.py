@@ -14,11 +14,12 @@ from losses import BCEDiceLoss
 from tumorseg.runs import records
 from tumorseg.training import loaders, steps, timing
 from conftest import ROOT, load_script
-from utils import load_checkpoint, staging_host
+from tumorseg.files import staging_host
+from tumorseg.runs.checkpoints import load_checkpoint
 
 def staging_left(run) -> list:
     """Hidden files in a run folder other than its lock: staging files an interrupted write left behind."""
-    from utils import RUN_LOCK_NAME
+    from tumorseg.runs.runfolder import RUN_LOCK_NAME
     return [p for p in run.iterdir() if p.name.startswith(".") and p.name != RUN_LOCK_NAME]
 
 
@@ -278,7 +279,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo_r
 def test_full_disk_names_the_file_and_keeps_earlier_checkpoints(demo_root, tmp_path, monkeypatch, capsys):
     import errno
 
-    import utils
+    from tumorseg import files
     real_open = open
     opened = []
 
@@ -289,7 +290,7 @@ def test_full_disk_names_the_file_and_keeps_earlier_checkpoints(demo_root, tmp_p
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(utils, "open", full_on_second_last, raising=False)
+    monkeypatch.setattr(files, "open", full_on_second_last, raising=False)
     code = train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "full",
                        "--epochs", "3", *TINY])
     err = capsys.readouterr().err
@@ -657,14 +658,14 @@ def test_test_py_settings_are_refused_by_name(tmp_path, flag, capsys):
 
 
 def test_a_run_folder_in_use_is_refused_and_freed_when_its_holder_ends(demo_root, tmp_path, capsys):
-    import utils
+    from tumorseg.runs import runfolder
 
     args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "r", "--epochs", "1", *TINY]
     assert train.main(args) == 0
     run = tmp_path / "r"
     files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     capsys.readouterr()
-    held = utils.lock_run_folder(run)  # as a run still training there would hold it
+    held = runfolder.lock_run_folder(run)  # as a run still training there would hold it
     assert train.main(["--resume", str(run), "--epochs", "2"]) == 1
     err = capsys.readouterr().err
     assert f"is in use by process {os.getpid()}" in err and "Traceback" not in err

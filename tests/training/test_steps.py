@@ -13,7 +13,7 @@ def test_an_epoch_without_a_step_raises_instead_of_reporting_nan():
     from torch.utils.data import DataLoader, TensorDataset
 
     from losses import BCEDiceLoss
-    from utils import build_model
+    from model import build_model
     model = build_model(Config(IMAGE_SIZE=32, BASE_CHANNELS=4, DEPTH=2, IN_CHANNELS=1))
     one_image = TensorDataset(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32))
     loader = DataLoader(one_image, batch_size=4, drop_last=True)  # gives no batch
@@ -27,7 +27,7 @@ def test_validation_keeps_only_the_preview_probabilities(demo_root):
 
     import dataset
     from losses import BCEDiceLoss
-    from utils import build_model
+    from model import build_model
     data = dataset.load_dataset(demo_root, 32, 1)
     loader = DataLoader(dataset.SegmentationDataset(data.images, data.masks, "zscore"), batch_size=5)
     model = build_model(Config(IN_CHANNELS=1, BASE_CHANNELS=4, DEPTH=2, IMAGE_SIZE=32))
@@ -40,7 +40,8 @@ def test_validation_keeps_only_the_preview_probabilities(demo_root):
 def test_a_mixed_precision_or_channels_last_step_lowers_the_loss(demo_root, amp, channels_last):
     import dataset
     from losses import BCEDiceLoss
-    from utils import build_model, check_amp, set_seed
+    from utils import check_amp, set_seed
+    from model import build_model
     device = torch.device("cpu")
     try:
         check_amp(device, amp)

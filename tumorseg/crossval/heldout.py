@@ -16,7 +16,7 @@ from tumorseg.evaluation.failures import FAILURE_RULES
 from tumorseg.evaluation.scoring import TAIL_DICE, parse_metric, read_metrics
 from tumorseg.evaluation.stats import patient_means
 from tumorseg.runs.runfolder import read_split, read_summary
-from utils import json_ready, write_atomic
+from tumorseg.files import json_ready, write_atomic
 
 CLASS_COLUMN = "tumor_class"  # scored per value where metadata.csv has it
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tumorseg.crossval.plan import read_plan
 from tumorseg.evaluation.stats import holm_adjusted
-from utils import write_atomic
+from tumorseg.files import write_atomic
 
 LOOKS_FILE = "looks.csv"
 LOOKS_COLUMNS = ["time", "a", "b", "splits_sha256", "folds", "patients", "mean_difference", "p_value"]

@@ -20,7 +20,8 @@ from pathlib import Path
 from tumorseg.data import checks, splits
 from config import TRAINING_KEYS, Config, build_parser, config_from_args
 from tumorseg.runs.runfolder import read_saved_config
-from utils import json_ready, pick_device, resolve_amp, write_atomic
+from utils import pick_device, resolve_amp
+from tumorseg.files import json_ready, write_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout: the plan records its commit, folds run its train.py
 PLAN_FILE = "plan.json"

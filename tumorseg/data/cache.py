@@ -14,7 +14,7 @@ from numpy.lib.format import open_memmap
 from tumorseg.data.checks import DatasetError, scan
 from tumorseg.data.preprocess import prepare_input, prepare_mask
 from tumorseg.data.reading import Pair, image_named, pair_count
-from utils import remove_stale_staging, staging_name
+from tumorseg.files import remove_stale_staging, staging_name
 
 
 # CACHE="disk": every slice decoded and resized once into two memory-mapped uint8 .npy files, so a data set

@@ -31,7 +31,8 @@ from tumorseg.runs.runfolder import count_training_images, split_group_column
 from tumorseg.evaluation.stats import summarise
 from tumorseg.evaluation.scoring import (Scoring, label_rows, metadata_column, score_image, score_summary, type_classification,
                      type_columns, write_metrics, write_volume_table)
-from utils import LoadedCheckpoint, json_ready, save_json
+from tumorseg.files import json_ready, save_json
+from tumorseg.runs.checkpoints import LoadedCheckpoint
 
 
 def decision_rule(loaded: LoadedCheckpoint, args: argparse.Namespace) -> tuple[DecisionRule, str]:

@@ -29,7 +29,7 @@ from tumorseg.evaluation.failures import FAILURE_RULES, POOR_MAX_DICE
 from tumorseg.evaluation.stats import auroc, classification_scores, rank_correlation, summarise
 from tumorseg.evaluation.uncertainty import UNCERTAINTY_REGION_PROBABILITY, region_uncertainty
 from tumorseg.runs.runfolder import split_group_column
-from utils import write_atomic
+from tumorseg.files import write_atomic
 
 # metrics.csv's numeric columns, in order; those an image lacks (mm without a spacing, uncertainty
 # without TTA or an ensemble) are left out. Text columns follow: category, tumour_size, metadata.

@@ -28,7 +28,8 @@ from config import Config
 from model import UNet
 from tumorseg.inference import predict
 from tumorseg.inference.postprocess import DecisionRule
-from utils import LoadedCheckpoint, model_arguments
+from tumorseg.runs.checkpoints import LoadedCheckpoint
+from model import model_arguments
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # largest |exported - PyTorch| probability the check accepts

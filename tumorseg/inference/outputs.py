@@ -1,14 +1,12 @@
 """test.py's output folder: staging it, the PNGs it holds (overlays, uncertainty heat maps), publishing it.
 
-Predictions are written into a hidden staging folder and renamed into place
-only when complete, so an interrupted or failed run leaves earlier outputs
-untouched. OrderedJobs runs the per-image writing on background threads.
+Predictions are written into a hidden staging folder and published
+(tumorseg.files.publish) only when complete, so an interrupted or failed run
+leaves earlier outputs untouched, --overwrite included. OrderedJobs runs the per-image writing on background threads.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +17,8 @@ from PIL import Image
 
 from metrics import mask_border
 from tumorseg.runs.runfolder import run_folder
-from utils import OutputError, describe_write_error, remove_stale_staging, staging_name
+from tumorseg.files import (OutputError, OutputExists, describe_write_error, publish, remove_stale_staging,
+                            staging_name)
 
 PREDICTION_COLOUR = np.array([255, 40, 40], np.float32)  # red fill, semi-transparent
 TRUTH_COLOUR = np.array([40, 255, 40], np.uint8)  # green outline
@@ -102,34 +101,22 @@ def start_staging(root: Path, name: str, overwrite: bool) -> Path:
     return staging
 
 
-def publish(staging: Path, root: Path, name: str, overwrite: bool) -> Path:
-    """Rename the finished staging folder to root/name (or root/name-N), never onto another run's output.
+def publish_predictions(staging: Path, root: Path, name: str, overwrite: bool) -> Path:
+    """Publish the finished staging folder as root/name, or the first free root/name-N; never onto another output.
 
-    A name is claimed by creating it (atomic: only one process succeeds), then
-    the staging folder replaces that empty folder. With `overwrite`, the old
-    root/name is first moved aside and deleted only once the new one is in place.
+    With `overwrite`, root/name is replaced (tumorseg.files.publish: the
+    earlier predictions are swapped out, and put back if anything fails or
+    the run is interrupted before the new folder is in place).
     """
     root = Path(root)
-    old = None
-    if overwrite and (root / name).exists():
-        old = root / staging_name(name, "old")
-        try:
-            os.rename(root / name, old)
-        except FileNotFoundError:  # another test.py moved it first
-            old = None
     suffix = 1
     while True:
         final = root / (name if suffix == 1 else f"{name}-{suffix}")
         try:
-            final.mkdir()
-        except FileExistsError:
+            publish({final: staging}, overwrite=overwrite and suffix == 1)
+            return final
+        except OutputExists:  # another run's output holds the name
             suffix += 1
-            continue
-        os.replace(staging, final)
-        break
-    if old is not None:
-        shutil.rmtree(old)
-    return final
 
 
 class OrderedJobs:

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from tumorseg.data import preprocess, reading
 from tumorseg.data import volumes
 from config import Config
-from utils import LoadedCheckpoint, autocast, memory_format_for
+from tumorseg.runs.checkpoints import LoadedCheckpoint
+from utils import autocast, memory_format_for
 
 
 def prepare_image(image: np.ndarray, config: Config) -> tuple[torch.Tensor, preprocess.Box]:

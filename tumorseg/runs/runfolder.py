@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +20,18 @@ from typing import IO
 
 import torch
 
+try:
+    import fcntl  # POSIX file locks; absent on Windows, where run folders are not locked
+except ImportError:
+    fcntl = None
+
 import dataset
 from tumorseg.data import reading, splits
 from config import Config
 from tumorseg.training.timing import stop_reason
-from utils import (CheckpointError, from_main_process, is_main_process, load_checkpoint, lock_run_folder,
-                   new_output_dir, pick_device, rank_and_world, remove_stale_staging, resolve_amp)
+from utils import from_main_process, is_main_process, pick_device, rank_and_world, resolve_amp
+from tumorseg.runs.checkpoints import CheckpointError, load_checkpoint
+from tumorseg.files import new_output_dir, remove_stale_staging
 
 SPLIT_FILE = "split.json"
 CONFIG_FILE = "config.json"
@@ -288,3 +296,39 @@ def reopen_extension(run_dir: Path) -> None:
         (run_dir / SUMMARY_FILE).unlink()
         print(f"{run_dir / SUMMARY_FILE} removed until the extension finishes (a killed extension "
               "is an unfinished run); the decision rule is searched again at its end")
+
+
+# ---- The lock: one train.py process per run folder at a time ----------------------------------------
+
+RUN_LOCK_NAME = ".train.lock"
+
+
+class RunFolderBusy(Exception):
+    """Another live process is training in this run folder."""
+
+
+def lock_run_folder(folder: Path) -> IO[str] | None:
+    """Hold an exclusive lock on run folder `folder` while the returned file stays open; raise RunFolderBusy if taken.
+
+    Two train.py processes in one folder (two `--resume`s, or a resume of a
+    run still training) would interleave checkpoints and history rows, so the
+    second is refused, with the holder named. The operating system drops the
+    lock when its holder ends, even by kill -9, so a crashed run never blocks
+    its own resume. Without fcntl (Windows) nothing is locked: None.
+    """
+    if fcntl is None:
+        return None
+    handle = open(Path(folder) / RUN_LOCK_NAME, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunFolderBusy(f"{folder} is in use by {holder} (a run still training there, or another --resume); "
+                            "wait for it to end or stop it, then resume") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
