@@ -53,7 +53,7 @@ from tumorseg.crossval.heldout import CLASS_COLUMN, category_lines, held_out_pat
 from tumorseg.crossval.looks import LOOKS_FILE, record_look
 from tumorseg.crossval.plan import (RULE_KEYS, SPLIT_KEYS, SPLITS_FILE, code_version, make_plan, plan_differences,
                                     read_plan, settle_plan, stray_folds, with_new_keys)
-from tumorseg.evaluation.scoring import class_mix
+from tumorseg.evaluation.scoring import class_mix, format_spacing, parse_spacing
 from tumorseg.evaluation.stats import describe_paired_comparison, paired_comparison
 
 # train.py flags that `run` sets itself for each fold.
@@ -230,6 +230,15 @@ def fold_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected fold numbers like 0,2, got {text!r}") from error
 
 
+def spacing_mm(text: str) -> float | str:
+    """argparse type for --pixel-spacing-mm: a number for square pixels (as plans record it), else "RxC"."""
+    try:
+        rows, columns = parse_spacing(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return rows if rows == columns else format_spacing((rows, columns))
+
+
 def main(argv: list[str] | None = None) -> int:
     """crossval.py's command line (run, rerule, table, compare); the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -246,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--only-folds", type=fold_list, metavar="K,K",
                             help="train and score only these folds (the table covers every scored fold)")
     run_parser.add_argument("--runs-dir", type=Path, default=Path("runs/cv"), help="default: runs/cv")
-    run_parser.add_argument("--pixel-spacing-mm", type=float, help="adds HD95 in mm (the shared slices: 0.98)")
+    run_parser.add_argument("--pixel-spacing-mm", type=spacing_mm, metavar="MM",
+                            help="adds HD95 in mm: one number (the shared slices: 0.98) or rows x columns (0.9x1.2)")
     rerule_parser = commands.add_parser("rerule", help="search each finished fold's decision rule again with other "
                                                        "rule settings (no retraining), as a new cross-validation")
     rerule_parser.add_argument("source", type=Path, metavar="A", help="a finished cross-validation's folder")

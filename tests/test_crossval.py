@@ -217,3 +217,11 @@ def test_unreadable_metadata_is_named_before_any_fold_runs(tmp_path, capsys):
     assert crossval.main(["run", "--name", "x", "--data-root", str(data), "--runs-dir", str(tmp_path / "runs"),
                           "--folds", "3"]) == 1
     assert f"{data / 'metadata.csv'}: is not UTF-8" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_pixel_spacing_is_one_number_or_rows_by_columns_and_nothing_else(capsys):
+    assert crossval.spacing_mm("0.98") == 0.98  # square: a number, as plans have recorded it
+    assert crossval.spacing_mm("0.9x1.2") == "0.9x1.2" and crossval.spacing_mm(" 0.9 X 1.2 ") == "0.9x1.2"
+    with pytest.raises(SystemExit) as stop:
+        crossval.main(["run", "--name", "n", "--data-root", ".", "--pixel-spacing-mm", "0.9,1.2"])
+    assert stop.value.code == 2 and "not a pixel size in mm" in capsys.readouterr().err

@@ -100,9 +100,9 @@ def test_nifti_writes_one_png_pair_per_tumour_slice_with_the_volume_window(volum
         assert np.array_equal(mask > 0, case_volumes(case)[1][:, :, k] > 0)
         assert row["has_tumour"] == "1" and int(row["tumour_pixels"]) == np.count_nonzero(mask)
         assert (row["height"], row["width"]) == tuple(str(n) for n in NIFTI_CASES[case][0][:2])
-        # In-plane voxels 0.9 x 1.1 mm (the affine's column lengths); the single number is their mean.
+        # In-plane voxels 0.9 x 1.1 mm (the affine's column lengths), kept apart: rows x columns.
         assert (row["pixel_spacing_rows_mm"], row["pixel_spacing_cols_mm"], row["pixel_spacing_mm"]) == \
-            ("0.9", "1.1", "1")
+            ("0.9", "1.1", "0.9x1.1")
     assert verify_dataset(out, group_column="patient_id") == []
     printed = capsys.readouterr().out
     assert f"wrote {len(expected_ids)} slices of 2 cases" in printed and "0 tumour-free" in printed

@@ -213,6 +213,12 @@ def format_mm(value: float) -> str:
     return f"{value:.6g}"
 
 
+def format_spacing_mm(rows_mm: float, cols_mm: float) -> str:
+    """The in-plane pixel size as test.py --spacing-column reads it: one number when square, else rows x columns."""
+    rows, cols = format_mm(rows_mm), format_mm(cols_mm)
+    return rows if rows == cols else f"{rows}x{cols}"
+
+
 def convert_case(pair: VolumePair, images_root: Path, masks_root: Path, options: NiftiOptions, staging: Path,
                  empty_wanted: Callable[[int], int], summary: NiftiSummary) -> list[dict[str, object]]:
     """Write the PNG pairs of one case into `staging`; return their metadata rows.
@@ -262,7 +268,7 @@ def convert_case(pair: VolumePair, images_root: Path, masks_root: Path, options:
                      "source_mask": pair.mask.relative_to(masks_root).as_posix(),
                      "slice_axis": axis, "slice_index": index, "has_tumour": int(tumour_pixels > 0),
                      "tumour_pixels": tumour_pixels,
-                     "pixel_spacing_mm": format_mm((scaled_rows_mm + scaled_cols_mm) / 2),
+                     "pixel_spacing_mm": format_spacing_mm(scaled_rows_mm, scaled_cols_mm),
                      "pixel_spacing_rows_mm": format_mm(scaled_rows_mm),
                      "pixel_spacing_cols_mm": format_mm(scaled_cols_mm),
                      "height": image.shape[0], "width": image.shape[1]})
