@@ -100,7 +100,6 @@ def test_check_export_refuses_an_export_that_differs_fails_or_has_the_wrong_shap
         assert str(raised.value).startswith(f"{job.out}: ")
 
 
-@pytest.mark.xfail(strict=True, reason="check_export's max(0.0, nan) keeps 0.0, so a NaN output passes the check")
 def test_a_nan_output_fails_the_check(tmp_path):
     job = tiny_job(tmp_path, "torchscript")
     reference = exported_network(job)

@@ -231,7 +231,8 @@ def check_export(exported: Exported, job: ExportJob) -> dict[str, Any]:
             if output.shape != wanted:
                 raise ExportError(f"{job.out}: the exported {name} has shape {output.shape} for a batch of {size}, "
                                   f"PyTorch's {wanted}")
-            differences[name] = max(differences[name], float(np.abs(output - reference[:size].numpy()).max()))
+            # np.max, not max(): max(0.0, nan) keeps 0.0 and a NaN output would pass the check
+            differences[name] = float(np.max([differences[name], np.abs(output - reference[:size].numpy()).max()]))
     check = {"data": job.check_source, "images": len(inputs), "batch_sizes": batch_sizes,
              "max_abs_difference": differences[PROBABILITY_OUTPUT], "tolerance": TOLERANCE}
     if model.type_classes:
