@@ -94,7 +94,9 @@ def make_loaders(data: dataset.LoadedDataset, train_idx: list[int], val_idx: lis
     # loader's generator, which checkpoints save, so a resumed run draws exactly what it would have drawn.
     common = dict(batch_size=config.BATCH_SIZE, num_workers=config.NUM_WORKERS, worker_init_fn=augmentation.seed_worker,
                   pin_memory=pin_memory)
-    generator = torch.Generator().manual_seed(config.SEED)
+    # Per rank: the generator seeds the workers' augmentation, which must differ between ranks (one process
+    # draws the order from it too; under torchrun DistributedSampler does, seeded alike on every rank).
+    generator = torch.Generator().manual_seed(config.SEED + rank)
     drop_last = drops_last_batch(len(train_set), config.BATCH_SIZE, world)
     # DistributedSampler pads the training shares to one length; validation must not count an image twice.
     train_sampler = DistributedSampler(train_set, seed=config.SEED) if world > 1 else None
