@@ -10,7 +10,8 @@ every overlap metric (correctly found nothing); exactly one of them empty
 scores 0.0 on Dice and IoU. Metrics that are undefined for an image (a ratio
 over nothing, a distance to an empty mask) are NaN; `stats.summarise` leaves them
 out of means and counts them separately. Each function's docstring states its
-own cases. Built on these, in tumorseg/evaluation/: every per-image number with
+own cases; every `*_per_image` function takes the arguments of `dice_per_image`.
+Built on these, in tumorseg/evaluation/: every per-image number with
 components and a failure category (image_report.py, failures.py), calibration
 (calibration.py) and statistics over images (stats.py).
 """
@@ -151,50 +152,22 @@ def dice_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
 
 
 def iou_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
-    """IoU (Jaccard) of each image, shape (N,): 1.0 for two empty masks, 0.0 when exactly one is empty.
-
-    Args:
-        pred, target: binary prediction and ground truth, (N, H, W) or (N, 1, H, W); nonzero = tumour.
-
-    Raises:
-        ValueError: the shapes differ (see `confusion_counts`).
-    """
+    """IoU (Jaccard) of each image, shape (N,); empty masks, arguments and errors as `dice_per_image`."""
     return iou_from_counts(confusion_counts(pred, target))
 
 
 def pixel_accuracy_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
-    """Share of correctly classified pixels of each image, shape (N,); 1.0 for two empty masks.
-
-    Args:
-        pred, target: binary prediction and ground truth, (N, H, W) or (N, 1, H, W); nonzero = tumour.
-
-    Raises:
-        ValueError: the shapes differ (see `confusion_counts`).
-    """
+    """Share of correctly classified pixels of each image, shape (N,); 1.0 for two empty masks."""
     return pixel_accuracy_from_counts(confusion_counts(pred, target))
 
 
 def precision_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
-    """Precision of each image, shape (N,); empty masks as `precision_from_counts`.
-
-    Args:
-        pred, target: binary prediction and ground truth, (N, H, W) or (N, 1, H, W); nonzero = tumour.
-
-    Raises:
-        ValueError: the shapes differ (see `confusion_counts`).
-    """
+    """Precision of each image, shape (N,); empty masks as `precision_from_counts`."""
     return precision_from_counts(confusion_counts(pred, target))
 
 
 def sensitivity_per_image(pred: ArrayLike, target: ArrayLike) -> torch.Tensor:
-    """Sensitivity of each image, shape (N,); empty masks as `sensitivity_from_counts`.
-
-    Args:
-        pred, target: binary prediction and ground truth, (N, H, W) or (N, 1, H, W); nonzero = tumour.
-
-    Raises:
-        ValueError: the shapes differ (see `confusion_counts`).
-    """
+    """Sensitivity of each image, shape (N,); empty masks as `sensitivity_from_counts`."""
     return sensitivity_from_counts(confusion_counts(pred, target))
 
 
@@ -386,13 +359,7 @@ def average_surface_distance_from_distances(distances: SurfaceDistances) -> floa
     As MONAI's `compute_average_surface_distance(symmetric=True)`: a sum over
     all border pixels of both masks divided by their total number, so the
     larger border weighs more (not the mean of the two directed means).
-
-    Args:
-        distances: the output of `surface_distances`.
-
-    Returns:
-        The distance in the spacing's unit; 0.0 for identical non-empty masks, NaN when either mask
-        is empty (never inf).
+    Argument and edge cases as `hausdorff95_from_distances`.
     """
     if distances.pred_to_target.size == 0:
         return math.nan
@@ -423,16 +390,7 @@ def average_surface_distance(pred: np.ndarray, target: np.ndarray,
                              spacing: float | Sequence[float] | None = None) -> float:
     """Average symmetric surface distance between two masks; see `average_surface_distance_from_distances`.
 
-    Args:
-        pred: predicted bool mask (H, W), or (X, Y, Z).
-        target: ground-truth bool mask of the same shape.
-        spacing: pixel size along each axis (row_mm, col_mm), or one number for every axis; the distance
-            comes out in its unit (None: pixels).
-
-    Returns:
-        The distance; 0.0 for identical non-empty masks, NaN when either mask is empty, never inf.
-
-    Raises:
-        ValueError: as `surface_distances` (shapes, dimensions, spacing).
+    Arguments, edge cases and errors as `hausdorff95`: 0.0 for identical non-empty masks, NaN when
+    either mask is empty, never inf.
     """
     return average_surface_distance_from_distances(surface_distances(pred, target, spacing))

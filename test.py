@@ -101,10 +101,10 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Config]
     parser.add_argument("--group-by", metavar="COLUMN",
                         help="scores per value of this metadata.csv column, e.g. per patient (default: the column "
                              "the run's split grouped by, where DATA_ROOT's metadata.csv has it; '' for none)")
+    class_mix_example = "tumor_class:glioma=0.465,pituitary=0.304,meningioma=0.231"
     parser.add_argument("--class-mix", type=class_mix, metavar="COLUMN:VALUE=W,...",
-                        help="also the mean Dice re-weighted to this mix of a metadata.csv column's values, e.g. "
-                             "tumor_class:glioma=0.465,pituitary=0.304,meningioma=0.231 (the column is also "
-                             "scored as a stratum)")
+                        help=f"also the mean Dice re-weighted to this mix of a metadata.csv column's values, e.g. "
+                             f"{class_mix_example} (the column is also scored as a stratum)")
     parser.add_argument("--strata", metavar="COLUMN", nargs="+", default=[],
                         help="also scores per value of these metadata.csv columns (e.g. tumor_class); "
                              "tumour-size terciles are always scored")

@@ -142,16 +142,23 @@ def inject_at_step(monkeypatch, k: int, fault):
     return calls
 
 
+def use_renameat2_or_not(renameat2: bool, monkeypatch, syncfs: bool = True) -> None:
+    """Publish with renameat2 (skip where this system lacks it) or through the fallback; syncfs off on request."""
+    if renameat2 and files.RENAMEAT2 is None:
+        pytest.skip("no renameat2 here")
+    if not renameat2:
+        monkeypatch.setattr(files, "RENAMEAT2", None)
+        if not syncfs:
+            monkeypatch.setattr(files, "SYNCFS", None)
+
+
 @pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
 @pytest.mark.parametrize("kind", ["file", "folder"])
 @pytest.mark.parametrize("original", [True, False], ids=["replacing", "fresh"])
 def test_a_fault_at_every_step_of_publishing_keeps_the_earlier_output_or_the_complete_new_one(
         tmp_path, monkeypatch, renameat2, kind, original):
-    if renameat2 and files.RENAMEAT2 is None:
-        pytest.skip("no renameat2 here")
-    if not renameat2:  # and one fsync per file: the steps where neither renameat2 nor syncfs exists
-        monkeypatch.setattr(files, "RENAMEAT2", None)
-        monkeypatch.setattr(files, "SYNCFS", None)
+    # without renameat2, also one fsync per file: the steps where neither renameat2 nor syncfs exists
+    use_renameat2_or_not(renameat2, monkeypatch, syncfs=False)
     faults = {"Ctrl-C before": ("before", lambda: signal.raise_signal(signal.SIGINT)),  # a real signal: held or not
               "Ctrl-C after": ("after", lambda: signal.raise_signal(signal.SIGINT)),
               "error": ("before", lambda: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))}
@@ -219,11 +226,7 @@ def publish_in_a_child_killed_at_step(target: Path, staged: Path, k: int, monkey
 @pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
 @pytest.mark.parametrize("kind", ["file", "folder"])
 def test_a_kill_at_every_step_of_replacing_never_loses_both_versions(tmp_path, monkeypatch, renameat2, kind):
-    if renameat2 and files.RENAMEAT2 is None:
-        pytest.skip("no renameat2 here")
-    if not renameat2:
-        monkeypatch.setattr(files, "RENAMEAT2", None)
-        monkeypatch.setattr(files, "SYNCFS", None)
+    use_renameat2_or_not(renameat2, monkeypatch, syncfs=False)
     (tmp_path / "whole").mkdir()
     target, staged, _, new = publish_case(tmp_path / "whole", kind, original=True)
     code, total = publish_in_a_child_killed_at_step(target, staged, 0, monkeypatch)  # never killed: counts
@@ -246,10 +249,7 @@ def test_a_kill_at_every_step_of_replacing_never_loses_both_versions(tmp_path, m
 @pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
 @pytest.mark.parametrize("kind", ["file", "folder"])
 def test_publishing_never_replaces_what_another_process_created(tmp_path, monkeypatch, renameat2, kind):
-    if renameat2 and files.RENAMEAT2 is None:
-        pytest.skip("no renameat2 here")
-    if not renameat2:
-        monkeypatch.setattr(files, "RENAMEAT2", None)
+    use_renameat2_or_not(renameat2, monkeypatch)
     target, staged, _, new = publish_case(tmp_path, kind, original=False)
     real_renameat2 = files.renameat2
 
