@@ -36,16 +36,19 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-import dataset
+from tumorseg.data import checks, reading
 from config import Config, build_parser, config_from_args
-import outputs
-from evaluation import predict_and_write
-from inference import find_images, native_probabilities
-from scoring import Scoring
+from tumorseg.inference import outputs
+from tumorseg.evaluation.evaluate import predict_and_write
+from tumorseg.inference.predict import find_images, native_probabilities
+from tumorseg.evaluation.scoring import Scoring
+from tumorseg.training.loaders import load_data, make_loaders
+from tumorseg.training.optimisation import build_optimisation
+from tumorseg.training.steps import train_step
 from model import count_parameters
-from train import build_optimisation, load_data, make_loaders, train_step
-from utils import (LoadedCheckpoint, build_model, check_amp, compile_model, memory_format_for, run_interruptible,
-                   set_seed, setup_runtime)
+from utils import check_amp, compile_model, memory_format_for, run_interruptible, set_seed, setup_runtime
+from tumorseg.runs.checkpoints import LoadedCheckpoint
+from model import build_model
 
 SPEED_KEYS = ("AMP", "CHANNELS_LAST", "COMPILE")
 
@@ -105,13 +108,13 @@ def time_inference(config: Config, device: torch.device, count: int, native_size
         root = Path(folder) / "native"
         images, masks = find_images(Path(config.DATA_ROOT))
         for sub, paths, resample in (("images", images[:count], Image.Resampling.BILINEAR),
-                                     ("masks", [masks[dataset.stem_key(path)] for path in images[:count]],
+                                     ("masks", [masks[reading.stem_key(path)] for path in images[:count]],
                                       Image.Resampling.NEAREST)):
             (root / sub).mkdir(parents=True)
             for path in paths:
                 Image.open(path).resize((native_size, native_size), resample).save(root / sub / path.name)
         images, masks = find_images(root)
-        first = [dataset.read_image(images[0], config.IN_CHANNELS)]
+        first = [reading.read_image(images[0], config.IN_CHANNELS)]
         results = {}
         for name, (options, threads, level) in settings.items():
             options = dataclasses.replace(options, DATA_ROOT=str(root))
@@ -182,7 +185,7 @@ def run_benchmark(args: argparse.Namespace, config: Config) -> int:
     try:
         device, config = setup_runtime(config, check=not args.compare)  # --compare checks each combination
         data = load_data(config)
-    except (dataset.DatasetError, ValueError) as error:
+    except (checks.DatasetError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     indices = list(range(len(data.pairs)))

@@ -27,6 +27,14 @@ from typing import Any
 
 @dataclass
 class Config:
+    """Every setting of one run with its default; key `FOO_BAR` is the flag `--foo-bar`.
+
+    Raises:
+        ValueError: at construction, "invalid config: " and the problems joined by "; ": the NaN or
+            infinite floats alone when there are any (they would slip through the range checks),
+            otherwise every value out of range, every clashing pair of keys and every unknown choice.
+    """
+
     # --- data
     DATA_ROOT: str = "data/demo"  # folder holding images/ and masks/ (+ optional metadata.csv)
     IMAGE_SIZE: int = 256  # side length the network sees; inputs are resized to it
@@ -162,16 +170,17 @@ class Config:
     def from_saved(cls, values: dict[str, Any]) -> tuple[Config, list[str]]:
         """Rebuild from a saved `to_dict`, e.g. a checkpoint's: returns (config, keys ignored).
 
-        Keys this version does not know (renamed or removed since) are ignored
-        and listed; keys added since take their defaults, which reproduce the
-        old behaviour.
+        Keys this version does not know (renamed or removed ones) are ignored
+        and listed. A key missing from `values` takes its default, chosen so
+        that a config saved without the key runs as it was trained; the few
+        keys whose meaning moved are translated below (see CHANGELOG.md).
         """
         known = {f.name for f in dataclasses.fields(cls)}
-        if "SEED" in values and "SPLIT_SEED" not in values:  # saved before SPLIT_SEED: SEED seeded the split too
+        if "SEED" in values and "SPLIT_SEED" not in values:  # without SPLIT_SEED, SEED seeded the split too
             values = {**values, "SPLIT_SEED": values["SEED"]}
-        if values.get("SPLIT_GROUP_COLUMN") == "":  # saved when "" meant a random split
+        if values.get("SPLIT_GROUP_COLUMN") == "":  # "" in a saved config means a random split
             values = {**values, "SPLIT_GROUP_COLUMN": "none"}
-        if "TEST_FRACTION" not in values:  # saved before held-out patients: the split had two sides
+        if "TEST_FRACTION" not in values:  # without TEST_FRACTION the split has two sides, no held-out patients
             values = {**values, "TEST_FRACTION": 0.0}
         return cls(**{k: v for k, v in values.items() if k in known}), sorted(set(values) - known)
 
@@ -187,12 +196,12 @@ RECIPES: dict[str, dict[str, Any]] = {
              "LEARNING_RATE": 1e-3, "BATCH_SIZE": 16, "EPOCHS": 50, "LR_SCHEDULE": "constant", "AUGMENT": True,
              "SEARCH_RULE": False},
     # At most 20 minutes per run on one CPU core with bf16 instructions (AVX512-BF16 or AMX): small, grayscale,
-    # four levels, a 22-epoch cosine, head crop and every augmentation. Chosen over the 13-epoch five-level
-    # recipe (now the baseline of docs/results.md) by the inner validation of 3 patient folds.
+    # four levels, a 22-epoch cosine, head crop and every augmentation, and a recall-weighted Dice (0.7).
+    # Each chosen by the inner validation of the patient folds (docs/results.md).
     "cpu": {"IMAGE_SIZE": 128, "IN_CHANNELS": 1, "NORMALIZATION": "zscore", "BASE_CHANNELS": 16, "DEPTH": 4,
             "LEARNING_RATE": 1e-3, "BATCH_SIZE": 16, "EPOCHS": 22, "LR_SCHEDULE": "cosine", "CROP": True,
             "AUGMENT": True, "AUG_AFFINE": True, "AUG_INTENSITY": True, "AUG_ELASTIC": True,
-            "AMP": "auto", "CHANNELS_LAST": True},
+            "DICE_RECALL_WEIGHT": 0.7, "AMP": "auto", "CHANNELS_LAST": True},
     # The budget curve's best measured point (docs/results.md): the 13-epoch five-level baseline trained 44
     # epochs, about 50 minutes on one core; still improving there, so more epochs may pay further.
     "cpu-long": {"IMAGE_SIZE": 128, "IN_CHANNELS": 1, "NORMALIZATION": "zscore", "BASE_CHANNELS": 16, "DEPTH": 5,
@@ -215,7 +224,11 @@ def _is_plain_folder_name(name: str) -> bool:
 
 
 def parse_bool(text: str) -> bool:
-    """'true/false', 'yes/no', 'on/off', '1/0' in any case."""
+    """'true/false', 'yes/no', 'on/off', '1/0' in any case, surrounding spaces ignored.
+
+    Raises:
+        argparse.ArgumentTypeError: any other text (argparse reports it as a bad value of the flag).
+    """
     lowered = text.strip().lower()
     if lowered in ("true", "yes", "on", "1"):
         return True
@@ -299,7 +312,11 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 def with_recipe(base: Config, overrides: dict[str, Any]) -> Config:
-    """`base` with its RECIPE's values (RECIPE from `overrides` if given there) and then `overrides` applied."""
+    """`base` with its RECIPE's values (RECIPE from `overrides` if given there) and then `overrides` applied.
+
+    Raises:
+        ValueError: an unknown recipe, or a combination that Config refuses.
+    """
     recipe = overrides.get("RECIPE", base.RECIPE)
     if recipe and recipe not in RECIPES:
         raise ValueError(f"invalid config: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")

@@ -4,7 +4,7 @@
     python export.py --checkpoint runs/x/best.pt --format torchscript --out model.pt --check-data DATA
     python export.py --checkpoint runs/x/best.pt --format onnx --out model.onnx --opset 18 --overwrite
 
-The exported network takes the batch inference.prepare_image makes: float32
+The exported network takes the batch predict.prepare_image makes: float32
 (N, IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE), any N; it gives the tumour
 probability (the sigmoid is inside the graph), (N, 1, IMAGE_SIZE, IMAGE_SIZE),
 named `probability`, and with a type head also the type probabilities
@@ -22,92 +22,29 @@ FILE.json is replaced only with --overwrite. Exit code 0 when exported, 1 on
 an error (nothing written), 130 on Ctrl-C and 143 on SIGTERM (nothing written).
 """
 
+
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import logging
 import os
 import sys
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import onnx
-import onnxruntime
 import torch
-from torch import nn
 
-import dataset
-import evaluation
-import inference
+from tumorseg.data import reading
+from tumorseg.evaluation import evaluate
+from tumorseg.inference import predict
 from config import Config
-from model import UNet
-from postprocess import DecisionRule
-from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, interruption,
-                   load_checkpoint, model_arguments, remove_stale_staging, sigterm_as_interrupt, staging_name,
-                   tolerant_console, write_atomic)
+from tumorseg.inference.export_formats import (FORMATS, TOLERANCE, ExportError, ExportJob, ProbabilityNetwork,
+                                               check_export, export_network, sidecar)
+from utils import interruption, sigterm_as_interrupt, tolerant_console
+from tumorseg.runs.checkpoints import CheckpointError, load_checkpoint
+from tumorseg.files import OutputError, publish_files, remove_stale_staging
 
-FORMATS = ("onnx", "torchscript")
-TOLERANCE = 1e-4  # largest |exported - PyTorch| probability the check accepts
 CHECK_IMAGES = 8  # slices the check runs, spread over the folder
 SYNTHETIC_INPUTS = 3  # random inputs the check runs when there is no data folder
-EXAMPLE_BATCH = 2  # batch traced or exported; not 1, which torch.export would fix as the only size
-INPUT_NAME = "image"
-PROBABILITY_OUTPUT = "probability"
-TYPE_OUTPUT = "type_probabilities"
-CONVERTER_LOG = "onnxscript.version_converter"  # where the exporter says it could not reach the asked opset
-METADATA_KEY = "segmentation_pipeline"  # ONNX metadata_props key; TorchScript extra file METADATA_KEY + ".json"
-
-
-class ExportError(Exception):
-    """The network could not be exported, or the exported one does not compute what PyTorch does."""
-
-
-@dataclass
-class Job:
-    """Everything settled before exporting: the checkpoint, the output files and the check's inputs."""
-
-    checkpoint: Path
-    loaded: LoadedCheckpoint
-    form: str  # one of FORMATS
-    opset: int | None
-    out: Path
-    sidecar: Path  # out + ".json"
-    overwrite: bool
-    rule: DecisionRule  # the one test.py applies by default
-    rule_source: str
-    check_inputs: torch.Tensor  # (N, C, S, S) float32, prepared as inference.prepare_image prepares
-    check_source: str  # where check_inputs came from, in words
-
-
-@dataclass
-class Exported:
-    """An exported network held in memory: how to run it, and its file's bytes with the sidecar JSON inside."""
-
-    run: Callable[[torch.Tensor], list[np.ndarray]]  # batch -> the outputs, in output order
-    file_bytes: Callable[[str], bytes]  # sidecar JSON text -> the file to write
-    opset: int | None  # ONNX opset of the graph; None for TorchScript
-
-
-class ProbabilityNetwork(nn.Module):
-    """A U-Net with its sigmoid (and its TypeHead's softmax) inside: what the exported graph computes."""
-
-    def __init__(self, network: UNet):
-        super().__init__()
-        self.network = network
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Tumour probability (N, 1, S, S); with a TypeHead also the type probabilities (N, classes)."""
-        if not self.network.type_classes:
-            return torch.sigmoid(self.network(image))
-        logits, type_logits = self.network(image, return_type=True)
-        return torch.sigmoid(logits), torch.softmax(type_logits, dim=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +85,7 @@ def export_and_publish(argv: list[str] | None) -> int:
         print(f"check:      max |exported - PyTorch| probability {check['max_abs_difference']:.2e}{types} "
               f"(tolerance {TOLERANCE:g}) on {check['data']}, batch sizes {check['batch_sizes']}")
         text = json.dumps(sidecar(job, exported, check), indent=2) + "\n"
-        publish({job.out: exported.file_bytes(text), job.sidecar: text}, job.overwrite)
+        publish_export({job.out: exported.file_bytes(text), job.sidecar: text}, job.overwrite)
     except (CheckpointError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -163,7 +100,7 @@ def export_and_publish(argv: list[str] | None) -> int:
     return 0
 
 
-def prepare(args: argparse.Namespace) -> Job:
+def prepare(args: argparse.Namespace) -> ExportJob:
     """Check the flags and the output folder, load the checkpoint and the check's inputs; raises on bad input."""
     if args.format not in FORMATS:
         raise ValueError(f"unknown --format {args.format!r}; choose one of: {', '.join(FORMATS)}")
@@ -175,11 +112,11 @@ def prepare(args: argparse.Namespace) -> Job:
     loaded = load_checkpoint(args.checkpoint, "cpu")
     loaded.model.float().eval()
     try:
-        rule, rule_source = evaluation.decision_rule(loaded, argparse.Namespace(postprocess="checkpoint"))
+        rule, rule_source = evaluate.decision_rule(loaded, argparse.Namespace(postprocess="checkpoint"))
     except ValueError as error:
         raise CheckpointError(f"{args.checkpoint}: its decision rule is not valid ({error})") from error
     inputs, source = check_inputs(args.check_data, loaded.config)
-    return Job(args.checkpoint, loaded, args.format, args.opset, out, sidecar_path, args.overwrite, rule,
+    return ExportJob(args.checkpoint, loaded, args.format, args.opset, out, sidecar_path, args.overwrite, rule,
                rule_source, inputs, source)
 
 
@@ -216,26 +153,26 @@ def check_inputs(folder: Path | None, config: Config) -> tuple[torch.Tensor, str
         folder = data_root
     if not (folder / "images").is_dir():
         raise FileNotFoundError(f"{folder}: has no images/ folder for the check")
-    images, _ = inference.find_images(folder)
+    images, _ = predict.find_images(folder)
     if not images:  # find_images accepts a folder of volumes, which the check does not cut into slices
-        raise ValueError(f"{folder / 'images'}: holds no 2-D {'/'.join(dataset.IMAGE_EXTENSIONS)} images for the "
+        raise ValueError(f"{folder / 'images'}: holds no 2-D {'/'.join(reading.IMAGE_EXTENSIONS)} images for the "
                          f"check (only NIfTI/DICOM volumes); give --check-data a folder of slices, such as "
                          "prepare_data.py nifti writes")
     chosen = images[::max(1, len(images) // CHECK_IMAGES)][:CHECK_IMAGES]
     prepared = []
     for path in chosen:
         try:
-            image = dataset.read_image(path, config.IN_CHANNELS)
+            image = reading.read_image(path, config.IN_CHANNELS)
         except Exception as error:  # any decoder error: name the file, use the others
             print(f"warning: {path}: skipped by the check, {error}", file=sys.stderr)
             continue
-        prepared.append(inference.prepare_image(image, config)[0])
+        prepared.append(predict.prepare_image(image, config)[0])
     if not prepared:
         raise ValueError(f"{folder / 'images'}: none of the {len(chosen)} images tried could be read for the check")
     return torch.stack(prepared), f"{len(prepared)} slices of {folder}"
 
 
-def announce(job: Job) -> None:
+def announce(job: ExportJob) -> None:
     """Say what is about to be exported, with the checkpoint's load warnings."""
     for warning in job.loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -250,256 +187,16 @@ def announce(job: Job) -> None:
               "the consumer can read it")
 
 
-def output_names(model: UNet) -> list[str]:
-    """The exported graph's outputs, in order: the probability, and the type probabilities with a TypeHead."""
-    return [PROBABILITY_OUTPUT, TYPE_OUTPUT] if model.type_classes else [PROBABILITY_OUTPUT]
+def publish_export(files: dict[Path, bytes | str], overwrite: bool) -> None:
+    """Write FILE and FILE.json under staging names and publish them together (tumorseg.files.publish_files).
 
-
-def export_network(network: ProbabilityNetwork, job: Job) -> Exported:
-    """`network` exported in the job's format, in memory; raises ExportError when the exporter fails."""
-    config = job.loaded.config
-    example = torch.zeros(EXAMPLE_BATCH, config.IN_CHANNELS, config.IMAGE_SIZE, config.IMAGE_SIZE)
-    try:
-        with torch.no_grad():
-            return export_onnx(network, example, job.opset) if job.form == "onnx" else \
-                export_torchscript(network, example)
-    except ExportError as error:  # said in full already; only the checkpoint is added
-        raise ExportError(f"{job.checkpoint}: {error}") from error
-    except Exception as error:  # the exporters raise many kinds; any of them means "cannot export"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ExportError(f"{job.checkpoint}: cannot be exported as {job.form} ({reason})") from error
-
-
-def export_onnx(network: ProbabilityNetwork, example: torch.Tensor, opset: int | None) -> Exported:
-    """ONNX export through torch.export (the dynamo exporter), with a dynamic batch axis."""
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)  # it lists every optional torchvision operator it cannot register
-    try:
-        with captured_log(CONVERTER_LOG) as log:
-            program = torch.onnx.export(network, (example,), input_names=[INPUT_NAME],
-                                        output_names=output_names(network.network), opset_version=opset,
-                                        dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
-                                        dynamo=True, verbose=False)
-    finally:
-        exporter_log.setLevel(level)
-    model = program.model_proto
-    version = next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
-    if opset is not None and version != opset:  # never write another opset than the one asked for
-        raise ExportError(opset_refusal(opset, version, log))
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-    def run(batch: torch.Tensor) -> list[np.ndarray]:
-        """The outputs of onnxruntime for one batch."""
-        return session.run(None, {INPUT_NAME: batch.numpy()})
-
-    def file_bytes(text: str) -> bytes:
-        """The model with the sidecar JSON in its metadata_props."""
-        onnx.helper.set_model_props(model, {METADATA_KEY: text})
-        return model.SerializeToString()
-
-    return Exported(run, file_bytes, version)
-
-
-@contextmanager
-def captured_log(name: str) -> Iterator[list[logging.LogRecord]]:
-    """The records of logger `name` inside the block, kept from the console.
-
-    The exporter converts its graph to a requested opset by a pass that, when
-    it cannot, logs a library traceback and keeps the graph as it was; the
-    caller reads the records to say why instead.
-    """
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger(name)
-    propagate = logger.propagate
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
-
-
-def opset_refusal(opset: int, version: int, records: list[logging.LogRecord]) -> str:
-    """Why the asked `opset` cannot be written, the exporter having made `version`, and which opset to ask for.
-
-    The converter steps one opset at a time, so one that fails below
-    `version` fails for every lower opset too: `version` is the lowest that works.
-    """
-    reason = next((str(record.exc_info[1]).strip().splitlines()[-1].split(": ")[-1].replace("$", "")
-                   for record in records if record.exc_info and record.exc_info[1] is not None), "")
-    because = f" ({reason})" if reason else ""
-    works = f"the lowest opset that works is {version}" if opset < version else f"opset {version} works"
-    return (f"--opset {opset} is not available for this network: the exporter makes opset {version} and could "
-            f"not convert it to {opset}{because}; {works}: pass --opset {version} or leave --opset out")
-
-
-def export_torchscript(network: ProbabilityNetwork, example: torch.Tensor) -> Exported:
-    """TorchScript by tracing; the conv net's graph holds no batch size, so any batch runs."""
-    with warnings.catch_warnings():
-        # The shape tests of padding and attention gates are traced as constants: right, the input size is fixed.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates torch.jit: said once, in `announce`
-        traced = torch.jit.trace(network, example, check_trace=False)
-
-    def file_bytes(text: str) -> bytes:
-        """The saved module, with the sidecar JSON as an extra file."""
-        buffer = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.jit.save(traced, buffer, _extra_files={f"{METADATA_KEY}.json": text} if text else None)
-        return buffer.getvalue()
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        reloaded = torch.jit.load(io.BytesIO(file_bytes("")), map_location="cpu")
-
-    def run(batch: torch.Tensor) -> list[np.ndarray]:
-        """The outputs of the saved and reloaded module for one batch."""
-        with torch.no_grad():
-            outputs = reloaded(batch)
-        return [output.numpy() for output in (outputs if isinstance(outputs, tuple) else (outputs,))]
-
-    return Exported(run, file_bytes, None)
-
-
-def check_export(exported: Exported, job: Job) -> dict[str, Any]:
-    """Compare the exported network with the PyTorch model on the check's inputs; raises ExportError past TOLERANCE.
-
-    Batch sizes N and 1 (neither is the exported example's), against the
-    pipeline's own sigmoid (inference.probabilities) in float32, and the
-    TypeHead's softmax where there is one.
-    """
-    model, config = job.loaded.model, job.loaded.config
-    inputs = job.check_inputs
-    with torch.no_grad():
-        expected = [inference.probabilities(model, inputs, tta=False)]
-        if model.type_classes:
-            expected.append(torch.softmax(model(inputs, return_type=True)[1].float(), dim=1))
-    names = output_names(model)
-    differences = {name: 0.0 for name in names}
-    batch_sizes = sorted({len(inputs), 1}, reverse=True)
-    for size in batch_sizes:
-        try:
-            outputs = exported.run(inputs[:size].contiguous())
-        except Exception as error:  # onnxruntime and torch.jit raise many kinds
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ExportError(f"{job.out}: the exported model fails on a batch of {size} ({reason})") from error
-        for name, output, reference in zip(names, outputs, expected, strict=True):
-            wanted = tuple(reference[:size].shape)
-            if output.shape != wanted:
-                raise ExportError(f"{job.out}: the exported {name} has shape {output.shape} for a batch of {size}, "
-                                  f"PyTorch's {wanted}")
-            differences[name] = max(differences[name], float(np.abs(output - reference[:size].numpy()).max()))
-    check = {"data": job.check_source, "images": len(inputs), "batch_sizes": batch_sizes,
-             "max_abs_difference": differences[PROBABILITY_OUTPUT], "tolerance": TOLERANCE}
-    if model.type_classes:
-        check["type_max_abs_difference"] = differences[TYPE_OUTPUT]
-    failed = [f"{name} differs by up to {value:.3g}" for name, value in differences.items()
-              if not value <= TOLERANCE]  # `not <=` also fails NaN
-    if failed:
-        raise ExportError(f"{job.out}: the exported model does not match PyTorch on {job.check_source}: "
-                          f"{'; '.join(failed)} (tolerance {TOLERANCE:g})")
-    return {**check, "passed": True}
-
-
-def preprocessing(config: Config) -> dict[str, Any]:
-    """How a slice becomes the exported network's input, as values and in words (what inference.prepare_image does)."""
-    decode = ("decode to 8-bit grey (PIL convert('L'))" if config.IN_CHANNELS == 1
-              else "decode to 8-bit RGB (PIL convert('RGB'); grey replicated to 3 channels)")
-    crop = (f"crop to the head's bounding box, widened by CROP_MARGIN = {config.CROP_MARGIN:g} of its side on each "
-            "side and made square (dataset.head_box: pixels above "
-            f"{dataset.HEAD_THRESHOLD_FRACTION:g} x the 99th percentile of a block-sum thumbnail about "
-            f"{dataset.HEAD_THUMBNAIL_SIDE} px wide, largest blob); the exported graph does NOT crop"
-            if config.CROP else "no crop (CROP false): the whole slice")
-    if config.NORMALIZATION == "zscore":
-        normalization = {"method": "zscore", "min_std": dataset.ZSCORE_MIN_STD,
-                         "formula": "x = pixel / 255; (x - mean(x)) / max(std(x), min_std), mean and population "
-                                    "std over the image, per channel"}
-    else:
-        mean, std = dataset.imagenet_statistics(config.IN_CHANNELS)
-        normalization = {"method": "imagenet", "mean": mean.tolist(), "std": std.tolist(),
-                         "formula": "x = pixel / 255; (x - mean[c]) / std[c] per channel c"}
-    size = config.IMAGE_SIZE
-    return {"IMAGE_SIZE": size, "IN_CHANNELS": config.IN_CHANNELS, "NORMALIZATION": config.NORMALIZATION,
-            "CROP": config.CROP, "CROP_MARGIN": config.CROP_MARGIN, "normalization": normalization,
-            "steps": [f"{decode}; 16-bit images scaled from their own min..max to 0..255", crop,
-                      f"resize to {size} x {size}, bilinear (PIL Image.resize, BILINEAR, antialiased when shrinking)",
-                      normalization["formula"],
-                      f"float32, channels first: (N, {config.IN_CHANNELS}, {size}, {size})"]}
-
-
-def sidecar(job: Job, exported: Exported, check: dict[str, Any]) -> dict[str, Any]:
-    """FILE.json: the input and outputs, the preprocessing, the decision rule, where the model came from, the check."""
-    config, model = job.loaded.config, job.loaded.model
-    size, batch = config.IMAGE_SIZE, "batch"
-    outputs = [{"name": PROBABILITY_OUTPUT, "shape": [batch, 1, size, size], "dtype": "float32",
-                "meaning": "tumour probability per pixel (sigmoid applied)"}]
-    if model.type_classes:
-        outputs.append({"name": TYPE_OUTPUT, "shape": [batch, len(model.type_classes)], "dtype": "float32",
-                        "meaning": "probability of each of type_classes, in that order (softmax applied)"})
-    info: dict[str, Any] = {"format": job.form, "file": job.out.name}
-    if exported.opset is not None:
-        info["onnx_opset"] = exported.opset
-    return {**info,
-            "input": {"name": INPUT_NAME, "shape": [batch, config.IN_CHANNELS, size, size], "dtype": "float32"},
-            "outputs": outputs, "type_classes": list(model.type_classes),
-            "preprocessing": preprocessing(config),
-            "decision_rule": job.rule.to_dict(), "decision_rule_text": job.rule.describe(),
-            "decision_rule_source": job.rule_source,
-            "postprocessing": ("test.py resizes the probability map bilinearly back to the slice's size (into the "
-                               "crop box, 0 outside it, with CROP), then applies decision_rule: tumour where "
-                               "probability > threshold, then fill holes, drop 8-connected components under "
-                               "min_component_pixels (native pixels), keep the largest, each where set"),
-            "checkpoint": str(job.checkpoint), "epoch": job.loaded.state.get("epoch"),
-            "model": job.loaded.state.get("model_args") or model_arguments(config),
-            "torch_version": torch.__version__, "check": check}
-
-
-def publish(files: dict[Path, bytes | str], overwrite: bool) -> None:
-    """Write every file under a staging name beside it, then rename them all into place; on failure undo all of it.
-
-    Files replaced (`overwrite`) are first moved aside and deleted only once
-    every new file is in place, so a failure, Ctrl-C included, puts them back
-    and leaves no new or staging file behind. Raises OutputError naming the file.
+    An existing file is replaced only with `overwrite`, one made meanwhile by
+    another process never; on any failure, Ctrl-C included, the earlier files
+    are put back and no new or staging file is left. Raises OutputError naming the file.
     """
     for stale in remove_stale_staging(next(iter(files)).parent):
         print(f"removed {stale}, left by a writer that was stopped")
-    staged: dict[Path, Path] = {}
-    aside: dict[Path, Path] = {}
-    placed: list[Path] = []
-    current = next(iter(files))
-    try:
-        for current, payload in files.items():
-            staged[current] = current.with_name(staging_name(current.name, "partial"))
-            write_atomic(staged[current], payload)
-        for current, staging in staged.items():
-            if current.exists() or current.is_symlink():
-                if not overwrite:
-                    raise OutputError(f"{current}: appeared while exporting; pass --overwrite to replace it")
-                aside[current] = current.with_name(staging_name(current.name, "old"))
-                os.replace(current, aside[current])
-            placed.append(current)
-            os.replace(staging, current)
-    except BaseException as error:
-        for path in placed:
-            if not staged[path].exists():  # the new file got in
-                path.unlink(missing_ok=True)
-        for path, old in aside.items():
-            if os.path.lexists(old):
-                os.replace(old, path)
-        for staging in staged.values():
-            staging.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise OutputError(describe_write_error(current, error)) from error
-        raise
-    for old in aside.values():
-        old.unlink(missing_ok=True)
+    publish_files(files, overwrite)
 
 
 if __name__ == "__main__":

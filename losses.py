@@ -26,15 +26,25 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     than a false alarm (b = 0.7: 7 to 3), which rewards recall on faint
     targets. Computed per image so a small tumour weighs as much as a large
     one. `smooth` (1.0, in pixels) keeps the ratio defined on slices whose
-    mask and prediction are both empty, where the loss is then ~0, and
-    softens the gradient when the mask is tiny.
+    mask and prediction are both empty, and softens the gradient when the
+    mask is tiny.
 
     Args:
         logits: raw network output, shape (N, 1, H, W) or (N, H, W).
         target: {0, 1} mask of the same shape.
-        smooth: additive smoothing in numerator and denominator.
+        smooth: additive smoothing in numerator and denominator. Keep it above 0: at 0 an empty mask
+            scores loss 1 however right the prediction (NaN where every probability underflows to 0).
         reduction: "mean" over the images (a scalar) or "none" (one value per image, shape (N,)).
         recall_weight: b, strictly between 0 and 1: the weight of false negatives against false positives.
+
+    Returns:
+        The loss in [0, 1] per image, reduced: ~0 for a confident perfect prediction, an empty mask
+        with an empty prediction included (smooth > 0); close to 1 for a confident miss or false
+        alarm, less on masks of a few pixels, where `smooth` weighs in (4 tumour pixels missed: 0.8).
+        NaN logits give NaN (nothing is checked).
+
+    Raises:
+        ValueError: `recall_weight` outside (0, 1), or an unknown `reduction`.
     """
     if not 0 < recall_weight < 1:
         raise ValueError(f"recall_weight must lie strictly between 0 and 1, got {recall_weight}")
@@ -50,15 +60,21 @@ def deep_supervision_weights(outputs: int) -> list[float]:
     """Loss weights of `outputs` segmentation outputs, full resolution first: 1, 1/2, 1/4, .. normalised to sum to 1.
 
     As nnU-Net weights them: each level down counts half the one above, so
-    the full-resolution output, the one predictions use, dominates. One
-    output gets weight 1 exactly (the loss without deep supervision).
+    the full-resolution output, the one predictions use, dominates.
+
+    Args:
+        outputs: number of outputs, at least 1.
+
+    Returns:
+        `outputs` floats summing to 1; one output gets weight 1.0 exactly (the loss without deep
+        supervision); 0 outputs give an empty list.
     """
     raw = [0.5**level for level in range(outputs)]
     return [weight / sum(raw) for weight in raw]
 
 
 def downsample_mask(target: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """`target` ({0, 1}, (N, 1, H, W) or (N, H, W)) max-pooled to `size` (h, w); unchanged when already that size.
+    """`target` ({0, 1}, (N, 1, H, W) or (N, H, W)) max-pooled to `size` (h, w).
 
     A coarse pixel is tumour where any pixel of its block is. nnU-Net takes
     the nearest pixel instead; here tumours often cover a few dozen pixels,
@@ -67,6 +83,14 @@ def downsample_mask(target: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     the coarse heads "no tumour" on exactly the slices where small tumours
     are at stake. Max-pooling keeps every tumour, widened by under one
     coarse pixel at its border: a bias only the auxiliary heads see.
+
+    Args:
+        target: the full-resolution mask.
+        size: (h, w) of the output; sides that do not divide H and W get ceil-sized bins.
+
+    Returns:
+        `target` itself (same object and dtype) when it already has that size, otherwise a float mask
+        of that size; an empty mask stays empty.
     """
     if tuple(target.shape[-2:]) == tuple(size):
         return target
@@ -99,9 +123,12 @@ class BCEDiceLoss(nn.Module):
         dice_weight: weight of the soft Dice term.
         smooth: Dice smoothing, in pixels.
         reduction: "mean" over the images, or "none" for one loss per image (hard-example sampling uses them).
-        recall_weight: the Dice term's weight of missed tumour pixels (`soft_dice_loss`); 0.5 = soft Dice.
         type_weight: weight of the cross-entropy of a type head's logits, added per image when
             `forward` is given them (TYPE_WEIGHT); without them the loss is BCE + Dice alone.
+        recall_weight: the Dice term's weight of missed tumour pixels (`soft_dice_loss`); 0.5 = soft Dice.
+
+    Raises:
+        ValueError: an unknown `reduction`, or `recall_weight` outside (0, 1), at construction.
 
     `forward` also takes a list of logits (deep supervision: full resolution
     first, then coarser): the BCE + Dice terms are then summed over them with
@@ -121,9 +148,20 @@ class BCEDiceLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor,
                 type_logits: torch.Tensor | None = None, type_target: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss of segmentation `logits` (one tensor, or a list full resolution first) against `target`;
-        plus type_weight x cross-entropy of `type_logits` (N, K) against class indices `type_target` (N,)
-        when both are given."""
+        """The loss of segmentation `logits` against `target`, plus the type term when given.
+
+        Args:
+            logits: (N, 1, H, W) logits, or a non-empty list of them, full resolution first (deep supervision).
+            target: {0, 1} mask of the full-resolution logits' shape.
+            type_logits: (N, K) logits of a type head, or None.
+            type_target: (N,) class indices, or None; the type term (type_weight x cross-entropy) is added
+                only when both are given.
+
+        Returns:
+            A scalar ("mean") or one loss per image ("none"), not negative with non-negative weights:
+            near 0 for a confident perfect prediction, also on an empty mask, and large (BCE grows
+            linearly with the logit) for a confident error. NaN logits give NaN.
+        """
         levels = [logits] if isinstance(logits, torch.Tensor) else list(logits)
         # A single level has weight 1.0 and its own mask: exactly the loss without deep supervision.
         per_image = sum(weight * self._segmentation_loss(level, downsample_mask(target, level.shape[-2:]))

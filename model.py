@@ -4,10 +4,11 @@ and its Attention U-Net variant (Oktay et al., 2018) with gated skip connections
 At BASE_CHANNELS=64, DEPTH=4, 3 input channels and transposed-convolution
 up-sampling it is the classic 31.0 M-parameter U-Net. Any input size works:
 the input is padded to a multiple of 2**depth and the output cropped back.
-`build_unet` picks either network by name.
+`build_unet` picks either network by name; `build_model` builds the one a
+config describes, and `model_arguments` are what checkpoints store to rebuild it.
 
-Three optional parts, all off by default (a network without them has exactly
-the parameters and outputs it always had): a `TypeHead` that classifies the
+Three optional parts, all off by default (without them the network has
+exactly the plain U-Net's parameters and outputs): a `TypeHead` that classifies the
 image (e.g. the tumour type) from the bottleneck, a space-to-depth stem
 (`stem="space_to_depth"`) that folds each 2x2 block of the input into
 channels before the first level and unfolds the output the same way, so a
@@ -21,10 +22,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from config import Config
 
 
 class DoubleConv(nn.Sequential):
@@ -63,6 +67,7 @@ class Up(nn.Module):
             self.conv = DoubleConv(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Up-sample `x` 2x, concatenate `skip` (of that size, its channels first), then DoubleConv."""
         return self.conv(torch.cat([skip, self.up(x)], dim=1))
 
 
@@ -99,6 +104,7 @@ class AttentionGate(nn.Module):
         return self.psi(F.relu(g + self.w_x(skip)))
 
     def forward(self, gate: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """`skip` scaled pixel by pixel by its attention coefficients (same shape as `skip`)."""
         return skip * self.coefficients(gate, skip)
 
 
@@ -116,6 +122,7 @@ class AttentionUp(Up):
         self.gate = AttentionGate(up_channels, skip_channels, max(skip_channels // 2, 1))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Up-sample `x`, gate `skip` with it, concatenate (gated skip first) and convolve."""
         x = self.up(x)
         return self.conv(torch.cat([self.gate(x, skip), x], dim=1))
 
@@ -281,3 +288,34 @@ def build_unet(name: str, in_channels: int = 3, base_channels: int = 64, depth: 
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_arguments(config: Config, type_classes: Sequence[str] = ()) -> dict[str, Any]:
+    """The network's own constructor arguments, stored in checkpoints apart from the config.
+
+    `stem`, `type_classes` (the TypeHead's class names, from the data) and
+    `deep_supervision` (the auxiliary heads, whose weights the state dict
+    holds, so a checkpoint rebuilds them to load) are stored only when set,
+    so a plain network's arguments are what they always were.
+    """
+    arguments: dict[str, Any] = {"name": config.MODEL, "in_channels": config.IN_CHANNELS,
+                                 "base_channels": config.BASE_CHANNELS, "depth": config.DEPTH,
+                                 "bilinear": config.BILINEAR}
+    if config.STEM != "none":
+        arguments["stem"] = config.STEM
+    if type_classes:
+        arguments["type_classes"] = list(type_classes)
+    if config.DEEP_SUPERVISION:
+        arguments["deep_supervision"] = config.DEEP_SUPERVISION
+    return arguments
+
+
+def build_model_from_arguments(arguments: dict[str, Any]) -> UNet:
+    """The network `model_arguments` describes."""
+    return build_unet(**arguments)
+
+
+def build_model(config: Config, type_classes: Sequence[str] = ()) -> UNet:
+    """The network a config describes (MODEL, IN_CHANNELS, BASE_CHANNELS, DEPTH, BILINEAR, STEM,
+    DEEP_SUPERVISION), with a TypeHead for `type_classes` when given."""
+    return build_model_from_arguments(model_arguments(config, type_classes))

@@ -27,7 +27,6 @@ Exit code 0 when every image and volume was processed, 1 on a fatal error,
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import sys
 import time
@@ -36,18 +35,21 @@ from pathlib import Path
 
 import torch
 
-import dataset
-import evaluation
-import report
-from comparison import compare_predictions
+from tumorseg.data import reading
+from tumorseg.evaluation import evaluate
+from tumorseg.evaluation import report_page
+from tumorseg.evaluation.comparison import compare_predictions
 from config import Config, build_parser, config_from_args, parse_bool
-from inference import find_images, unusable_inputs
-from outputs import output_name, publish, start_staging
-from runfolder import newest_checkpoint, subset_images, subset_stems, unfinished_run_warning
-from scoring import Scoring, print_summary, settle_scoring
-from utils import (CheckpointError, LoadedCheckpoint, OutputError, describe_write_error, interruption,
-                   load_checkpoint, setup_runtime, sigterm_as_interrupt, tolerant_console)
-from volumes import VolumeEntry, find_volumes, slice_name_clashes
+from metrics import Spacing
+from tumorseg.inference.predict import find_images, unusable_inputs
+from tumorseg.inference.outputs import output_name, publish_predictions, start_staging
+from tumorseg.runs.runfolder import newest_checkpoint, subset_images, subset_stems, unfinished_run_warning
+from tumorseg.evaluation.console import print_summary
+from tumorseg.evaluation.scoring import Scoring, class_mix, parse_spacing, settle_scoring
+from utils import interruption, setup_runtime, sigterm_as_interrupt, tolerant_console
+from tumorseg.runs.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint
+from tumorseg.files import OutputError, describe_write_error
+from tumorseg.data.volumes import VolumeEntry, find_volumes, misaligned_masks, slice_name_clashes
 
 # The only config keys inference uses; training keys (size, channels...) come from the checkpoint.
 INFERENCE_KEYS = ("DATA_ROOT", "RUNS_DIR", "PREDICTION_ROOT", "BATCH_SIZE", "DEVICE", "THRESHOLD", "TTA", "AMP",
@@ -99,18 +101,20 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Config]
     parser.add_argument("--group-by", metavar="COLUMN",
                         help="scores per value of this metadata.csv column, e.g. per patient (default: the column "
                              "the run's split grouped by, where DATA_ROOT's metadata.csv has it; '' for none)")
+    class_mix_example = "tumor_class:glioma=0.465,pituitary=0.304,meningioma=0.231"
     parser.add_argument("--class-mix", type=class_mix, metavar="COLUMN:VALUE=W,...",
-                        help="also the mean Dice re-weighted to this mix of a metadata.csv column's values, e.g. "
-                             "tumor_class:glioma=0.465,pituitary=0.304,meningioma=0.231 (the column is also "
-                             "scored as a stratum)")
+                        help=f"also the mean Dice re-weighted to this mix of a metadata.csv column's values, e.g. "
+                             f"{class_mix_example} (the column is also scored as a stratum)")
     parser.add_argument("--strata", metavar="COLUMN", nargs="+", default=[],
                         help="also scores per value of these metadata.csv columns (e.g. tumor_class); "
                              "tumour-size terciles are always scored")
-    parser.add_argument("--pixel-spacing-mm", type=positive_number, metavar="MM",
-                        help="pixel size of the images as they are, in mm: adds HD95 and ASSD in mm "
-                             "(the shared 256 px figshare slices: 0.98)")
+    parser.add_argument("--pixel-spacing-mm", type=pixel_spacing, metavar="MM",
+                        help="pixel size of the images as they are, in mm: adds HD95 and ASSD in mm; one number "
+                             "for square pixels (the shared 256 px figshare slices: 0.98) or rows x columns "
+                             "(e.g. 0.9x1.2)")
     parser.add_argument("--spacing-column", metavar="COLUMN",
-                        help="metadata.csv column holding each image's pixel size in mm; --pixel-spacing-mm "
+                        help="metadata.csv column holding each image's pixel size in mm (as --pixel-spacing-mm: "
+                             "0.98 or 0.9x1.2); --pixel-spacing-mm "
                              "then serves only images with an empty cell")
     parser.add_argument("--report", type=parse_bool, default=True, metavar="BOOL",
                         help="write report.html, one self-contained page of the scores (default: true)")
@@ -147,19 +151,19 @@ def predict_and_publish(argv: list[str] | None) -> int:
         return 1
     announce(job, args)
     try:
-        summary, failures = evaluation.predict_and_write(
+        summary, failures = evaluate.predict_and_write(
             job.models, job.checkpoint_paths, job.images, job.masks, job.scoring, job.staging, job.device,
             job.options, args, started,
             skipped=[*(f"{entry}: skipped, {why}" for entry, why in job.skipped.items()),
                      *(f"{entry}: mask unusable, {why}; its image is predicted, not scored"
                        for entry, why in job.unusable_masks.items())],
-            volume_inputs=evaluation.VolumeInputs(job.volumes, args.slice_axis))
+            volume_inputs=evaluate.VolumeInputs(job.volumes, args.slice_axis))
         report_seconds = None
         if args.report and summary["scored"]:
             report_started = time.perf_counter()
-            report.write_report(job.staging)
+            report_page.write_report(job.staging)
             report_seconds = time.perf_counter() - report_started
-        out_dir = publish(job.staging, Path(job.options.PREDICTION_ROOT), job.name, args.overwrite)
+        out_dir = publish_predictions(job.staging, Path(job.options.PREDICTION_ROOT), job.name, args.overwrite)
     except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (utils.Terminated)
         shutil.rmtree(job.staging, ignore_errors=True)
         cause, code = interruption(error)
@@ -202,9 +206,9 @@ def prepare(options: Config, args: argparse.Namespace) -> Job:
         for path in checkpoint_paths:  # in that subset for every member of an ensemble
             images = subset_images(images, path, args.subset)
             wanted = subset_stems(path, args.subset)
-            skipped = {entry: why for entry, why in skipped.items() if dataset.stem_key(entry) in wanted}
+            skipped = {entry: why for entry, why in skipped.items() if reading.stem_key(entry) in wanted}
             unusable_masks = {entry: why for entry, why in unusable_masks.items()
-                              if dataset.stem_key(entry) in wanted}
+                              if reading.stem_key(entry) in wanted}
     notes = []
     if volumes and args.subset != "all":  # a run's split lists images, not volumes
         notes.append(f"{len(volumes)} volume(s) left out: --subset {args.subset} selects the run's split images")
@@ -213,6 +217,10 @@ def prepare(options: Config, args: argparse.Namespace) -> Job:
     if clashes:  # refused before predicting: one output would silently replace the other
         raise ValueError(f"{len(clashes)} name clash(es) between images and volume slices; rename one of each "
                          "pair: " + "; ".join(clashes))
+    misaligned = misaligned_masks(volumes)
+    if misaligned:  # refused before predicting: voxel-by-voxel scores against such a mask would be wrong
+        raise ValueError(f"{len(misaligned)} mask volume(s) not on their image volume's voxel grid; resample each "
+                         "mask onto its image's grid (or save it with the image's affine): " + "; ".join(misaligned))
     scoring, scoring_notes = settle_scoring(Path(options.DATA_ROOT), images, checkpoint_paths[0], args,
                                             [entry.stem for entry in volumes])
     notes += scoring_notes
@@ -239,7 +247,7 @@ def announce(job: Job, args: argparse.Namespace) -> None:
           + ("" if job.masks is not None else " (predict only)")
           + (f", {len(job.skipped)} more skipped (named below)" if job.skipped else ""))
     if job.volumes:
-        axis = (evaluation.SLICE_AXIS_RULE if args.slice_axis == "auto" else f"array axis {args.slice_axis}")
+        axis = (evaluate.SLICE_AXIS_RULE if args.slice_axis == "auto" else f"array axis {args.slice_axis}")
         print(f"volumes:    {len(job.volumes)} ({sum(e.mask is not None for e in job.volumes)} with a mask volume), "
               f"cut across {axis}")
     for note in job.notes:
@@ -248,32 +256,13 @@ def announce(job: Job, args: argparse.Namespace) -> None:
         print(f"warning: {SUBSET_NOTES[args.subset]}", file=sys.stderr)
 
 
-def class_mix(text: str) -> tuple[str, dict[str, float]]:
-    """argparse type for --class-mix: 'COLUMN:VALUE=WEIGHT,...' with positive weights, normalised to sum 1."""
-    column, _, pairs = text.partition(":")
-    weights = {}
-    for pair in pairs.split(","):
-        value, _, weight = pair.partition("=")
-        try:
-            weights[value.strip()] = positive_number(weight)
-        except argparse.ArgumentTypeError:
-            weights = {}
-            break
-    if not column or not weights:
-        raise argparse.ArgumentTypeError(f"expected COLUMN:VALUE=WEIGHT,... with positive weights, got {text!r}")
-    total = sum(weights.values())
-    return column, {value: weight / total for value, weight in weights.items()}
-
-
-def positive_number(text: str) -> float:
-    """argparse type: a finite number above 0."""
+def pixel_spacing(text: str) -> Spacing:
+    """argparse type: a pixel size in mm, "0.98" (square) or "0.9x1.2" (rows x columns), as (rows, columns)."""
     try:
-        value = float(text)
+        return parse_spacing(text)
     except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"expected a positive number in mm (square pixels, e.g. 0.98) or rows x "
+                                         f"columns (e.g. 0.9x1.2), got {text!r}") from None
 
 
 if __name__ == "__main__":

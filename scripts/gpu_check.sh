@@ -49,7 +49,7 @@ import json
 import sys
 from pathlib import Path
 
-from utils import save_json
+from tumorseg.files import save_json
 
 out, tests_rc = Path(sys.argv[1]), json.loads(sys.argv[2])
 runs = []

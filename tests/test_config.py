@@ -1,3 +1,4 @@
+import argparse
 import dataclasses
 
 import pytest
@@ -170,3 +171,16 @@ def test_a_split_file_excludes_folds_and_fold_columns():
     with pytest.raises(ValueError, match="FOLD must not be negative"):
         Config(SPLIT_FILE="splits.json", FOLD=-1)
     assert Config(SPLIT_FILE="splits.json", FOLD=3).FOLD == 3
+
+
+def test_a_non_finite_float_is_reported_alone_and_other_problems_all_together():
+    from config import parse_bool, with_recipe
+    with pytest.raises(ValueError, match=r"^invalid config: THRESHOLD must be a finite number, got nan$"):
+        Config(THRESHOLD=float("nan"), EPOCHS=0)
+    with pytest.raises(ValueError, match=r"^invalid config: THRESHOLD must lie .*; BATCH_SIZE, EPOCHS"):
+        Config(THRESHOLD=2.0, EPOCHS=0)
+    assert parse_bool(" Yes ") is True and parse_bool("OFF") is False
+    with pytest.raises(argparse.ArgumentTypeError, match="expected true or false"):
+        parse_bool("maybe")
+    with pytest.raises(ValueError, match="unknown recipe 'fast'"):
+        with_recipe(Config(), {"RECIPE": "fast"})

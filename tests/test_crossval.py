@@ -95,19 +95,6 @@ def test_compare_with_itself_is_no_difference_and_other_splits_are_refused_by_na
     assert "train_config.SPLIT_SEED: 42 -> 7" in capsys.readouterr().err
 
 
-def test_the_inner_validation_verdict_follows_the_adoption_rule(cv_dir, tmp_path, capsys):
-    a = copy_of(cv_dir, tmp_path / "runs" / "a")
-    for gains, adopted in (((0.001, 0.001, 0.001), True), ((0.02, 0.0, -0.004), True), ((0.02, 0.0, -0.006), False),
-                           ((0.004, 0.004, 0.0), False)):
-        b = copy_of(cv_dir, tmp_path / "runs" / f"b{gains}")
-        for fold, gain in enumerate(gains):
-            summary = json.loads((b / f"fold{fold}" / "summary.json").read_text())
-            summary["decision_rule"]["val_dice_with_rule"] += gain
-            (b / f"fold{fold}" / "summary.json").write_text(json.dumps(summary))
-        lines = crossval.inner_validation_lines(a, b, [0, 1, 2])
-        assert ("is ADOPTED" in lines[-1]) == adopted, (gains, lines[-1])
-
-
 def test_compare_reports_a_known_shift_per_patient_and_counts_the_looks(cv_dir, tmp_path, capsys):
     a = copy_of(cv_dir, tmp_path / "runs" / "a")
     b = copy_of(cv_dir, tmp_path / "runs" / "b", shift=0.05)
@@ -139,17 +126,9 @@ def test_run_with_other_flags_into_the_same_folder_stops_and_names_each_differen
     assert "folds: 3 -> 2" in capsys.readouterr().err
 
 
-def test_a_config_key_added_since_the_plan_is_no_difference_at_its_default(cv_dir, tmp_path):
-    plan = json.loads((cv_dir / "plan.json").read_text())
-    older = {**plan, "train_config": {k: v for k, v in plan["train_config"].items() if k != "RULE_MOST_PROBABLE"}}
-    assert crossval.plan_differences(older, plan) == []
-    changed = {**plan, "train_config": {**plan["train_config"], "RULE_MOST_PROBABLE": True}}
-    assert crossval.plan_differences(older, changed) == ["train_config.RULE_MOST_PROBABLE: False -> True"]
-
-
 def test_rerule_searches_each_folds_rule_again_without_retraining(cv_dir, tmp_path, capsys):
     import torch
-    from utils import load_checkpoint
+    from tumorseg.runs.checkpoints import load_checkpoint
     source = copy_of(cv_dir, tmp_path / "runs" / "a")
     for fold in range(3):  # copy_of leaves out checkpoints: rerule needs the source's weights
         shutil.copy(cv_dir / f"fold{fold}" / "best.pt", source / f"fold{fold}" / "best.pt")
@@ -178,7 +157,7 @@ def test_ctrl_c_during_rerule_is_said_and_leaves_no_fold_that_looks_finished(cv_
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(crossval, "choose_decision_rule", interrupted)
+    monkeypatch.setattr("tumorseg.crossval.folds.choose_decision_rule", interrupted)
     assert crossval.main(["rerule", str(source), "--name", "b", "--rule-most-probable", "true"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
@@ -238,3 +217,11 @@ def test_unreadable_metadata_is_named_before_any_fold_runs(tmp_path, capsys):
     assert crossval.main(["run", "--name", "x", "--data-root", str(data), "--runs-dir", str(tmp_path / "runs"),
                           "--folds", "3"]) == 1
     assert f"{data / 'metadata.csv'}: is not UTF-8" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_pixel_spacing_is_one_number_or_rows_by_columns_and_nothing_else(capsys):
+    assert crossval.spacing_mm("0.98") == 0.98  # square: a number, as plans have recorded it
+    assert crossval.spacing_mm("0.9x1.2") == "0.9x1.2" and crossval.spacing_mm(" 0.9 X 1.2 ") == "0.9x1.2"
+    with pytest.raises(SystemExit) as stop:
+        crossval.main(["run", "--name", "n", "--data-root", ".", "--pixel-spacing-mm", "0.9,1.2"])
+    assert stop.value.code == 2 and "not a pixel size in mm" in capsys.readouterr().err

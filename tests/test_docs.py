@@ -2,6 +2,8 @@
 table on its first screen, and the dataset credit wherever results appear."""
 
 import re
+import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -67,3 +69,41 @@ def test_the_figshare_credit_stands_wherever_results_appear():
     for page in (README, ROOT / "docs" / "results.md"):
         text = page.read_text()
         assert FIGSHARE_DOI in text and "Jun Cheng" in text and "CC BY 4.0" in text, page.name
+
+
+COMMAND = re.compile(r"python ([a-z_]+)\.py((?: [a-z]+)?)((?:[^\n]|\\\n)*)")  # continued lines joined
+SUBCOMMANDS = {"crossval": ("run", "table", "compare", "rerule"), "prepare_data": ("demo", "figshare", "nifti")}
+
+
+def documented_commands() -> list[tuple[str, str, set[str], str]]:
+    """(script, sub-command, its --flags, where) of every `python <script>.py ...` in README.md and docs/."""
+    found = []
+    for page in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for script, sub, rest in COMMAND.findall(page.read_text()):
+            if not (ROOT / f"{script}.py").is_file():
+                continue  # e.g. a user's own script shown in an example
+            sub = sub.strip() if sub.strip() in SUBCOMMANDS.get(script, ()) else ""
+            found.append((script, sub, set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", rest)), page.name))
+    return found
+
+
+def test_every_flag_the_readme_and_docs_show_is_one_the_command_takes():
+    helps: dict[tuple[str, str], str] = {}
+
+    def help_text(script: str, sub: str) -> str:
+        if (script, sub) not in helps:
+            argv = [sys.executable, f"{script}.py", *([sub] if sub else []), "--help"]
+            helps[script, sub] = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
+        return helps[script, sub]
+
+    commands = documented_commands()
+    assert len(commands) > 50 and {script for script, *_ in commands} >= {"train", "test", "crossval", "export"}
+    unknown = []
+    for script, sub, flags, page in commands:
+        known = help_text(script, sub)
+        if script == "crossval" and sub in ("run", "rerule"):
+            known += help_text("train", "")  # they pass the flags they do not know to train.py
+        if not known.strip():  # a script without argparse help (report.py, config.py): its source names its flags
+            known = (ROOT / f"{script}.py").read_text()
+        unknown += [f"{page}: python {script}.py {sub} {flag}" for flag in flags if flag not in known]
+    assert not unknown, "flags no command takes:\n" + "\n".join(sorted(set(unknown)))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import runpy
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,11 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-import dataset
-import inference
+from tumorseg.data import preprocess, reading
+from tumorseg import files
+from tumorseg.inference import predict
 from config import Config
 from conftest import ROOT, load_script
-from utils import build_model, load_checkpoint, model_arguments, save_checkpoints
+from model import build_model, model_arguments
+from tumorseg.runs.checkpoints import load_checkpoint, save_checkpoints
 
 export = load_script(ROOT / "export.py")
 # Loading the TorchScript files back is the point of these tests; torch deprecates torch.jit and says so each time.
@@ -54,7 +58,7 @@ def run_export(*args) -> int:
 
 def real_batch(real_root, config) -> torch.Tensor:
     """SLICES of the real data prepared as the pipeline prepares them: (3, C, S, S)."""
-    return torch.stack([inference.prepare_image(dataset.read_image(real_root / "images" / f"{stem}.png",
+    return torch.stack([predict.prepare_image(reading.read_image(real_root / "images" / f"{stem}.png",
                                                                    config.IN_CHANNELS), config)[0]
                         for stem in SLICES])
 
@@ -82,11 +86,11 @@ def plain(real_root, tmp_path_factory):
     """A tiny checkpoint without a type head, exported as ONNX and as TorchScript, checked on real slices."""
     folder = tmp_path_factory.mktemp("export")
     checkpoint = tiny_checkpoint(folder / "best.pt", real_root)
-    files = {"onnx": folder / "model.onnx", "torchscript": folder / "model.pt"}
-    for form, out in files.items():
+    outputs = {"onnx": folder / "model.onnx", "torchscript": folder / "model.pt"}
+    for form, out in outputs.items():
         assert run_export("--checkpoint", checkpoint, "--format", form, "--out", out,
                           "--check-data", real_root) == 0
-    return checkpoint, files
+    return checkpoint, outputs
 
 
 @pytest.mark.parametrize("form", ["onnx", "torchscript"])
@@ -94,7 +98,7 @@ def test_export_matches_pytorch_on_real_slices_at_batch_1_and_3(plain, real_root
     checkpoint, files = plain
     loaded = load_checkpoint(checkpoint)
     batch = real_batch(real_root, loaded.config)
-    expected = inference.probabilities(loaded.model.eval(), batch, tta=False).numpy()
+    expected = predict.probabilities(loaded.model.eval(), batch, tta=False).numpy()
     assert 0.01 < expected.min() and expected.max() < 0.99  # a map worth comparing, not saturated
     for size in (1, 3):
         (probability,) = run_file(files[form], form, batch[:size])
@@ -134,10 +138,10 @@ def test_sidecar_holds_the_checkpoints_preprocessing_and_decision_rule(plain, re
     assert info["checkpoint"] == str(checkpoint) and info["epoch"] == 1
     assert info["torch_version"] == torch.__version__ and ("onnx_opset" in info) == (form == "onnx")
     # The recorded normalisation, applied by hand, is the pipeline's.
-    image = dataset.resize_image(dataset.read_image(real_root / "images" / "100.png", 1), 64)
+    image = preprocess.resize_image(reading.read_image(real_root / "images" / "100.png", 1), 64)
     x = image[..., 0].astype(np.float32) / 255
     by_hand = (x - x.mean()) / max(x.std(), pre["normalization"]["min_std"])
-    assert np.abs(by_hand - dataset.normalize(image, "zscore")[0]).max() < 1e-5
+    assert np.abs(by_hand - preprocess.normalize(image, "zscore")[0]).max() < 1e-5
 
 
 def test_sidecar_records_imagenet_statistics_and_crop(real_root, tmp_path):
@@ -147,8 +151,8 @@ def test_sidecar_records_imagenet_statistics_and_crop(real_root, tmp_path):
                       "--check-data", real_root) == 0
     pre = json.loads((tmp_path / "m.pt.json").read_text())["preprocessing"]
     assert pre["NORMALIZATION"] == "imagenet" and pre["CROP"] is True and pre["CROP_MARGIN"] == 0.1
-    assert pre["normalization"]["mean"] == pytest.approx(dataset.IMAGENET_MEAN.tolist())
-    assert pre["normalization"]["std"] == pytest.approx(dataset.IMAGENET_STD.tolist())
+    assert pre["normalization"]["mean"] == pytest.approx(preprocess.IMAGENET_MEAN.tolist())
+    assert pre["normalization"]["std"] == pytest.approx(preprocess.IMAGENET_STD.tolist())
     assert any("does NOT crop" in step for step in pre["steps"])
 
 
@@ -184,8 +188,8 @@ def test_a_deep_supervision_checkpoint_exports_the_plain_networks_single_output(
     plain = build_model(dataclasses.replace(loaded.config, DEEP_SUPERVISION=0))
     plain.load_state_dict({k: v for k, v in loaded.state["model"].items() if not k.startswith("deep_heads.")})
     batch = real_batch(real_root, loaded.config)
-    expected = inference.probabilities(loaded.model.eval(), batch, tta=False).numpy()
-    assert np.array_equal(expected, inference.probabilities(plain.eval(), batch, tta=False).numpy())
+    expected = predict.probabilities(loaded.model.eval(), batch, tta=False).numpy()
+    assert np.array_equal(expected, predict.probabilities(plain.eval(), batch, tta=False).numpy())
     for size in (1, 3):
         outputs = run_file(out, form, batch[:size])
         assert len(outputs) == 1 and outputs[0].shape == (size, 1, 64, 64)  # no head's output in the graph
@@ -278,8 +282,8 @@ def test_existing_output_is_kept_without_overwrite_and_replaced_with_it(checkpoi
 
 
 def test_a_failing_check_leaves_nothing_behind(checkpoint_in, tmp_path, capsys, monkeypatch):
-    pipeline = inference.probabilities
-    monkeypatch.setattr(inference, "probabilities", lambda model, x, tta: pipeline(model, x, tta) + 3e-3)
+    pipeline = predict.probabilities
+    monkeypatch.setattr(predict, "probabilities", lambda model, x, tta: pipeline(model, x, tta) + 3e-3)
     out = tmp_path / "out" / "model.pt"
     assert run_export("--checkpoint", checkpoint_in, "--format", "torchscript", "--out", out) == 1
     err = capsys.readouterr().err
@@ -295,15 +299,19 @@ def test_an_interruption_while_publishing_undoes_it(checkpoint_in, tmp_path, cap
     if overwrite:
         out.write_bytes(b"old model")
         (tmp_path / "out" / "model.pt.json").write_text("old json")
-    real_replace, sidecar, stopped = export.os.replace, tmp_path / "out" / "model.pt.json", []
+    sidecar, stopped = tmp_path / "out" / "model.pt.json", []
 
-    def replace_then_stop(source, target):
-        if target == sidecar and not stopped:  # the model is in place (the old one moved aside), the JSON not yet
-            stopped.append(source)
-            raise KeyboardInterrupt
-        real_replace(source, target)
+    def stop_at_the_sidecar(rename):
+        def renaming(source, target, *args, **kwargs):
+            if Path(target) == sidecar and not stopped:  # the model is in place (the old one out), the JSON not
+                stopped.append(source)
+                raise KeyboardInterrupt
+            return rename(source, target, *args, **kwargs)
+        return renaming
 
-    monkeypatch.setattr(export.os, "replace", replace_then_stop)
+    for name in ("replace", "rename", "link"):  # every way the publisher renames a file in
+        monkeypatch.setattr(os, name, stop_at_the_sidecar(getattr(os, name)))
+    monkeypatch.setattr(files, "renameat2", stop_at_the_sidecar(files.renameat2))
     args = ["--checkpoint", checkpoint_in, "--format", "torchscript", "--out", out]
     assert run_export(*args, *(["--overwrite"] if overwrite else [])) == 130
     monkeypatch.undo()
@@ -315,6 +323,25 @@ def test_an_interruption_while_publishing_undoes_it(checkpoint_in, tmp_path, cap
         assert out.read_bytes() == b"old model" and (tmp_path / "out" / "model.pt.json").read_text() == "old json"
     else:
         assert left == []
+
+
+@pytest.mark.parametrize("appearing", ["model.pt", "model.pt.json"])
+def test_a_file_made_at_out_after_the_check_is_never_overwritten(checkpoint_in, tmp_path, capsys, monkeypatch,
+                                                                 appearing):
+    out = tmp_path / "out" / "model.pt"
+    real_renameat2 = files.renameat2
+
+    def another_process_writes(source, target, flags):  # after every check, right before the rename
+        if Path(target) == tmp_path / "out" / appearing and not os.path.lexists(target):
+            Path(target).write_bytes(b"theirs")
+        return real_renameat2(source, target, flags)
+
+    monkeypatch.setattr(files, "renameat2", another_process_writes)
+    assert run_export("--checkpoint", checkpoint_in, "--format", "torchscript", "--out", out) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'out' / appearing}: already exists" in err and "nothing was written" in err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [appearing]  # ours taken back, no staging left
+    assert (tmp_path / "out" / appearing).read_bytes() == b"theirs"
 
 
 @pytest.mark.parametrize("signal_name, code", [("SIGTERM", 143), ("SIGINT", 130)])
@@ -350,8 +377,8 @@ def test_readme_example_runs_without_torch_and_matches_the_pipeline(plain, real_
     monkeypatch.setattr(sys, "argv", ["predict_onnx.py", str(files["onnx"]), str(image)])
     namespace = runpy.run_path(str(tmp_path / "predict_onnx.py"), run_name="__main__")
     loaded = load_checkpoint(checkpoint)
-    prepared = inference.prepare_image(dataset.read_image(image, 1), loaded.config)[0]
-    expected = inference.probabilities(loaded.model.eval(), prepared[None], tta=False)[0, 0].numpy()
+    prepared = predict.prepare_image(reading.read_image(image, 1), loaded.config)[0]
+    expected = predict.probabilities(loaded.model.eval(), prepared[None], tta=False)[0, 0].numpy()
     assert np.abs(namespace["probability"] - expected).max() <= 1e-4
     mask = np.asarray(Image.open(tmp_path / "mask.png"))
     assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 255}

@@ -148,3 +148,18 @@ def test_masks_of_sides_not_divisible_by_the_factor_pool_to_the_heads_ceil_sized
     pooled = downsample_mask(target, (10, 13))  # ceil(37 / 4), ceil(50 / 4), as UNet's heads give
     assert pooled.shape == (1, 1, 10, 13) and pooled[..., 9, 12] == 1 and pooled.sum() == 1
     assert downsample_mask(target, (37, 50)) is target
+
+
+def test_a_perfect_prediction_is_the_minimal_loss_and_smooth_zero_gives_an_empty_mask_no_credit():
+    target = torch.zeros(2, 1, 8, 8)
+    target[0, :, 2:5, 2:5] = 1  # the second image has no tumour
+    perfect = (target * 2 - 1) * 30
+    wrong = -perfect
+    per_image = BCEDiceLoss(reduction="none")
+    assert soft_dice_loss(perfect, target, reduction="none").max() < 1e-6 and per_image(perfect, target).max() < 1e-6
+    assert soft_dice_loss(wrong, target, reduction="none").min() > 0.9 and per_image(wrong, target).min() > 0.9
+    empty = torch.zeros(1, 1, 8, 8)
+    assert soft_dice_loss(torch.full_like(empty, -30.0), empty, smooth=0.0).item() == 1.0
+    assert torch.isnan(soft_dice_loss(torch.full_like(empty, float("nan")), empty))
+    assert downsample_mask(empty, (8, 8)) is empty and not downsample_mask(empty, (2, 2)).any()
+    assert deep_supervision_weights(0) == []

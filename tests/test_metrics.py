@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import (FAILURE_RULES, FRAGMENTED_MAX_DICE, FRAGMENTED_MIN_COMPONENTS, GOOD_MIN_DICE, HIGH_RATE,
-                     LOW_RATE, POOR_MAX_DICE, CalibrationTracker, MetricTracker, auroc,
-                     average_surface_distance, component_count, confusion_counts,
-                     dice_per_image, failure_category, hausdorff95, iou_per_image, mask_border,
-                     per_image_report, pixel_accuracy_per_image, pooled_scores, precision_per_image,
-                     rank_correlation, ratio_dtype, region_uncertainty, sensitivity_per_image, summarise,
-                     surface_distances)
+from metrics import (MetricTracker, average_surface_distance, confusion_counts, dice_per_image, hausdorff95,
+                     iou_per_image, mask_border, pixel_accuracy_per_image, pooled_scores, precision_per_image,
+                     ratio_dtype, sensitivity_per_image, surface_distances)
+from tumorseg.evaluation.calibration import CalibrationTracker
+from tumorseg.evaluation.image_report import component_count, per_image_report
+from tumorseg.evaluation.failures import (FAILURE_RULES, FRAGMENTED_MAX_DICE, FRAGMENTED_MIN_COMPONENTS, GOOD_MIN_DICE,
+                                          HIGH_RATE, LOW_RATE, POOR_MAX_DICE, failure_category)
 
 
 def calibration_bins(probabilities: np.ndarray, targets: np.ndarray, bins: int = 10) -> dict:
@@ -47,7 +47,7 @@ def test_counts_and_ratios_need_no_float64_which_mps_lacks():
     assert [t.dtype for t in (c.tp, c.fp, c.fn, c.tn)] == [torch.int64] * 4  # Dice runs every step on the device
     assert [t.tolist() for t in (c.tp, c.fp, c.fn, c.tn)] == [[4, 0], [2, 0], [0, 4], [10, 12]]
     assert ratio_dtype(torch.device("mps")) == torch.float32 and ratio_dtype(torch.device("cpu")) == torch.float64
-    # elsewhere the ratios are float64 of exact counts, as before
+    # elsewhere the ratios are float64 of exact counts
     assert dice_per_image(pred, target).tolist() == [8 / 10, 0.0] and iou_per_image(pred, target)[0] == 4 / 6
     assert pixel_accuracy_per_image(pred, target).tolist() == [14 / 16, 12 / 16]
     assert precision_per_image(pred, target)[0] == 4 / 6 and math.isnan(precision_per_image(pred, target)[1])
@@ -149,6 +149,38 @@ def test_spacing_scales_distances_along_its_own_axis():
     assert hausdorff95(a, b, (3.0, 1.0)) == pytest.approx(10.0)
 
 
+def test_hd95_on_a_1_by_2_mm_grid_is_the_hand_computed_value():
+    """A 3x3 square against itself moved one pixel, on pixels 1 mm tall and 2 mm wide (rows x columns).
+
+    Moved one column, 4 border pixels of each square are 0 away from the other's border, 3 are one column
+    (2 mm) away and 1 (the side one reaches from the other's centre) one row (1 mm) away: sorted
+    [0, 0, 0, 0, 1, 2, 2, 2] mm each way, so HD95 = 2 mm and ASSD = 14 / 16 mm. Moved one row instead: 1 mm
+    and 0.5 mm. Square 1 mm or 1.5 mm pixels (one number, or the mean of the two) would give other values.
+    """
+    base = square(2, 2, 3, (8, 8))
+    across, down = square(2, 3, 3, (8, 8)), square(3, 2, 3, (8, 8))
+    assert hausdorff95(base, across, (1.0, 2.0)) == pytest.approx(2.0)
+    assert average_surface_distance(base, across, (1.0, 2.0)) == pytest.approx(14 / 16)
+    assert hausdorff95(base, down, (1.0, 2.0)) == pytest.approx(1.0)
+    assert average_surface_distance(base, down, (1.0, 2.0)) == pytest.approx(0.5)
+    assert per_image_report(across, base, (1.0, 2.0))["hd95_mm"] == pytest.approx(2.0)
+
+
+def test_one_number_is_a_square_pixel_and_agrees_with_the_equal_pair():
+    a, b = square(0, 0, 4), square(3, 10, 5)
+    for size in (0.7, 2):
+        assert hausdorff95(a, b, size) == hausdorff95(a, b, (size, size))
+        assert average_surface_distance(a, b, size) == average_surface_distance(a, b, (size, size))
+        assert surface_distances(a, b, size).pred_to_target.tolist() == \
+            surface_distances(a, b, (size, size)).pred_to_target.tolist()
+        assert per_image_report(a, b, size) == per_image_report(a, b, (size, size))
+    assert hausdorff95(a, b, 2) == pytest.approx(2 * hausdorff95(a, b))
+    volume = np.zeros((6, 6, 6), bool)
+    volume[1:3, 1:3, 1:3] = True
+    assert hausdorff95(volume, np.roll(volume, 2, axis=2), 1.5) == hausdorff95(volume, np.roll(volume, 2, axis=2),
+                                                                             (1.5, 1.5, 1.5))
+
+
 def test_distances_are_nan_when_either_mask_is_empty():
     empty, blob = np.zeros((8, 8), bool), square(2, 2, 3, (8, 8))
     for pred, target in [(empty, empty), (blob, empty), (empty, blob)]:
@@ -241,13 +273,6 @@ def test_every_failure_category_is_reached():
     assert str(POOR_MAX_DICE) in rules["poor"] and str(GOOD_MIN_DICE) in rules["good"]
 
 
-def test_failure_rules_apply_in_order():
-    # fragmented comes before under-segmented, though both hold
-    assert failure_category(0.3, 1.0, 0.2, 3, 100, 20, 20) == "fragmented"
-    assert failure_category(0.3, 1.0, 0.2, 2, 100, 20, 20) == "under-segmented"
-    assert failure_category(0.79, 0.7, 0.9, 1, 100, 130, 90) == "fair"
-
-
 def test_per_image_report_numbers():
     pred, target = square(0, 0, 4), square(0, 10, 4)
     report = per_image_report(pred, target)
@@ -291,50 +316,14 @@ def test_ece_is_near_zero_when_calibrated_and_large_when_overconfident():
     assert calibration_bins(overconfident, y)["ece"] > 0.1
 
 
-def test_rank_correlation_and_auroc():
-    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
-    assert rank_correlation([1, 2, 3, math.nan], [3, 2, 1, 0]) == pytest.approx(-1.0)  # NaN pair left out
-    assert math.isnan(rank_correlation([1, 1, 1], [1, 2, 3]))
-    assert auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == pytest.approx(0.75)
-    assert math.isnan(auroc([0.1, 0.2], [True, True]))
-    assert math.isnan(auroc([0.0, 0.0, 0.0], [True, False, True]))  # a self-ensemble's zero uncertainty ranks nothing
-
-
-def test_summarise_leaves_out_undefined_values():
-    s = summarise([1.0, math.nan, 3.0, 2.0])
-    assert s == {"mean": 2.0, "median": 2.0, "std": pytest.approx(math.sqrt(2 / 3)), "count": 3,
-                 "count_undefined": 1}
-    s = summarise([math.nan])
-    assert math.isnan(s["mean"]) and s["count"] == 0 and s["count_undefined"] == 1
-
-
-
 def test_pooled_scores_sum_pixels_over_images():
     # image 1: tp 10, fp 0, fn 0; image 2: tp 0, fp 5, fn 5
     assert pooled_scores(10, 5, 5) == {"dice_pooled": pytest.approx(20 / 30), "iou_pooled": pytest.approx(10 / 20)}
     assert pooled_scores(0, 0, 0) == {"dice_pooled": 1.0, "iou_pooled": 1.0}  # nothing anywhere, nothing claimed
 
 
-def test_region_uncertainty_averages_where_any_view_sees_tumour():
-    probability = np.array([[0.0, 0.05, 0.1, 0.9]])
-    spread = np.array([[0.0, 0.04, 0.2, 0.1]])
-    assert region_uncertainty(spread, probability) == pytest.approx(0.15)  # the last two pixels
-    assert region_uncertainty(spread, np.zeros_like(probability)) == 0.0  # all agree: nothing there
-
-
-def test_paired_comparison_of_a_model_with_itself_is_no_difference():
-    from metrics import describe_paired_comparison, paired_comparison
-    same = paired_comparison([0.0] * 7)
-    assert same["mean_difference"] == 0 and same["wilcoxon_p"] == 1.0 and same["wilcoxon_w"] is None
-    assert same["equal"] == 7 and "not applicable" in describe_paired_comparison(same)
-    better = paired_comparison([0.1, 0.2, 0.15, 0.05, 0.3, 0.12, 0.08, 0.2, 0.11, 0.09])
-    assert better["b_better"] == 10 and better["wilcoxon_p"] < 0.01
-    with pytest.raises(ValueError):
-        paired_comparison([0.1, float("nan")])
-
-
 def test_volume_report_identity_and_a_shift_measured_in_mm():
-    from metrics import volume_report
+    from tumorseg.evaluation.image_report import volume_report
     cube = np.zeros((12, 12, 10), bool)
     cube[3:8, 3:8, 2:6] = True
     same = volume_report(cube, cube, (0.5, 0.5, 3.0))
@@ -361,9 +350,50 @@ def test_volume_surface_distances_match_monai_on_random_blobs():
     assert average_surface_distance(pred, target, spacing) == pytest.approx(expected_assd, rel=1e-5, abs=1e-5)
 
 
-def test_holm_adjustment_matches_the_step_down_by_hand_and_leaves_one_p_alone():
-    from metrics import holm_adjusted
-    assert holm_adjusted([0.03]) == [0.03] and holm_adjusted([]) == []
-    # sorted 0.01, 0.02, 0.04 times 3, 2, 1 -> 0.03, 0.04, 0.04 (kept monotone), in the order given
-    assert holm_adjusted([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
-    assert holm_adjusted([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+def test_a_perfect_prediction_scores_one_on_every_overlap_metric_and_zero_distance():
+    target = square(4, 6, 9)[None]
+    for metric in (dice_per_image, iou_per_image, pixel_accuracy_per_image, precision_per_image,
+                   sensitivity_per_image):
+        assert metric(target, target).tolist() == [1.0]
+    assert hausdorff95(target[0], target[0]) == 0.0 and average_surface_distance(target[0], target[0]) == 0.0
+
+
+def test_two_empty_masks_are_a_correct_no_tumour_with_undefined_distances():
+    empty = np.zeros((8, 8), bool)
+    report = per_image_report(empty, empty, spacing=(1.0, 1.0))
+    assert all(report[key] == 1.0 for key in ("dice", "iou", "pixel_accuracy", "precision", "sensitivity"))
+    assert all(math.isnan(report[key]) for key in ("hd95_px", "assd_px", "hd95_mm", "assd_mm"))
+    assert report["category"] == "no tumour: correct" and report["pred_components"] == 0
+    assert failure_category(1.0, math.nan, math.nan, 0, 0, 0, 0) == "no tumour: correct"
+
+
+def test_a_nan_prediction_pixel_counts_as_tumour():
+    counts = confusion_counts(np.array([[math.nan, 0.0]]), np.array([[1, 0]]))
+    assert [t.tolist() for t in (counts.tp, counts.fp, counts.fn, counts.tn)] == [[1], [0], [0], [1]]
+
+
+def test_a_batch_of_mismatched_shapes_adds_nothing_and_all_empty_images_pool_to_one():
+    tracker = MetricTracker()
+    with pytest.raises(ValueError, match="differ in shape"):
+        tracker.update(torch.ones(2, 6, 6), torch.ones(2, 6, 5))
+    assert tracker.dice == [] and not tracker.totals.any()
+    tracker.update(torch.zeros(3, 1, 6, 6), torch.zeros(3, 6, 6))
+    assert tracker.summary() == {"dice": 1.0, "iou": 1.0, "pixel_accuracy": 1.0, "dice_pooled": 1.0,
+                                 "iou_pooled": 1.0}
+
+
+def test_distances_refuse_a_spacing_of_another_dimension():
+    with pytest.raises(ValueError, match="has 3 values for 2-D masks"):
+        hausdorff95(square(1, 1, 3, (8, 8)), square(2, 2, 3, (8, 8)), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="has 2 values for 3-D masks"):
+        surface_distances(np.ones((4, 4, 4), bool), np.ones((4, 4, 4), bool), (1.0, 1.0))
+
+
+def test_calibration_refuses_nan_probabilities_and_fewer_than_one_bin():
+    tracker = CalibrationTracker()
+    with pytest.raises(ValueError, match="must lie in"):
+        tracker.update(np.array([0.5, math.nan]), np.array([True, False]))
+    assert not tracker.counts.any()
+    with pytest.raises(ValueError, match="bins must be at least 1"):
+        CalibrationTracker(bins=0)

@@ -2,7 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import AttentionGate, AttentionUNet, TypeHead, UNet, build_unet, count_parameters
+from config import Config
+from model import (AttentionGate, AttentionUNet, TypeHead, UNet, build_model, build_model_from_arguments, build_unet,
+                   count_parameters, model_arguments)
 
 
 def test_classic_unet_has_31_million_parameters():
@@ -209,3 +211,15 @@ def test_deep_supervision_adds_only_head_weights_and_their_prior_and_refuses_lev
     for bad in (3, -1):
         with pytest.raises(ValueError, match="deep_supervision must lie from 0 to depth-1 = 2"):
             UNet(1, 4, 3, deep_supervision=bad)
+
+
+def test_build_model_makes_the_network_its_stored_arguments_rebuild():
+    plain = Config(BASE_CHANNELS=4, DEPTH=2, IN_CHANNELS=1)
+    assert model_arguments(plain) == {"name": plain.MODEL, "in_channels": 1, "base_channels": 4, "depth": 2,
+                                      "bilinear": plain.BILINEAR}  # optional parts stored only when set
+    extended = Config(BASE_CHANNELS=4, DEPTH=3, IN_CHANNELS=1, STEM="space_to_depth", DEEP_SUPERVISION=1)
+    arguments = model_arguments(extended, ["a", "b"])
+    assert arguments["stem"] == "space_to_depth" and arguments["deep_supervision"] == 1
+    assert arguments["type_classes"] == ["a", "b"]
+    built, rebuilt = build_model(extended, ["a", "b"]), build_model_from_arguments(arguments)
+    assert built.state_dict().keys() == rebuilt.state_dict().keys()

@@ -1,6 +1,7 @@
 """test.py: outputs at native resolution, metrics against original masks, and every failure mode."""
 
 import csv
+import errno
 import functools
 import json
 import math
@@ -14,16 +15,20 @@ import pytest
 import torch
 from PIL import Image
 
-import inference
+from tumorseg.inference import predict
 import train
 from conftest import ROOT, link_subset, load_script
 import dataset
-import evaluation
-import outputs
-from dataset import read_mask
-from metrics import dice_per_image, iou_per_image, per_image_report
+from tumorseg.data import reading
+from tumorseg.evaluation import evaluate
+from tumorseg.inference import outputs
+from tumorseg.data.reading import read_mask
+from metrics import dice_per_image, iou_per_image
+from tumorseg.evaluation.image_report import per_image_report
 from config import Config
-from utils import LoadedCheckpoint, load_checkpoint, staging_host
+from tumorseg import files
+from tumorseg.files import staging_host
+from tumorseg.runs.checkpoints import LoadedCheckpoint, load_checkpoint
 
 test_script = load_script(ROOT / "test.py")
 
@@ -99,11 +104,11 @@ def test_mixed_sizes_give_native_resolution_outputs_and_matching_metrics(tiny_ru
 def test_tta_averages_the_eight_orientations():
     inputs = torch.randn(2, 1, 8, 8)
     pointwise = lambda x: 3 * x  # noqa: E731  (commutes with every flip and rotation)
-    assert torch.allclose(inference.probabilities(pointwise, inputs, tta=True),
-                          inference.probabilities(pointwise, inputs, tta=False), atol=1e-6)
+    assert torch.allclose(predict.probabilities(pointwise, inputs, tta=True),
+                          predict.probabilities(pointwise, inputs, tta=False), atol=1e-6)
     ramp = torch.arange(8.0).expand(1, 1, 8, 8)
     biased = lambda x: x + ramp  # noqa: E731  (prefers one side of the image)
-    averaged = inference.probabilities(biased, inputs, tta=True)
+    averaged = predict.probabilities(biased, inputs, tta=True)
     expected = sum(torch.sigmoid(inputs + torch.rot90(r, -k, (2, 3)))
                    for k in range(4) for r in (ramp, ramp.flip(3))) / 8
     assert torch.allclose(averaged, expected, atol=1e-6)
@@ -115,7 +120,7 @@ def test_bf16_logits_give_float32_probabilities(tta):
     # coarser than the decision rule tuned on float32 maps, so the sigmoid must run on float32 logits.
     inputs = torch.linspace(-0.02, 0.02, 64).reshape(1, 1, 8, 8)
     bf16_model = lambda x: x.to(torch.bfloat16)  # noqa: E731  (what autocast's bf16 forward pass returns)
-    maps = inference.probabilities(bf16_model, inputs, tta=tta)
+    maps = predict.probabilities(bf16_model, inputs, tta=tta)
     expected = torch.sigmoid(inputs.to(torch.bfloat16).float())
     assert maps.dtype == torch.float32
     assert torch.allclose(maps, expected, rtol=0, atol=1e-6)  # bf16's step near 0.5 is 0.004
@@ -142,10 +147,10 @@ def test_bf16_channels_last_inference_matches_float32(tiny_run, mixed_sizes, tmp
     summary = json.loads((preds / "tiny" / "summary.json").read_text())
     assert (summary["amp"], summary["channels_last"]) == ("bf16", True)
     loaded = load_checkpoint(tiny_run / "best.pt")
-    images = [dataset.read_image(p, loaded.config.IN_CHANNELS) for p in sorted((mixed_sizes / "images").iterdir())]
-    plain = inference.native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"))
+    images = [reading.read_image(p, loaded.config.IN_CHANNELS) for p in sorted((mixed_sizes / "images").iterdir())]
+    plain = predict.native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"))
     loaded.model.to(memory_format=torch.channels_last)
-    fast = inference.native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"), amp="bf16",
+    fast = predict.native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"), amp="bf16",
                                           channels_last=True)
     for a, b in zip(plain, fast, strict=True):
         assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
@@ -157,8 +162,8 @@ def test_threaded_writing_gives_the_same_outputs_as_a_sequential_run(tiny_run, m
     assert outputs.WRITE_THREADS > 0 and outputs.PNG_COMPRESS_LEVEL != 6
     assert run_test(*args, "--prediction-root", tmp_path / "threaded") == 0
     # as test.py wrote before: inline, PIL's default compression
-    monkeypatch.setattr(evaluation, "predict_and_write",
-                        functools.partial(evaluation.predict_and_write, write_threads=0, compress_level=6))
+    monkeypatch.setattr(evaluate, "predict_and_write",
+                        functools.partial(evaluate.predict_and_write, write_threads=0, compress_level=6))
     assert run_test(*args, "--prediction-root", tmp_path / "sequential") == 0
     threaded, sequential = tmp_path / "threaded" / "tiny", tmp_path / "sequential" / "tiny"
     for sub in (*outputs.OUTPUT_FOLDERS, "uncertainty"):
@@ -408,6 +413,30 @@ def test_bare_checkpoint_name_inside_the_run_folder_never_replaces_other_runs(ti
     assert sorted(p.name for p in preds.iterdir()) == ["other-run", "tiny"]
 
 
+@pytest.mark.parametrize("fault", ["Ctrl-C", "disk error"])
+def test_an_overwrite_interrupted_or_failing_while_swapping_keeps_the_earlier_predictions(
+        tiny_run, mixed_sizes, tmp_path, monkeypatch, capsys, fault):
+    preds = tmp_path / "preds"
+    args = ["--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
+            "--report", "false"]
+    assert run_test(*args) == 0
+    (preds / "tiny" / "notes.txt").write_text("earlier")
+    earlier = {p.relative_to(preds): p.read_bytes() for p in sorted(preds.rglob("*")) if p.is_file()}
+    real_put_in_place = files.put_in_place
+
+    def swapped_then_stopped(swap, overwrite):  # the new folder is in place, the earlier one not yet deleted
+        real_put_in_place(swap, overwrite)
+        if fault == "Ctrl-C":
+            raise KeyboardInterrupt
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files, "put_in_place", swapped_then_stopped)
+    assert run_test(*args, "--overwrite") == (130 if fault == "Ctrl-C" else 1)
+    assert "nothing was written; earlier predictions are untouched" in capsys.readouterr().err
+    assert {p.relative_to(preds): p.read_bytes() for p in sorted(preds.rglob("*")) if p.is_file()} == earlier
+    assert [p.name for p in preds.iterdir()] == ["tiny"]  # no staging folder left
+
+
 def test_overwrite_refuses_a_folder_that_is_not_a_prediction_output(tiny_run, mixed_sizes, tmp_path, capsys):
     preds = tmp_path / "preds"
     (preds / "tiny").mkdir(parents=True)
@@ -423,14 +452,14 @@ def test_two_writers_of_one_run_name_each_publish_their_own_folder(tmp_path):
     assert first != second and first.exists()
     (first / "summary.json").write_text('{"threshold": 0.3}')
     (second / "summary.json").write_text('{"threshold": 0.7}')
-    out_second = outputs.publish(second, tmp_path, "run", overwrite=False)
-    out_first = outputs.publish(first, tmp_path, "run", overwrite=False)
+    out_second = outputs.publish_predictions(second, tmp_path, "run", overwrite=False)
+    out_first = outputs.publish_predictions(first, tmp_path, "run", overwrite=False)
     assert {out_first.name, out_second.name} == {"run", "run-2"}
     assert json.loads((out_first / "summary.json").read_text())["threshold"] == 0.3
     assert json.loads((out_second / "summary.json").read_text())["threshold"] == 0.7
     third = outputs.start_staging(tmp_path, "run", overwrite=True)
     (third / "summary.json").write_text('{"threshold": 0.5}')
-    assert outputs.publish(third, tmp_path, "run", overwrite=True) == tmp_path / "run"
+    assert outputs.publish_predictions(third, tmp_path, "run", overwrite=True) == tmp_path / "run"
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["threshold"] == 0.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run-2"]
 
@@ -470,7 +499,7 @@ def test_ctrl_c_leaves_no_partial_output(tiny_run, mixed_sizes, tmp_path, monkey
         yield from ()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(inference, "predict", interrupted)
+    monkeypatch.setattr(predict, "predict", interrupted)
     preds = tmp_path / "preds"
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds) == 130
     assert "interrupted" in capsys.readouterr().err and list(preds.iterdir()) == []
@@ -479,7 +508,7 @@ def test_ctrl_c_leaves_no_partial_output(tiny_run, mixed_sizes, tmp_path, monkey
 def test_sigterm_mid_output_cleans_up_like_ctrl_c(tiny_run, mixed_sizes, tmp_path, monkeypatch, capsys):
     import os
     import signal
-    real_predict = inference.predict
+    real_predict = predict.predict
 
     def terminated_after_the_first_batch(*args, **kwargs):
         for number, result in enumerate(real_predict(*args, **kwargs)):
@@ -487,7 +516,7 @@ def test_sigterm_mid_output_cleans_up_like_ctrl_c(tiny_run, mixed_sizes, tmp_pat
                 os.kill(os.getpid(), signal.SIGTERM)
             yield result
 
-    monkeypatch.setattr(inference, "predict", terminated_after_the_first_batch)
+    monkeypatch.setattr(predict, "predict", terminated_after_the_first_batch)
     preds = tmp_path / "preds"
     handler_before = signal.getsignal(signal.SIGTERM)
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
@@ -532,7 +561,7 @@ def test_threshold_comes_from_the_checkpoint_unless_given(tiny_run, mixed_sizes,
 
 def test_the_rule_chosen_on_validation_is_applied_by_default(tiny_run, mixed_sizes, tmp_path):
     """train.py stored a rule; test.py applies it unless --postprocess none, and says so in summary.json."""
-    from postprocess import DecisionRule
+    from tumorseg.inference.postprocess import DecisionRule
     checkpoint = torch.load(tiny_run / "best.pt", weights_only=True)
     stored = DecisionRule.from_dict(checkpoint["decision_rule"])
     assert json.loads((tiny_run / "decision_rule.json").read_text())["rule"] == stored.to_dict()
@@ -625,8 +654,8 @@ def test_training_and_test_py_prepare_one_file_identically(demo_root, tmp_path):
         data = dataset.load_dataset(demo_root, config.IMAGE_SIZE, config.IN_CHANNELS, crop=config.CROP,
                                     crop_margin=config.CROP_MARGIN)
         training_input = dataset.SegmentationDataset(data.images, data.masks, config.NORMALIZATION)[3][0]
-        image = dataset.read_image(data.pairs[3].image_path, config.IN_CHANNELS)
-        inference_input, _ = inference.prepare_image(image, config)
+        image = reading.read_image(data.pairs[3].image_path, config.IN_CHANNELS)
+        inference_input, _ = predict.prepare_image(image, config)
         assert torch.equal(training_input, inference_input)
 
 
@@ -704,6 +733,41 @@ def test_pixel_spacing_in_mm_from_a_value_or_a_metadata_column(tiny_run, mixed_s
     assert sorted(p.name for p in preds.iterdir()) == ["tiny", "tiny-2"]  # refusals write nothing
 
 
+def test_pixel_spacing_as_rows_by_columns_gives_distances_on_non_square_pixels(tiny_run, mixed_sizes, tmp_path,
+                                                                              capsys):
+    """--pixel-spacing-mm ROWSxCOLS (and such a metadata.csv value) measures each axis in its own size."""
+    preds = tmp_path / "preds"
+    common = ["--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
+              "--threshold", "0.001", "--report", "false"]
+    assert run_test(*common, "--pixel-spacing-mm", "0.5x2") == 0
+    rows = metrics_rows(preds / "tiny")
+    assert json.loads((preds / "tiny" / "summary.json").read_text())["pixel_spacing_source"] == \
+        "--pixel-spacing-mm 0.5x2.0"
+    for row in rows:
+        predicted = read_mask(preds / "tiny" / "masks" / f"{row['image']}.png").astype(bool)
+        truth = read_mask(mixed_sizes / "masks" / f"{row['image']}.png").astype(bool)
+        expected = per_image_report(predicted, truth, (0.5, 2.0))
+        assert float(row["hd95_mm"]) == pytest.approx(expected["hd95_mm"])
+        assert float(row["assd_mm"]) == pytest.approx(expected["assd_mm"])
+    assert any(float(r["hd95_mm"]) != pytest.approx(1.25 * float(r["hd95_px"])) for r in rows)  # not the mean
+    assert run_test(*common, "--pixel-spacing-mm", "0.5 x 0.5") == 0  # an equal pair is the square size
+    assert run_test(*common, "--pixel-spacing-mm", "0.5") == 0
+    for square_pair, square in zip(metrics_rows(preds / "tiny-2"), metrics_rows(preds / "tiny-3"), strict=True):
+        assert (square_pair["hd95_mm"], square_pair["assd_mm"]) == (square["hd95_mm"], square["assd_mm"])
+    write_metadata(mixed_sizes, [{"image_id": stem, "mm": "0.5x2"} for stem in ("demo_0000", "demo_0001")])
+    assert run_test(*common, "--spacing-column", "mm", "--pixel-spacing-mm", "0.5X2") == 0
+    assert [r["hd95_mm"] for r in metrics_rows(preds / "tiny-4")] == [r["hd95_mm"] for r in rows]
+    for bad in ("0.5x", "x2", "1x2x3", "0.5,2", "0.5x-2", "0.5xnan"):
+        with pytest.raises(SystemExit) as exit_info:
+            run_test(*common, "--pixel-spacing-mm", bad)
+        assert exit_info.value.code == 2
+        assert f"or rows x columns (e.g. 0.9x1.2), got {bad!r}" in capsys.readouterr().err
+    write_metadata(mixed_sizes, [{"image_id": "demo_0000", "mm": "2x"}])
+    assert run_test(*common, "--spacing-column", "mm", "--pixel-spacing-mm", "1") == 1
+    assert "'mm' of image_id 'demo_0000' is '2x', not a pixel size in mm (one positive number (square pixels, " \
+           "e.g. 0.98) or rows x columns (e.g. 0.9x1.2))" in capsys.readouterr().err
+
+
 def test_scores_per_patient_by_default_and_per_stratum(tiny_run, demo_root, tmp_path, capsys):
     run = tmp_path / "grouped"  # tiny_run as if trained with --split-group-column patient_id
     shutil.copytree(tiny_run, run)
@@ -756,10 +820,10 @@ def test_spread_over_tta_views_is_their_standard_deviation():
             return x + ramp  # each view sees the ramp differently
 
     biased = Biased()
-    inputs = torch.stack([inference.prepare_image(image, config)[0] for image in images])
+    inputs = torch.stack([predict.prepare_image(image, config)[0] for image in images])
     views = torch.stack([torch.sigmoid(inputs + torch.rot90(r, -k, (2, 3)))
                          for k in range(4) for r in (ramp, ramp.flip(3))])
-    means, spreads = inference.native_probabilities_and_spreads(biased, config, images, torch.device("cpu"), tta=True)
+    means, spreads = predict.native_probabilities_and_spreads(biased, config, images, torch.device("cpu"), tta=True)
     assert np.allclose(np.stack(means), views.mean(0)[:, 0], atol=1e-6)
     assert np.allclose(np.stack(spreads), views.std(0, correction=0)[:, 0], atol=1e-6)
     assert np.stack(spreads).max() > 0.05  # the views do disagree
@@ -770,7 +834,7 @@ def test_members_spread_adds_their_disagreement_to_their_views_spread():
     views_spread = [np.array([0.0, 0.1], np.float32), np.array([0.0, 0.3], np.float32)]
     # two members of two views each: views 0.2 0.2 0.4 0.4, and 0.4 0.6 0.2 0.8
     expected = [np.std([0.2, 0.2, 0.4, 0.4]), np.std([0.4, 0.6, 0.2, 0.8])]
-    assert np.allclose(inference.combined_spread(members, views_spread), expected, atol=1e-6)
+    assert np.allclose(predict.combined_spread(members, views_spread), expected, atol=1e-6)
 
 
 def dihedral_invariant_model() -> torch.nn.Module:
@@ -786,10 +850,10 @@ def dihedral_invariant_model() -> torch.nn.Module:
 def test_views_that_agree_have_no_uncertainty_at_any_image_size(mixed_sizes, amp):
     config = Config(IMAGE_SIZE=32, IN_CHANNELS=1, NORMALIZATION="zscore", DEPTH=1)  # the images: 200x240, 512
     member = LoadedCheckpoint(dihedral_invariant_model(), config, {}, [])
-    images, masks = inference.find_images(mixed_sizes)
+    images, masks = predict.find_images(mixed_sizes)
     options = Config(TTA=True, AMP=amp, BATCH_SIZE=2)
     for models in ([member], [member, member]):  # TTA alone, and an ensemble of one model twice
-        predictions = list(inference.predict(models, images, masks, torch.device("cpu"), options, True, []))
+        predictions = list(predict.predict(models, images, masks, torch.device("cpu"), options, True, []))
         assert len(predictions) == 3
         for p in predictions:
             assert p.spread.shape == p.probability.shape and p.spread.dtype == np.float32
@@ -826,9 +890,9 @@ def test_an_ensemble_of_one_model_twice_is_certain(tiny_run, mixed_sizes, tmp_pa
     for path in (preds / "tiny-ensemble2" / "uncertainty").iterdir():
         assert np.asarray(Image.open(path)).max() == 0
     loaded = load_checkpoint(best)  # the maps themselves, finer than the PNGs' 256 levels
-    images, masks = inference.find_images(mixed_sizes)
+    images, masks = predict.find_images(mixed_sizes)
     options = Config(AMP=amp, BATCH_SIZE=2)
-    for p in inference.predict([loaded, loaded], images, masks, torch.device("cpu"), options, True, []):
+    for p in predict.predict([loaded, loaded], images, masks, torch.device("cpu"), options, True, []):
         assert p.spread.max() < 1e-6, (p.stem, p.spread.max())
 
 
@@ -874,7 +938,7 @@ def write_scored_folder(folder, dice, patients=None, data_root=None):
 
 
 def test_compare_pairs_patients_not_their_slices(tmp_path, capsys):
-    from metrics import paired_comparison
+    from tumorseg.evaluation.stats import paired_comparison
     patients = {f"p0_s{i:02d}": "p0" for i in range(20)}  # one patient's 20 slices, all better in B
     patients |= {f"p{p}_s{i}": f"p{p}" for p in range(1, 6) for i in range(2)}
     rng = np.random.default_rng(0)
@@ -982,7 +1046,7 @@ def test_a_type_head_adds_its_answer_per_image_and_the_confusion_matrices(typed_
     classes = ["glioma", "meningioma", "pituitary"]
     assert len(rows) == 24 and all(row["predicted_type"] in classes for row in rows)
     assert all(1 / 3 <= float(row["type_probability"]) <= 1 for row in rows)
-    metadata = dataset.read_metadata(demo_root)[1]
+    metadata = reading.read_metadata(demo_root)[1]
     truth = {stem: row["tumor_class"] for stem, row in metadata.items()}
     types = json.loads((folder / "summary.json").read_text())["type_classification"]
     assert types["column"] == "tumor_class" and types["classes"] == classes
@@ -1005,7 +1069,7 @@ def test_a_type_head_adds_its_answer_per_image_and_the_confusion_matrices(typed_
 
 
 def test_patient_vote_is_the_majority_and_a_tie_goes_to_the_larger_summed_probability():
-    from scoring import type_classification
+    from tumorseg.evaluation.scoring import type_classification
     rows = [{"image": "a1", "predicted_type": "x", "type_probability": 0.9},
             {"image": "a2", "predicted_type": "y", "type_probability": 0.6},
             {"image": "b1", "predicted_type": "y", "type_probability": 0.5},
@@ -1031,7 +1095,7 @@ def test_a_checkpoint_without_a_head_loads_and_predicts_as_before(tiny_run, demo
     reference.load_state_dict(loaded.state["model"])  # strict: the same weights, no more, no fewer
     x = torch.randn(3, 1, 32, 32)
     assert torch.equal(loaded.model.eval()(x), reference.eval()(x))
-    assert inference.head_classes([loaded]) == ()
+    assert predict.head_classes([loaded]) == ()
     out = tmp_path / "pred"
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", demo_root, "--prediction-root", out) == 0
     assert "predicted_type" not in next(csv.DictReader(open(out / "tiny" / "metrics.csv")))
@@ -1077,7 +1141,7 @@ def test_a_volume_of_real_slices_scores_as_its_png_slices_and_its_mask_keeps_the
                                                                                           tmp_path):
     """Stacked into a NIfTI volume, real slices get the predictions and scores their PNGs get."""
     import nibabel as nib
-    from test_volumes import oblique_affine
+    from conftest import oblique_affine
     stems = patient_slices(real_root, 5)
     pngs = link_subset(real_root, tmp_path / "pngs", stems)
     grey = np.stack([np.asarray(Image.open(real_root / "images" / f"{s}.png").convert("L")) for s in stems], -1)
@@ -1115,8 +1179,8 @@ def test_a_volume_of_real_slices_scores_as_its_png_slices_and_its_mask_keeps_the
 
 def test_a_dicom_series_is_predicted_into_a_nifti_mask_with_its_geometry(tiny_run, tmp_path, capsys):
     import nibabel as nib
-    import volumes
-    from test_volumes import write_dicom_series
+    from tumorseg.data import volumes
+    from conftest import write_dicom_series
     data = np.random.default_rng(4).integers(0, 3000, size=(40, 36, 5)).astype(np.uint16)
     write_dicom_series(tmp_path / "data" / "images" / "series1", data)
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", tmp_path / "data",
@@ -1131,7 +1195,7 @@ def test_a_dicom_series_is_predicted_into_a_nifti_mask_with_its_geometry(tiny_ru
 
 def test_bad_volumes_are_named_and_the_good_ones_still_predicted(tiny_run, tmp_path, capsys):
     import nibabel as nib
-    from test_volumes import oblique_affine
+    from conftest import oblique_affine
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
@@ -1151,6 +1215,27 @@ def test_bad_volumes_are_named_and_the_good_ones_still_predicted(tiny_run, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     assert summary["volumes"]["count"] == 1 and summary["volumes"]["of"] == 3
     assert sum("flat.nii.gz" in problem or "offsize.nii" in problem for problem in summary["problems"]) == 2
+
+
+def test_a_mask_volume_on_another_voxel_grid_is_refused_naming_both_files_and_orientations(tiny_run, tmp_path,
+                                                                                            capsys):
+    """A mask of its image's shape saved flipped would be scored against the wrong voxels: refused, nothing written."""
+    import nibabel as nib
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    image = np.random.default_rng(7).normal(size=(32, 30, 4)).astype(np.float32)
+    truth = (image > 1).astype(np.uint8)
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(root / "images" / "case.nii.gz"))
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])  # x and y reversed: the same shape in another orientation
+    lps[:2, 3] = [31, 29]  # the same voxel positions in the world, stored in reverse order
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(truth[::-1, ::-1]), lps), str(root / "masks" / "case.nii.gz"))
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root",
+                    tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert f"{root / 'masks' / 'case.nii.gz'}: label volume's affine differs from that of its image volume " \
+           f"{root / 'images' / 'case.nii.gz'} (orientation LPS vs RAS" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_broken_link_among_the_volumes_is_named_and_exit_code_says_so(tiny_run, tmp_path, capsys):
@@ -1215,7 +1300,7 @@ def test_a_volume_predicts_as_its_prepare_data_nifti_slices(tiny_run, tmp_path):
     """`prepare_data.py nifti` and the volume path window and cut a volume alike: same slices, same scores."""
     import nibabel as nib
     import prepare_data
-    from test_volumes import oblique_affine
+    from conftest import oblique_affine
     rng = np.random.default_rng(7)
     image = rng.normal(400, 120, size=(30, 28, 5)).astype(np.float32)  # not 8-bit: windowed to percentiles
     labels = np.zeros(image.shape, np.uint8)
@@ -1235,6 +1320,69 @@ def test_a_volume_predicts_as_its_prepare_data_nifti_slices(tiny_run, tmp_path):
     assert set(by_png) <= set(by_volume) and len(by_png) == 3  # the 3 tumour slices (plus any false alarms)
     for stem, row in by_png.items():
         assert (row["dice"], row["pred_pixels"]) == (by_volume[stem]["dice"], by_volume[stem]["pred_pixels"])
+
+
+def oracle_volume_run(tiny_run, tmp_path, monkeypatch, name: str, changed: dict):
+    """test.py on a 6-slice volume (tumour in slices 2 and 3; pixels 1 mm between rows, 2 mm between columns) whose
+    prediction is its own mask, with `changed` slices (index -> probability map function of the mask) instead.
+
+    Returns metrics.csv's rows, summary.json and the output folder.
+    """
+    import nibabel as nib
+    root = tmp_path / "data"
+    if not root.exists():
+        (root / "images").mkdir(parents=True)
+        (root / "masks").mkdir()
+        image = np.random.default_rng(8).normal(size=(24, 20, 6)).astype(np.float32)
+        mask = np.zeros(image.shape, np.uint8)
+        mask[8:14, 6:11, 2:4] = 1
+        nib.save(nib.Nifti1Image(image, np.diag([1.0, 2.0, 5.0, 1.0])), str(root / "images" / "case.nii.gz"))
+        nib.save(nib.Nifti1Image(mask, np.diag([1.0, 2.0, 5.0, 1.0])), str(root / "masks" / "case.nii.gz"))
+    real = predict.predict_decoded
+
+    def oracle(*args, **kwargs):
+        for p in real(*args, **kwargs):
+            index = int(p.stem[-3:])
+            probability = changed.get(index, lambda m: m)(p.mask).astype(np.float32)
+            yield predict.Prediction(p.stem, p.image, probability, p.mask, p.spread, p.types)
+
+    monkeypatch.setattr(predict, "predict_decoded", oracle)
+    assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", root, "--prediction-root", tmp_path / name,
+                    "--postprocess", "none", "--threshold", "0.5") == 0
+    out = tmp_path / name / "tiny"
+    return metrics_rows(out), json.loads((out / "summary.json").read_text()), out
+
+
+def test_every_volume_slice_is_scored_and_tumour_free_slices_are_their_own_stratum(tiny_run, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Correct empty slices count (Dice 1) as false alarms on empty slices do: a row per slice, as for PNGs."""
+    rows, summary, out = oracle_volume_run(tiny_run, tmp_path, monkeypatch, "exact", {})
+    assert sorted(int(r["slice_index"]) for r in rows) == list(range(6)) and summary["scored"] == 6
+    assert all(float(r["dice"]) == 1 for r in rows) and summary["dice_mean"] == 1
+    tumour_free = summary["strata"]["tumour_size"]["groups"]["no tumour"]
+    assert (tumour_free["count"], tumour_free["false_alarms"], tumour_free["false_alarm_rate"]) == (4, 0, 0)
+    assert tumour_free["dice_mean"] == 1 and summary["failure_counts"]["no tumour: correct"] == 4
+    assert "no tumour: 4 images with an empty mask, false alarm in 0 (0.0%)" in capsys.readouterr().out
+    # PNGs only where the mask or the prediction has tumour; the report leaves the others' thumbnails out
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["case_k002.png", "case_k003.png"]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["case.nii.gz", "case_k002.png", "case_k003.png"]
+    page = (out / "report.html").read_text()
+    assert 'src="overlays/case_k002.png"' in page and "overlays/case_k000.png" not in page
+
+    alarm = np.zeros((24, 20), np.uint8)
+    alarm[1:3, 1:3] = 1
+    changed = {5: lambda m: alarm, 3: lambda m: np.roll(m, 1, axis=1)}  # a false alarm; one column off
+    rows, summary, out = oracle_volume_run(tiny_run, tmp_path, monkeypatch, "alarm", changed)
+    by_index = {int(r["slice_index"]): r for r in rows}
+    assert len(rows) == 6 and float(by_index[5]["dice"]) == 0 and by_index[5]["category"] == "no tumour: false positive"
+    assert float(by_index[3]["dice"]) == pytest.approx(0.8)  # 24 of 30 pixels overlap
+    assert summary["dice_mean"] == pytest.approx((4 * 1 + 0.8 + 0) / 6)
+    tumour_free = summary["strata"]["tumour_size"]["groups"]["no tumour"]
+    assert (tumour_free["count"], tumour_free["false_alarms"], tumour_free["false_alarm_rate"]) == (4, 1, 0.25)
+    assert "no tumour: 4 images with an empty mask, false alarm in 1 (25.0%)" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["case_k002.png", "case_k003.png", "case_k005.png"]
+    # non-square pixels: the header's row (1 mm) and column (2 mm) spacing, not their mean
+    assert float(by_index[3]["hd95_px"]) == 1 and float(by_index[3]["hd95_mm"]) == pytest.approx(2.0)
 
 
 def test_a_broken_link_among_the_masks_is_named_and_exit_code_says_so(tiny_run, mixed_sizes, tmp_path, capsys):

@@ -10,12 +10,16 @@ from PIL import Image
 
 import train
 from config import Config
+from losses import BCEDiceLoss
+from tumorseg.runs import records
+from tumorseg.training import loaders, steps, timing
 from conftest import ROOT, load_script
-from utils import load_checkpoint, staging_host
+from tumorseg.files import staging_host
+from tumorseg.runs.checkpoints import load_checkpoint
 
 def staging_left(run) -> list:
     """Hidden files in a run folder other than its lock: staging files an interrupted write left behind."""
-    from utils import RUN_LOCK_NAME
+    from tumorseg.runs.runfolder import RUN_LOCK_NAME
     return [p for p in run.iterdir() if p.name.startswith(".") and p.name != RUN_LOCK_NAME]
 
 
@@ -34,7 +38,7 @@ def test_short_run_writes_every_artefact(demo_root, tmp_path, capsys):
     assert list(run.glob("events.out.tfevents.*"))
     history = list(csv.DictReader(open(run / "history.csv")))
     assert [row["epoch"] for row in history] == ["1", "2"]
-    assert set(train.HISTORY_COLUMNS) == set(history[0])
+    assert set(records.HISTORY_COLUMNS) == set(history[0])
     assert json.loads((run / "config.json").read_text())["IMAGE_SIZE"] == 32
     split = json.loads((run / "split.json").read_text())
     roles = [set(split[role]) for role in ("train", "val", "test")]
@@ -147,14 +151,8 @@ def test_a_batch_of_one_trains_where_the_bottleneck_is_larger(demo_root, tmp_pat
     assert (tmp_path / "one" / "summary.json").is_file()
 
 
-@pytest.mark.parametrize("images, batch, world, steps", [(19, 9, 1, 2), (18, 9, 1, 2), (20, 9, 1, 3), (1, 4, 1, 0),
-                                                         (1, 1, 1, 1), (2, 4, 2, 0), (3, 2, 2, 1)])
-def test_steps_per_epoch_leave_out_a_dropped_batch_of_one(images, batch, world, steps):
-    assert train.steps_per_epoch(images, batch, world) == steps
-
-
 def test_a_run_that_could_make_no_optimiser_step_is_refused_before_any_run_folder(tmp_path, capsys):
-    from prepare_data import make_demo_dataset
+    from tumorseg.sources.demo import make_demo_dataset
     data = make_demo_dataset(tmp_path / "two", count=2, size=64, seed=1)  # 1 train / 1 val image
     runs = tmp_path / "runs"
     code = train.main(["--data-root", str(data), "--runs-dir", str(runs), "--run-name", "never",
@@ -168,9 +166,9 @@ def test_a_run_that_could_make_no_optimiser_step_is_refused_before_any_run_folde
 
 
 def test_an_epoch_without_a_step_stops_the_run_and_removes_its_folder(tmp_path, monkeypatch, capsys):
-    from prepare_data import make_demo_dataset
+    from tumorseg.sources.demo import make_demo_dataset
     data = make_demo_dataset(tmp_path / "two", count=2, size=64, seed=1)
-    monkeypatch.setattr(train, "check_steps", lambda *args: None)  # as if the up-front check had missed it
+    monkeypatch.setattr(loaders, "check_steps", lambda *args: None)  # as if the up-front check had missed it
     code = train.main(["--data-root", str(data), "--runs-dir", str(tmp_path / "runs"), "--run-name", "never",
                        "--epochs", "1", *TINY, "--batch-size", "4", "--split-group-column", "none",
                        "--test-fraction", "0"])
@@ -179,22 +177,9 @@ def test_an_epoch_without_a_step_stops_the_run_and_removes_its_folder(tmp_path, 
     assert not (tmp_path / "runs" / "never").exists()
 
 
-def test_an_epoch_without_a_step_raises_instead_of_reporting_nan():
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from losses import BCEDiceLoss
-    from utils import build_model
-    model = build_model(Config(IMAGE_SIZE=32, BASE_CHANNELS=4, DEPTH=2, IN_CHANNELS=1))
-    one_image = TensorDataset(torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32))
-    loader = DataLoader(one_image, batch_size=4, drop_last=True)  # gives no batch
-    with pytest.raises(RuntimeError, match="no optimiser step was made"):
-        train.train_one_epoch(model, loader, BCEDiceLoss(reduction="none"), torch.optim.Adam(model.parameters()),
-                              None, torch.device("cpu"), 0.5, "epoch 1/1 train")
-
-
 def interrupt_at_epoch(monkeypatch, epoch, error):
     """Make train_one_epoch raise `error` when it starts epoch `epoch`."""
-    real = train.train_one_epoch
+    real = steps.train_one_epoch
     calls = []
 
     def fake(*args, **kwargs):
@@ -203,7 +188,7 @@ def interrupt_at_epoch(monkeypatch, epoch, error):
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_one_epoch", fake)
+    monkeypatch.setattr(steps, "train_one_epoch", fake)
 
 
 def test_ctrl_c_before_the_first_epoch_removes_the_run_folder(demo_root, tmp_path, monkeypatch, capsys):
@@ -251,7 +236,7 @@ def test_sigterm_stops_like_ctrl_c_keeping_the_finished_epochs_and_the_run_resum
                                                                                      monkeypatch, capsys):
     import os
     import signal
-    real = train.train_one_epoch
+    real = steps.train_one_epoch
     calls = []
 
     def terminated_in_epoch_2(*args, **kwargs):
@@ -260,7 +245,7 @@ def test_sigterm_stops_like_ctrl_c_keeping_the_finished_epochs_and_the_run_resum
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_one_epoch", terminated_in_epoch_2)
+    monkeypatch.setattr(steps, "train_one_epoch", terminated_in_epoch_2)
     args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--epochs", "3", *TINY]
     assert train.main([*args, "--run-name", "term"]) == 143
     err = capsys.readouterr().err
@@ -273,7 +258,7 @@ def test_sigterm_stops_like_ctrl_c_keeping_the_finished_epochs_and_the_run_resum
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo_root, tmp_path, monkeypatch,
                                                                           capsys):
-    real_forward = train.BCEDiceLoss.forward
+    real_forward = BCEDiceLoss.forward
     calls = []
 
     def poisoned(self, logits, target):
@@ -281,7 +266,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo_r
         loss = real_forward(self, logits, target)
         return loss * float("nan") if len(calls) > 4 else loss  # 3 batches an epoch: NaN in epoch 2
 
-    monkeypatch.setattr(train.BCEDiceLoss, "forward", poisoned)
+    monkeypatch.setattr(BCEDiceLoss, "forward", poisoned)
     code = train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "nan",
                        "--epochs", "4", *TINY])
     err = capsys.readouterr().err
@@ -294,7 +279,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo_r
 def test_full_disk_names_the_file_and_keeps_earlier_checkpoints(demo_root, tmp_path, monkeypatch, capsys):
     import errno
 
-    import utils
+    from tumorseg import files
     real_open = open
     opened = []
 
@@ -305,7 +290,7 @@ def test_full_disk_names_the_file_and_keeps_earlier_checkpoints(demo_root, tmp_p
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(utils, "open", full_on_second_last, raising=False)
+    monkeypatch.setattr(files, "open", full_on_second_last, raising=False)
     code = train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "full",
                        "--epochs", "3", *TINY])
     err = capsys.readouterr().err
@@ -316,17 +301,11 @@ def test_full_disk_names_the_file_and_keeps_earlier_checkpoints(demo_root, tmp_p
 
 
 def test_time_estimate_and_cpu_hint_after_the_first_steps(demo_root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "estimate_minutes", lambda *args: 19 * 60.0)
+    monkeypatch.setattr(timing, "estimate_minutes", lambda *args: 19 * 60.0)
     assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "eta",
                        "--epochs", "1", *TINY, "--device", "cpu"]) == 0
     out = capsys.readouterr()
     assert "estimated time: 19.0 h" in out.out + out.err and "hint:" in out.out + out.err
-
-
-def test_estimate_counts_every_epoch_and_the_time_limit():
-    config = Config(EPOCHS=50)
-    assert train.estimate_minutes(1.0, config, 60, 0.0) == pytest.approx(50.0)
-    assert train.estimate_minutes(1.0, Config(EPOCHS=50, TIME_LIMIT_MINUTES=20), 60, 0.0) == 20
 
 
 def test_kill_9_at_any_moment_leaves_loadable_checkpoints_and_the_next_start_cleans_up(demo_root, tmp_path):
@@ -425,29 +404,15 @@ def test_bad_input_matrix(demo_root, tmp_path, capsys, case, change, sub, refuse
         assert code == 0
 
 
-def test_validation_keeps_only_the_preview_probabilities(demo_root):
-    from torch.utils.data import DataLoader
-
-    import dataset
-    from losses import BCEDiceLoss
-    from utils import build_model
-    data = dataset.load_dataset(demo_root, 32, 1)
-    loader = DataLoader(dataset.SegmentationDataset(data.images, data.masks, "zscore"), batch_size=5)
-    model = build_model(Config(IN_CHANNELS=1, BASE_CHANNELS=4, DEPTH=2, IMAGE_SIZE=32))
-    metrics, kept = train.evaluate(model, loader, BCEDiceLoss(), "cpu", 0.5, "val", keep=3)
-    assert kept.shape == (3, 1, 32, 32) and 0 <= metrics["dice"] <= 1
-    assert train.evaluate(model, loader, BCEDiceLoss(), "cpu", 0.5, "val", keep=0)[1].numel() == 0
-
-
 def test_early_stopping_after_patience_epochs_without_improvement(demo_root, tmp_path, monkeypatch):
     dice_by_epoch = iter([0.5, 0.6, 0.55, 0.58, 0.59, 0.9])  # best at epoch 2, then three worse epochs
-    real_evaluate = train.evaluate
+    real_evaluate = steps.evaluate
 
     def scripted(*args, **kwargs):
         metrics, kept = real_evaluate(*args, **kwargs)
         return {**metrics, "dice": next(dice_by_epoch)}, kept
 
-    monkeypatch.setattr(train, "evaluate", scripted)
+    monkeypatch.setattr(steps, "evaluate", scripted)
     assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "p",
                        "--epochs", "6", "--patience", "3", "--search-rule", "false", *TINY]) == 0
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
@@ -495,13 +460,13 @@ def test_attention_unet_and_head_crop_train_and_store_the_rule(demo_root, tmp_pa
 
 def validation_dice(loaded, data_root, stems, rules):
     """Mean per-image Dice at native size of each of `rules` (dicts) on the images `stems`, as test.py scores."""
-    import dataset
-    from inference import native_probabilities
+    from tumorseg.data import reading
+    from tumorseg.inference.predict import native_probabilities
     from metrics import dice_per_image
-    from postprocess import DecisionRule
-    images = [dataset.read_image(data_root / "images" / f"{stem}.png", loaded.config.IN_CHANNELS) for stem in stems]
+    from tumorseg.inference.postprocess import DecisionRule
+    images = [reading.read_image(data_root / "images" / f"{stem}.png", loaded.config.IN_CHANNELS) for stem in stems]
     maps = native_probabilities(loaded.model, loaded.config, images, torch.device("cpu"))
-    masks = [dataset.read_mask(data_root / "masks" / f"{stem}.png") for stem in stems]
+    masks = [reading.read_mask(data_root / "masks" / f"{stem}.png") for stem in stems]
     return [float(np.mean([dice_per_image(DecisionRule.from_dict(rule).apply(p)[None], m[None]).item()
                            for p, m in zip(maps, masks, strict=True)])) for rule in rules]
 # ----------------------------------------------------------------------------- resume
@@ -551,7 +516,7 @@ def test_resumed_run_repeats_the_uninterrupted_one(demo_root, tmp_path, monkeypa
     assert "resuming" in out and "decision rule:" in out
     assert_same_training(tmp_path / "whole", tmp_path / "split")
     if ema_decay:
-        assert load_checkpoint(tmp_path / "split" / "last.pt").state["ema"]["updates"] == 3 * train.steps_per_epoch(
+        assert load_checkpoint(tmp_path / "split" / "last.pt").state["ema"]["updates"] == 3 * loaders.steps_per_epoch(
             len(json.loads((tmp_path / "split" / "split.json").read_text())["train"]), 8, 1)
     summary = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert summary["epochs_run"] == 3 and summary["stop_reason"] == "all 3 epochs"
@@ -587,14 +552,15 @@ def test_hard_sampling_records_each_drawn_slices_loss_and_is_refused_under_torch
 def test_balanced_sampling_draws_each_class_equally_often_and_refuses_what_cannot_work(demo_root, tmp_path,
                                                                                       monkeypatch, capsys):
     import dataset
+    from tumorseg.data import reading, sampling
     config = Config(DATA_ROOT=str(demo_root), IMAGE_SIZE=32, IN_CHANNELS=1, BATCH_SIZE=4,
                     BALANCE_COLUMN="tumor_class")
     data = dataset.load_dataset(demo_root, 32, 1)
-    classes = [row["tumor_class"] for row in (dataset.read_metadata(demo_root)[1][p.stem] for p in data.pairs)]
+    classes = [row["tumor_class"] for row in (reading.read_metadata(demo_root)[1][p.stem] for p in data.pairs)]
     train_idx = [i for i in range(len(data.pairs)) if classes[i] != "pituitary"][:14]  # 14 slices, skewed
     train_idx += [i for i, c in enumerate(classes) if c == "pituitary"][:2]
-    loader, _ = train.make_loaders(data, train_idx, [0, 1], config)
-    assert isinstance(loader.sampler, dataset.BalancedSampler)
+    loader, _ = loaders.make_loaders(data, train_idx, [0, 1], config)
+    assert isinstance(loader.sampler, sampling.BalancedSampler)
     for _ in range(3):
         drawn = [classes[train_idx[i]] for i in loader.sampler]
         assert len(drawn) == 16 and sorted(drawn.count(c) for c in set(classes)) == [5, 5, 6]
@@ -692,14 +658,14 @@ def test_test_py_settings_are_refused_by_name(tmp_path, flag, capsys):
 
 
 def test_a_run_folder_in_use_is_refused_and_freed_when_its_holder_ends(demo_root, tmp_path, capsys):
-    import utils
+    from tumorseg.runs import runfolder
 
     args = ["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "r", "--epochs", "1", *TINY]
     assert train.main(args) == 0
     run = tmp_path / "r"
     files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     capsys.readouterr()
-    held = utils.lock_run_folder(run)  # as a run still training there would hold it
+    held = runfolder.lock_run_folder(run)  # as a run still training there would hold it
     assert train.main(["--resume", str(run), "--epochs", "2"]) == 1
     err = capsys.readouterr().err
     assert f"is in use by process {os.getpid()}" in err and "Traceback" not in err
@@ -723,7 +689,7 @@ def test_resume_of_a_finished_run_has_nothing_to_do_unless_extended(demo_root, t
 
 
 def test_a_killed_extension_of_a_finished_run_is_an_unfinished_run(demo_root, tmp_path, monkeypatch, capsys):
-    from runfolder import is_unfinished_run, unfinished_run_warning
+    from tumorseg.runs.runfolder import is_unfinished_run, unfinished_run_warning
     run = tmp_path / "f"
     assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "f",
                        "--epochs", "1", *TINY]) == 0
@@ -749,31 +715,6 @@ def test_a_split_file_trains_exactly_its_lists(demo_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------- precision and speed
-
-@pytest.mark.parametrize("amp, channels_last", [("bf16", False), ("off", True), ("bf16", True), ("fp16", False)])
-def test_a_mixed_precision_or_channels_last_step_lowers_the_loss(demo_root, amp, channels_last):
-    import dataset
-    from losses import BCEDiceLoss
-    from utils import build_model, check_amp, set_seed
-    device = torch.device("cpu")
-    try:
-        check_amp(device, amp)
-    except ValueError as error:  # a PyTorch without this precision on a CPU must say so plainly
-        assert "not supported on cpu" in str(error) and "--amp" in str(error)
-        pytest.skip(f"check_amp refuses {amp} here: {error}")
-    set_seed(0)
-    data = dataset.load_dataset(demo_root, 32, 1)
-    images = torch.from_numpy(np.stack([dataset.normalize(i, "zscore") for i in data.images[:8]]))
-    masks = torch.from_numpy(data.masks[:8, None].astype(np.float32))
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model(Config(IN_CHANNELS=1, BASE_CHANNELS=4, DEPTH=2, IMAGE_SIZE=32)).to(memory_format=memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if amp == "fp16" else None
-    images = images.to(memory_format=memory_format)
-    losses = [train.train_step(model, images, masks, BCEDiceLoss(), optimizer, amp=amp, scaler=scaler)[0].item()
-              for _ in range(5)]
-    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # AMP computes in low precision, keeps fp32
 
 
 def test_training_with_bf16_and_channels_last_writes_a_usable_run(demo_root, tmp_path, capsys):
@@ -881,7 +822,7 @@ def test_ema_in_best_pt_is_the_average_of_every_steps_weights_and_validation_sco
 
     import dataset
     from losses import BCEDiceLoss
-    weights, real_step = [], train.train_step  # weights[0]: the initial ones, then after each step
+    weights, real_step = [], steps.train_step  # weights[0]: the initial ones, then after each step
 
     def recording_step(model, *args, **kwargs):
         weights.extend([snapshot(model)] if not weights else [])
@@ -889,19 +830,19 @@ def test_ema_in_best_pt_is_the_average_of_every_steps_weights_and_validation_sco
         weights.append(snapshot(model))
         return result
 
-    monkeypatch.setattr(train, "train_step", recording_step)
+    monkeypatch.setattr(steps, "train_step", recording_step)
     assert train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path), "--run-name", "avg",
                        "--epochs", "2", *TINY, "--learning-rate", "0.01", "--ema-decay", "0.3",
                        "--search-rule", "false"]) == 0
     run = tmp_path / "avg"
-    steps = (len(weights) - 1) // 2  # per epoch
-    assert steps >= 2 and len(weights) == 1 + 2 * steps  # 4 updates at least: d_3 = min(0.3, 4/13) is capped
+    epoch_steps = (len(weights) - 1) // 2  # per epoch
+    assert epoch_steps >= 2 and len(weights) == 1 + 2 * epoch_steps  # 4 updates at least: d_3 = min(0.3, 4/13) is capped
     average, by_epoch = weights[0], {}
     for k, after in enumerate(weights[1:]):  # update k: d_k = min(0.3, (1 + k) / (10 + k))
         decay = min(0.3, (1 + k) / (10 + k))
         average = {name: decay * average[name] + (1 - decay) * after[name] for name in after}
-        if (k + 1) % steps == 0:
-            by_epoch[(k + 1) // steps] = average
+        if (k + 1) % epoch_steps == 0:
+            by_epoch[(k + 1) // epoch_steps] = average
     best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
     for loaded in (best, last):  # what test.py, export.py and the rule's search load
         expected = by_epoch[loaded.state["epoch"]]
@@ -916,7 +857,7 @@ def test_ema_in_best_pt_is_the_average_of_every_steps_weights_and_validation_sco
     val_idx = [i for i, pair in enumerate(data.pairs) if pair.stem in val_stems]
     loader = DataLoader(dataset.SegmentationDataset(data.images[val_idx], data.masks[val_idx], "zscore"),
                         batch_size=8)
-    scores, _ = train.evaluate(best.model, loader, BCEDiceLoss(), "cpu", 0.5, "val")
+    scores, _ = steps.evaluate(best.model, loader, BCEDiceLoss(), "cpu", 0.5, "val")
     for name in ("loss", "dice", "dice_pooled"):
         assert best.state["metrics"][name] == pytest.approx(scores[name], abs=1e-6), name
 
@@ -924,7 +865,7 @@ def test_ema_in_best_pt_is_the_average_of_every_steps_weights_and_validation_sco
 def test_ema_with_compile_validates_the_compiled_average_without_compiling_again_each_epoch(demo_root, tmp_path,
                                                                                            monkeypatch):
     """The average's copy is compiled once, at the start; later epochs reuse its graph (its weights change in place)."""
-    graphs, real_compile, real_evaluate, built = [], torch.compile, train.evaluate, {}
+    graphs, real_compile, real_evaluate, built = [], torch.compile, steps.evaluate, {}
 
     def counting_backend(graph_module, example_inputs):  # dynamo calls it once per graph it compiles
         graphs.append(graph_module)
@@ -941,7 +882,7 @@ def test_ema_with_compile_validates_the_compiled_average_without_compiling_again
 
     real_runnable = train.runnable_models
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counting_backend))
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(steps, "evaluate", evaluate)
     monkeypatch.setattr(train, "runnable_models", runnable_models)
     torch._dynamo.reset()
     try:
@@ -998,7 +939,7 @@ def test_two_gloo_processes_write_one_complete_run_scored_on_every_validation_im
     val_idx = [i for i, pair in enumerate(data.pairs) if pair.stem in val_stems]
     assert len(val_idx) == 5
     loader = DataLoader(dataset.SegmentationDataset(data.images[val_idx], data.masks[val_idx], "zscore"), batch_size=8)
-    single, _ = train.evaluate(loaded.model, loader, BCEDiceLoss(), "cpu", 0.5, "val")
+    single, _ = steps.evaluate(loaded.model, loader, BCEDiceLoss(), "cpu", 0.5, "val")
     for name in ("loss", "dice", "iou", "pixel_accuracy", "dice_pooled"):
         assert loaded.state["metrics"][name] == pytest.approx(single[name], abs=1e-6), name
 
@@ -1103,28 +1044,6 @@ def test_type_head_trains_with_the_segmentation_and_its_classes_go_into_the_chec
     assert logits.shape == (2, 1, 32, 32) and type_logits.shape == (2, 3)
 
 
-def test_a_type_head_step_lowers_the_summed_loss_and_the_dataset_carries_the_label(demo_root):
-    import dataset
-    from losses import BCEDiceLoss
-    from model import UNet
-    data = dataset.load_dataset(demo_root, 32, 1)
-    classes, types = dataset.type_labels(demo_root, "tumor_class", data.pairs)
-    augment = dataset.training_augmentation(0, flips=True, affine=True, intensity=True, elastic=True)
-    samples = dataset.SegmentationDataset(data.images, data.masks, "zscore", augment, range(16), types)
-    image, mask, label = samples[5]
-    assert image.shape == (1, 32, 32) and mask.shape == (1, 32, 32) and label.dtype == torch.long
-    assert classes[int(label)] == dict(dataset.read_metadata(demo_root)[1])["demo_0005"]["tumor_class"]
-    assert len(dataset.SegmentationDataset(data.images, data.masks, "zscore", indices=range(4))[0]) == 2  # unchanged
-    torch.manual_seed(0)
-    model = UNet(1, 4, 2, type_classes=classes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    loss_fn = BCEDiceLoss(reduction="none", type_weight=1.0)
-    images, masks, labels = (torch.stack(column) for column in zip(*(samples[i] for i in range(16)), strict=True))
-    losses = [train.train_step(model, images, masks, loss_fn, optimizer, types=labels)[0].mean().item()
-              for _ in range(25)]
-    assert losses[-1] < 0.8 * losses[0], losses
-
-
 def test_a_missing_type_column_is_refused_before_any_run_folder(demo_root, tmp_path, capsys):
     code = train.main(["--data-root", str(demo_root), "--runs-dir", str(tmp_path / "runs"), "--epochs", "1",
                        "--type-column", "grade", *TINY])
@@ -1158,27 +1077,6 @@ def test_deep_supervision_trains_and_its_checkpoint_predicts_with_the_plain_sing
                              "--prediction-root", str(tmp_path / "predictions")]) == 0
 
 
-def test_a_deep_supervision_step_lowers_the_summed_loss_of_every_level(demo_root):
-    import dataset
-    from losses import BCEDiceLoss
-    from model import UNet
-    data = dataset.load_dataset(demo_root, 32, 1)
-    samples = dataset.SegmentationDataset(data.images, data.masks, "zscore", indices=range(16))
-    images, masks = (torch.stack(column) for column in zip(*(samples[i] for i in range(16)), strict=True))
-    torch.manual_seed(0)
-    model = UNet(1, 4, 3, deep_supervision=2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    loss_fn = BCEDiceLoss(reduction="none")
-    with torch.no_grad():
-        first_levels = model.train()(images)
-    losses, logits = train.train_step(model, images, masks, loss_fn, optimizer)
-    assert torch.allclose(losses, loss_fn(first_levels, masks))  # the step's loss took all 3 levels
-    assert logits.shape == (16, 1, 32, 32)  # and it returns the full-resolution logits for the Dice
-    for _ in range(20):
-        losses = train.train_step(model, images, masks, loss_fn, optimizer)[0]
-    assert losses.mean().item() < 0.8 * loss_fn(first_levels, masks).mean().item()
-
-
 def test_type_head_on_real_slices_beats_chance_on_held_out_patients(real_subset, tmp_path):
     """~260 real slices at 48 px, 10 epochs (~15 s on one core): the held-out patients' types, better than
     always answering their most common type (measured: 0.67 against 0.44)."""
@@ -1195,24 +1093,3 @@ def test_type_head_on_real_slices_beats_chance_on_held_out_patients(real_subset,
     assert types["per_image"]["accuracy"] > max(counts) / sum(counts), types
 
 
-def test_build_optimisation_builds_the_configured_loss():
-    """DICE_RECALL_WEIGHT and TYPE_WEIGHT reach the loss that training steps on."""
-    from model import build_unet
-    config = Config(BASE_CHANNELS=4, DEPTH=2, DICE_RECALL_WEIGHT=0.7, TYPE_WEIGHT=0.3, EPOCHS=2,
-                    LR_SCHEDULE="cosine")
-    optimisation = train.build_optimisation(build_unet("unet", 1, 4, 2), config, torch.device("cpu"), steps_per_epoch=5)
-    assert optimisation.loss_fn.recall_weight == 0.7 and optimisation.loss_fn.type_weight == 0.3
-    assert optimisation.scheduler.T_max == 10  # the schedule spans the whole run
-
-
-def test_the_resume_command_of_a_torchrun_run_names_torchrun(tmp_path, monkeypatch):
-    """Under torchrun (4 processes) the advice is the torchrun command, not a single-process one."""
-    run = tmp_path / "r"
-    run.mkdir()
-    monkeypatch.setattr(train, "run_progress", lambda folder: (2, 6))
-    monkeypatch.setattr(train, "is_unfinished_run", lambda folder: True)
-    monkeypatch.setattr(train, "rank_and_world", lambda: (0, 4))
-    advice = train.run_folder_refusal(run, FileExistsError(str(run)))
-    assert f"torchrun --nproc_per_node=4 train.py --resume {run}\n" in advice
-    monkeypatch.setattr(train, "rank_and_world", lambda: (0, 1))
-    assert f"    python train.py --resume {run}\n" in train.run_folder_refusal(run, FileExistsError(str(run)))

@@ -1,0 +1,1 @@
+"""The slices: reading, integrity checks, splits, caches, preprocessing, augmentation, sampling; volumes."""

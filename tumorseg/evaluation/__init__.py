@@ -1,0 +1,1 @@
+"""Scoring predictions: per-image reports, failures, calibration, statistics, comparison, report page."""

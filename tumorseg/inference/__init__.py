@@ -1,0 +1,1 @@
+"""From a checkpoint to masks: prediction, the decision rule, output files, export formats."""

@@ -1,0 +1,1 @@
+"""A run folder: its states, lock, records and checkpoints."""

@@ -1,0 +1,1 @@
+"""prepare_data.py's sources: the synthetic demo, the figshare release, NIfTI volume pairs."""
