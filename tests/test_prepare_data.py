@@ -97,3 +97,18 @@ def test_nifti_bad_options_are_refused_before_anything_is_written(tmp_path: Path
         nifti("--images", tmp_path, "--masks", tmp_path, "--out", tmp_path / "out", *argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_made_at_out_just_before_publishing_is_never_replaced(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from tumorseg import files
+    real_fsync_tree = files.fsync_tree
+
+    def another_process_makes_out(path: Path) -> None:  # after every check, right before the rename
+        real_fsync_tree(path)
+        (tmp_path / "demo").mkdir()  # empty: a plain rename onto it would replace it
+
+    monkeypatch.setattr(files, "fsync_tree", another_process_makes_out)
+    assert prepare_data.main(["demo", "--out", str(tmp_path / "demo"), "--count", "2", "--size", "24"]) == 1
+    assert "output folder already exists" in capsys.readouterr().err
+    assert list((tmp_path / "demo").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["demo"]

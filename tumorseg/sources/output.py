@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tumorseg.files import OutputError, OutputExists, publish
+
 
 class PrepareError(Exception):
     """A problem that stops data preparation; the message names the file."""
@@ -29,7 +31,7 @@ def write_metadata(path: Path, columns: list[str], rows: list[dict]) -> None:
 
 @contextmanager
 def staging_folder(out: Path) -> Iterator[Path]:
-    """Yield `<out>.partial` with empty images/ and masks/ to write into; rename it to `out` on success.
+    """Yield `<out>.partial` with empty images/ and masks/ to write into; publish it as `out` on success.
 
     On any exception, Ctrl-C included, the folder is removed and a note on the
     exception says so. `out` itself is never written to or removed.
@@ -45,8 +47,12 @@ def staging_folder(out: Path) -> Iterator[Path]:
         (partial / "images").mkdir()
         (partial / "masks").mkdir()
         yield partial
-        refuse_existing_output(out)  # created meanwhile: renaming onto an empty folder would replace it
-        partial.rename(out)
+        try:  # fsynced, then renamed in by a rename that never replaces a folder made meanwhile
+            publish({out: partial})
+        except OutputExists:
+            raise PrepareError(f"{out}: output folder already exists; remove it or choose another --out") from None
+        except OutputError as error:
+            raise PrepareError(str(error)) from error
     except BaseException as error:
         try:
             shutil.rmtree(partial)
