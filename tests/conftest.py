@@ -194,3 +194,10 @@ def real_predictions(real_root, tmp_path_factory) -> Path:
                              "--prediction-root", str(tmp / "preds"), "--tta", "true",
                              "--pixel-spacing-mm", "0.98", "--strata", "tumor_class"]) == 0
     return tmp / "preds" / "r"
+
+
+def square(top: int, left: int, side: int, shape: tuple[int, int] = (32, 32)) -> np.ndarray:
+    """A bool mask of `shape` holding one filled square."""
+    mask = np.zeros(shape, bool)
+    mask[top:top + side, left:left + side] = True
+    return mask

@@ -4,26 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import square
+from tumorseg.evaluation.image_report import per_image_report
 from metrics import (MetricTracker, average_surface_distance, confusion_counts, dice_per_image, hausdorff95,
                      iou_per_image, mask_border, pixel_accuracy_per_image, pooled_scores, precision_per_image,
                      ratio_dtype, sensitivity_per_image, surface_distances)
-from tumorseg.evaluation.calibration import CalibrationTracker
-from tumorseg.evaluation.image_report import component_count, per_image_report
-from tumorseg.evaluation.failures import (FAILURE_RULES, FRAGMENTED_MAX_DICE, FRAGMENTED_MIN_COMPONENTS, GOOD_MIN_DICE,
-                                          HIGH_RATE, LOW_RATE, POOR_MAX_DICE, failure_category)
-
-
-def calibration_bins(probabilities: np.ndarray, targets: np.ndarray, bins: int = 10) -> dict:
-    """`CalibrationTracker.summary` of all pixels at once."""
-    tracker = CalibrationTracker(bins)
-    tracker.update(probabilities, targets)
-    return tracker.summary()
-
-
-def square(top: int, left: int, side: int, shape: tuple[int, int] = (32, 32)) -> np.ndarray:
-    mask = np.zeros(shape, bool)
-    mask[top:top + side, left:left + side] = True
-    return mask
 
 
 def test_hand_computed_values_on_one_image():
@@ -238,104 +223,10 @@ def test_distances_match_monai(name: str, spacing: tuple[float, float]):
     assert average_surface_distance(pred, target, spacing) == pytest.approx(expected_assd, rel=1e-6, abs=1e-6)
 
 
-def test_component_count_is_8_connected():
-    diagonal = np.eye(4, dtype=bool)
-    assert component_count(diagonal) == 1
-    assert component_count(square(0, 0, 2) | square(0, 3, 2)) == 2
-    assert component_count(np.zeros((4, 4), bool)) == 0
-
-
-def test_every_failure_category_is_reached():
-    empty, target = np.zeros((32, 32), bool), square(5, 5, 10)  # 100 tumour pixels
-    fragments = square(5, 5, 2) | square(9, 9, 2) | square(13, 13, 2)  # 3 pieces inside the tumour
-    half = target.copy()
-    half[:, 10:] = False                                       # left half of the tumour
-    cases = {
-        "no tumour: correct": (empty, empty),
-        "no tumour: false positive": (square(0, 0, 2), empty),
-        "missed": (empty, target),
-        "wrong place": (square(20, 20, 5), target),
-        "fragmented": (fragments, target),
-        "under-segmented": (half, target),                      # sensitivity 0.5, precision 1
-        "over-segmented": (target, half),                       # precision 0.5, sensitivity 1
-        "poor": (square(5, 11, 10), target),                    # 4 of 10 columns shared: Dice 0.4
-        "good": (target, target),
-        "fair": (square(5, 8, 10), target),                     # 7 of 10 columns shared: Dice 0.7
-    }
-    for expected, (pred, truth) in cases.items():
-        assert per_image_report(pred, truth)["category"] == expected
-    assert [name for name, _ in FAILURE_RULES] == list(cases)
-    # each rule's words carry the constants the code uses
-    rules = dict(FAILURE_RULES)
-    assert f"{FRAGMENTED_MIN_COMPONENTS} or more" in rules["fragmented"]
-    assert str(FRAGMENTED_MAX_DICE) in rules["fragmented"]
-    assert str(LOW_RATE) in rules["under-segmented"] and str(HIGH_RATE) in rules["over-segmented"]
-    assert str(POOR_MAX_DICE) in rules["poor"] and str(GOOD_MIN_DICE) in rules["good"]
-
-
-def test_per_image_report_numbers():
-    pred, target = square(0, 0, 4), square(0, 10, 4)
-    report = per_image_report(pred, target)
-    assert "hd95_mm" not in report and "assd_mm" not in report
-    assert report["dice"] == 0.0 and report["iou"] == 0.0 and report["precision"] == 0.0
-    assert report["pixel_accuracy"] == pytest.approx(1 - 32 / 1024)
-    assert report["hd95_px"] == pytest.approx(10.0) and report["assd_px"] == pytest.approx(8.5)
-    assert (report["gt_pixels"], report["pred_pixels"], report["overlap_pixels"]) == (16, 16, 0)
-    assert (report["pred_components"], report["true_components"]) == (1, 1)
-    with_mm = per_image_report(pred | square(20, 20, 2), target, spacing=(0.5, 0.25))
-    assert with_mm["pred_components"] == 2
-    assert with_mm["hd95_mm"] < with_mm["hd95_px"] and not math.isnan(with_mm["assd_mm"])
-    missed = per_image_report(np.zeros((8, 8), bool), square(1, 1, 2, (8, 8)), spacing=(1.0, 1.0))
-    assert math.isnan(missed["hd95_mm"]) and math.isnan(missed["precision"]) and missed["sensitivity"] == 0.0
-
-
-def test_calibration_hand_computed_and_accumulated():
-    p = np.array([0.05, 0.05, 0.95, 1.0])
-    y = np.array([False, True, True, True])
-    # bin 0: conf 0.05, freq 0.5; bin 9 (holds p = 1): conf 0.975, freq 1.0
-    summary = calibration_bins(p, y)
-    assert summary["counts"] == [2] + [0] * 8 + [2]
-    assert summary["ece"] == pytest.approx(0.5 * 0.45 + 0.5 * 0.025)
-    assert math.isnan(summary["mean_confidence"][5]) and summary["observed_frequency"][0] == 0.5
-    tracker = CalibrationTracker()
-    tracker.update(p[:2].reshape(1, 2), y[:2].reshape(1, 2))
-    tracker.update(p[2:], y[2:])
-    np.testing.assert_equal(tracker.summary(), summary)  # treats NaN (empty bins) as equal
-    with pytest.raises(ValueError, match="must lie in"):
-        tracker.update(np.array([1.5]), np.array([True]))
-    with pytest.raises(ValueError, match="no pixels"):
-        CalibrationTracker().summary()
-
-
-def test_ece_is_near_zero_when_calibrated_and_large_when_overconfident():
-    rng = np.random.default_rng(0)
-    p = rng.random(200_000)
-    y = rng.random(p.size) < p                       # tumour with exactly the predicted probability
-    assert calibration_bins(p, y)["ece"] < 0.01
-    overconfident = np.where(p > 0.5, 1 - (1 - p) / 4, p / 4)  # pushed towards 0 and 1
-    assert calibration_bins(overconfident, y)["ece"] > 0.1
-
-
 def test_pooled_scores_sum_pixels_over_images():
     # image 1: tp 10, fp 0, fn 0; image 2: tp 0, fp 5, fn 5
     assert pooled_scores(10, 5, 5) == {"dice_pooled": pytest.approx(20 / 30), "iou_pooled": pytest.approx(10 / 20)}
     assert pooled_scores(0, 0, 0) == {"dice_pooled": 1.0, "iou_pooled": 1.0}  # nothing anywhere, nothing claimed
-
-
-def test_volume_report_identity_and_a_shift_measured_in_mm():
-    from tumorseg.evaluation.image_report import volume_report
-    cube = np.zeros((12, 12, 10), bool)
-    cube[3:8, 3:8, 2:6] = True
-    same = volume_report(cube, cube, (0.5, 0.5, 3.0))
-    assert same["dice"] == 1.0 and same["hd95_mm"] == 0.0 and same["assd_mm"] == 0.0
-    assert same["gt_voxels"] == same["pred_voxels"] == same["overlap_voxels"] == 100
-    shifted = np.roll(cube, 2, axis=2)  # two slices further along Z, 3 mm apart: 6 mm
-    report = volume_report(shifted, cube, (0.5, 0.5, 3.0))
-    assert report["dice"] == pytest.approx(2 * 50 / 200) and report["hd95_mm"] == pytest.approx(6.0)
-    empty = volume_report(np.zeros_like(cube), cube, (1, 1, 1))
-    assert empty["dice"] == 0.0 and math.isnan(empty["hd95_mm"])
-    with pytest.raises(ValueError, match=r"\(X, Y, Z\)"):
-        volume_report(cube[..., 0], cube[..., 0], (1, 1))
 
 
 @pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")  # MONAI's own internal call
@@ -350,22 +241,12 @@ def test_volume_surface_distances_match_monai_on_random_blobs():
     assert average_surface_distance(pred, target, spacing) == pytest.approx(expected_assd, rel=1e-5, abs=1e-5)
 
 
-
 def test_a_perfect_prediction_scores_one_on_every_overlap_metric_and_zero_distance():
     target = square(4, 6, 9)[None]
     for metric in (dice_per_image, iou_per_image, pixel_accuracy_per_image, precision_per_image,
                    sensitivity_per_image):
         assert metric(target, target).tolist() == [1.0]
     assert hausdorff95(target[0], target[0]) == 0.0 and average_surface_distance(target[0], target[0]) == 0.0
-
-
-def test_two_empty_masks_are_a_correct_no_tumour_with_undefined_distances():
-    empty = np.zeros((8, 8), bool)
-    report = per_image_report(empty, empty, spacing=(1.0, 1.0))
-    assert all(report[key] == 1.0 for key in ("dice", "iou", "pixel_accuracy", "precision", "sensitivity"))
-    assert all(math.isnan(report[key]) for key in ("hd95_px", "assd_px", "hd95_mm", "assd_mm"))
-    assert report["category"] == "no tumour: correct" and report["pred_components"] == 0
-    assert failure_category(1.0, math.nan, math.nan, 0, 0, 0, 0) == "no tumour: correct"
 
 
 def test_a_nan_prediction_pixel_counts_as_tumour():
@@ -390,10 +271,3 @@ def test_distances_refuse_a_spacing_of_another_dimension():
         surface_distances(np.ones((4, 4, 4), bool), np.ones((4, 4, 4), bool), (1.0, 1.0))
 
 
-def test_calibration_refuses_nan_probabilities_and_fewer_than_one_bin():
-    tracker = CalibrationTracker()
-    with pytest.raises(ValueError, match="must lie in"):
-        tracker.update(np.array([0.5, math.nan]), np.array([True, False]))
-    assert not tracker.counts.any()
-    with pytest.raises(ValueError, match="bins must be at least 1"):
-        CalibrationTracker(bins=0)
