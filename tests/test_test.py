@@ -101,32 +101,6 @@ def test_mixed_sizes_give_native_resolution_outputs_and_matching_metrics(tiny_ru
     assert not seg[~predicted].any()
 
 
-def test_tta_averages_the_eight_orientations():
-    inputs = torch.randn(2, 1, 8, 8)
-    pointwise = lambda x: 3 * x  # noqa: E731  (commutes with every flip and rotation)
-    assert torch.allclose(predict.probabilities(pointwise, inputs, tta=True),
-                          predict.probabilities(pointwise, inputs, tta=False), atol=1e-6)
-    ramp = torch.arange(8.0).expand(1, 1, 8, 8)
-    biased = lambda x: x + ramp  # noqa: E731  (prefers one side of the image)
-    averaged = predict.probabilities(biased, inputs, tta=True)
-    expected = sum(torch.sigmoid(inputs + torch.rot90(r, -k, (2, 3)))
-                   for k in range(4) for r in (ramp, ramp.flip(3))) / 8
-    assert torch.allclose(averaged, expected, atol=1e-6)
-
-
-@pytest.mark.parametrize("tta", [False, True])
-def test_bf16_logits_give_float32_probabilities(tta):
-    # Logits a little either side of 0 (probability 0.5, the usual threshold): bf16's step there is 2**-8,
-    # coarser than the decision rule tuned on float32 maps, so the sigmoid must run on float32 logits.
-    inputs = torch.linspace(-0.02, 0.02, 64).reshape(1, 1, 8, 8)
-    bf16_model = lambda x: x.to(torch.bfloat16)  # noqa: E731  (what autocast's bf16 forward pass returns)
-    maps = predict.probabilities(bf16_model, inputs, tta=tta)
-    expected = torch.sigmoid(inputs.to(torch.bfloat16).float())
-    assert maps.dtype == torch.float32
-    assert torch.allclose(maps, expected, rtol=0, atol=1e-6)  # bf16's step near 0.5 is 0.004
-    assert not torch.equal(maps, maps.to(torch.bfloat16).float())  # not on the bf16 grid
-
-
 def test_tta_run_writes_the_same_outputs(tiny_run, mixed_sizes, tmp_path):
     preds = tmp_path / "preds"
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
@@ -444,24 +418,6 @@ def test_overwrite_refuses_a_folder_that_is_not_a_prediction_output(tiny_run, mi
     assert run_test("--checkpoint", tiny_run / "best.pt", "--data-root", mixed_sizes, "--prediction-root", preds,
                     "--overwrite") == 1
     assert "not a test.py output" in capsys.readouterr().err and (preds / "tiny" / "thesis.tex").exists()
-
-
-def test_two_writers_of_one_run_name_each_publish_their_own_folder(tmp_path):
-    first = outputs.start_staging(tmp_path, "run", overwrite=False)
-    second = outputs.start_staging(tmp_path, "run", overwrite=False)  # started while the first runs
-    assert first != second and first.exists()
-    (first / "summary.json").write_text('{"threshold": 0.3}')
-    (second / "summary.json").write_text('{"threshold": 0.7}')
-    out_second = outputs.publish_predictions(second, tmp_path, "run", overwrite=False)
-    out_first = outputs.publish_predictions(first, tmp_path, "run", overwrite=False)
-    assert {out_first.name, out_second.name} == {"run", "run-2"}
-    assert json.loads((out_first / "summary.json").read_text())["threshold"] == 0.3
-    assert json.loads((out_second / "summary.json").read_text())["threshold"] == 0.7
-    third = outputs.start_staging(tmp_path, "run", overwrite=True)
-    (third / "summary.json").write_text('{"threshold": 0.5}')
-    assert outputs.publish_predictions(third, tmp_path, "run", overwrite=True) == tmp_path / "run"
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["threshold"] == 0.5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run-2"]
 
 
 def test_a_live_runs_staging_folder_is_left_alone(tiny_run, mixed_sizes, tmp_path):
@@ -810,33 +766,6 @@ def test_scores_per_patient_by_default_and_per_stratum(tiny_run, demo_root, tmp_
     assert "--strata dice: metrics.csv already has a column of that name" in capsys.readouterr().err
 
 
-def test_spread_over_tta_views_is_their_standard_deviation():
-    images = [np.random.default_rng(0).integers(0, 256, (8, 8, 1), dtype=np.uint8) for _ in range(2)]
-    config = Config(IMAGE_SIZE=8, IN_CHANNELS=1, NORMALIZATION="zscore", DEPTH=1)  # the images' own size
-    ramp = torch.arange(8.0).expand(1, 1, 8, 8) / 4
-
-    class Biased(torch.nn.Module):
-        def forward(self, x):
-            return x + ramp  # each view sees the ramp differently
-
-    biased = Biased()
-    inputs = torch.stack([predict.prepare_image(image, config)[0] for image in images])
-    views = torch.stack([torch.sigmoid(inputs + torch.rot90(r, -k, (2, 3)))
-                         for k in range(4) for r in (ramp, ramp.flip(3))])
-    means, spreads = predict.native_probabilities_and_spreads(biased, config, images, torch.device("cpu"), tta=True)
-    assert np.allclose(np.stack(means), views.mean(0)[:, 0], atol=1e-6)
-    assert np.allclose(np.stack(spreads), views.std(0, correction=0)[:, 0], atol=1e-6)
-    assert np.stack(spreads).max() > 0.05  # the views do disagree
-
-
-def test_members_spread_adds_their_disagreement_to_their_views_spread():
-    members = [np.array([0.2, 0.5], np.float32), np.array([0.4, 0.5], np.float32)]
-    views_spread = [np.array([0.0, 0.1], np.float32), np.array([0.0, 0.3], np.float32)]
-    # two members of two views each: views 0.2 0.2 0.4 0.4, and 0.4 0.6 0.2 0.8
-    expected = [np.std([0.2, 0.2, 0.4, 0.4]), np.std([0.4, 0.6, 0.2, 0.8])]
-    assert np.allclose(predict.combined_spread(members, views_spread), expected, atol=1e-6)
-
-
 def dihedral_invariant_model() -> torch.nn.Module:
     """A 1x1 convolution: each pixel's output depends on that pixel alone, so every flip and turn gives the same map."""
     model = torch.nn.Conv2d(1, 1, 1)
@@ -1066,23 +995,6 @@ def test_a_type_head_adds_its_answer_per_image_and_the_confusion_matrices(typed_
     assert sum(map(sum, per_patient["confusion_matrix"])) == 6 and "majority" in per_patient["vote"]
     page = (folder / "report.html").read_text()
     assert '<th data-type="text">predicted_type</th><th data-type="num">type probability</th>' in page
-
-
-def test_patient_vote_is_the_majority_and_a_tie_goes_to_the_larger_summed_probability():
-    from tumorseg.evaluation.scoring import type_classification
-    rows = [{"image": "a1", "predicted_type": "x", "type_probability": 0.9},
-            {"image": "a2", "predicted_type": "y", "type_probability": 0.6},
-            {"image": "b1", "predicted_type": "y", "type_probability": 0.5},
-            {"image": "b2", "predicted_type": "y", "type_probability": 0.5},
-            {"image": "b3", "predicted_type": "x", "type_probability": 0.99},
-            {"image": "c1", "predicted_type": "x", "type_probability": 0.7}]
-    truth = {"a1": "x", "a2": "x", "b1": "y", "b2": "y", "b3": "y", "c1": ""}  # c1: no label, left out
-    groups = {"a1": "A", "a2": "A", "b1": "B", "b2": "B", "b3": "B", "c1": "C"}
-    result = type_classification(rows, "kind", truth, ["x", "y"], "patient", groups)
-    assert result["images_without_label"] == 1
-    assert result["per_image"]["confusion_matrix"] == [[1, 1], [1, 2]]
-    assert result["per_patient"]["confusion_matrix"] == [[1, 0], [0, 1]]  # A: tie, x's 0.9 beats y's 0.6; B: 2 to 1
-    assert result["per_patient"]["accuracy"] == 1.0 and result["per_image"]["accuracy"] == 0.6
 
 
 def test_a_checkpoint_without_a_head_loads_and_predicts_as_before(tiny_run, demo_root, tmp_path):

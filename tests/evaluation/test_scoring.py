@@ -115,3 +115,20 @@ def test_class_mix_is_one_parser_for_test_py_and_crossval_py():
             class_mix(bad)
     with pytest.raises(argparse.ArgumentTypeError, match="values of tumor_class"):
         class_mix("glioma=1,meningioma=x", "tumor_class")
+
+
+def test_patient_vote_is_the_majority_and_a_tie_goes_to_the_larger_summed_probability():
+    from tumorseg.evaluation.scoring import type_classification
+    rows = [{"image": "a1", "predicted_type": "x", "type_probability": 0.9},
+            {"image": "a2", "predicted_type": "y", "type_probability": 0.6},
+            {"image": "b1", "predicted_type": "y", "type_probability": 0.5},
+            {"image": "b2", "predicted_type": "y", "type_probability": 0.5},
+            {"image": "b3", "predicted_type": "x", "type_probability": 0.99},
+            {"image": "c1", "predicted_type": "x", "type_probability": 0.7}]
+    truth = {"a1": "x", "a2": "x", "b1": "y", "b2": "y", "b3": "y", "c1": ""}  # c1: no label, left out
+    groups = {"a1": "A", "a2": "A", "b1": "B", "b2": "B", "b3": "B", "c1": "C"}
+    result = type_classification(rows, "kind", truth, ["x", "y"], "patient", groups)
+    assert result["images_without_label"] == 1
+    assert result["per_image"]["confusion_matrix"] == [[1, 1], [1, 2]]
+    assert result["per_patient"]["confusion_matrix"] == [[1, 0], [0, 1]]  # A: tie, x's 0.9 beats y's 0.6; B: 2 to 1
+    assert result["per_patient"]["accuracy"] == 1.0 and result["per_image"]["accuracy"] == 0.6
