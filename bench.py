@@ -36,19 +36,19 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from tumorseg.data import checks, reading
 from config import Config, build_parser, config_from_args
-from tumorseg.inference import outputs
+from model import count_parameters
+from model import build_model
+from tumorseg.data import checks, reading
 from tumorseg.evaluation.evaluate import predict_and_write
-from tumorseg.inference.predict import find_images, native_probabilities
 from tumorseg.evaluation.scoring import Scoring
+from tumorseg.inference import outputs
+from tumorseg.inference.predict import find_images, native_probabilities
+from tumorseg.runs.checkpoints import LoadedCheckpoint
 from tumorseg.training.loaders import load_data, make_loaders
 from tumorseg.training.optimisation import build_optimisation
 from tumorseg.training.steps import train_step
-from model import count_parameters
 from utils import check_amp, compile_model, memory_format_for, run_interruptible, set_seed, setup_runtime
-from tumorseg.runs.checkpoints import LoadedCheckpoint
-from model import build_model
 
 SPEED_KEYS = ("AMP", "CHANNELS_LAST", "COMPILE")
 

@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorseg.data import reading, splits
 from config import build_parser
 from tumorseg.crossval.adoption import inner_validation_lines
 from tumorseg.crossval.folds import rerule_fold, score_fold, train_fold
@@ -53,6 +52,7 @@ from tumorseg.crossval.heldout import CLASS_COLUMN, category_lines, held_out_pat
 from tumorseg.crossval.looks import LOOKS_FILE, record_look
 from tumorseg.crossval.plan import (RULE_KEYS, SPLIT_KEYS, SPLITS_FILE, code_version, make_plan, plan_differences,
                                     read_plan, settle_plan, stray_folds, with_new_keys)
+from tumorseg.data import reading, splits
 from tumorseg.evaluation.scoring import class_mix, format_spacing, parse_spacing
 from tumorseg.evaluation.stats import describe_paired_comparison, paired_comparison
 

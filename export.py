@@ -33,15 +33,15 @@ from pathlib import Path
 
 import torch
 
+from config import Config
 from tumorseg.data import reading
 from tumorseg.evaluation import evaluate
+from tumorseg.files import OutputError, publish_files, remove_stale_staging
 from tumorseg.inference import predict
-from config import Config
 from tumorseg.inference.export_formats import (FORMATS, TOLERANCE, ExportError, ExportJob, ProbabilityNetwork,
                                                check_export, export_network, sidecar)
-from utils import interruption, sigterm_as_interrupt, tolerant_console
 from tumorseg.runs.checkpoints import CheckpointError, load_checkpoint
-from tumorseg.files import OutputError, publish_files, remove_stale_staging
+from utils import interruption, sigterm_as_interrupt, tolerant_console
 
 CHECK_IMAGES = 8  # slices the check runs, spread over the folder
 SYNTHETIC_INPUTS = 3  # random inputs the check runs when there is no data folder

@@ -20,11 +20,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from utils import interruption, sigterm_as_interrupt
 from tumorseg.sources.demo import DEMO_MIN_SIZE, make_demo_dataset
 from tumorseg.sources.figshare import FIGSHARE_API_URL, FIGSHARE_ARTICLE_ID, prepare_figshare
 from tumorseg.sources.nifti import NiftiOptions, convert_nifti, print_nifti_summary
 from tumorseg.sources.output import PrepareError
+from utils import interruption, sigterm_as_interrupt
 
 
 def int_at_least(minimum: int, reason: str = "") -> Callable[[str], int]:

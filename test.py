@@ -35,21 +35,21 @@ from pathlib import Path
 
 import torch
 
+from config import Config, build_parser, config_from_args, parse_bool
+from metrics import Spacing
 from tumorseg.data import reading
+from tumorseg.data.volumes import VolumeEntry, find_volumes, misaligned_masks, slice_name_clashes
 from tumorseg.evaluation import evaluate
 from tumorseg.evaluation import report_page
 from tumorseg.evaluation.comparison import compare_predictions
-from config import Config, build_parser, config_from_args, parse_bool
-from metrics import Spacing
-from tumorseg.inference.predict import find_images, unusable_inputs
-from tumorseg.inference.outputs import output_name, publish_predictions, start_staging
-from tumorseg.runs.runfolder import newest_checkpoint, subset_images, subset_stems, unfinished_run_warning
 from tumorseg.evaluation.console import print_summary
 from tumorseg.evaluation.scoring import Scoring, class_mix, parse_spacing, settle_scoring
-from utils import interruption, setup_runtime, sigterm_as_interrupt, tolerant_console
-from tumorseg.runs.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint
 from tumorseg.files import OutputError, describe_write_error
-from tumorseg.data.volumes import VolumeEntry, find_volumes, misaligned_masks, slice_name_clashes
+from tumorseg.inference.outputs import output_name, publish_predictions, start_staging
+from tumorseg.inference.predict import find_images, unusable_inputs
+from tumorseg.runs.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint
+from tumorseg.runs.runfolder import newest_checkpoint, subset_images, subset_stems, unfinished_run_warning
+from utils import interruption, setup_runtime, sigterm_as_interrupt, tolerant_console
 
 # The only config keys inference uses; training keys (size, channels...) come from the checkpoint.
 INFERENCE_KEYS = ("DATA_ROOT", "RUNS_DIR", "PREDICTION_ROOT", "BATCH_SIZE", "DEVICE", "THRESHOLD", "TTA", "AMP",

@@ -26,14 +26,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
-import dataset
-from tumorseg.data import checks, splits
 from config import TRAINING_KEYS, Config, build_parser, config_from_args
-from model import count_parameters
+import dataset
+from model import build_model, count_parameters
+from tumorseg.data import checks, splits
+from tumorseg.files import OutputError
 from tumorseg.inference.postprocess import choose_decision_rule
 from tumorseg.runs import records, runfolder
-from tumorseg.runs.checkpoints import restore_random_draws, restore_training_state, training_state
-from tumorseg.runs.runfolder import RunProgress
+from tumorseg.runs.checkpoints import (CheckpointError, restore_random_draws, restore_training_state, save_checkpoints,
+                                       training_state)
+from tumorseg.runs.runfolder import RunFolderBusy, RunProgress
 from tumorseg.training import loaders, steps
 from tumorseg.training.ema import ModelEMA
 from tumorseg.training.optimisation import Optimisation, build_optimisation
@@ -41,11 +43,6 @@ from tumorseg.training.steps import NonFiniteLossError, NoStepError
 from tumorseg.training.timing import estimate_announcer, stop_reason
 from utils import (compile_model, from_main_process, interruption, is_main_process, memory_format_for, rank_and_world,
                    set_seed, setup_runtime, sigterm_as_interrupt)
-from tumorseg.runs.checkpoints import CheckpointError, save_checkpoints
-from tumorseg.files import OutputError
-from tumorseg.runs.runfolder import RunFolderBusy
-from model import build_model
-
 
 def main(argv: list[str] | None = None) -> int:
     """train.py's command line; the exit code (the process group is left on the way out)."""

@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tumorseg.data import preprocess, reading
-from tumorseg import files
-from tumorseg.inference import predict
 from config import Config
 from conftest import ROOT, load_script
 from model import build_model, model_arguments
+from tumorseg import files
+from tumorseg.data import preprocess, reading
+from tumorseg.inference import predict
 from tumorseg.runs.checkpoints import load_checkpoint, save_checkpoints
 
 export = load_script(ROOT / "export.py")

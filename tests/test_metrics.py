@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import square
-from tumorseg.evaluation.image_report import per_image_report
 from metrics import (MetricTracker, average_surface_distance, confusion_counts, dice_per_image, hausdorff95,
                      iou_per_image, mask_border, pixel_accuracy_per_image, pooled_scores, precision_per_image,
                      ratio_dtype, sensitivity_per_image, surface_distances)
+from tumorseg.evaluation.image_report import per_image_report
 
 
 def test_hand_computed_values_on_one_image():

@@ -17,17 +17,17 @@ from PIL import Image
 
 from tumorseg.inference import predict
 import train
+from config import Config
 from conftest import ROOT, link_subset, load_script
 import dataset
-from tumorseg.data import reading
-from tumorseg.evaluation import evaluate
-from tumorseg.inference import outputs
-from tumorseg.data.reading import read_mask
 from metrics import dice_per_image, iou_per_image
-from tumorseg.evaluation.image_report import per_image_report
-from config import Config
 from tumorseg import files
+from tumorseg.data import reading
+from tumorseg.data.reading import read_mask
+from tumorseg.evaluation import evaluate
+from tumorseg.evaluation.image_report import per_image_report
 from tumorseg.files import staging_host
+from tumorseg.inference import outputs
 from tumorseg.runs.checkpoints import LoadedCheckpoint, load_checkpoint
 
 test_script = load_script(ROOT / "test.py")

@@ -10,12 +10,12 @@ from PIL import Image
 
 import train
 from config import Config
-from losses import BCEDiceLoss
-from tumorseg.runs import records
-from tumorseg.training import loaders, steps, timing
 from conftest import ROOT, load_script
+from losses import BCEDiceLoss
 from tumorseg.files import staging_host
+from tumorseg.runs import records
 from tumorseg.runs.checkpoints import load_checkpoint
+from tumorseg.training import loaders, steps, timing
 
 def staging_left(run) -> list:
     """Hidden files in a run folder other than its lock: staging files an interrupted write left behind."""

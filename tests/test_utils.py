@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-import utils
 from tumorseg.runs.checkpoints import save_checkpoints
+import utils
 from utils import pick_device
 
 

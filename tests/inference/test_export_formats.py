@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from config import Config
+from model import build_model
 from tumorseg.inference.export_formats import (METADATA_KEY, TOLERANCE, Exported, ExportError, ExportJob,
                                                ProbabilityNetwork, captured_log, check_export, export_network,
                                                opset_refusal, output_names, preprocessing, sidecar)
 from tumorseg.inference.postprocess import DecisionRule
 from tumorseg.runs.checkpoints import LoadedCheckpoint
-from model import build_model
 
 # Loading the TorchScript bytes back is the point of some tests; torch deprecates torch.jit and says so each time.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils.data import SequentialSampler
 
-import dataset
 from config import Config
+import dataset
 from tumorseg.training import loaders
 
 

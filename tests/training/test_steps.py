@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tumorseg.data import augmentation, checks, preprocess, reading
 from config import Config
+from tumorseg.data import augmentation, checks, preprocess, reading
 from tumorseg.training import steps
 
 

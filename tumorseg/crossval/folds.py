@@ -7,14 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tumorseg.data import reading
 from config import Config
 from tumorseg.crossval.heldout import CLASS_COLUMN
 from tumorseg.crossval.plan import REPO_ROOT, SPLITS_FILE
+from tumorseg.data import reading
+from tumorseg.files import save_json
 from tumorseg.inference.postprocess import choose_decision_rule
 from tumorseg.runs.runfolder import read_saved_config, read_split, read_summary
 from utils import pick_device
-from tumorseg.files import save_json
 
 
 def train_fold(cv_dir: Path, fold: int, data_root: Path, train_flags: list[str]) -> int:

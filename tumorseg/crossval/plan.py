@@ -17,11 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tumorseg.data import checks, splits
 from config import TRAINING_KEYS, Config, build_parser, config_from_args
+from tumorseg.data import checks, splits
+from tumorseg.files import json_ready, write_atomic
 from tumorseg.runs.runfolder import read_saved_config
 from utils import pick_device, resolve_amp
-from tumorseg.files import json_ready, write_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout: the plan records its commit, folds run its train.py
 PLAN_FILE = "plan.json"

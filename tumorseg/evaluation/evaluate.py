@@ -17,22 +17,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tumorseg.data import reading
-from tumorseg.inference import predict
-from tumorseg.data import volumes
 from config import Config
 from metrics import Spacing
+from tumorseg.data import reading
+from tumorseg.data import volumes
 from tumorseg.evaluation.calibration import CalibrationTracker
 from tumorseg.evaluation.image_report import volume_report
+from tumorseg.evaluation.scoring import (Scoring, label_rows, metadata_column, score_image, score_summary, type_classification,
+                     type_columns, write_metrics, write_volume_table)
+from tumorseg.evaluation.stats import summarise
+from tumorseg.files import json_ready, save_json
+from tumorseg.inference import predict
 from tumorseg.inference.outputs import (PNG_COMPRESS_LEVEL, WRITE_THREADS, OrderedJobs, slice_has_pngs,
                                         write_image_outputs)
 from tumorseg.inference.postprocess import DecisionRule
-from tumorseg.runs.runfolder import count_training_images, split_group_column
-from tumorseg.evaluation.stats import summarise
-from tumorseg.evaluation.scoring import (Scoring, label_rows, metadata_column, score_image, score_summary, type_classification,
-                     type_columns, write_metrics, write_volume_table)
-from tumorseg.files import json_ready, save_json
 from tumorseg.runs.checkpoints import LoadedCheckpoint
+from tumorseg.runs.runfolder import count_training_images, split_group_column
 
 
 def decision_rule(loaded: LoadedCheckpoint, args: argparse.Namespace) -> tuple[DecisionRule, str]:

@@ -20,8 +20,8 @@ from urllib.parse import quote
 from tumorseg.evaluation.failures import FAILURE_RULES, POOR_MAX_DICE
 from tumorseg.evaluation.scoring import parse_metric, read_metrics
 from tumorseg.evaluation.uncertainty import UNCERTAINTY_REGION_PROBABILITY
-from tumorseg.inference.outputs import slice_has_pngs
 from tumorseg.files import write_atomic
+from tumorseg.inference.outputs import slice_has_pngs
 
 # Every per-image number metrics.csv may hold: (column, name, unit, meaning). The page's tables and
 # docs/reference.md's metric table (`python report.py --readme`) both come from here.

@@ -21,15 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorseg.data import reading
 from metrics import Spacing, pooled_scores
+from tumorseg.data import reading
 from tumorseg.evaluation.calibration import CalibrationTracker
-from tumorseg.evaluation.image_report import per_image_report
 from tumorseg.evaluation.failures import FAILURE_RULES, POOR_MAX_DICE
+from tumorseg.evaluation.image_report import per_image_report
 from tumorseg.evaluation.stats import auroc, classification_scores, rank_correlation, summarise
 from tumorseg.evaluation.uncertainty import UNCERTAINTY_REGION_PROBABILITY, region_uncertainty
-from tumorseg.runs.runfolder import split_group_column
 from tumorseg.files import write_atomic
+from tumorseg.runs.runfolder import split_group_column
 
 # metrics.csv's numeric columns, in order; those an image lacks (mm without a spacing, uncertainty
 # without TTA or an ensemble) are left out. Text columns follow: category, tumour_size, metadata.

@@ -23,13 +23,13 @@ import onnxruntime
 import torch
 from torch import nn
 
-from tumorseg.data import preprocess
 from config import Config
 from model import UNet
+from model import model_arguments
+from tumorseg.data import preprocess
 from tumorseg.inference import predict
 from tumorseg.inference.postprocess import DecisionRule
 from tumorseg.runs.checkpoints import LoadedCheckpoint
-from model import model_arguments
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # largest |exported - PyTorch| probability the check accepts

@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from metrics import mask_border
-from tumorseg.runs.runfolder import run_folder
 from tumorseg.files import (OutputError, OutputExists, describe_write_error, publish, remove_stale_staging,
                             staging_name)
+from tumorseg.runs.runfolder import run_folder
 
 PREDICTION_COLOUR = np.array([255, 40, 40], np.float32)  # red fill, semi-transparent
 TRUTH_COLOUR = np.array([40, 255, 40], np.uint8)  # green outline

@@ -30,11 +30,11 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from tumorseg.data import reading
 from config import Config
-from tumorseg.inference.predict import native_probabilities
 from metrics import Counts, dice_from_counts, dice_per_image
+from tumorseg.data import reading
 from tumorseg.files import save_json
+from tumorseg.inference.predict import native_probabilities
 from tumorseg.runs.checkpoints import load_checkpoint, save_checkpoints
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)

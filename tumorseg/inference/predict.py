@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from config import Config
 from tumorseg.data import preprocess, reading
 from tumorseg.data import volumes
-from config import Config
 from tumorseg.runs.checkpoints import LoadedCheckpoint
 from utils import autocast, memory_format_for
 

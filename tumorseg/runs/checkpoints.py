@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tumorseg.data import sampling
 from config import Config
 from model import build_model_from_arguments, model_arguments
+from tumorseg.data import sampling
 from tumorseg.files import write_atomic
 from tumorseg.training.ema import ModelEMA
 from utils import gather_objects, random_states, restore_random_states

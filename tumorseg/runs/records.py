@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from config import Config
 import dataset
 from tumorseg.data import splits
-from config import Config
+from tumorseg.files import save_json, write_atomic
 from tumorseg.runs.runfolder import SPLIT_ROLES, SUMMARY_FILE, RunProgress
 from tumorseg.training.loaders import split_column
 from utils import is_main_process
-from tumorseg.files import save_json, write_atomic
 
 HISTORY_FILE = "history.csv"
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "val_iou",

@@ -25,13 +25,13 @@ try:
 except ImportError:
     fcntl = None
 
+from config import Config
 import dataset
 from tumorseg.data import reading, splits
-from config import Config
+from tumorseg.files import new_output_dir, remove_stale_staging
+from tumorseg.runs.checkpoints import CheckpointError, load_checkpoint
 from tumorseg.training.timing import stop_reason
 from utils import from_main_process, is_main_process, pick_device, rank_and_world, resolve_amp
-from tumorseg.runs.checkpoints import CheckpointError, load_checkpoint
-from tumorseg.files import new_output_dir, remove_stale_staging
 
 SPLIT_FILE = "split.json"
 CONFIG_FILE = "config.json"

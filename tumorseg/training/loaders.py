@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
+from config import Config
 import dataset
 from tumorseg.data import augmentation, checks, sampling, splits
-from config import Config
 from utils import is_main_process, rank_and_world
 
 

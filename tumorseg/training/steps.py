@@ -13,8 +13,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from tumorseg.data import sampling
 from metrics import MetricTracker, dice_per_image
+from tumorseg.data import sampling
 from tumorseg.inference.predict import sigmoid32
 from tumorseg.training.ema import ModelEMA
 from utils import autocast, average_over_processes, gather_objects, is_main_process, rank_and_world
