@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import signal
 import shutil
 import sys
 from collections.abc import Callable
@@ -16,6 +17,10 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+# A suite started in the background (`... &` in a script, nohup) inherits SIGINT ignored, and so would every
+# command it starts; the Ctrl-C tests need Python's own handler, as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, str(ROOT))
 
 from tumorseg.data.reading import read_image, read_mask  # noqa: E402
