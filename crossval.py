@@ -53,7 +53,8 @@ from tumorseg.crossval.looks import LOOKS_FILE, record_look
 from tumorseg.crossval.plan import (RULE_KEYS, SPLIT_KEYS, SPLITS_FILE, code_version, make_plan, plan_differences,
                                     read_plan, settle_plan, stray_folds, with_new_keys)
 from tumorseg.data import reading, splits
-from tumorseg.evaluation.scoring import class_mix, format_spacing, parse_spacing
+from tumorseg.data.spacing import format_spacing, parse_spacing
+from tumorseg.evaluation.scoring import class_mix
 from tumorseg.evaluation.stats import describe_paired_comparison, paired_comparison
 
 # train.py flags that `run` sets itself for each fold.

@@ -43,7 +43,8 @@ from tumorseg.evaluation import evaluate
 from tumorseg.evaluation import report_page
 from tumorseg.evaluation.comparison import compare_predictions
 from tumorseg.evaluation.console import print_summary
-from tumorseg.evaluation.scoring import Scoring, class_mix, parse_spacing, settle_scoring
+from tumorseg.data.spacing import parse_spacing
+from tumorseg.evaluation.scoring import Scoring, class_mix, settle_scoring
 from tumorseg.files import OutputError, describe_write_error
 from tumorseg.inference.outputs import output_name, publish_predictions, start_staging
 from tumorseg.inference.predict import find_images, unusable_inputs

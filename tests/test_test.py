@@ -1292,6 +1292,8 @@ def test_every_volume_slice_is_scored_and_tumour_free_slices_are_their_own_strat
     tumour_free = summary["strata"]["tumour_size"]["groups"]["no tumour"]
     assert (tumour_free["count"], tumour_free["false_alarms"], tumour_free["false_alarm_rate"]) == (4, 1, 0.25)
     assert "no tumour: 4 images with an empty mask, false alarm in 1 (25.0%)" in capsys.readouterr().out
+    assert "False alarms: <b>1</b> of the 4 images with an empty mask have a predicted tumour (<b>25.0%</b>)" \
+        in (out / "report.html").read_text()
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["case_k002.png", "case_k003.png", "case_k005.png"]
     # non-square pixels: the header's row (1 mm) and column (2 mm) spacing, not their mean
     assert float(by_index[3]["hd95_px"]) == 1 and float(by_index[3]["hd95_mm"]) == pytest.approx(2.0)

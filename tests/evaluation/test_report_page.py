@@ -103,3 +103,11 @@ def test_stratum_failure_table_has_a_row_per_value_with_its_images_and_each_cate
     rows = [re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in page.split("<tbody>")[1].split("</tr>")[:-1]]
     assert rows == [["glioma", "7", "2", "0", "5"], ["(none)", "1", "0", "1", "0"]]
     assert report_page.stratum_failure_table("tumor_class", None) == ""  # a summary.json from before the key
+
+
+def test_false_alarm_note_counts_the_tumour_free_images_with_a_prediction():
+    note = report_page.false_alarm_note({"count": 8, "false_alarms": 2, "false_alarm_rate": 0.25})
+    assert note == ("<p>False alarms: <b>2</b> of the 8 images with an empty mask have a predicted tumour "
+                    "(<b>25.0%</b>).</p>")
+    assert report_page.false_alarm_note(None) == ""  # no tumour-free images
+    assert report_page.false_alarm_note({"count": 3, "dice_mean": 1.0}) == ""  # a summary.json from before the count

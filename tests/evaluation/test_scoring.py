@@ -8,8 +8,7 @@ import pytest
 
 from tumorseg.evaluation.calibration import CalibrationTracker
 from tumorseg.evaluation.failures import FAILURE_RULES
-from tumorseg.evaluation.scoring import (Scoring, class_mix, format_spacing, label_rows, parse_metric, parse_spacing,
-                                        score_image, score_summary)
+from tumorseg.evaluation.scoring import Scoring, class_mix, label_rows, parse_metric, score_image, score_summary
 
 SIZE = 16
 
@@ -70,17 +69,6 @@ def test_without_strata_only_tumour_size_is_counted_like_summary_strata():
     by_size = summary["failure_counts_by_stratum"]["tumour_size"]
     assert by_size["no tumour"]["no tumour: correct"] == 1 and sum(by_size["no tumour"].values()) == 1
 
-
-
-def test_a_pixel_size_is_one_number_or_rows_by_columns():
-    assert parse_spacing("0.98") == (0.98, 0.98)
-    assert parse_spacing("0.9x1.2") == parse_spacing(" 0.9 X 1.2 ") == (0.9, 1.2)
-    for bad in ("", "x", "0.9x", "x1.2", "0.9x1.2x3", "0", "-1", "inf", "nan", "0.9,1.2", "1 mm"):
-        with pytest.raises(ValueError, match="not a pixel size in mm"):
-            parse_spacing(bad)
-    for spacing in ((0.98, 0.98), (0.9, 1.2)):
-        assert parse_spacing(format_spacing(spacing)) == spacing
-    assert format_spacing((0.98, 0.98)) == "0.98" and format_spacing((0.9, 1.2)) == "0.9x1.2"
 
 
 def test_tumour_free_images_are_a_stratum_with_their_false_alarm_rate():

@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from tumorseg.evaluation.failures import FAILURE_RULES, POOR_MAX_DICE
-from tumorseg.evaluation.scoring import parse_metric, read_metrics
+from tumorseg.evaluation.scoring import NO_TUMOUR, SIZE_COLUMN, parse_metric, read_metrics
 from tumorseg.evaluation.uncertainty import UNCERTAINTY_REGION_PROBABILITY
 from tumorseg.files import write_atomic
 from tumorseg.inference.outputs import slice_has_pngs
@@ -114,10 +114,12 @@ def render(summary: dict, rows: list[dict]) -> str:
                         + group_table(column, summary["by_group"]["groups"], unit))
     for column, stratum in summary["strata"].items():
         note = ""
-        if column == "tumour_size" and stratum["edges_px"]:
+        if column == SIZE_COLUMN and stratum["edges_px"]:
             low, high = stratum["edges_px"]
             note = (f"<p>Terciles of the true tumour area: small up to {low:.0f} px, medium up to "
                     f"{high:.0f} px, large above.</p>")
+        if column == SIZE_COLUMN:
+            note += false_alarm_note(stratum["groups"].get(NO_TUMOUR))
         sections.append(f"<h2>By {html.escape(column.replace('_', ' '))}</h2>{note}"
                         + group_table(column, stratum["groups"], unit)
                         # summary.json from before failure_counts_by_stratum: its page is still drawn
@@ -233,6 +235,15 @@ def volume_section(volumes: dict) -> str:
             f"{html.escape(volumes['scores'])}. Every other table on this page scores images and slices.</p>"
             + table([("volume", "text"), ("slice axis", "text")] + [(title, "num") for _, title, _ in keys], body,
                     "volumes"))
+
+
+def false_alarm_note(tumour_free: dict | None) -> str:
+    """A sentence on the tumour-free images: how many had any predicted pixel; "" when there are none
+    (or the summary.json predates the count)."""
+    if not tumour_free or "false_alarms" not in tumour_free:
+        return ""
+    return (f"<p>False alarms: <b>{tumour_free['false_alarms']}</b> of the {tumour_free['count']} images with an "
+            f"empty mask have a predicted tumour (<b>{tumour_free['false_alarm_rate']:.1%}</b>).</p>")
 
 
 def group_table(column: str, groups: dict[str, dict], unit: str) -> str:

@@ -28,6 +28,7 @@ from tumorseg.evaluation.failures import FAILURE_RULES, POOR_MAX_DICE
 from tumorseg.evaluation.image_report import per_image_report
 from tumorseg.evaluation.stats import auroc, classification_scores, rank_correlation, summarise
 from tumorseg.evaluation.uncertainty import UNCERTAINTY_REGION_PROBABILITY, region_uncertainty
+from tumorseg.data.spacing import SPACING_FORM, format_spacing, parse_spacing
 from tumorseg.files import write_atomic
 from tumorseg.runs.runfolder import split_group_column
 
@@ -72,36 +73,6 @@ def metadata_column(data_root: Path, column: str, images: list[Path], option: st
     if column not in columns:
         raise ValueError(f"{path}: no column '{column}' for {option} (columns: {', '.join(columns)})")
     return {p.stem: rows.get(reading.stem_key(p), {}).get(column) or "" for p in images}
-
-
-SPACING_FORM = "one positive number (square pixels, e.g. 0.98) or rows x columns (e.g. 0.9x1.2)"
-
-
-def parse_spacing(text: str) -> Spacing:
-    """A pixel size in mm as (rows, columns) from "0.98" (square pixels) or "0.9x1.2" (rows x columns).
-
-    Raises ValueError for anything else: a number that is not positive and
-    finite, an empty part, or more than two parts.
-    """
-    parts = text.strip().lower().split("x")
-    values = []
-    for part in parts:
-        try:
-            value = float(part)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{text!r} is not a pixel size in mm: give {SPACING_FORM}")
-        values.append(value)
-    if len(values) > 2:
-        raise ValueError(f"{text!r} is not a pixel size in mm: give {SPACING_FORM}")
-    return values[0], values[-1]
-
-
-def format_spacing(spacing: Spacing) -> str:
-    """A pixel size as `parse_spacing` reads it: one number when square, else rows x columns."""
-    rows, columns = spacing
-    return f"{rows}" if rows == columns else f"{rows}x{columns}"
 
 
 def pixel_spacings(data_root: Path, images: list[Path], spacing_mm: Spacing | None,

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from tumorseg.data.spacing import format_spacing
 from tumorseg.data.volumes import (AXIS_LETTERS, WINDOW_PERCENTILES, VolumeError, affine_mismatch, is_nifti,
                                    read_geometry, read_nifti, slice_name, slice_spacing, thinnest_axis, volume_stem,
                                    window_to_uint8)
@@ -30,6 +31,7 @@ NIFTI_METADATA_COLUMNS = ["image_id", "patient_id", "source_volume", "source_mas
 PATTERN_NIFTI_END = re.compile(r"\.nii(\.gz)?\*?$", re.IGNORECASE)
 WILDCARD_ENDS = "*?]"  # the last of these in a pattern closes its last wildcard
 MAX_LISTED_PROBLEMS = 50  # input problems named in the error; the rest are counted
+METADATA_DIGITS = 6  # significant digits of the pixel sizes written to metadata.csv
 
 
 @dataclass(frozen=True)
@@ -208,17 +210,6 @@ def spread_empty_slices(candidates: np.ndarray, count: int, rng: np.random.Gener
     return sorted(rng.choice(candidates, size=count, replace=False).tolist())
 
 
-def format_mm(value: float) -> str:
-    """A spacing in mm for metadata.csv: 6 significant digits."""
-    return f"{value:.6g}"
-
-
-def format_spacing_mm(rows_mm: float, cols_mm: float) -> str:
-    """The in-plane pixel size as test.py --spacing-column reads it: one number when square, else rows x columns."""
-    rows, cols = format_mm(rows_mm), format_mm(cols_mm)
-    return rows if rows == cols else f"{rows}x{cols}"
-
-
 def convert_case(pair: VolumePair, images_root: Path, masks_root: Path, options: NiftiOptions, staging: Path,
                  empty_wanted: Callable[[int], int], summary: NiftiSummary) -> list[dict[str, object]]:
     """Write the PNG pairs of one case into `staging`; return their metadata rows.
@@ -268,9 +259,9 @@ def convert_case(pair: VolumePair, images_root: Path, masks_root: Path, options:
                      "source_mask": pair.mask.relative_to(masks_root).as_posix(),
                      "slice_axis": axis, "slice_index": index, "has_tumour": int(tumour_pixels > 0),
                      "tumour_pixels": tumour_pixels,
-                     "pixel_spacing_mm": format_spacing_mm(scaled_rows_mm, scaled_cols_mm),
-                     "pixel_spacing_rows_mm": format_mm(scaled_rows_mm),
-                     "pixel_spacing_cols_mm": format_mm(scaled_cols_mm),
+                     "pixel_spacing_mm": format_spacing((scaled_rows_mm, scaled_cols_mm), METADATA_DIGITS),
+                     "pixel_spacing_rows_mm": f"{scaled_rows_mm:.{METADATA_DIGITS}g}",
+                     "pixel_spacing_cols_mm": f"{scaled_cols_mm:.{METADATA_DIGITS}g}",
                      "height": image.shape[0], "width": image.shape[1]})
     return rows
 
