@@ -38,12 +38,12 @@ import torch
 from config import Config, build_parser, config_from_args, parse_bool
 from metrics import Spacing
 from tumorseg.data import reading
+from tumorseg.data.spacing import parse_spacing
 from tumorseg.data.volumes import VolumeEntry, find_volumes, misaligned_masks, slice_name_clashes
 from tumorseg.evaluation import evaluate
 from tumorseg.evaluation import report_page
 from tumorseg.evaluation.comparison import compare_predictions
 from tumorseg.evaluation.console import print_summary
-from tumorseg.data.spacing import parse_spacing
 from tumorseg.evaluation.scoring import Scoring, class_mix, settle_scoring
 from tumorseg.files import OutputError, describe_write_error
 from tumorseg.inference.outputs import output_name, publish_predictions, start_staging

@@ -70,7 +70,6 @@ def test_without_strata_only_tumour_size_is_counted_like_summary_strata():
     assert by_size["no tumour"]["no tumour: correct"] == 1 and sum(by_size["no tumour"].values()) == 1
 
 
-
 def test_tumour_free_images_are_a_stratum_with_their_false_alarm_rate():
     cases = {"a": (EMPTY, EMPTY), "b": (EMPTY, EMPTY), "c": (square(1, 1, 2), EMPTY), "d": (EMPTY, EMPTY),
              "e": (square(2, 2, 4), square(2, 2, 4))}

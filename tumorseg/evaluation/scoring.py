@@ -23,12 +23,12 @@ import numpy as np
 
 from metrics import Spacing, pooled_scores
 from tumorseg.data import reading
+from tumorseg.data.spacing import SPACING_FORM, format_spacing, parse_spacing
 from tumorseg.evaluation.calibration import CalibrationTracker
 from tumorseg.evaluation.failures import FAILURE_RULES, POOR_MAX_DICE
 from tumorseg.evaluation.image_report import per_image_report
 from tumorseg.evaluation.stats import auroc, classification_scores, rank_correlation, summarise
 from tumorseg.evaluation.uncertainty import UNCERTAINTY_REGION_PROBABILITY, region_uncertainty
-from tumorseg.data.spacing import SPACING_FORM, format_spacing, parse_spacing
 from tumorseg.files import write_atomic
 from tumorseg.runs.runfolder import split_group_column
 
