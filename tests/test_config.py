@@ -163,6 +163,8 @@ def test_the_long_cpu_recipe_is_the_cpu_recipe_trained_longer():
     long, short = RECIPES["cpu-long"], RECIPES["cpu"]
     assert long["EPOCHS"] > short["EPOCHS"] and long["LR_SCHEDULE"] == "cosine"  # the schedule spans the whole run
     assert parse_config(["--recipe", "cpu-long"]).EPOCHS == long["EPOCHS"]
+    # The levers adopted for the short recipe ride along, so the long one is not a step back on them.
+    assert long["DICE_RECALL_WEIGHT"] == short["DICE_RECALL_WEIGHT"] == 0.7
 
 
 def test_a_split_file_excludes_folds_and_fold_columns():
